@@ -1,0 +1,43 @@
+"""One call from the training loop: open the data, resolve statistics, build both splits."""
+
+from __future__ import annotations
+
+from .dataset import TileDataset
+from .errors import DataError
+from .readers import open_source
+from .stats import resolve_stats
+
+
+def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: int, img_w: int,
+                   channels: range | None = None, num_channels: int | None = None, lead_time: int = 1,
+                   valid_fraction: float = 0.1, stats_path: str | None = None, normalize: bool = True,
+                   strict: bool = False, seed: int = 0, source_opts: dict | None = None
+                   ) -> tuple[TileDataset, TileDataset]:
+    """(train, valid) datasets of this rank's ``channels`` over one shared source.
+
+    - ``num_channels`` (--num-channels) is checked against the data (clear error on mismatch).
+    - synthetic data takes its C/H/W from num_channels/img_h/img_w and its seed from ``seed``
+      unless ``data_path`` ('synthetic:k=v,...') or ``source_opts`` say otherwise.
+    - statistics come from ``stats_path`` or the stats file beside the data, else are computed
+      on the fly for the channels this rank needs (its own; all target channels for forecast).
+    """
+    opts = dict(source_opts or {})
+    fmt = data_format
+    if fmt == "synthetic" or str(data_path).startswith("synthetic"):
+        if num_channels is None:
+            raise DataError("synthetic data needs --num-channels.")
+        opts.setdefault("height", img_h)
+        opts.setdefault("width", img_w)
+        opts.setdefault("seed", seed)
+        if task == "forecast":
+            opts.setdefault("global_grid", True)
+    source = open_source(data_path, fmt, num_channels=num_channels, **opts)
+    C = source.num_channels
+    channels = range(C) if channels is None else channels
+    stats = None
+    if normalize:
+        need = range(C) if task == "forecast" else channels
+        stats = resolve_stats(source, need, data_path=str(data_path), stats_path=stats_path)
+    common = dict(task=task, img_h=img_h, img_w=img_w, channels=channels, stats=stats,
+                  valid_fraction=valid_fraction, lead_time=lead_time, strict=strict)
+    return TileDataset(source, split="train", **common), TileDataset(source, split="valid", **common)

@@ -1,0 +1,156 @@
+"""Map-style torch Dataset over image tiles, channel-sharded: each item holds only the channels
+that this channel-parallel rank owns (``channels``, from ``ChannelPartition.rank_channels``).
+
+Items (tensors; a DataLoader stacks them to [B, ...]):
+
+    mae:      {"images": float32 [c, h, w], "valid": bool [c, h, w], "index": int64 []}
+    forecast: {"images": float32 [c, h, w]  (state at t, the rank's channels),
+               "valid":  bool    [c, h, w],
+               "target": float32 [V, h, w]  (state at t + lead_time, ALL target channels),
+               "target_valid": bool [V, h, w],
+               "lat_weights": float32 [h]   (cos(latitude) of the tile rows, mean 1; ones without latitudes),
+               "index": int64 []}
+
+c = len(channels), h x w = img_h x img_w, V = len(target_channels) (default all C).
+``index`` is the global sample id (stable across layouts and splits): seed per-sample
+randomness (MAE masks) from it, never from the rank.
+
+Values are normalized per channel, (x - mean) / std, when ``stats`` is given. Invalid values
+(NaN/Inf, the format's no-data value) are set to 0 (= the channel mean after normalization) and
+marked False in the mask, so the loss can leave them out; the dataset counts them
+(``invalid_count``, ``invalid_samples``; per process: DataLoader workers count their own).
+With ``strict=True`` an invalid value raises :class:`DataError` instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import DataError
+from .readers.base import Source
+from .readers.concat import ConcatSource
+from .stats import ChannelStats
+from .tiles import TileIndex, forecast_split, mae_split
+
+TASKS = ("mae", "forecast")
+
+
+def latitude_weights(latitudes: np.ndarray | None, rows: slice, h: int) -> np.ndarray:
+    """cos(lat) of the rows, normalized to mean 1 over the tile: float32 [h]. Ones without lats."""
+    if latitudes is None:
+        return np.ones(h, np.float32)
+    w = np.clip(np.cos(np.deg2rad(np.asarray(latitudes[rows], np.float64))), 0.0, None)
+    m = w.mean()
+    return (w / m).astype(np.float32) if m > 0 else np.ones(h, np.float32)
+
+
+class TileDataset(Dataset):
+    def __init__(self, source: Source, *, task: str = "mae", img_h: int, img_w: int, channels: range | None = None,
+                 stats: ChannelStats | None = None, split: str = "train", valid_fraction: float = 0.1,
+                 lead_time: int = 1, target_channels: range | None = None, strict: bool = False):
+        if task not in TASKS:
+            raise DataError(f"--task {task!r} is not one of {', '.join(TASKS)}.")
+        C = source.num_channels
+        self.source, self.task, self.split, self.strict = source, task, split, strict
+        self.img_h, self.img_w, self.lead_time = int(img_h), int(img_w), int(lead_time)
+        self.channels = range(C) if channels is None else channels
+        if not isinstance(self.channels, range) or self.channels.step != 1 or not (
+                0 <= self.channels.start < self.channels.stop <= C):
+            raise DataError(f"rank channels {self.channels} are not a non-empty contiguous range inside [0, {C}) of "
+                            f"{source.describe()}; check --num-channels against the data.")
+        self.target_channels = range(C) if target_channels is None else target_channels
+
+        if task == "mae":
+            sizes = [source.image_hw(i) for i in range(source.num_images)]
+            self.index = TileIndex(sizes, self.img_h, self.img_w, self._image_name())
+            self.samples = mae_split(self.index.num_samples, split, valid_fraction)
+        else:
+            N, _, H, W = source.shape
+            if H is None:
+                raise DataError(f"forecast needs one grid for all time steps, but {source.describe()} mixes image "
+                                "sizes; regrid the files to one grid.")
+            self.index = TileIndex([(H, W)], self.img_h, self.img_w, self._image_name())
+            self.per_time = self.index.num_samples
+            self.times = forecast_split(N, self.lead_time, split, valid_fraction)
+            self.samples = range(len(self.times) * self.per_time)
+
+        self.stats = self.target_stats = None
+        if stats is not None:
+            self.stats = stats.select(self.channels)
+            if task == "forecast":
+                self.target_stats = stats.select(self.target_channels)
+        self.invalid_count = 0  # values zero-filled (inputs and targets)
+        self.invalid_samples = 0  # items with at least one invalid value
+
+    # ---- metadata -------------------------------------------------------------------------
+    @property
+    def channel_names(self) -> list[str]:
+        return [self.source.channel_names[c] for c in self.channels]
+
+    @property
+    def wavelengths(self) -> np.ndarray | None:
+        wl = self.source.wavelengths
+        return None if wl is None else wl[self.channels.start:self.channels.stop]
+
+    def _image_name(self) -> str:
+        return f"{self.source.format} image of {self.source.path}" if self.source.num_images == 1 \
+            else f"{self.source.format} data {self.source.path}: image"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    # ---- items ----------------------------------------------------------------------------
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} outside [0, {len(self)}) of the {self.split} split")
+        if self.task == "mae":
+            tile = self.index.tile(self.samples[i])
+            x, valid, bad = self._load(tile.image, self.channels, tile.rows, tile.cols, self.stats)
+            self._tally(bad)
+            return {"images": torch.from_numpy(x), "valid": torch.from_numpy(valid),
+                    "index": torch.tensor(tile.sample, dtype=torch.int64)}
+        t_pos, j = divmod(i, self.per_time)
+        t = self.times[t_pos]
+        tile = self.index.tile(j)
+        x, valid, bad_x = self._load(t, self.channels, tile.rows, tile.cols, self.stats)
+        y, y_valid, bad_y = self._load(t + self.lead_time, self.target_channels, tile.rows, tile.cols,
+                                       self.target_stats)
+        self._tally(bad_x + bad_y)
+        sample = t * self.per_time + j
+        return {"images": torch.from_numpy(x), "valid": torch.from_numpy(valid),
+                "target": torch.from_numpy(y), "target_valid": torch.from_numpy(y_valid),
+                "lat_weights": torch.from_numpy(latitude_weights(self.source.latitudes, tile.rows, self.img_h)),
+                "index": torch.tensor(sample, dtype=torch.int64)}
+
+    def _load(self, image: int, channels: range, rows: slice, cols: slice, stats: ChannelStats | None):
+        x = self.source.read(image, channels, rows, cols)  # float32 [c, h, w], no-data already NaN
+        valid = np.isfinite(x)
+        bad = int(valid.size - np.count_nonzero(valid))
+        if bad and self.strict:
+            self._raise_invalid(image, channels, rows, cols, valid, bad)
+        if stats is not None:
+            x -= stats.safe_mean.astype(np.float32)[:, None, None]
+            x /= stats.safe_std.astype(np.float32)[:, None, None]
+        if bad:
+            x[~valid] = 0.0
+        return x, valid, bad
+
+    def _tally(self, bad: int) -> None:
+        if bad:
+            self.invalid_count += bad
+            self.invalid_samples += 1
+
+    def _raise_invalid(self, image, channels, rows, cols, valid, bad):
+        where = self.source.path
+        if isinstance(self.source, ConcatSource):
+            part, local = self.source.locate(image)
+            where, image = part.path, local
+        bad_ch = [channels.start + int(c) for c in np.nonzero(~valid.reshape(valid.shape[0], -1).all(axis=1))[0]]
+        names = ", ".join(self.source.channel_names[c] for c in bad_ch[:8]) + (" ..." if len(bad_ch) > 8 else "")
+        nodata = f" or the no-data value {self.source.nodata:g}" if self.source.nodata is not None else ""
+        raise DataError(
+            f"{bad} invalid values (NaN/Inf{nodata}) in {where}, image {image}, rows {rows.start}:{rows.stop}, "
+            f"cols {cols.start}:{cols.stop}, channels {names}. Clean or fill the data, or turn strict checking off to "
+            "mask invalid values out of the loss.")

@@ -1,0 +1,80 @@
+"""The one entry point: ``open_source(path, data_format="auto", **opts) -> Source``."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import DataError
+from .base import Source
+from .concat import ConcatSource
+from .detect import FORMATS, detect_format, is_zarr_store, list_folder, split_selector
+
+
+def open_source(path, data_format: str = "auto", *, num_channels: int | None = None, **opts) -> Source:
+    """Open ``path`` (file, Zarr store, folder of files, or 'synthetic[:k=v,...]') as a Source.
+
+    ``opts`` go to the reader: ``nodata`` (override the file's no-data value), ``wavelengths``,
+    ``channel_names`` (npy/hdf5/zarr arrays), ``variables`` (netcdf/zarr weather: list or
+    comma string), ``dataset``/``array`` (hdf5/zarr), synthetic's ``num_channels, height, width,
+    num_images, seed, ...``. ``num_channels`` (from --num-channels) is checked against the data.
+    """
+    if data_format not in FORMATS:
+        raise DataError(f"--data-format {data_format!r} is not one of {', '.join(FORMATS)}.")
+    path = str(path) if path is not None else "synthetic"
+    if data_format == "synthetic" or (data_format == "auto" and (path == "synthetic" or path.startswith("synthetic:"))):
+        from .synthetic import SyntheticSource, parse_spec
+
+        kw = dict(opts)
+        if num_channels is not None:
+            kw.setdefault("num_channels", num_channels)
+        kw.update(parse_spec(path))
+        missing = [k for k in ("num_channels", "height", "width") if k not in kw]
+        if missing:
+            raise DataError(f"synthetic data needs {', '.join(missing)} (from --num-channels/--img-h/--img-w or "
+                            "--data-path synthetic:num_channels=..,height=..,width=..).")
+        src = SyntheticSource(path, **kw)
+    else:
+        base, selector = split_selector(path)
+        fmt = detect_format(base) if data_format == "auto" else data_format
+        if not os.path.exists(base):
+            raise DataError(f"data path {base!r} does not exist; check --data-path (working directory {os.getcwd()!r}).")
+        if os.path.isdir(base) and not is_zarr_store(base) and not (fmt == "zarr" and base.endswith(".zarr")):
+            files = list_folder(base, fmt)
+            parts = [_open_one(f, fmt, selector, opts) for f in files]
+            src = parts[0] if len(parts) == 1 else ConcatSource(base, parts)
+        else:
+            src = _open_one(base, fmt, selector, opts)
+    if num_channels is not None and src.num_channels != num_channels:
+        raise DataError(
+            f"{src.describe()} has {src.num_channels} channels but --num-channels is {num_channels}; set "
+            f"--num-channels {src.num_channels} (or select {num_channels} variables/bands of the data).")
+    return src
+
+
+def _open_one(path: str, fmt: str, selector: str | None, opts: dict) -> Source:
+    opts = dict(opts)
+    if fmt == "npy":
+        from .npy import NpySource
+
+        return NpySource(path, **opts)
+    if fmt == "envi":
+        from .envi import EnviSource
+
+        return EnviSource(path, **opts)
+    if fmt == "hdf5":
+        from .hdf5 import Hdf5Source
+
+        if selector:
+            opts["dataset"] = selector
+        return Hdf5Source(path, **opts)
+    if fmt == "zarr":
+        from .zarr_store import open_zarr
+
+        return open_zarr(path, selector=selector, **opts)
+    if fmt == "netcdf":
+        from .variables import open_netcdf
+
+        if selector:
+            opts["variables"] = selector
+        return open_netcdf(path, **opts)
+    raise DataError(f"format {fmt!r} cannot be opened from a path; choose one of {', '.join(FORMATS[1:])}.")

@@ -1,0 +1,224 @@
+"""Per-channel normalization statistics: compute, save beside the data, load, slice per rank.
+
+File (JSON; an ``.npz`` with the same keys is also accepted):
+
+    {"format": "dchag-channel-stats", "version": 1, "num_channels": C,
+     "channel_names": [...C], "mean": [...C], "std": [...C], "count": [...C],   # valid values only
+     "source": "<path>", "data_format": "envi", "shape": [N, C, H, W]}
+
+Statistics exclude invalid values (non-finite and the format's no-data value) and are over the
+whole data set (all images / time steps), in the physical units ``Source.read`` returns.
+Where it lives: ``<data file without extension>.stats.json`` beside a file or store, or
+``<folder>/stats.json`` for a folder of files (see :func:`stats_path_for`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DataError
+from .readers.base import Source
+from .readers.detect import split_selector
+
+STATS_FORMAT = "dchag-channel-stats"
+
+
+@dataclass
+class ChannelStats:
+    """mean/std/count [C'] of channels ``channels`` (a range of global channel indices)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    count: np.ndarray
+    channel_names: list[str]
+    channels: range = None  # type: ignore[assignment]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.mean = np.asarray(self.mean, np.float64)
+        self.std = np.asarray(self.std, np.float64)
+        self.count = np.asarray(self.count, np.int64)
+        if self.channels is None:
+            self.channels = range(len(self.mean))
+
+    @property
+    def safe_std(self) -> np.ndarray:
+        """std with 1 where a channel is constant or has no valid value (avoid dividing by 0)."""
+        s = self.std.copy()
+        s[~np.isfinite(s) | (s <= 0)] = 1.0
+        return s
+
+    @property
+    def safe_mean(self) -> np.ndarray:
+        m = self.mean.copy()
+        m[~np.isfinite(m)] = 0.0
+        return m
+
+    def select(self, channels: range) -> "ChannelStats":
+        """The statistics of global ``channels`` (must be covered by these stats)."""
+        lo, hi = channels.start - self.channels.start, channels.stop - self.channels.start
+        if channels.step != 1 or lo < 0 or hi > len(self.mean):
+            raise DataError(f"statistics cover channels {self.channels.start}..{self.channels.stop - 1}, not "
+                            f"{channels.start}..{channels.stop - 1}; recompute them with tools/compute_stats.py.")
+        return ChannelStats(self.mean[lo:hi], self.std[lo:hi], self.count[lo:hi],
+                            self.channel_names[lo:hi], channels, dict(self.meta))
+
+    def to_dict(self) -> dict:
+        return {"format": STATS_FORMAT, "version": 1, "num_channels": len(self.mean),
+                "channel_names": list(self.channel_names), "mean": self.mean.tolist(),
+                "std": self.std.tolist(), "count": self.count.tolist(), **self.meta}
+
+
+def stats_path_for(data_path: str) -> str:
+    """Default stats file of a data path: beside a file/store, inside a plain folder."""
+    base, _ = split_selector(str(data_path))
+    base = base.rstrip("/\\")
+    from .readers.detect import is_zarr_store
+
+    if os.path.isdir(base) and not is_zarr_store(base) and not base.endswith(".zarr"):
+        return os.path.join(base, "stats.json")
+    stem, ext = os.path.splitext(base)
+    return (stem if ext else base) + ".stats.json"
+
+
+def compute_stats(source: Source, channels: range | None = None, max_block_elements: int = 1 << 24,
+                  max_images: int | None = None) -> ChannelStats:
+    """Per-channel mean/std over all images (or the first ``max_images``) of ``source`` for
+    ``channels`` (default all).
+
+    Streams image by image and channel block by channel block (at most ``max_block_elements``
+    float32 values in memory) and merges partial (count, mean, M2) with Chan's formula, in float64.
+    """
+    C = source.num_channels
+    channels = range(C) if channels is None else channels
+    n_ch = len(channels)
+    count = np.zeros(n_ch, np.int64)
+    mean = np.zeros(n_ch, np.float64)
+    m2 = np.zeros(n_ch, np.float64)
+    for i in range(source.num_images if max_images is None else min(max_images, source.num_images)):
+        H, W = source.image_hw(i)
+        step = max(1, max_block_elements // max(1, H * W))
+        for j0 in range(0, n_ch, step):
+            j1 = min(n_ch, j0 + step)
+            x = source.read(i, range(channels.start + j0, channels.start + j1)).astype(np.float64)
+            x = x.reshape(j1 - j0, -1)
+            ok = np.isfinite(x)
+            n_b = ok.sum(axis=1)
+            xs = np.where(ok, x, 0.0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean_b = np.where(n_b > 0, xs.sum(axis=1) / np.maximum(n_b, 1), 0.0)
+                m2_b = (np.where(ok, x - mean_b[:, None], 0.0) ** 2).sum(axis=1)
+            n_a = count[j0:j1]
+            n = n_a + n_b
+            delta = mean_b - mean[j0:j1]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                frac = np.where(n > 0, n_b / np.maximum(n, 1), 0.0)
+            mean[j0:j1] += delta * frac
+            m2[j0:j1] += m2_b + delta ** 2 * n_a * frac
+            count[j0:j1] = n
+    std = np.where(count > 0, np.sqrt(m2 / np.maximum(count, 1)), np.nan)
+    mean = np.where(count > 0, mean, np.nan)
+    names = [source.channel_names[c] for c in channels]
+    meta = {"source": source.path, "data_format": source.format, "shape": list(source.shape),
+            "channel_start": channels.start}
+    return ChannelStats(mean, std, count, names, channels, meta)
+
+
+def save_stats(stats: ChannelStats, path: str) -> str:
+    """Write JSON (or .npz by extension) atomically: a crash never leaves a half-written file."""
+    src = stats.meta.get("source")
+    if src and os.path.exists(str(src).split("::")[0]):
+        rel = os.path.relpath(os.path.abspath(src), os.path.dirname(os.path.abspath(path)))
+        if not rel.startswith(".."):  # beside the data: relative, so data and stats move together
+            stats = ChannelStats(stats.mean, stats.std, stats.count, stats.channel_names, stats.channels,
+                                 {**stats.meta, "source": rel})
+    tmp = f"{path}.tmp{os.getpid()}"
+    if path.endswith(".npz"):
+        d = stats.to_dict()
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in d.items() if k != "meta"})
+    else:
+        with open(tmp, "w") as f:
+            json.dump(stats.to_dict(), f, indent=1)
+            f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_stats(path: str, source: Source | None = None) -> ChannelStats:
+    """Read a stats file; with ``source``, check it describes the same channels."""
+    if not os.path.exists(path):
+        raise DataError(f"statistics file {path} does not exist; create it with "
+                        f"`python tools/compute_stats.py --data-path <data>` (or pass the right stats path).")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                d = {k: z[k].tolist() for k in z.files}
+        else:
+            with open(path) as f:
+                d = json.load(f)
+        mean, std = d["mean"], d["std"]
+        count = d.get("count", [1] * len(mean))
+        names = [str(n) for n in d.get("channel_names", [f"ch{i}" for i in range(len(mean))])]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"statistics file {path} is unreadable or incomplete ({type(e).__name__}: {e}); delete it and "
+                        "rerun tools/compute_stats.py.") from e
+    if not (len(mean) == len(std) == len(count) == len(names)):
+        raise DataError(f"statistics file {path} has lists of different lengths; rerun tools/compute_stats.py.")
+    start = int(d.get("channel_start", 0))
+    meta = {k: v for k, v in d.items() if k not in ("mean", "std", "count", "channel_names", "format", "version",
+                                                    "num_channels")}
+    stats = ChannelStats(np.asarray(mean, float), np.asarray(std, float), np.asarray(count),
+                         names, range(start, start + len(mean)), meta)
+    if source is not None:
+        check_stats_match(stats, source, path)
+    return stats
+
+
+def check_stats_match(stats: ChannelStats, source: Source, path: str = "statistics") -> None:
+    C = source.num_channels
+    if stats.channels != range(C):
+        raise DataError(f"{path} has statistics for {len(stats.mean)} channels but {source.describe()} has {C}; the "
+                        "file belongs to other data. Rerun `python tools/compute_stats.py --data-path "
+                        f"{source.path}`.")
+    if list(stats.channel_names) != list(source.channel_names):
+        bad = next(i for i, (a, b) in enumerate(zip(stats.channel_names, source.channel_names)) if a != b)
+        raise DataError(f"{path}: channel {bad} is {stats.channel_names[bad]!r} in the statistics but "
+                        f"{source.channel_names[bad]!r} in the data; the file belongs to other data (or another "
+                        "variable selection). Rerun tools/compute_stats.py for this data.")
+
+
+def resolve_stats(source: Source, channels: range, *, data_path: str | None = None, stats_path: str | None = None,
+                  max_on_the_fly_elements: int = 1 << 27) -> ChannelStats:
+    """Statistics for ``channels`` of ``source``: from ``stats_path`` (or the default file beside the
+    data); if there is none and the rank's share of the data is small, computed on the fly for
+    ``channels`` only (each channel's statistics depend only on that channel, so every rank gets
+    the numbers a full computation would give, without reading other ranks' channels)."""
+    if source.format == "synthetic" and not stats_path:
+        # Stationary by construction: a few images give the statistics of all of them.
+        return compute_stats(source, channels, max_images=4)
+    if stats_path:
+        return load_stats(stats_path, source).select(channels)  # a named file must exist
+    path = stats_path_for(data_path) if data_path else None
+    candidates = [path] if path else []
+    if data_path and os.path.isdir(str(data_path)) and len(getattr(source, "parts", [None])) == 1:
+        from .readers.detect import list_folder  # a folder holding one file: that file's stats count too
+
+        candidates += [stats_path_for(f) for f in list_folder(str(data_path))][:1]
+    for cand in candidates:
+        if os.path.exists(cand):
+            return load_stats(cand, source).select(channels)
+    N, _, H, W = source.shape
+    if H is None:
+        H, W = max(source.image_hw(i) for i in range(N))
+    need = N * len(channels) * H * W
+    if need > max_on_the_fly_elements:
+        raise DataError(
+            f"no statistics file for {source.describe()} (looked for {path}) and the data is too large "
+            f"({need:,} values for this rank's channels) to compute them at start-up; run "
+            f"`python tools/compute_stats.py --data-path {data_path or source.path}` once before training.")
+    return compute_stats(source, channels)

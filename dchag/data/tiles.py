@@ -1,0 +1,120 @@
+"""Where samples come from: non-overlapping tiles of each image, and the train/valid split.
+
+Pure index arithmetic over image sizes; no data is read here.
+
+Tiles: an image of H x W is cut into (H // img_h) x (W // img_w) tiles from the top-left
+corner; the remainder strips (H % img_h rows at the bottom, W % img_w columns at the right)
+are not used. Samples are numbered image-major, then tile row, then tile column.
+
+Split (deterministic, no randomness): the *last* part of the data is held out.
+- mae: the last ``valid_count(S)`` of the S tile samples.
+- forecast: the last nv = max(valid_count(N), lead + 1) time steps (at least one input/target
+  pair); train inputs t < b - lead (so no training target lies in the held-out period),
+  held-out inputs b <= t < N - lead, where b = N - nv.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError
+
+
+def valid_count(total: int, fraction: float) -> int:
+    """How many of ``total`` units to hold out: round(fraction * total), at least 1 if fraction > 0,
+    at most total - 1 (training keeps at least one)."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"the validation fraction must be in [0, 1), got {fraction}.")
+    if fraction == 0.0 or total < 2:
+        return 0
+    return min(total - 1, max(1, int(math.floor(fraction * total + 0.5))))
+
+
+def tile_grid(hw: tuple[int, int], img_h: int, img_w: int, where: str) -> tuple[int, int]:
+    H, W = hw
+    if img_h < 1 or img_w < 1:
+        raise DataError(f"--img-h/--img-w must be positive, got {img_h} x {img_w}.")
+    if H < img_h or W < img_w:
+        raise DataError(
+            f"{where} is {H} x {W} (H x W), smaller than one {img_h} x {img_w} tile; set --img-h <= {H} and "
+            f"--img-w <= {W} (tiles are cut from images, never padded).")
+    return H // img_h, W // img_w
+
+
+@dataclass(frozen=True)
+class Tile:
+    sample: int  # global sample id (position in the unsplit enumeration)
+    image: int  # image / time index in the source
+    rows: slice
+    cols: slice
+
+
+class TileIndex:
+    """Enumerates (image, tile) samples of a source and splits them."""
+
+    def __init__(self, image_sizes: list[tuple[int, int]], img_h: int, img_w: int, describe: str = "image"):
+        self.img_h, self.img_w = img_h, img_w
+        self.grids = [tile_grid(hw, img_h, img_w, f"{describe} {i}" if len(image_sizes) > 1 else describe)
+                      for i, hw in enumerate(image_sizes)]
+        counts = [gy * gx for gy, gx in self.grids]
+        self.starts = np.cumsum([0] + counts)
+        self.num_samples = int(self.starts[-1])
+
+    def tiles_per_image(self, image: int) -> int:
+        gy, gx = self.grids[image]
+        return gy * gx
+
+    def tile(self, sample: int) -> Tile:
+        image = int(np.searchsorted(self.starts, sample, side="right") - 1)
+        j = sample - int(self.starts[image])
+        gx = self.grids[image][1]
+        ty, tx = divmod(j, gx)
+        r0, k0 = ty * self.img_h, tx * self.img_w
+        return Tile(sample, image, slice(r0, r0 + self.img_h), slice(k0, k0 + self.img_w))
+
+
+def mae_split(num_samples: int, split: str, valid_fraction: float) -> range:
+    """Global sample ids of ``split`` ('train', 'valid' or 'all')."""
+    nv = valid_count(num_samples, valid_fraction)
+    if split == "all":
+        return range(num_samples)
+    if num_samples == 1 and valid_fraction > 0:
+        warnings.warn("only one tile in the data: the validation split reuses the training tile; use smaller "
+                      "--img-h/--img-w or more images for a real held-out set.", stacklevel=3)
+        return range(1)
+    if split == "train":
+        return range(num_samples - nv)
+    if split == "valid":
+        return range(num_samples - nv, num_samples)
+    raise DataError(f"split must be 'train', 'valid' or 'all', got {split!r}.")
+
+
+def forecast_split(num_times: int, lead_time: int, split: str, valid_fraction: float) -> range:
+    """Input time indices t of ``split``; the target is t + lead_time."""
+    if lead_time < 1:
+        raise DataError(f"--lead-time must be >= 1 time step, got {lead_time}.")
+    if num_times <= lead_time:
+        raise DataError(f"forecasting {lead_time} step(s) ahead needs more than {lead_time} time steps, but the data "
+                        f"has {num_times}; lower --lead-time or use a longer time series.")
+    if split == "all":
+        return range(num_times - lead_time)
+    nv = valid_count(num_times, valid_fraction)
+    if nv:  # the held-out period must hold at least one (input, target) pair
+        nv = max(nv, lead_time + 1)
+    b = num_times - nv
+    if split == "train":
+        r = range(b - lead_time if nv else num_times - lead_time)
+    elif split == "valid":
+        r = range(b, num_times - lead_time)
+    else:
+        raise DataError(f"split must be 'train', 'valid' or 'all', got {split!r}.")
+    if len(r) == 0 and (split == "train" or nv):
+        raise DataError(
+            f"the {split} split of {num_times} time steps is empty with --lead-time {lead_time} and validation "
+            f"fraction {valid_fraction} ({nv} held-out steps: inputs and targets must both fall in the held-out "
+            "period); lower --lead-time, change the validation fraction, or use a longer time series.")
+    return r

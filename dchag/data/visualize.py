@@ -1,0 +1,94 @@
+"""A false-colour picture of an MAE reconstruction: input | masked input | reconstruction.
+
+RGB = the bands nearest 640 / 550 / 460 nm when wavelengths are known and span them, else
+three channels spread over the channel axis (3/4, 1/2, 1/4 of C). All three panels share one
+contrast stretch (2nd-98th percentile of the input, per colour), so they are comparable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RGB_NM = (640.0, 550.0, 460.0)
+
+
+def rgb_channels(num_channels: int, wavelengths=None, tolerance_nm: float = 60.0) -> list[int]:
+    """Three channel indices for R, G, B."""
+    if wavelengths is not None:
+        wl = np.asarray(wavelengths, np.float64)
+        picks = [int(np.argmin(np.abs(wl - t))) for t in RGB_NM]
+        if all(abs(wl[p] - t) <= tolerance_nm for p, t in zip(picks, RGB_NM)):
+            return picks
+    C = num_channels
+    return [min(C - 1, int(f * C)) for f in (0.75, 0.5, 0.25)]
+
+
+def _to_array(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def masked_from_patches(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(masked image [C,H,W] with NaN where hidden, hidden-pixel mask [H,W]) from a mask given
+    per pixel [H, W], per patch [H/p, W/p], or per patch flattened [L] (square patches)."""
+    C, H, W = image.shape
+    m = np.asarray(mask).astype(bool)
+    if m.ndim == 1:
+        p = int(round(np.sqrt(H * W / m.size)))
+        if p < 1 or (H // p) * (W // p) != m.size:
+            raise ValueError(f"a flat mask of {m.size} patches does not tile a {H} x {W} image with square patches")
+        m = m.reshape(H // p, W // p)
+    if m.shape != (H, W):
+        if H % m.shape[0] or W % m.shape[1]:
+            raise ValueError(f"mask {m.shape} does not divide the image {H} x {W}")
+        m = np.kron(m, np.ones((H // m.shape[0], W // m.shape[1]), bool)).astype(bool)
+    out = image.astype(np.float32, copy=True)
+    out[:, m] = np.nan
+    return out, m
+
+
+def save_reconstruction_png(path, image, mask_or_masked, reconstruction, wavelengths=None, title: str | None = None,
+                            dpi: int = 100) -> str:
+    """Write a 3-panel PNG. ``image``/``reconstruction``: [C, H, W] (numpy or torch).
+    ``mask_or_masked``: the masked input [C, H, W] (hidden pixels NaN or 0), or a bool mask
+    (True = hidden) per pixel [H, W], per patch [H/p, W/p] or flattened [L]."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    image, reconstruction = _to_array(image), _to_array(reconstruction)
+    mk = _to_array(mask_or_masked)
+    if image.ndim != 3 or reconstruction.shape != image.shape:
+        raise ValueError(f"image {image.shape} and reconstruction {reconstruction.shape} must both be [C, H, W]")
+    if mk.dtype == bool or mk.shape != image.shape:
+        masked, _ = masked_from_patches(image, mk)
+    else:
+        masked = mk.astype(np.float32)
+    ch = rgb_channels(image.shape[0], wavelengths)
+    ref = image[ch].astype(np.float64)  # [3, H, W]
+    lo = np.nanpercentile(ref.reshape(3, -1), 2, axis=1)[:, None, None]
+    hi = np.nanpercentile(ref.reshape(3, -1), 98, axis=1)[:, None, None]
+    scale = np.where(hi > lo, hi - lo, 1.0)
+
+    def rgb(x):
+        y = (x[ch].astype(np.float64) - lo) / scale
+        hidden = ~np.isfinite(y).all(axis=0)
+        y = np.clip(np.nan_to_num(y, nan=0.5), 0, 1).transpose(1, 2, 0)
+        y[hidden] = 0.5  # grey where the input is hidden or invalid
+        return y
+
+    H, W = image.shape[1:]
+    fig_w = 3 * max(2.0, 2.5 * W / max(H, W))
+    fig, axes = plt.subplots(1, 3, figsize=(fig_w, max(2.2, 2.5 * H / max(H, W)) + 0.4))
+    label = "bands " + ", ".join(f"{wavelengths[c]:.0f} nm" if wavelengths is not None else str(c) for c in ch)
+    for ax, x, name in zip(axes, (image, masked, reconstruction), ("input", "masked input", "reconstruction")):
+        ax.imshow(rgb(x), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title or f"RGB = {label}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)

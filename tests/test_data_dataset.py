@@ -1,0 +1,214 @@
+"""Tiles, splits, normalization, invalid-value masking, forecast items, statistics files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dchag.data import (DataError, TileDataset, build_datasets, compute_stats, load_stats, open_source, save_stats,
+                        stats_path_for)
+from dchag.data.writers import write_envi, write_netcdf, write_npy
+from dchag.parallel.partition import ChannelPartition
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FENIX = os.path.join(ROOT, "data", "samples", "fenix_450band", "image.hdr")
+ERA5 = os.path.join(ROOT, "data", "samples", "era5_5.625deg.nc")
+
+
+def npy_stack(tmp_path, n=2, c=13, h=10, w=12, seed=0):
+    x = np.random.default_rng(seed).normal(5.0, 2.0, (n, c, h, w)).astype(np.float32)
+    return write_npy(tmp_path / "x.npy", x), x
+
+
+def test_tiles_non_overlapping_and_cover_the_image(tmp_path):
+    path, x = npy_stack(tmp_path, n=2, h=10, w=12)
+    ds = TileDataset(open_source(path), img_h=4, img_w=6, split="all")
+    assert len(ds) == 2 * (10 // 4) * (12 // 6)  # 2 images x 2 x 2 tiles, remainder rows dropped
+    item = ds[3]  # image 0, tile row 1, col 1
+    np.testing.assert_array_equal(item["images"].numpy(), x[0, :, 4:8, 6:12])
+    assert item["valid"].all() and item["index"].item() == 3
+    np.testing.assert_array_equal(ds[4]["images"].numpy(), x[1, :, 0:4, 0:6])
+
+
+def test_image_smaller_than_tile_is_clear(tmp_path):
+    path, _ = npy_stack(tmp_path, h=10, w=12)
+    with pytest.raises(DataError, match=r"10 x 12 .*smaller than one 16 x 16 tile.*--img-h <= 10.*--img-w <= 12"):
+        TileDataset(open_source(path), img_h=16, img_w=16)
+
+
+@pytest.mark.parametrize("P", [1, 2, 4])
+def test_rank_datasets_hold_only_their_channels(P, tmp_path):
+    path, x = npy_stack(tmp_path)
+    full = TileDataset(open_source(path), img_h=5, img_w=6, split="all")
+    part = ChannelPartition(13, 4, P)
+    pieces = []
+    for r in range(P):
+        src = open_source(path)
+        ds = TileDataset(src, img_h=5, img_w=6, split="all", channels=part.rank_channels(r))
+        pieces.append(ds[5]["images"])
+        assert src.channels_read == set(part.rank_channels(r))
+    torch.testing.assert_close(torch.cat(pieces), full[5]["images"], rtol=0, atol=0)
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+    path, _ = npy_stack(tmp_path, n=5, h=10, w=12)  # 5 x 4 = 20 tiles
+    src = open_source(path)
+    tr = TileDataset(src, img_h=5, img_w=6, split="train", valid_fraction=0.2)
+    va = TileDataset(src, img_h=5, img_w=6, split="valid", valid_fraction=0.2)
+    assert list(tr.samples) == list(range(16)) and list(va.samples) == list(range(16, 20))
+    assert va[0]["index"].item() == 16
+
+
+def test_normalization_uses_stats_sliced_to_the_rank(tmp_path):
+    path, x = npy_stack(tmp_path)
+    src = open_source(path)
+    stats = compute_stats(src)
+    np.testing.assert_allclose(stats.mean, x.mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(stats.std, x.std(axis=(0, 2, 3)), rtol=1e-4)
+    ds = TileDataset(src, img_h=10, img_w=12, split="all", channels=range(4, 7), stats=stats)
+    got = ds[1]["images"].numpy()
+    want = (x[1, 4:7] - stats.mean[4:7, None, None]) / stats.std[4:7, None, None]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_invalid_values_masked_counted_and_strict(tmp_path):
+    x = np.ones((1, 4, 8, 8), np.float32)
+    x[0, 1, 2, 3] = np.nan
+    x[0, 2, 0, 0] = np.inf
+    x[0, 3, 7, 7] = -9999  # no-data
+    path = write_npy(tmp_path / "bad.npy", x)
+    src = open_source(path, nodata=-9999)
+    ds = TileDataset(src, img_h=8, img_w=8, split="all")
+    item = ds[0]
+    valid = item["valid"].numpy()
+    assert valid.sum() == x.size - 3
+    assert not valid[1, 2, 3] and not valid[2, 0, 0] and not valid[3, 7, 7]
+    assert (item["images"].numpy()[~valid] == 0).all() and torch.isfinite(item["images"]).all()
+    assert ds.invalid_count == 3 and ds.invalid_samples == 1
+    strict = TileDataset(src, img_h=8, img_w=8, split="all", strict=True)
+    with pytest.raises(DataError, match=r"3 invalid values .*no-data value -9999.*bad.npy.*strict"):
+        strict[0]
+
+
+def test_bundled_fenix_mae_items():
+    ch = ChannelPartition(450, 8, 4).rank_channels(1)  # groups of 57, 57, 56, ...: channels 114..225
+    train, valid = build_datasets(FENIX, task="mae", img_h=8, img_w=8, num_channels=450, channels=ch)
+    assert len(train) + len(valid) == (38 // 8) * (23 // 8)
+    item = train[0]
+    assert item["images"].shape == (len(ch), 8, 8) and item["images"].dtype == torch.float32
+    assert item["valid"].dtype == torch.bool
+    assert abs(float(item["images"].mean())) < 3  # normalized by the bundled statistics
+    assert train.source.channels_read == set(ch)
+    # the cube's 12 no-data zeros sit in bands 0-4; those inside the tiled area (rows < 32,
+    # cols < 16: 8 x 8 tiles of 38 x 23) are masked and counted by rank 0
+    raw = np.fromfile(FENIX[:-4] + ".dat", "<u2").reshape(450, 38, 23)
+    t0, _ = build_datasets(FENIX, task="mae", img_h=8, img_w=8, channels=range(0, 112), valid_fraction=0.0)
+    masked = sum(int((~t0[i]["valid"]).sum()) for i in range(len(t0)))
+    assert masked == t0.invalid_count == int((raw[:112, :32, :16] == 0).sum()) > 0
+
+
+def test_bundled_era5_forecast_items():
+    part = ChannelPartition(5, 5, 1)
+    train, valid = build_datasets(ERA5, task="forecast", img_h=32, img_w=64, num_channels=5, lead_time=2,
+                                  channels=part.rank_channels(0), valid_fraction=0.25)
+    # 24 steps, 6 held out: train inputs t in [0, 16), valid inputs t in [18, 22)
+    assert len(train) == 16 and len(valid) == 4
+    item = valid[0]
+    assert item["images"].shape == (5, 32, 64) and item["target"].shape == (5, 32, 64)
+    assert item["target_valid"].all() and item["lat_weights"].shape == (32,)
+    assert float(item["lat_weights"].mean()) == pytest.approx(1.0, abs=1e-6)
+    assert item["lat_weights"][16] > item["lat_weights"][0]  # equator weighs more than the pole row
+    # the target is the state 2 steps later: the input of sample t+2
+    full, _ = build_datasets(ERA5, task="forecast", img_h=32, img_w=64, lead_time=2, valid_fraction=0.0)
+    torch.testing.assert_close(full[5]["target"], full[7]["images"])
+
+
+def test_forecast_rank_input_all_channel_target(tmp_path):
+    x = np.random.default_rng(1).normal(size=(6, 7, 4, 8)).astype(np.float32)
+    fields = {f"v{c}": x[:, c] for c in range(7)}
+    path = write_netcdf(tmp_path / "f.nc", fields, np.linspace(60, -60, 4), np.arange(8) * 45.0)
+    src = open_source(path)
+    ds = TileDataset(src, task="forecast", img_h=4, img_w=4, channels=range(2, 4), split="all", lead_time=1)
+    assert len(ds) == 5 * 2  # 5 input times x 2 tiles
+    item = ds[3]  # t = 1, tile 1
+    np.testing.assert_array_equal(item["images"].numpy(), x[1, 2:4, :, 4:8])
+    np.testing.assert_array_equal(item["target"].numpy(), x[2, :, :, 4:8])
+    lat = np.deg2rad(np.linspace(60, -60, 4))
+    np.testing.assert_allclose(item["lat_weights"].numpy(), np.cos(lat) / np.cos(lat).mean(), rtol=1e-6)
+
+
+def test_forecast_too_short_is_clear(tmp_path):
+    x = np.zeros((2, 3, 4, 4), np.float32)
+    path = write_npy(tmp_path / "s.npy", x)
+    with pytest.raises(DataError, match=r"needs more than 2 time steps.*--lead-time"):
+        TileDataset(open_source(path), task="forecast", img_h=4, img_w=4, lead_time=2)
+
+
+def test_stats_file_roundtrip_lookup_and_mismatch(tmp_path):
+    path, x = npy_stack(tmp_path)
+    src = open_source(path)
+    out = save_stats(compute_stats(src), stats_path_for(path))
+    assert out == str(tmp_path / "x.stats.json")
+    assert json.load(open(out))["source"] == "x.npy"
+    stats = load_stats(out, src)
+    assert stats.select(range(3, 5)).channel_names == ["ch003", "ch004"]
+    # build_datasets finds the file beside the data and slices it to the rank
+    train, _ = build_datasets(path, task="mae", img_h=5, img_w=6, channels=range(3, 5))
+    np.testing.assert_allclose(train.stats.mean, stats.mean[3:5])
+    # a stats file of other data is refused with the fix
+    other = open_source(write_npy(tmp_path / "y.npy", x[:, :5]))
+    with pytest.raises(DataError, match=r"statistics for 13 channels .* has 5.*compute_stats"):
+        load_stats(out, other)
+    # npz variant
+    npz = save_stats(stats, str(tmp_path / "s.npz"))
+    np.testing.assert_allclose(load_stats(npz, src).std, stats.std)
+
+
+def test_stats_on_the_fly_reads_only_rank_channels(tmp_path):
+    path, x = npy_stack(tmp_path)
+    train, _ = build_datasets(path, task="mae", img_h=5, img_w=6, channels=range(9, 13))
+    assert train.source.channels_read == set(range(9, 13))
+    np.testing.assert_allclose(train.stats.mean, x[:, 9:13].mean(axis=(0, 2, 3)), rtol=1e-5)
+
+
+def test_missing_named_stats_file_is_clear(tmp_path):
+    path, _ = npy_stack(tmp_path)
+    with pytest.raises(DataError, match="does not exist; create it with .*compute_stats.py"):
+        build_datasets(path, task="mae", img_h=5, img_w=6, stats_path=str(tmp_path / "none.json"))
+
+
+def test_synthetic_build_and_forecast():
+    train, valid = build_datasets("synthetic:num_images=10", "synthetic", task="forecast", img_h=8, img_w=16,
+                                  num_channels=9, channels=range(3, 6), seed=4)
+    item = train[0]
+    assert item["images"].shape == (3, 8, 16) and item["target"].shape == (9, 8, 16)
+    assert item["lat_weights"].std() > 0  # synthetic forecast data lies on a global grid
+    assert len(valid) >= 1
+
+
+def test_envi_folder_of_one_file_uses_its_stats(tmp_path):
+    cube = (np.random.default_rng(0).random((6, 8, 8)) * 1000 + 1).astype(np.uint16)
+    hdr = write_envi(tmp_path / "img.hdr", cube, scale_factor=1000, ignore_value=0)
+    save_stats(compute_stats(open_source(hdr)), stats_path_for(hdr))
+    train, _ = build_datasets(str(tmp_path), task="mae", img_h=4, img_w=4, channels=range(0, 3))
+    assert train.stats.meta["source"] == "img.hdr"
+
+
+def test_folder_of_unequal_images_tiles_each(tmp_path):
+    d = tmp_path / "scenes"
+    d.mkdir()
+    a = np.random.default_rng(0).random((4, 8, 8)).astype(np.float32)
+    b = np.random.default_rng(1).random((4, 12, 4)).astype(np.float32)
+    write_npy(d / "a.npy", a)
+    write_npy(d / "b.npy", b)
+    src = open_source(str(d))
+    assert src.shape == (2, 4, None, None) and src.image_hw(1) == (12, 4)
+    ds = TileDataset(src, img_h=4, img_w=4, split="all")
+    assert len(ds) == 4 + 3
+    np.testing.assert_array_equal(ds[6]["images"].numpy(), b[:, 8:12, 0:4])
+    with pytest.raises(DataError, match=r"image 1 is 12 x 4.*smaller than one 8 x 8 tile"):
+        TileDataset(src, img_h=8, img_w=8)
