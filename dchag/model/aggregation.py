@@ -1,0 +1,202 @@
+"""Cross-channel aggregation: [B, C, L, D] channel tokens -> [B, L, D], as strategies.
+
+    partial (local to a rank)      tokens [B, c_r, L, D] -> [B, G/P, L, D]
+        LinearReduce  (D-CHAG-L)   a learned weight per input token: out_n = sum_{i in n} w_i x_i
+        CrossReduce   (D-CHAG-C)   per segment: learned query attends over the segment's tokens
+        tree of k levels           level j reduces G*2^(k-j+1) tokens to G*2^(k-j) (k=1: flat in-group)
+    (all-gather over the channel group, in the model)           -> [B, G, L, D]
+    FinalAggregation (TP)          learned query attends over the G tokens, heads split over TP
+
+A *segment* is the set of input tokens one output token is reduced from. Segments are
+contiguous, so a rank's G/P groups map to contiguous input and output rows at every level,
+and per-segment weights shard over channel ranks by row like the tokenizer's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dchag.model.init import init_rows_, mark_channel_sharded
+from dchag.parallel.partition import ChannelPartition
+
+
+@dataclass(frozen=True)
+class SegmentLevel:
+    """One reduction level, seen from one rank.
+
+    ``sizes[j]`` is the number of input tokens of the rank's j-th output segment;
+    ``in_rows`` / ``out_rows`` are the global token indices the rank holds at this level.
+    """
+    sizes: tuple[int, ...]
+    in_rows: range
+    out_rows: range
+    global_in: int
+    global_out: int
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.sizes)) == 1
+
+    def segment_ids(self) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
+
+
+def _split(n: int, parts: int) -> list[int]:
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def tree_levels(partition: ChannelPartition, rank: int, levels: int) -> list[SegmentLevel]:
+    """The k reduction levels for channel-parallel ``rank``: level 1 splits every group into
+    2^(k-1) near-equal sub-groups of channels; each later level merges pairs of tokens, until
+    one token per group remains."""
+    groups = partition.rank_groups(rank)
+    G = partition.num_groups
+    out = []
+    in_rows, global_in = partition.rank_channels(rank), partition.num_channels
+    for level in range(1, levels + 1):
+        fan = 2 ** (levels - level)  # output tokens per group at this level
+        if level == 1:
+            sizes = [s for g in groups for s in _split(partition.group_sizes[g], fan)]
+        else:
+            sizes = [2] * (len(groups) * fan)
+        out_rows = range(groups.start * fan, groups.stop * fan)
+        out.append(SegmentLevel(tuple(sizes), in_rows, out_rows, global_in, G * fan))
+        in_rows, global_in = out_rows, G * fan
+    return out
+
+
+def _segments(x: torch.Tensor, level: SegmentLevel):
+    """[B, n_in, L, D] -> padded [B, n_out, S, L, D] and a pad mask [n_out, S] (None if uniform)."""
+    B, n_in, L, D = x.shape
+    n_out, S = len(level.sizes), max(level.sizes)
+    if level.uniform:
+        return x.reshape(B, n_out, S, L, D), None
+    starts = torch.tensor([0] + list(level.sizes[:-1])).cumsum(0)
+    offsets = torch.arange(S)
+    valid = offsets[None, :] < torch.tensor(level.sizes)[:, None]  # [n_out, S]
+    index = torch.where(valid, starts[:, None] + offsets[None, :], 0)
+    return x[:, index.to(x.device)], valid.to(x.device)
+
+
+class LinearReduce(nn.Module):
+    """D-CHAG-L: out_n = sum_{i in segment n} w_i * x_i, one scalar per input token.
+    Initialized to the segment mean, so an untrained model averages the group's channels."""
+
+    def __init__(self, level: SegmentLevel, owner: bool):
+        super().__init__()
+        self.level = level
+        weight = torch.cat([torch.full((n,), 1.0 / n) for n in level.sizes])
+        self.weight = mark_channel_sharded(nn.Parameter(weight), level.in_rows, level.global_in, owner)
+        self.register_buffer("segment_ids", level.segment_ids(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, n_in, L, D] -> [B, n_out, L, D]
+        weighted = x * self.weight.to(x.dtype)[None, :, None, None]
+        if self.level.uniform:
+            B, n_in, L, D = x.shape
+            return weighted.reshape(B, len(self.level.sizes), -1, L, D).sum(2)
+        out = x.new_zeros(x.shape[0], len(self.level.sizes), *x.shape[2:])
+        return out.index_add(1, self.segment_ids, weighted)
+
+
+class CrossReduce(nn.Module):
+    """D-CHAG-C: per output segment n, a learned query attends over the segment's tokens,
+    with the segment's own key/value/output projections (stacked, [n_out, D, D])."""
+
+    def __init__(self, level: SegmentLevel, hidden_size: int, num_heads: int, seed: int, name: str, owner: bool):
+        super().__init__()
+        D, n = hidden_size, len(level.sizes)
+        self.level, self.num_heads = level, num_heads
+        rows, total = level.out_rows, level.global_out
+        std = 1.0 / math.sqrt(D)
+        self.query = nn.Parameter(init_rows_(torch.empty(n, D), rows, seed, f"{name}.query", std=1.0))
+        self.key = nn.Parameter(init_rows_(torch.empty(n, D, D), rows, seed, f"{name}.key", std=std))
+        self.value = nn.Parameter(init_rows_(torch.empty(n, D, D), rows, seed, f"{name}.value", std=std))
+        self.proj = nn.Parameter(init_rows_(torch.empty(n, D, D), rows, seed, f"{name}.proj", std=std))
+        self.proj_bias = nn.Parameter(torch.zeros(n, D))
+        for p in (self.query, self.key, self.value, self.proj, self.proj_bias):
+            mark_channel_sharded(p, rows, total, owner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, n_in, L, D] -> [B, n_out, L, D]
+        seg, pad = _segments(x, self.level)  # [B, n, S, L, D]
+        B, n, S, L, D = seg.shape
+        H, hd = self.num_heads, D // self.num_heads
+        k = torch.einsum("bnsld,nde->bnlse", seg, self.key).reshape(B, n, L, S, H, hd)
+        v = torch.einsum("bnsld,nde->bnlse", seg, self.value).reshape(B, n, L, S, H, hd)
+        q = self.query.reshape(n, H, hd)
+        scores = torch.einsum("nhe,bnlshe->bnlhs", q, k) / math.sqrt(hd)
+        if pad is not None:
+            scores = scores.masked_fill(~pad[None, :, None, None, :], float("-inf"))
+        attn = scores.softmax(-1)
+        mixed = torch.einsum("bnlhs,bnlshe->bnlhe", attn, v).reshape(B, n, L, D)
+        return torch.einsum("bnld,nde->bnld", mixed, self.proj) + self.proj_bias[None, :, None, :]
+
+
+class PartialAggregation(nn.Module):
+    """The rank-local stage: a stack of reduction levels (a tree when k > 1)."""
+
+    def __init__(self, levels: list[nn.Module]):
+        super().__init__()
+        self.levels = nn.ModuleList(levels)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, c_r, L, D] -> [B, G/P, L, D]
+        for level in self.levels:
+            tokens = level(tokens)
+        return tokens
+
+
+def build_partial_aggregation(kind: str, partition: ChannelPartition, rank: int, tree_levels_k: int,
+                              hidden_size: int, num_heads: int, seed: int, owner: bool) -> nn.Module:
+    if kind == "flat":
+        return nn.Identity()  # every channel token goes to the final aggregation
+    levels = tree_levels(partition, rank, tree_levels_k)
+    if kind == "linear":
+        return PartialAggregation([LinearReduce(lv, owner) for lv in levels])
+    return PartialAggregation([CrossReduce(lv, hidden_size, num_heads, seed, f"partial.{i}", owner)
+                               for i, lv in enumerate(levels)])
+
+
+class FinalAggregation(nn.Module):
+    """Learned-query cross-attention over N tokens per position, heads split over TP.
+
+    tokens [B, N, L, D] (identical on every TP rank) -> [B, L, D]. The fused key/value
+    projection is a megatron ColumnParallelLinear whose output is laid out per head
+    ([H, 2, hd], like megatron's fused QKV), so the contiguous TP split is a head split and the
+    initialization does not depend on T. Its backward all-reduces the input gradient over TP
+    (megatron's copy-to-TP-region), which is what lets the channel all-gather's backward be a
+    plain slice. The output projection is a RowParallelLinear (forward all-reduce).
+    """
+
+    def __init__(self, config, hidden_size: int, num_heads: int, tensor_parallel_size: int,
+                 tensor_parallel_rank: int, seed: int):
+        super().__init__()
+        from megatron.core import tensor_parallel
+        D, T = hidden_size, tensor_parallel_size
+        self.heads_local, self.head_dim = num_heads // T, D // num_heads
+        self.kv = tensor_parallel.ColumnParallelLinear(D, 2 * D, config=config, init_method=config.init_method,
+                                                       bias=True, gather_output=False)
+        self.proj = tensor_parallel.RowParallelLinear(D, D, config=config, init_method=config.output_layer_init_method,
+                                                      bias=True, input_is_parallel=True, skip_bias_add=False)
+        # The learned query, already in head space: [H, hd] in full, this rank's heads only.
+        full = torch.randn(D, generator=torch.Generator().manual_seed(seed + 7919))
+        shard = full.reshape(T, -1)[tensor_parallel_rank].clone()
+        self.query = nn.Parameter(shard)
+        self.query.tensor_model_parallel, self.query.partition_dim, self.query.partition_stride = True, 0, 1
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, N, L, D = tokens.shape
+        Hl, hd = self.heads_local, self.head_dim
+        x = tokens.permute(1, 0, 2, 3).reshape(N, B * L, D)  # megatron layout [s, b, h], s = N tokens
+        kv, _ = self.kv(x)  # [N, B*L, 2 D/T]
+        kv = kv.reshape(N, B * L, Hl, 2, hd)
+        k, v = kv[..., 0, :], kv[..., 1, :]  # [N, B*L, Hl, hd]
+        q = self.query.reshape(Hl, hd).to(k.dtype)
+        attn = (torch.einsum("he,nbhe->bhn", q, k) / math.sqrt(hd)).softmax(-1)
+        mixed = torch.einsum("bhn,nbhe->bhe", attn, v).reshape(1, B * L, Hl * hd)
+        out, _ = self.proj(mixed)  # [1, B*L, D], all-reduced over TP
+        return out.reshape(B, L, D)

@@ -1,0 +1,103 @@
+"""The model's hyperparameters (layout-free: the same config runs on any T, P)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dchag.parallel.partition import ChannelPartition, LayoutError
+
+AGGREGATIONS = ("flat", "linear", "cross")
+TASKS = ("mae", "forecast")
+
+
+@dataclass(frozen=True)
+class DChagConfig:
+    num_channels: int  # C
+    img_h: int
+    img_w: int
+    patch_dim: int  # p
+    hidden_size: int = 64  # D
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None  # default 4 D
+    aggregation: str = "linear"  # flat | linear (D-CHAG-L) | cross (D-CHAG-C)
+    groups: int = 1  # G, ignored by flat (every channel is its own group)
+    tree_levels: int = 1  # k: levels of the partial (in-group) reduction
+    task: str = "mae"
+    out_channels: tuple[int, ...] | None = None  # forecast: predicted channels (default: all)
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    recompute_activations: bool = False
+    sequence_parallel: bool = False
+    bf16: bool = False
+    init_seed: int = 1234
+    layernorm_epsilon: float = 1e-5
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise LayoutError(f"--dchag-aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
+        if self.task not in TASKS:
+            raise LayoutError(f"--task must be one of {TASKS}, got {self.task!r}.")
+        for name, size in (("--img-h", self.img_h), ("--img-w", self.img_w)):
+            if size % self.patch_dim != 0:
+                raise LayoutError(
+                    f"{name} {size} is not divisible by --patch-dim {self.patch_dim}: choose a patch "
+                    f"size that divides both image sides (or crop/pad the image to a multiple of it).")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise LayoutError(f"--hidden-size {self.hidden_size} must be divisible by "
+                              f"--num-attention-heads {self.num_attention_heads}.")
+        if self.tree_levels < 1:
+            raise LayoutError(f"--dchag-tree-levels must be >= 1, got {self.tree_levels}.")
+        if self.aggregation == "flat" and self.tree_levels != 1:
+            raise LayoutError("--dchag-tree-levels applies to linear/cross aggregation, not flat.")
+        smallest_group = self.num_channels // self.num_groups
+        if 2 ** (self.tree_levels - 1) > smallest_group:
+            raise LayoutError(
+                f"--dchag-tree-levels {self.tree_levels} splits each group into {2 ** (self.tree_levels - 1)} "
+                f"sub-groups, but the smallest group has {smallest_group} channel(s) "
+                f"(C={self.num_channels}, G={self.num_groups}); use fewer levels or fewer groups.")
+        ChannelPartition(self.num_channels, self.num_groups)  # validates G against C
+
+    @property
+    def num_groups(self) -> int:
+        """G: tokens per position after partial aggregation (C for flat)."""
+        return self.num_channels if self.aggregation == "flat" else self.groups
+
+    @property
+    def num_patches(self) -> int:  # L
+        return (self.img_h // self.patch_dim) * (self.img_w // self.patch_dim)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.img_h // self.patch_dim, self.img_w // self.patch_dim
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def predicted_channels(self) -> tuple[int, ...]:
+        return self.out_channels if self.out_channels is not None else tuple(range(self.num_channels))
+
+    def partition(self, channel_parallel_size: int = 1) -> ChannelPartition:
+        return ChannelPartition(self.num_channels, self.num_groups, channel_parallel_size)
+
+    def validate_layout(self, tensor_parallel_size: int, channel_parallel_size: int) -> None:
+        """Errors that depend on the layout, raised before any weight is built."""
+        if self.num_attention_heads % tensor_parallel_size != 0:
+            raise LayoutError(
+                f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                f"--tensor-model-parallel-size {tensor_parallel_size}: attention heads are split over TP ranks.")
+        if self.ffn_size % tensor_parallel_size != 0:
+            raise LayoutError(f"--ffn-hidden-size {self.ffn_size} is not divisible by "
+                              f"--tensor-model-parallel-size {tensor_parallel_size}.")
+        if tensor_parallel_size % channel_parallel_size != 0:
+            raise LayoutError(
+                f"--channel-parallel-size {channel_parallel_size} must divide "
+                f"--tensor-model-parallel-size {tensor_parallel_size}.")
+        if self.sequence_parallel and self.num_patches % tensor_parallel_size != 0:
+            raise LayoutError(
+                f"--sequence-parallel splits the {self.num_patches} patches over {tensor_parallel_size} "
+                "TP ranks: the patch count must be divisible by T.")
+        self.partition(channel_parallel_size)  # P | G

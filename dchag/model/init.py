@@ -1,0 +1,46 @@
+"""Layout-independent initialization of channel-sharded weights.
+
+A channel-sharded parameter holds rows (channels, groups) ``rows`` of a global tensor. Each row
+draws from its own generator seeded by (seed, parameter name, global row), so a rank builds
+only its own rows and still gets exactly the values the serial model has: the same model
+initializes identically on P = 1, 2, 4, ... and loss curves are comparable across layouts.
+(megatron's TP layers get the same property from ``use_cpu_initialization=True``: the master
+weight is drawn in full from the global RNG, then sliced.)
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+
+def row_seed(seed: int, name: str, row: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{name}:{row}".encode())) % (2**63 - 1)
+
+
+@torch.no_grad()
+def init_rows_(param: torch.Tensor, rows: range, seed: int, name: str, std: float, mean: float = 0.0):
+    """param[i] <- N(mean, std^2) drawn from the generator of global row ``rows[i]``."""
+    assert param.shape[0] == len(rows), (param.shape, rows)
+    for i, row in enumerate(rows):
+        gen = torch.Generator().manual_seed(row_seed(seed, name, row))
+        param[i].copy_(torch.randn(param[i].shape, generator=gen) * std + mean)
+    return param
+
+
+def mark_channel_sharded(param: torch.nn.Parameter, rows: range, global_rows: int, owner: bool):
+    """Tag a parameter whose dim 0 is a contiguous slice ``rows`` of ``global_rows`` channel rows.
+
+    ``tensor_model_parallel`` is what DeepSpeed (``is_model_parallel_parameter``) and megatron
+    (``param_is_not_tensor_parallel_duplicate``) read to count a parameter once per
+    model-parallel group in gradient norms: it is set on the first channel-stage replica only,
+    because when P < T the other T/P - 1 replicas hold duplicates.
+    """
+    param.channel_parallel = True
+    param.channel_rows = (rows.start, rows.stop)
+    param.channel_global_rows = global_rows
+    param.tensor_model_parallel = owner
+    param.partition_dim = 0
+    param.partition_stride = 1
+    return param

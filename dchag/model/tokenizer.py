@@ -1,0 +1,43 @@
+"""Per-channel patch embedding (ClimaX-style), built for the channels a rank owns only."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dchag.model.init import init_rows_, mark_channel_sharded
+
+
+class ChannelTokenizer(nn.Module):
+    """x [B, c, H, W] -> tokens [B, c, L, D] for the c = len(channels) channels this rank owns.
+
+    Every channel has its own patch-embedding weights, stored stacked as ``weight`` [c, D, p, p]
+    (+ ``bias`` [c, D]) and applied as one grouped convolution, plus a learned channel
+    embedding [c, D] that tells the aggregation which channel a token came from.
+    """
+
+    def __init__(self, channels: range, num_channels: int, hidden_size: int, patch_dim: int,
+                 seed: int, owner: bool = True):
+        super().__init__()
+        c, D, p = len(channels), hidden_size, patch_dim
+        self.channels, self.hidden_size, self.patch_dim = channels, D, p
+        self.weight = nn.Parameter(torch.empty(c, D, p, p))
+        self.bias = nn.Parameter(torch.zeros(c, D))
+        self.channel_embed = nn.Parameter(torch.empty(c, D))
+        init_rows_(self.weight, channels, seed, "tokenizer.weight", std=1.0 / math.sqrt(p * p))
+        init_rows_(self.channel_embed, channels, seed, "tokenizer.channel_embed", std=0.02)
+        for param in (self.weight, self.bias, self.channel_embed):
+            mark_channel_sharded(param, channels, num_channels, owner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, c, H, W = x.shape
+        if c != len(self.channels):
+            raise ValueError(f"tokenizer owns {len(self.channels)} channels {self.channels}, got input with {c}")
+        D, p = self.hidden_size, self.patch_dim
+        # groups=c: output channels [i*D, (i+1)*D) see input channel i only.
+        y = F.conv2d(x, self.weight.reshape(c * D, 1, p, p), self.bias.reshape(c * D), stride=p, groups=c)
+        y = y.reshape(B, c, D, -1).transpose(2, 3)  # [B, c, L, D]
+        return y + self.channel_embed[None, :, None, :]

@@ -1,0 +1,93 @@
+"""DChagViT: one model class for every aggregation and every layout.
+
+    images [B, c_r, H, W]        this rank's channels only (c_r = C/P, or C for P = 1)
+      tokenizer                  [B, c_r, L, D]       per-channel patch embedding + channel embedding
+      partial aggregation        [B, G/P, L, D]       local to the rank (identity for flat)
+      gather over channel group  [B, G, L, D]         the one D-CHAG collective
+      final aggregation (TP)     [B, L, D]            learned-query cross-attention over G tokens
+      + position embedding (+ mask token for MAE, + lead-time embedding for forecast)
+      backbone (TP, SP)          [L, B, D]            megatron TransformerBlock, final norm
+      head                       MAE: [B, c_r, H, W]  (sharded by channel)
+                                 forecast: [B, V, H, W] (replicated)
+
+The model knows shapes and ranks (a ``ParallelLayout``); the collectives it needs are the
+named functions of ``dchag.parallel.comm`` and megatron's ``tensor_parallel`` mappings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dchag.model.aggregation import FinalAggregation, build_partial_aggregation
+from dchag.model.backbone import build_backbone, transformer_config, without_sequence_parallel
+from dchag.model.config import DChagConfig
+from dchag.model.heads import ChannelReconstructionHead, ForecastHead, sincos_2d
+from dchag.model.init import init_rows_
+from dchag.model.tokenizer import ChannelTokenizer
+from dchag.parallel.comm import gather_from_channel_parallel_region
+from dchag.parallel.grads import allreduce_sequence_parallel_grads
+from dchag.parallel.layout import ParallelLayout
+
+
+class DChagViT(nn.Module):
+    def __init__(self, cfg: DChagConfig, layout: ParallelLayout | None = None):
+        super().__init__()
+        layout = layout or ParallelLayout.current()
+        T, P = layout.tensor_parallel_size, layout.channel_parallel_size
+        cfg.validate_layout(T, P)
+        self.cfg, self.layout = cfg, layout
+        self.partition = cfg.partition(P)
+        self.channels = self.partition.rank_channels(layout.channel_parallel_rank)
+        owner = layout.owns_channel_stage
+        D, seed = cfg.hidden_size, cfg.init_seed
+        self.config = transformer_config(cfg, T)
+        self.sequence_parallel = self.config.sequence_parallel
+
+        # Channel stage: this rank's channels and groups only.
+        self.tokenizer = ChannelTokenizer(self.channels, cfg.num_channels, D, cfg.patch_dim, seed, owner)
+        self.partial = build_partial_aggregation(cfg.aggregation, self.partition, layout.channel_parallel_rank,
+                                                 cfg.tree_levels, D, cfg.num_attention_heads, seed, owner)
+        self.final = FinalAggregation(without_sequence_parallel(self.config), D, cfg.num_attention_heads,
+                                      T, layout.tensor_parallel_rank, seed)
+
+        self.pos_embed = nn.Parameter(sincos_2d(D, cfg.grid)[None])  # [1, L, D]
+        if cfg.task == "mae":
+            self.mask_token = nn.Parameter(init_rows_(torch.empty(1, D), range(1), seed, "mask_token", std=0.02))
+        else:
+            self.lead_time_embed = nn.Linear(1, D)
+        self.backbone = build_backbone(self.config)
+        if cfg.task == "mae":
+            self.head = ChannelReconstructionHead(self.channels, cfg.num_channels, D, cfg.patch_dim, cfg.grid,
+                                                  seed, owner)
+        else:
+            self.head = ForecastHead(D, len(cfg.predicted_channels), cfg.patch_dim, cfg.grid)
+        if cfg.bf16:
+            self.to(torch.bfloat16)
+        if self.sequence_parallel:
+            allreduce_sequence_parallel_grads(self.backbone)
+
+    def aggregate_channels(self, images: torch.Tensor) -> torch.Tensor:
+        """The channel stage: [B, c_r, H, W] -> [B, L, D]."""
+        tokens = self.tokenizer(images.to(self.tokenizer.weight.dtype))  # [B, c_r, L, D]
+        local_groups = self.partial(tokens)  # [B, G/P, L, D]
+        all_groups = gather_from_channel_parallel_region(local_groups, dim=1)  # [B, G, L, D]
+        return self.final(all_groups)  # [B, L, D]
+
+    def forward(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None,
+                lead_time: torch.Tensor | None = None) -> torch.Tensor:
+        """images [B, c_r, H, W]; patch_mask [B, L] bool (True = masked, MAE); lead_time [B] (forecast)."""
+        from megatron.core import tensor_parallel
+        x = self.aggregate_channels(images) + self.pos_embed
+        if patch_mask is not None:
+            x = torch.where(patch_mask[..., None], self.mask_token.to(x.dtype), x)
+        if lead_time is not None:
+            x = x + self.lead_time_embed(lead_time.to(x.dtype).reshape(-1, 1))[:, None, :]
+        x = x.transpose(0, 1).contiguous()  # [L, B, D]: megatron's sequence-first layout
+        if self.sequence_parallel:
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)  # [L/T, B, D]
+        x = self.backbone(x, attention_mask=None)
+        if self.sequence_parallel:
+            # The heads' gradient is identical on every TP rank, so backward is a split.
+            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        return self.head(x.transpose(0, 1))

@@ -1,0 +1,82 @@
+"""Autograd-aware collectives over the channel-parallel group.
+
+These are the channel-group twins of megatron's ``mappings.py`` (copy/reduce/gather to the
+TP region). Each is the identity when the channel group has one rank.
+
+- ``gather_from_channel_parallel_region``: all-gather forward; backward takes the rank's own
+  slice. Correct only because everything downstream of the gather enters the TP region through
+  ``copy_to_tensor_model_parallel_region`` (all-reduce backward), so every rank already holds
+  the *full* gradient of the gathered tensor. This is D-CHAG's single forward collective.
+- ``copy_to_channel_parallel_region``: identity forward, all-reduce backward: a replicated
+  tensor feeding channel-sharded consumers (the MAE reconstruction head).
+- ``reduce_from_channel_parallel_region``: all-reduce forward, identity backward: a sum of
+  channel-sharded partial results that every rank then uses identically (loss sums).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+
+def _group():
+    return ps.get_channel_parallel_group()
+
+
+def _size() -> int:
+    if not ps.model_parallel_is_initialized() or not hasattr(ps, "get_channel_parallel_world_size"):
+        return 1
+    return ps.get_channel_parallel_world_size()
+
+
+class _GatherFromChannelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim):
+        ctx.dim, ctx.rank, ctx.chunk = dim, ps.get_channel_parallel_rank(), x.shape[dim]
+        # all_gather_into_tensor concatenates along dim 0: move `dim` first, gather, move back.
+        moved = x.movedim(dim, 0).contiguous()
+        out = moved.new_empty((moved.shape[0] * _size(),) + tuple(moved.shape[1:]))
+        dist.all_gather_into_tensor(out, moved, group=_group())
+        return out.movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.narrow(ctx.dim, ctx.rank * ctx.chunk, ctx.chunk).contiguous(), None
+
+
+class _CopyToChannelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=_group())
+        return grad
+
+
+class _ReduceFromChannelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x, group=_group())
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def gather_from_channel_parallel_region(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """[..., n_local, ...] on each rank -> [..., P * n_local, ...] in channel-rank order."""
+    return x if _size() == 1 else _GatherFromChannelRegion.apply(x, dim)
+
+
+def copy_to_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    return x if _size() == 1 else _CopyToChannelRegion.apply(x)
+
+
+def reduce_from_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    return x if _size() == 1 else _ReduceFromChannelRegion.apply(x)

@@ -1,0 +1,73 @@
+"""Between a rank's sharded parameters and the layout-free full model.
+
+Every parameter is one of:
+- channel-sharded (``channel_parallel``): dim 0 holds global rows ``channel_rows`` of
+  ``channel_global_rows`` (tokenizer, partial aggregation, MAE head);
+- tensor-parallel (megatron's ``tensor_model_parallel`` + ``partition_dim``): the TP rank's
+  contiguous chunk;
+- replicated.
+
+``full_state_dict`` gathers the full tensors (for export, layout conversion and the
+equivalence tests); ``load_full_state_dict`` takes a rank's shard of a full state dict.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+
+def shard_kind(param) -> str:
+    if getattr(param, "channel_parallel", False):
+        return "channel"
+    if getattr(param, "tensor_model_parallel", False):
+        return "tensor"
+    return "replicated"
+
+
+def shard_of(param, full: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``full`` for ``param``."""
+    kind = shard_kind(param)
+    if kind == "channel":
+        start, stop = param.channel_rows
+        return full[start:stop]
+    if kind == "tensor":
+        T, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        return full.chunk(T, dim=param.partition_dim)[r]
+    return full
+
+
+@torch.no_grad()
+def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+    missing = [n for n, _ in model.named_parameters() if n not in full]
+    if missing:
+        raise KeyError(f"full state dict lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    for name, param in model.named_parameters():
+        piece = shard_of(param, full[name])
+        if piece.shape != param.shape:
+            raise ValueError(f"{name}: shard shape {tuple(piece.shape)} != parameter {tuple(param.shape)}")
+        param.copy_(piece)
+
+
+def _gather_objects(obj, group):
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+@torch.no_grad()
+def full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Full (layout-free) tensors of every parameter, or of every gradient with ``grads=True``.
+    Collective over the channel and TP groups: call it on every rank."""
+    out = {}
+    for name, param in model.named_parameters():
+        t = param.grad if grads else param
+        t = t.detach().cpu() if t is not None else torch.zeros_like(param, device="cpu")
+        kind = shard_kind(param)
+        if kind == "channel" and ps.get_channel_parallel_world_size() > 1:
+            t = torch.cat(_gather_objects(t, ps.get_channel_parallel_group()), dim=0)
+        elif kind == "tensor" and ps.get_tensor_model_parallel_world_size() > 1:
+            t = torch.cat(_gather_objects(t, ps.get_tensor_model_parallel_group()), dim=param.partition_dim)
+        out[name] = t
+    return out
