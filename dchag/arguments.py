@@ -1,0 +1,98 @@
+"""Command-line arguments (Megatron-style, hyphenated; DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dchag.model.config import DChagConfig
+
+# Arguments that define the model and layout: a checkpoint refuses to load if these differ.
+MODEL_ARGS = ("task", "num_channels", "img_h", "img_w", "patch_dim", "num_layers", "hidden_size",
+              "num_attention_heads", "ffn_hidden_size", "dchag_aggregation", "dchag_groups", "dchag_tree_levels",
+              "tensor_model_parallel_size", "channel_parallel_size", "bf16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="D-CHAG ViT pretraining (megatron-core + DeepSpeed)", allow_abbrev=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--task", choices=("mae", "forecast"), default="mae")
+    g.add_argument("--data-path", default="synthetic")
+    g.add_argument("--data-format", default="auto",
+                   choices=("auto", "npy", "envi", "hdf5", "zarr", "netcdf", "synthetic"))
+    g.add_argument("--num-channels", type=int, default=None)
+    g.add_argument("--img-h", type=int, required=True)
+    g.add_argument("--img-w", type=int, required=True)
+    g.add_argument("--patch-dim", type=int, required=True)
+    g.add_argument("--valid-fraction", type=float, default=0.1)
+    g.add_argument("--data-strict", action="store_true")
+    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--mask-ratio", type=float, default=0.75)
+    g.add_argument("--lead-time", type=int, default=1)
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--dchag-aggregation", choices=("flat", "linear", "cross"), default="linear")
+    g.add_argument("--dchag-groups", type=int, default=1)
+    g.add_argument("--dchag-tree-levels", type=int, default=1)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--recompute-activations", action="store_true")
+    g = p.add_argument_group("parallel")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--channel-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--zero-stage", type=int, default=None, help="override zero_optimization.stage of the JSON")
+    g = p.add_argument_group("checkpointing and logging")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=1)
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-file", default=None, help="rank 0 also appends the log lines (and losses) here")
+    g = p.add_argument_group("deepspeed")
+    g.add_argument("--deepspeed", action="store_true")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None)
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size  # DP size filled in later
+        args.global_batch_size_default = True
+    else:
+        args.global_batch_size_default = False
+    return args
+
+
+def model_config(args, num_channels: int | None = None) -> DChagConfig:
+    return DChagConfig(
+        num_channels=num_channels or args.num_channels, img_h=args.img_h, img_w=args.img_w,
+        patch_dim=args.patch_dim, hidden_size=args.hidden_size, num_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
+        aggregation=args.dchag_aggregation, groups=args.dchag_groups, tree_levels=args.dchag_tree_levels,
+        task=args.task, hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        recompute_activations=args.recompute_activations, sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16, init_seed=args.seed)

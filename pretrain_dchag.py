@@ -1,0 +1,56 @@
+"""Pretrain a D-CHAG ViT (MAE or forecasting) with megatron-core + DeepSpeed.
+
+    torchrun --nproc_per_node 2 pretrain_dchag.py --task mae --data-path ... --img-h 8 --img-w 8 ...
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def model_provider(cfg):
+    from dchag.model.vit import DChagViT
+    return DChagViT(cfg)
+
+
+def forward_step(model, batch, args, cfg, iteration: int) -> torch.Tensor:
+    from dchag.tasks import forecast_loss, mae_loss, patch_mask
+    valid = batch["valid"]
+    images = torch.where(valid, batch["images"], torch.zeros_like(batch["images"]))
+    if args.task == "mae":
+        mask = patch_mask(batch["index"], cfg.num_patches, args.mask_ratio, args.seed, max(iteration, 0))
+        pred = model(images, patch_mask=mask)
+        return mae_loss(pred, images, valid, mask, cfg.grid, cfg.patch_dim)
+    lead = torch.full((images.shape[0],), float(args.lead_time))
+    pred = model(images, lead_time=lead)
+    return forecast_loss(pred, batch["target"], batch["target_valid"], batch["lat_weights"])
+
+
+def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: int):
+    from megatron.core import parallel_state as ps
+    from dchag.data import build_datasets, build_eval_loader, build_train_loader
+    channels = cfg.partition(args.channel_parallel_size).rank_channels(ps.get_channel_parallel_rank())
+    train_ds, valid_ds = build_datasets(args.data_path, args.data_format, task=args.task, img_h=args.img_h,
+                                        img_w=args.img_w, channels=channels, num_channels=args.num_channels,
+                                        lead_time=args.lead_time, valid_fraction=args.valid_fraction,
+                                        strict=args.data_strict, seed=args.seed)
+    train = build_train_loader(train_ds, args.micro_batch_size, data_parallel_rank=dp_rank,
+                               data_parallel_size=dp_size, seed=args.seed, consumed_samples=consumed_samples,
+                               global_batch_size=args.global_batch_size, num_workers=args.num_workers)
+    k = args.global_batch_size // (args.micro_batch_size * dp_size)
+
+    def valid():
+        if len(valid_ds) == 0:
+            return []
+        return build_eval_loader(valid_ds, args.micro_batch_size, data_parallel_rank=dp_rank,
+                                 data_parallel_size=dp_size, num_micro_batches=args.eval_iters * k)
+    return train, valid
+
+
+def main(argv=None):
+    from dchag.training import pretrain
+    return pretrain(model_provider, forward_step, datasets_provider, argv)
+
+
+if __name__ == "__main__":
+    main()
