@@ -1,0 +1,54 @@
+"""Channel partition arithmetic and clear errors for bad layouts (raised before any group or
+weight is built)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dchag.model.config import DChagConfig
+from dchag.parallel.partition import ChannelPartition, LayoutError
+from megatron_patches.channel_parallel import validate_layout
+from tests.model_cases import tiny_config
+
+
+def test_uneven_groups_differ_by_at_most_one_and_cover_all_channels():
+    part = ChannelPartition(13, 4, 2)
+    assert part.group_sizes == (4, 3, 3, 3)
+    assert list(part.rank_channels(0)) == list(range(0, 7))
+    assert list(part.rank_channels(1)) == list(range(7, 13))
+    assert part.group_of_channel() == (0,) * 4 + (1,) * 3 + (2,) * 3 + (3,) * 3
+
+
+@pytest.mark.parametrize("C,G,P", [(13, 4, 1), (13, 4, 2), (13, 4, 4), (450, 8, 4), (7, 7, 7)])
+def test_rank_channel_ranges_tile_the_channels(C, G, P):
+    part = ChannelPartition(C, G, P)
+    covered = [c for r in range(P) for c in part.rank_channels(r)]
+    assert covered == list(range(C))
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda: ChannelPartition(16, 6, 4), "--channel-parallel-size 4 must divide --dchag-groups 6"),
+    (lambda: ChannelPartition(4, 8, 1), "--dchag-groups 8 must be between 1 and --num-channels 4"),
+    (lambda: validate_layout(6, 4, 4), "world size 6 is not divisible by --tensor-model-parallel-size 4"),
+    (lambda: validate_layout(4, 2, 4), "--channel-parallel-size 4 must divide --tensor-model-parallel-size 2"),
+    (lambda: tiny_config(num_attention_heads=3, hidden_size=33).validate_layout(2, 2),
+     "--num-attention-heads 3 is not divisible by --tensor-model-parallel-size 2"),
+    (lambda: tiny_config(img_h=9), "--img-h 9 is not divisible by --patch-dim 2"),
+    (lambda: tiny_config(groups=4).validate_layout(4, 4) or tiny_config(groups=6).validate_layout(4, 4),
+     "--channel-parallel-size 4 must divide --dchag-groups 6"),
+    (lambda: tiny_config(tree_levels=3), "--dchag-tree-levels 3"),
+    (lambda: tiny_config(aggregation="mean"), "--dchag-aggregation must be one of"),
+    (lambda: tiny_config(sequence_parallel=True, img_h=6, img_w=6).validate_layout(2, 2),
+     "patch count must be divisible by T"),
+])
+def test_bad_layouts_raise_clear_errors(call, needle):
+    with pytest.raises(LayoutError) as err:
+        call()
+    assert needle in str(err.value)
+
+
+def test_flat_uses_one_group_per_channel():
+    cfg = DChagConfig(num_channels=12, img_h=8, img_w=8, patch_dim=2, aggregation="flat", groups=3)
+    assert cfg.num_groups == 12
+    with pytest.raises(LayoutError):
+        DChagConfig(num_channels=13, img_h=8, img_w=8, patch_dim=2, aggregation="flat").validate_layout(2, 2)
