@@ -12,6 +12,11 @@ After ``initialize_model_parallel_with_channels`` the accessors
 ``parallel_state.get_channel_parallel_group / _world_size / _rank / _global_ranks`` exist
 beside megatron's own, in its naming style. Upstream has no hook for extra dimensions, so we
 attach module-level functions and wrap ``destroy_model_parallel`` to clear our globals too.
+
+The wrapper also *releases* the process groups. Upstream's ``destroy_model_parallel`` (0.16)
+only drops its references, except for its gloo groups, and torch keeps every group alive in its
+registry. Each gloo group owns polling threads, so code that re-initializes many layouts in one
+process (tests, layout sweeps in benchmarks) ends up with thousands of threads.
 """
 
 from __future__ import annotations
@@ -100,6 +105,26 @@ def destroy_channel_parallel() -> None:
     _CHANNEL_PARALLEL_GROUP = _CHANNEL_PARALLEL_GLOBAL_RANKS = None
 
 
+def _held_process_groups() -> list:
+    """Every process group that parallel_state or this module holds (by identity, WORLD excluded)."""
+    held = {}
+    values = list(vars(ps).values()) + [_CHANNEL_PARALLEL_GROUP]
+    for value in values:
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, dist.ProcessGroup) and item is not dist.group.WORLD:
+                held[id(item)] = item
+    return list(held.values())
+
+
+def _release(groups) -> None:
+    """Destroy groups torch still has registered (the same registry check as upstream's
+    ``destroy_model_parallel`` uses for its gloo groups, so nothing is destroyed twice)."""
+    registry = dist.distributed_c10d._world.pg_map
+    for group in groups:
+        if registry.get(group) is not None:
+            dist.destroy_process_group(group)
+
+
 _ACCESSORS = {
     "get_channel_parallel_group": get_channel_parallel_group,
     "get_channel_parallel_global_ranks": get_channel_parallel_global_ranks,
@@ -119,8 +144,10 @@ def register() -> None:
         upstream_destroy = ps.destroy_model_parallel
 
         def destroy_model_parallel():
+            groups = _held_process_groups() if dist.is_initialized() else []
             upstream_destroy()
             destroy_channel_parallel()
+            _release(groups)
 
         destroy_model_parallel._dchag_wrapped = True
         ps.destroy_model_parallel = destroy_model_parallel
