@@ -47,9 +47,27 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
     return train, valid
 
 
+def reconstruction_picture(model, valid_factory, args, cfg, iteration: int, writer) -> None:
+    """MAE only: a PNG of the first held-out tile (input | masked input | reconstruction),
+    written beside the checkpoints (or the TensorBoard log)."""
+    import os
+    from megatron.core import parallel_state as ps
+    from dchag.data import open_source
+    from dchag.tasks.mae import save_reconstruction
+    out_dir = args.save or args.tensorboard_dir
+    batch = next(iter(valid_factory()), None)
+    if args.task != "mae" or out_dir is None or batch is None:
+        return
+    channels = cfg.partition(args.channel_parallel_size).rank_channels(ps.get_channel_parallel_rank())
+    wavelengths = open_source(args.data_path, args.data_format).wavelengths
+    path = os.path.join(out_dir, f"reconstruction_iter_{iteration:07d}.png")
+    if save_reconstruction(model, batch, cfg, channels, wavelengths, args.mask_ratio, args.seed, path):
+        print(f"> saved reconstruction of held-out tile {path}", flush=True)
+
+
 def main(argv=None):
     from dchag.training import pretrain
-    return pretrain(model_provider, forward_step, datasets_provider, argv)
+    return pretrain(model_provider, forward_step, datasets_provider, argv, non_loss_data_func=reconstruction_picture)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Items (tensors; a DataLoader stacks them to [B, ...]):
                "target": float32 [V, h, w]  (state at t + lead_time, ALL target channels),
                "target_valid": bool [V, h, w],
                "lat_weights": float32 [h]   (cos(latitude) of the tile rows, mean 1; ones without latitudes),
+               "climatology": float32 [V, h, w]  (valid split only: the series' time-mean of the
+                              normalized target channels, for the anomaly correlation ACC),
                "index": int64 []}
 
 c = len(channels), h x w = img_h x img_w, V = len(target_channels) (default all C).
@@ -81,6 +83,7 @@ class TileDataset(Dataset):
             self.stats = stats.select(self.channels)
             if task == "forecast":
                 self.target_stats = stats.select(self.target_channels)
+        self._climatology = None  # forecast, valid split: [V, H, W], computed on first use
         self.invalid_count = 0  # values zero-filled (inputs and targets)
         self.invalid_samples = 0  # items with at least one invalid value
 
@@ -119,10 +122,31 @@ class TileDataset(Dataset):
                                        self.target_stats)
         self._tally(bad_x + bad_y)
         sample = t * self.per_time + j
-        return {"images": torch.from_numpy(x), "valid": torch.from_numpy(valid),
+        item = {"images": torch.from_numpy(x), "valid": torch.from_numpy(valid),
                 "target": torch.from_numpy(y), "target_valid": torch.from_numpy(y_valid),
                 "lat_weights": torch.from_numpy(latitude_weights(self.source.latitudes, tile.rows, self.img_h)),
                 "index": torch.tensor(sample, dtype=torch.int64)}
+        if self.split == "valid":
+            item["climatology"] = torch.from_numpy(np.ascontiguousarray(self.climatology()[:, tile.rows, tile.cols]))
+        return item
+
+    def climatology(self) -> np.ndarray:
+        """float32 [V, H, W]: the mean over every time step of the series of the normalized target
+        channels (non-finite values left out; 0 = the channel mean where a pixel is never valid).
+        One read of the target channels per time step, once per dataset."""
+        if self._climatology is None:
+            N, _, H, W = self.source.shape
+            total = np.zeros((len(self.target_channels), H, W), np.float64)
+            count = np.zeros_like(total)
+            for t in range(N):
+                y = self.source.read(t, self.target_channels, slice(0, H), slice(0, W)).astype(np.float64)
+                if self.target_stats is not None:
+                    y = (y - self.target_stats.safe_mean[:, None, None]) / self.target_stats.safe_std[:, None, None]
+                ok = np.isfinite(y)
+                total += np.where(ok, y, 0.0)
+                count += ok
+            self._climatology = (total / np.maximum(count, 1)).astype(np.float32)
+        return self._climatology
 
     def _load(self, image: int, channels: range, rows: slice, cols: slice, stats: ChannelStats | None):
         x = self.source.read(image, channels, rows, cols)  # float32 [c, h, w], no-data already NaN

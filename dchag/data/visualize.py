@@ -49,10 +49,11 @@ def masked_from_patches(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray
 
 
 def save_reconstruction_png(path, image, mask_or_masked, reconstruction, wavelengths=None, title: str | None = None,
-                            dpi: int = 100) -> str:
+                            dpi: int = 100, rgb: list[int] | None = None) -> str:
     """Write a 3-panel PNG. ``image``/``reconstruction``: [C, H, W] (numpy or torch).
     ``mask_or_masked``: the masked input [C, H, W] (hidden pixels NaN or 0), or a bool mask
-    (True = hidden) per pixel [H, W], per patch [H/p, W/p] or flattened [L]."""
+    (True = hidden) per pixel [H, W], per patch [H/p, W/p] or flattened [L].
+    ``rgb``: the channels shown as R, G, B (default: ``rgb_channels``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -66,7 +67,7 @@ def save_reconstruction_png(path, image, mask_or_masked, reconstruction, wavelen
         masked, _ = masked_from_patches(image, mk)
     else:
         masked = mk.astype(np.float32)
-    ch = rgb_channels(image.shape[0], wavelengths)
+    ch = list(rgb) if rgb is not None else rgb_channels(image.shape[0], wavelengths)
     ref = image[ch].astype(np.float64)  # [3, H, W]
     lo = np.nanpercentile(ref.reshape(3, -1), 2, axis=1)[:, None, None]
     hi = np.nanpercentile(ref.reshape(3, -1), 98, axis=1)[:, None, None]

@@ -47,7 +47,7 @@ def _num_channels(args) -> int:
     return open_source(args.data_path, args.data_format).num_channels
 
 
-def run(args, model_provider, forward_step, datasets_provider) -> dict:
+def run(args, model_provider, forward_step, datasets_provider, non_loss_data_func=None) -> dict:
     """Train; returns {"losses": {iteration: loss}, "val_losses": {...}} (on every rank)."""
     import deepspeed
     from megatron.core import parallel_state as ps
@@ -148,6 +148,10 @@ def run(args, model_provider, forward_step, datasets_provider) -> dict:
         if args.save and not (args.save_interval and iteration % args.save_interval == 0):
             ckpt.save(engine, args, iteration, consumed, scheduler)
             _print0(f"> saved checkpoint {args.save}/{ckpt.tag_for(iteration)}", args.log_file)
+    if non_loss_data_func is not None:  # pictures etc. of the trained model, on every rank
+        engine.eval()
+        non_loss_data_func(engine, valid_factory, args, cfg, iteration, writer)
+        engine.train()
     if writer is not None:
         writer.close()
     history["engine"] = engine
@@ -171,11 +175,15 @@ def _mpu():
     return mpu
 
 
-def pretrain(model_provider, forward_step, datasets_provider, argv=None) -> dict:
-    """Entry point: parse the command line, run, turn user errors into a one-line message + exit 1."""
+def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_loss_data_func=None) -> dict:
+    """Entry point: parse the command line, run, turn user errors into a one-line message + exit 1.
+
+    ``non_loss_data_func(model, valid_factory, args, cfg, iteration, writer)``, when given, runs
+    once after training on every rank (megatron's name for evaluation outputs that are not a
+    loss, e.g. pictures)."""
     args = parse_args(argv)
     try:
-        return run(args, model_provider, forward_step, datasets_provider)
+        return run(args, model_provider, forward_step, datasets_provider, non_loss_data_func)
     except USER_ERRORS as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
