@@ -1,0 +1,232 @@
+"""Per-rank memory: model states (parameters, gradients, optimizer) and activations.
+
+Model states (bytes per parameter; ZeRO shards over the DP group, the ZeRO paper's accounting):
+
+    precision  params  grads  optimizer                  ZeRO-1: optimizer / DP
+    fp32       4       4      8 (Adam m, v)              ZeRO-2: + grads / DP
+    bf16       2       2      12 (fp32 master, m, v)     ZeRO-3: + params / DP (+ 2 gathered layers)
+
+Activations are simulated stage by stage, forward then backward, from what each stage of
+``DChagViT`` keeps alive (``saved``: tensors autograd saves, or references held until a later
+stage) and the extra working memory it needs while it runs (``fwd_extra`` / ``bwd_extra``). The
+figures follow the implementation (they were read off per-autograd-node RSS timelines of the
+CPU build, see docs/BENCHMARKS.md) in units of
+
+    X_r = B c_r L D a   the rank's channel tokens (a = activation bytes; c_r = C/P)
+    X_N = B N L D a     the tokens the final aggregation attends over (N = C flat, G D-CHAG)
+    E   = B L D a       one hidden state; s = L, b = B, h = D, F, heads H
+
+    tokenizer       conv output + tokens                fwd +X_r  (tokens stay: X_r)    bwd 2 X_r
+    linear level    saves its input; x*w product        fwd +X_in                       bwd saved + 3 X_in
+    cross level     saves 4 X_in + scores + X_out       fwd saved + 2 X_in              bwd saved + X_in
+    gather (P > 1)  the [B, G, L, D] result             X_N held until the final aggregation returns
+    final (TP)      saves X_N (1 + 3/T) + probs         fwd +X_N + 4 X_N/T (copy, matmul, bias)
+                                                        bwd X_N (1 + 5/T) (two zero-filled select grads)
+    layer (TP)      saves (4 + 4/T) E + 2 s b F a/T + b H s^2 a/T (+ LN statistics);
+                    sequence parallel: 8 E/T + ...; recompute: E (E/T) per layer, one layer rebuilt in bwd
+    head + loss     saves E + 2 B c_r H W 4 (MAE: squared error and weights, fp32)
+
+The peak is the largest of: any forward stage (live + its extra), any backward stage (saved
+activations not yet freed + gradients produced so far + its extra), and the optimizer step
+(all gradients + two temporaries of the largest parameter, torch AdamW with foreach=False).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dchag.planner.params import CHANNEL_STAGE, param_counts, shapes
+from dchag.planner.spec import LayoutSpec, ModelSpec, validate
+
+STAT_BYTES = 4  # layer-norm mean / rstd are kept in fp32
+
+
+@dataclass
+class Stage:
+    name: str
+    saved: float  # bytes alive after the stage's forward until its backward
+    fwd_extra: float = 0.0  # peak memory above what was alive before, while the forward runs
+    bwd_total: float = 0.0  # memory while its backward runs, including its own saved tensors
+    grad_params: int = 0  # parameters whose gradients this stage's backward produces
+    held: float = 0.0  # output referenced (not saved) until a later stage releases it
+    release_after: float = 0.0  # held bytes freed when this stage's forward ends
+
+
+@dataclass
+class MemoryEstimate:
+    params: float
+    grads: float
+    optimizer: float
+    data: float
+    activations: dict[str, float]  # saved-for-backward bytes: channel_stage, backbone, head
+    peak_dynamic: float  # activations + gradients + transients at the step's peak
+    peak_phase: str
+    channel_stage_peak: float  # the channel stage run alone (fwd + bwd, no optimizer)
+    param_numel: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def static(self) -> float:
+        """Alive between steps: parameters, optimizer state, input batch (gradients are freed)."""
+        return self.params + self.optimizer + self.data
+
+    @property
+    def total(self) -> float:
+        return self.static + self.peak_dynamic
+
+    @property
+    def activation_total(self) -> float:
+        return sum(self.activations.values())
+
+
+def _model_state_bytes(numel: int, layout: LayoutSpec, zero_layer_numel: int) -> tuple[float, float, float]:
+    DP, z = layout.data_parallel, layout.zero_stage
+    if layout.precision == "fp32":
+        p, g, o = 4.0, 4.0, 8.0
+    else:
+        p, g, o = 2.0, 2.0, 12.0
+    params = numel * p / (DP if z >= 3 else 1)
+    if z >= 3 and DP > 1:
+        params += 2 * zero_layer_numel * p  # prefetched / gathered full layer parameters
+    grads = numel * g / (DP if z >= 2 else 1)
+    optimizer = numel * o / (DP if z >= 1 else 1)
+    return params, grads, optimizer
+
+
+def channel_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]) -> list[Stage]:
+    T, P, B, a = layout.tensor_parallel, layout.channel_parallel, layout.micro_batch_size, layout.act_bytes
+    D, L, H = model.D, model.L, model.num_attention_heads
+    s = shapes(model, layout)
+    tok = B * L * D * a  # bytes of one token per position, whole batch
+    X_r = s.c_r * tok
+    N = model.G
+    X_N = N * tok
+    stages = []
+    # Tokenizer: conv output, then tokens = conv + channel embedding (the conv output dies).
+    # tokens are saved by a linear level; otherwise only referenced until the channel stage returns
+    tokens_saved = model.aggregation == "linear"  # by the first linear level (x * w)
+    stages.append(Stage("tokenizer", saved=X_r if tokens_saved else 0.0, held=0.0 if tokens_saved else X_r,
+                        fwd_extra=2 * X_r, bwd_total=2 * X_r, grad_params=counts["tokenizer"]))
+    held = 0.0 if tokens_saved else X_r  # released when the channel stage returns
+    if model.aggregation == "linear":
+        for i, (n_in, n_out) in enumerate(zip(s.level_inputs, s.level_outputs)):
+            X_in = n_in * tok
+            saved = 0.0 if i == 0 else X_in  # level 1's input is the tokens (already counted)
+            stages.append(Stage(f"partial.{i}", saved=saved, fwd_extra=X_in, bwd_total=saved + 3 * X_in,
+                                grad_params=n_in))
+    elif model.aggregation == "cross":
+        per_level = 3 * D * D + 2 * D
+        for i, (n_in, n_out) in enumerate(zip(s.level_inputs, s.level_outputs)):
+            X_in, X_out = n_in * tok, n_out * tok
+            scores = B * n_in * L * H * a
+            saved = 4 * X_in + scores + X_out
+            stages.append(Stage(f"partial.{i}", saved=saved, fwd_extra=saved + 2 * X_in, bwd_total=saved + X_in,
+                                grad_params=n_out * per_level))
+    if P > 1:  # gathered [B, G, L, D]: referenced until the final aggregation returns
+        stages.append(Stage("gather", saved=0.0, held=X_N, fwd_extra=X_N))
+        held += X_N
+    probs = B * L * N * (H // T) * a
+    proj_in = B * L * (D // T) * a
+    final_saved = X_N * (1 + 3 / T) + probs + proj_in
+    stages.append(Stage("final", saved=final_saved, fwd_extra=X_N + 4 * X_N / T,
+                        bwd_total=X_N * (1 + 5 / T) + probs, grad_params=counts["final"], release_after=held))
+    return stages
+
+
+def backbone_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]) -> list[Stage]:
+    T, B, a = layout.tensor_parallel, layout.micro_batch_size, layout.act_bytes
+    D, L, H, F = model.D, model.L, model.num_attention_heads, model.F
+    sp = layout.sequence_parallel and T > 1
+    E = B * L * D * a
+    sbF = B * L * F * a / T
+    scores = B * (H // T) * L * L * a
+    stats = 4 * B * L * STAT_BYTES / (T if sp else 1)
+    if sp:
+        layer_saved = 8 * E / T + 2 * sbF + scores + stats
+    else:
+        layer_saved = (4 + 4 / T) * E + 2 * sbF + scores + stats
+    layer_fwd = layer_saved + 2 * sbF + scores + E
+    layer_bwd_extra = 2 * E + 2 * sbF + scores
+    layer_params = (counts["backbone"] - 2 * D) // model.num_layers
+    stages = [Stage("embed", saved=0.0, fwd_extra=2 * E, bwd_total=E, grad_params=counts["embed"])]
+    for i in range(model.num_layers):
+        if layout.recompute:
+            checkpoint = E / T if sp else E
+            # backward recomputes the layer: its full activations exist again, plus the usual extra
+            stages.append(Stage(f"layer.{i}", saved=checkpoint, fwd_extra=layer_fwd,
+                                bwd_total=checkpoint + layer_saved + layer_bwd_extra, grad_params=layer_params))
+        else:
+            stages.append(Stage(f"layer.{i}", saved=layer_saved, fwd_extra=layer_fwd,
+                                bwd_total=layer_saved + layer_bwd_extra, grad_params=layer_params))
+    final_ln = (E / T if sp else E) + 2 * B * L * STAT_BYTES / (T if sp else 1)
+    stages.append(Stage("final_norm", saved=final_ln, fwd_extra=final_ln + E, bwd_total=final_ln + 2 * E, grad_params=2 * D))
+    return stages
+
+
+def head_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]) -> list[Stage]:
+    B, a = layout.micro_batch_size, layout.act_bytes
+    D, L = model.D, model.L
+    E = B * L * D * a
+    s = shapes(model, layout)
+    outputs = s.c_r if model.task == "mae" else model.V
+    pix = B * outputs * model.img_h * model.img_w
+    saved = E + 2 * pix * 4  # head input copy; loss: error and weights (fp32)
+    return [Stage("head", saved=saved, fwd_extra=saved + 2 * pix * a, bwd_total=saved + 2 * pix * 4,
+                  grad_params=counts["head"])]
+
+
+def _simulate(stages: list[Stage], grad_bytes_per_param: float, grads_before: float = 0.0) -> tuple[float, str, float]:
+    """Returns (peak dynamic bytes, where, gradient bytes at the end)."""
+    live, peak, where = 0.0, 0.0, ""
+    for st in stages:
+        if live + st.fwd_extra > peak:
+            peak, where = live + st.fwd_extra, f"forward {st.name}"
+        live += st.saved + st.held
+        if live > peak:
+            peak, where = live, f"forward {st.name}"
+        live -= st.release_after
+    grads = grads_before
+    for st in reversed(stages):
+        live -= st.saved
+        cur = live + grads + st.bwd_total
+        if cur > peak:
+            peak, where = cur, f"backward {st.name}"
+        grads += st.grad_params * grad_bytes_per_param
+    return peak, where, grads
+
+
+def estimate_memory(model: ModelSpec, layout: LayoutSpec) -> MemoryEstimate:
+    validate(model, layout)
+    counts = param_counts(model, layout)
+    numel = sum(counts.values())
+    layer_numel = (counts["backbone"] - 2 * model.D) // model.num_layers
+    params, grads, optimizer = _model_state_bytes(numel, layout, layer_numel)
+    g = 4.0 if layout.precision == "fp32" else 2.0
+    g_scale = 1.0 / (layout.data_parallel if layout.zero_stage >= 2 else 1)
+    ch = channel_stages(model, layout, counts)
+    bb = backbone_stages(model, layout, counts)
+    hd = head_stages(model, layout, counts)
+    peak, where, grads_end = _simulate(ch + bb + hd, g * g_scale)
+    # optimizer step: every gradient + two temporaries of the largest parameter tensor
+    largest = max(model.L * model.D, 2 * model.D * model.D // layout.tensor_parallel,
+                  model.D * model.F // layout.tensor_parallel, 3 * model.D * model.D // layout.tensor_parallel)
+    opt_peak = grads_end + 2 * largest * (4.0 if layout.precision == "fp32" else 4.0)
+    if opt_peak > peak:
+        peak, where = opt_peak, "optimizer step"
+    ch_peak, _, _ = _simulate(ch, g)
+    s = shapes(model, layout)
+    outputs = s.c_r
+    data = layout.micro_batch_size * outputs * model.img_h * model.img_w * (4 + 1)  # images + validity mask
+    activations = {
+        "channel_stage": sum(st.saved for st in ch),
+        "backbone": sum(st.saved for st in bb),
+        "head": sum(st.saved for st in hd),
+    }
+    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, data=data, activations=activations,
+                          peak_dynamic=peak, peak_phase=where, channel_stage_peak=ch_peak, param_numel=numel,
+                          extra={"counts": counts})
+
+
+def channel_stage_param_numel(model: ModelSpec, layout: LayoutSpec) -> int:
+    counts = param_counts(model, layout)
+    return sum(counts[k] for k in CHANNEL_STAGE)

@@ -1,0 +1,77 @@
+"""Parameter counts per rank, component by component, exactly as ``DChagViT`` builds them.
+
+    tokenizer   c_r (D p^2 + 2 D)                    per-channel patch embedding, bias, channel embedding
+    partial     linear: inputs of every level          one scalar weight per input token
+                cross:  outputs x (3 D^2 + 2 D)        per segment: query, K, V, proj (+ bias)
+    final       3 D^2/T + 3 D/T + D                    kv (column-parallel), proj (row-parallel), query
+    embed       L D + D (mae: mask token; forecast: lead-time Linear(1, D) = 2 D)
+    backbone    n [(4 D^2 + 2 D F)/T + (3 D + F)/T + 6 D] + 2 D   megatron local-spec layers + final norm
+    head        mae: c_r (p^2 D + p^2) (channel-sharded); forecast: V p^2 (D + 1)
+
+c_r is the largest rank's channel count (groups differ by at most one channel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dchag.parallel.partition import ChannelPartition
+from dchag.planner.spec import LayoutSpec, ModelSpec, validate
+
+CHANNEL_STAGE = ("tokenizer", "partial", "final")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Per-rank token counts of the channel stage."""
+    c_r: int  # channels of the largest channel-parallel rank
+    g_r: int  # groups per rank (G/P; C/P for flat)
+    level_inputs: tuple[int, ...]  # per partial level: input tokens per position on this rank
+    level_outputs: tuple[int, ...]  # per partial level: output tokens per position on this rank
+
+
+def shapes(model: ModelSpec, layout: LayoutSpec) -> Shapes:
+    P = layout.channel_parallel
+    part = ChannelPartition(model.C, model.G, P)
+    c_r = max(len(part.rank_channels(r)) for r in range(P))
+    g_r = model.G // P
+    k = model.tree_levels
+    if model.aggregation == "flat":
+        return Shapes(c_r, g_r, (), ())
+    ins, outs = [], []
+    n_in = c_r
+    for level in range(1, k + 1):
+        n_out = g_r * 2 ** (k - level)
+        ins.append(n_in)
+        outs.append(n_out)
+        n_in = n_out
+    return Shapes(c_r, g_r, tuple(ins), tuple(outs))
+
+
+def param_counts(model: ModelSpec, layout: LayoutSpec) -> dict[str, int]:
+    """Parameters held by one rank, per component (before any ZeRO sharding)."""
+    validate(model, layout)
+    T = layout.tensor_parallel
+    D, F, p2, L = model.D, model.F, model.patch_dim ** 2, model.L
+    s = shapes(model, layout)
+    out = {"tokenizer": s.c_r * (D * p2 + 2 * D)}
+    if model.aggregation == "flat":
+        out["partial"] = 0
+    elif model.aggregation == "linear":
+        out["partial"] = sum(s.level_inputs)
+    else:
+        out["partial"] = sum(n * (3 * D * D + 2 * D) for n in s.level_outputs)
+    out["final"] = (2 * D * D + 2 * D) // T + D * D // T + D + D // T
+    out["embed"] = L * D + (D if model.task == "mae" else 2 * D)
+    per_layer = 4 * D + (3 * D * D + 3 * D) // T + D * D // T + D + (F * D + F) // T + D * F // T + D
+    out["backbone"] = model.num_layers * per_layer + 2 * D
+    if model.task == "mae":
+        out["head"] = s.c_r * (p2 * D + p2)
+    else:
+        out["head"] = model.V * p2 * (D + 1)
+    return out
+
+
+def total_params(model: ModelSpec) -> int:
+    """Parameters of the whole (unsharded) model, as on one rank with T = P = 1."""
+    return sum(param_counts(model, LayoutSpec()).values())
