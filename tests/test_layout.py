@@ -79,3 +79,26 @@ def test_destroy_model_parallel_releases_process_groups():
     from tests.distributed import run_distributed
     for counts in run_distributed(_reinit_worker, 2, 4):
         assert counts[-1] <= counts[0], f"threads grew over init/destroy rounds: {counts}"
+
+
+@pytest.mark.parametrize("C,G", [(12, 4), (13, 4)])  # uniform and uneven segments
+def test_linear_reduce_is_the_weighted_segment_sum(C, G):
+    """D-CHAG-L against its definition out_n = sum_{i in n} w_i x_i, output and gradients."""
+    import torch
+
+    from dchag.model.aggregation import LinearReduce, tree_levels
+    level = tree_levels(ChannelPartition(C, G, 1), 0, 1)[0]
+    reduce = LinearReduce(level, owner=True)
+    with torch.no_grad():
+        reduce.weight.copy_(torch.linspace(0.5, 1.5, C))
+    x = torch.randn(2, C, 3, 5, requires_grad=True)
+    out = reduce(x)
+    starts = [sum(level.sizes[:n]) for n in range(len(level.sizes))]
+    expected = torch.stack([sum(reduce.weight[i] * x[:, i] for i in range(s, s + k))
+                            for s, k in zip(starts, level.sizes)], dim=1)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, reduce.weight), g)
+    want = torch.autograd.grad(expected, (x, reduce.weight), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -42,9 +42,6 @@ class SegmentLevel:
     def uniform(self) -> bool:
         return len(set(self.sizes)) == 1
 
-    def segment_ids(self) -> torch.Tensor:
-        return torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
-
 
 def _split(n: int, parts: int) -> list[int]:
     base, extra = divmod(n, parts)
@@ -71,16 +68,22 @@ def tree_levels(partition: ChannelPartition, rank: int, levels: int) -> list[Seg
     return out
 
 
+def _segment_index(level: SegmentLevel) -> tuple[torch.Tensor, torch.Tensor]:
+    """For uneven segments: the input row of each padded slot [n_out, S] and which slots are real."""
+    S = max(level.sizes)
+    starts = torch.tensor([0] + list(level.sizes[:-1])).cumsum(0)
+    offsets = torch.arange(S)
+    valid = offsets[None, :] < torch.tensor(level.sizes)[:, None]  # [n_out, S]
+    return torch.where(valid, starts[:, None] + offsets[None, :], 0), valid
+
+
 def _segments(x: torch.Tensor, level: SegmentLevel):
     """[B, n_in, L, D] -> padded [B, n_out, S, L, D] and a pad mask [n_out, S] (None if uniform)."""
     B, n_in, L, D = x.shape
     n_out, S = len(level.sizes), max(level.sizes)
     if level.uniform:
-        return x.reshape(B, n_out, S, L, D), None
-    starts = torch.tensor([0] + list(level.sizes[:-1])).cumsum(0)
-    offsets = torch.arange(S)
-    valid = offsets[None, :] < torch.tensor(level.sizes)[:, None]  # [n_out, S]
-    index = torch.where(valid, starts[:, None] + offsets[None, :], 0)
+        return x.reshape(B, n_out, S, L, D), None  # a view: no copy
+    index, valid = _segment_index(level)
     return x[:, index.to(x.device)], valid.to(x.device)
 
 
@@ -93,15 +96,18 @@ class LinearReduce(nn.Module):
         self.level = level
         weight = torch.cat([torch.full((n,), 1.0 / n) for n in level.sizes])
         self.weight = mark_channel_sharded(nn.Parameter(weight), level.in_rows, level.global_in, owner)
-        self.register_buffer("segment_ids", level.segment_ids(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, n_in, L, D] -> [B, n_out, L, D]
-        weighted = x * self.weight.to(x.dtype)[None, :, None, None]
-        if self.level.uniform:
-            B, n_in, L, D = x.shape
-            return weighted.reshape(B, len(self.level.sizes), -1, L, D).sum(2)
-        out = x.new_zeros(x.shape[0], len(self.level.sizes), *x.shape[2:])
-        return out.index_add(1, self.segment_ids, weighted)
+        seg, valid = _segments(x, self.level)  # [B, n_out, S, L, D]
+        if valid is None:
+            w = self.weight.reshape(seg.shape[1], seg.shape[2])  # [n_out, S]
+        else:  # padded slots get weight 0
+            index, _ = _segment_index(self.level)
+            w = self.weight[index.to(x.device)] * valid
+        # One contraction: autograd keeps only its inputs. The elementwise form (x * w, then a
+        # segment sum) kept a token-sized product too and made the channel stage's peak ~2x
+        # larger (docs/BENCHMARKS.md).
+        return torch.einsum("bnsld,ns->bnld", seg, w.to(x.dtype))
 
 
 class CrossReduce(nn.Module):
