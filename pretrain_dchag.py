@@ -18,10 +18,11 @@ def forward_step(model, batch, args, cfg, iteration: int) -> torch.Tensor:
     valid = batch["valid"]
     images = torch.where(valid, batch["images"], torch.zeros_like(batch["images"]))
     if args.task == "mae":
-        mask = patch_mask(batch["index"], cfg.num_patches, args.mask_ratio, args.seed, max(iteration, 0))
+        mask = patch_mask(batch["index"].cpu(), cfg.num_patches, args.mask_ratio, args.seed,
+                          max(iteration, 0)).to(images.device)
         pred = model(images, patch_mask=mask)
         return mae_loss(pred, images, valid, mask, cfg.grid, cfg.patch_dim)
-    lead = torch.full((images.shape[0],), float(args.lead_time))
+    lead = torch.full((images.shape[0],), float(args.lead_time), device=images.device)
     pred = model(images, lead_time=lead)
     return forecast_loss(pred, batch["target"], batch["target_valid"], batch["lat_weights"])
 
@@ -44,6 +45,7 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
             return []
         return build_eval_loader(valid_ds, args.micro_batch_size, data_parallel_rank=dp_rank,
                                  data_parallel_size=dp_size, num_micro_batches=args.eval_iters * k)
+    valid.source = valid_ds.source  # the opened data (wavelengths etc.), for non-loss outputs
     return train, valid
 
 
@@ -52,14 +54,15 @@ def reconstruction_picture(model, valid_factory, args, cfg, iteration: int, writ
     written beside the checkpoints (or the TensorBoard log)."""
     import os
     from megatron.core import parallel_state as ps
-    from dchag.data import open_source
     from dchag.tasks.mae import save_reconstruction
     out_dir = args.save or args.tensorboard_dir
     batch = next(iter(valid_factory()), None)
     if args.task != "mae" or out_dir is None or batch is None:
         return
     channels = cfg.partition(args.channel_parallel_size).rank_channels(ps.get_channel_parallel_rank())
-    wavelengths = open_source(args.data_path, args.data_format).wavelengths
+    # The already opened source: re-opening from args alone fails for synthetic data (which
+    # needs the image size) and would read the file's header again.
+    wavelengths = getattr(getattr(valid_factory, "source", None), "wavelengths", None)
     path = os.path.join(out_dir, f"reconstruction_iter_{iteration:07d}.png")
     if save_reconstruction(model, batch, cfg, channels, wavelengths, args.mask_ratio, args.seed, path):
         print(f"> saved reconstruction of held-out tile {path}", flush=True)

@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channel-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=None)
+    # Batch size, precision and clipping default to None = "not given": then the DeepSpeed JSON's
+    # value is used (or the default: 1, micro-batch x DP, fp32, 1.0); given on both, they must agree.
+    g.add_argument("--micro-batch-size", type=int, default=None, help="default: the JSON's, else 1")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: the JSON's train_batch_size, else micro-batch size x data-parallel size")
     g.add_argument("--train-iters", type=int, required=True)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
@@ -56,13 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--clip-grad", type=float, default=None, help="default: the JSON's gradient_clipping, else 1.0")
+    g.add_argument("--bf16", action="store_true", default=None, help="default: the JSON's bf16.enabled, else fp32")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--zero-stage", type=int, default=None, help="override zero_optimization.stage of the JSON")
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="with --load: the iteration to load (default: the one in DIR/latest)")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--exit-interval", type=int, default=None)
     g.add_argument("--eval-interval", type=int, default=None)
@@ -78,13 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size  # DP size filled in later
-        args.global_batch_size_default = True
-    else:
-        args.global_batch_size_default = False
-    return args
+    """Parse; batch size, --bf16 and --clip-grad stay None when not given (resolved against the
+    DeepSpeed JSON by ``dchag.training.ds_config.build_ds_config``)."""
+    return build_parser().parse_args(argv)
 
 
 def model_config(args, num_channels: int | None = None) -> DChagConfig:
@@ -95,4 +96,4 @@ def model_config(args, num_channels: int | None = None) -> DChagConfig:
         aggregation=args.dchag_aggregation, groups=args.dchag_groups, tree_levels=args.dchag_tree_levels,
         task=args.task, hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         recompute_activations=args.recompute_activations, sequence_parallel=args.sequence_parallel,
-        bf16=args.bf16, init_seed=args.seed)
+        bf16=bool(args.bf16), init_seed=args.seed)

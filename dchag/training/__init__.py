@@ -1,5 +1,5 @@
 """Training: arguments -> process groups -> DeepSpeed engine -> loop with logs and checkpoints."""
 
-from .loop import pretrain, run
+from .loop import pretrain, release, run
 
-__all__ = ["pretrain", "run"]
+__all__ = ["pretrain", "release", "run"]

@@ -1,48 +1,109 @@
-"""The DeepSpeed JSON, filled from the command line (one source of truth; conflicts are errors)."""
+"""The DeepSpeed JSON, filled from the command line (one source of truth; conflicts are errors).
+
+Batch size, precision and gradient clipping may be given on the command line, in the JSON, or
+both. Given in one place, that value is used (and written into the other: ``args`` and the
+config DeepSpeed receives agree); given in both, they must agree or training does not start.
+Given nowhere: micro-batch 1, global batch = micro-batch x data-parallel size, fp32, clip 1.0.
+"""
 
 from __future__ import annotations
 
 import json
 
+AUTO = "auto"
+
 
 class ConfigError(ValueError):
-    """A DeepSpeed JSON value conflicts with the command line."""
+    """A DeepSpeed JSON value conflicts with the command line (or is unusable)."""
 
 
-def _set(cfg: dict, key: str, value, flag: str, path: str) -> None:
-    if key in cfg and cfg[key] != "auto" and cfg[key] != value:
-        raise ConfigError(f"DeepSpeed config {path} sets {key}={cfg[key]!r} but the command line gives "
-                          f"{flag} -> {value!r}; remove it from the JSON or make them agree.")
-    cfg[key] = value
+def _given(cfg: dict, key: str) -> bool:
+    return key in cfg and cfg[key] is not None and cfg[key] != AUTO
+
+
+def _conflict(path: str, key: str, json_value, flag: str, cli_value) -> ConfigError:
+    given = f"{flag} {cli_value}".strip()
+    return ConfigError(f"DeepSpeed config {path} sets {key}={json_value!r} but the command line gives {given}; "
+                       "remove one of them or make them agree.")
+
+
+def _resolve(cfg: dict, key: str, cli_value, flag: str, path: str, cast=int, label: str | None = None):
+    """The value both agree on (None if neither gives it); raises on a conflict."""
+    if cli_value is None:
+        return cast(cfg[key]) if _given(cfg, key) else None
+    if _given(cfg, key) and cast(cfg[key]) != cast(cli_value):
+        raise _conflict(path, label or key, cfg[key], flag, "" if cast is bool else cli_value)
+    return cast(cli_value)
+
+
+def load_json(path: str | None) -> dict:
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read --deepspeed_config {path}: {e.strerror}.") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {e}.") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--deepspeed_config {path} must hold a JSON object.")
+    return cfg
 
 
 def build_ds_config(args, data_parallel_size: int) -> dict:
-    path = args.deepspeed_config or "<default>"
-    cfg: dict = {}
-    if args.deepspeed_config:
-        with open(args.deepspeed_config) as f:
-            cfg = json.load(f)
-    mbs, gbs = args.micro_batch_size, args.global_batch_size
-    if gbs % (mbs * data_parallel_size):
+    """The config handed to ``deepspeed.initialize``. Fills ``args.micro_batch_size``,
+    ``args.global_batch_size``, ``args.bf16`` and ``args.clip_grad`` with the resolved values."""
+    path = args.deepspeed_config or "<no --deepspeed_config>"
+    cfg = load_json(args.deepspeed_config)
+    dp = int(data_parallel_size)
+
+    for section, what in (("optimizer", "AdamW from --lr/--weight-decay/--adam-*"),
+                          ("scheduler", "warmup + decay from --lr-warmup-iters/--lr-decay-style")):
+        if cfg.get(section):
+            raise ConfigError(f"DeepSpeed config {path} has an '{section}' section, but pretrain_dchag.py builds "
+                              f"its own ({what}); remove the section from the JSON.")
+    if cfg.get("fp16", {}).get("enabled") not in (None, False, AUTO):
+        raise ConfigError(f"DeepSpeed config {path} enables fp16: use bf16 (--bf16 or bf16.enabled); "
+                          "fp16 loss scaling is not supported.")
+
+    # Batch sizes: train_batch_size = micro x accumulation x DP.
+    mbs = _resolve(cfg, "train_micro_batch_size_per_gpu", args.micro_batch_size, "--micro-batch-size", path)
+    gbs = _resolve(cfg, "train_batch_size", args.global_batch_size, "--global-batch-size", path)
+    gas = int(cfg["gradient_accumulation_steps"]) if _given(cfg, "gradient_accumulation_steps") else None
+    mbs = mbs if mbs is not None else 1
+    if gbs is None:
+        gbs = mbs * dp * (gas or 1)
+    for flag, v in (("--micro-batch-size", mbs), ("--global-batch-size", gbs)):
+        if v < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {v}.")
+    if gbs % (mbs * dp):
         raise ConfigError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size {mbs} x "
-                          f"data-parallel size {data_parallel_size}.")
-    _set(cfg, "train_micro_batch_size_per_gpu", mbs, "--micro-batch-size", path)
-    _set(cfg, "train_batch_size", gbs, "--global-batch-size", path)
-    _set(cfg, "gradient_accumulation_steps", gbs // (mbs * data_parallel_size),
-         "--global-batch-size / (--micro-batch-size x DP)", path)
-    _set(cfg, "gradient_clipping", float(args.clip_grad), "--clip-grad", path)
-    bf16 = dict(cfg.get("bf16", {}))
-    if "enabled" in bf16 and bf16["enabled"] != "auto" and bool(bf16["enabled"]) != bool(args.bf16):
-        raise ConfigError(f"DeepSpeed config {path} sets bf16.enabled={bf16['enabled']!r} but the command line "
-                          f"gives --bf16 -> {bool(args.bf16)!r}; remove it from the JSON or make them agree.")
-    bf16["enabled"] = bool(args.bf16)
+                          f"data-parallel size {dp}; choose a multiple of {mbs * dp}.")
+    if gas is not None and gas != gbs // (mbs * dp):
+        raise _conflict(path, "gradient_accumulation_steps", gas, "--global-batch-size / (--micro-batch-size x DP):",
+                        f"{gbs} / ({mbs} x {dp}) = {gbs // (mbs * dp)}")
+    cfg["train_micro_batch_size_per_gpu"] = mbs
+    cfg["train_batch_size"] = gbs
+    cfg["gradient_accumulation_steps"] = gbs // (mbs * dp)
+    args.micro_batch_size, args.global_batch_size = mbs, gbs
+
+    # Gradient clipping.
+    clip = _resolve(cfg, "gradient_clipping", args.clip_grad, "--clip-grad", path, cast=float)
+    cfg["gradient_clipping"] = args.clip_grad = 1.0 if clip is None else clip
+
+    # Precision.
+    bf16 = dict(cfg.get("bf16") or {})
+    enabled = _resolve(bf16, "enabled", args.bf16, "--bf16", path, cast=bool, label="bf16.enabled")
+    bf16["enabled"] = args.bf16 = bool(enabled)
     cfg["bf16"] = bf16
-    if cfg.get("fp16", {}).get("enabled") is True:
-        raise ConfigError(f"DeepSpeed config {path} enables fp16: use --bf16 (fp16 is not supported).")
-    zero = dict(cfg.get("zero_optimization", {}))
+
+    zero = dict(cfg.get("zero_optimization") or {})
     if args.zero_stage is not None:
         zero["stage"] = args.zero_stage
     zero.setdefault("stage", 0)
+    if zero["stage"] not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {zero['stage']!r}.")
     cfg["zero_optimization"] = zero
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)

@@ -8,6 +8,11 @@ import torch
 import torch.distributed as dist
 
 
+def comm_device() -> torch.device:
+    """Where tensors handed to collectives live: the current GPU under NCCL/RCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -32,7 +37,7 @@ def peak_memory_mb() -> float:
                         mb = int(line.split()[1]) / 1024
         except OSError:
             pass
-    t = torch.tensor([mb], dtype=torch.float64)
+    t = torch.tensor([mb], dtype=torch.float64, device=comm_device())
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())

@@ -14,8 +14,8 @@ from dchag.data.errors import DataError
 from dchag.parallel.partition import LayoutError
 from dchag.training import checkpoint as ckpt
 from dchag.training.ds_config import ConfigError, build_ds_config
-from dchag.training.initialize import check_layout, init_distributed, init_model_parallel
-from dchag.training.logging_utils import log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
+from dchag.training.initialize import check_layout, check_world, init_distributed, init_model_parallel
+from dchag.training.logging_utils import comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
 from dchag.training.lr import LRScheduler
 
 USER_ERRORS = (LayoutError, DataError, ConfigError, ckpt.CheckpointError)
@@ -29,6 +29,11 @@ def _print0(msg: str, log_file=None) -> None:
                 f.write(msg + "\n")
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on ``device`` (no copy on the CPU)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def _build_optimizer(model, args):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -37,7 +42,9 @@ def _build_optimizer(model, args):
         (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    # lr 0 until the LR schedule sets it: DeepSpeed's ZeRO-0 bf16 wrapper (FP16_Optimizer) takes
+    # one zero-gradient step at setup, which must not decay the weights (see _undo_setup_step).
+    return torch.optim.AdamW(groups, lr=0.0, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
 
 
 def _num_channels(args) -> int:
@@ -48,51 +55,92 @@ def _num_channels(args) -> int:
 
 
 def run(args, model_provider, forward_step, datasets_provider, non_loss_data_func=None) -> dict:
-    """Train; returns {"losses": {iteration: loss}, "val_losses": {...}} (on every rank)."""
+    """Train; returns {"losses": {iteration: loss}, "val_losses": {...}, "engine": engine} (on
+    every rank; losses are the exact float values the log line rounds). Call ``release(history)``
+    before training again in the same process. On an exception the engine is released here."""
+    built = {}
+    try:
+        return _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, built)
+    except BaseException:
+        if "engine" in built:
+            try:
+                release(built["engine"])
+            except Exception:  # noqa: BLE001 - never mask the error that stopped the run
+                pass
+        raise
+
+
+def release(history_or_engine) -> None:
+    """Free what a run holds in this process: DeepSpeed keeps global references to the model's
+    modules and parameters (and through their hooks the engine and its process groups, each
+    with its own communication threads) until ``engine.destroy()``; then the model-parallel
+    groups. Needed only when one process trains more than once (tests, notebooks)."""
+    import gc
+    from megatron.core import parallel_state as ps
+    engine = history_or_engine.pop("engine", None) if isinstance(history_or_engine, dict) else history_or_engine
+    if engine is not None:
+        engine.destroy()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    gc.collect()
+
+
+def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, built: dict) -> dict:
     import deepspeed
     from megatron.core import parallel_state as ps
 
     init_distributed()
     world = dist.get_world_size()
+    check_world(args, world)
+    dp = world // args.tensor_model_parallel_size
+    ds_config = build_ds_config(args, dp)  # resolves batch sizes, --bf16, --clip-grad against the JSON
     args.num_channels = _num_channels(args)
     cfg = model_config(args)
     check_layout(args, cfg, world)
-    dp = world // args.tensor_model_parallel_size
-    if args.global_batch_size_default:
-        args.global_batch_size = args.micro_batch_size * dp
-    ds_config = build_ds_config(args, dp)
-    if args.load:
-        ckpt.check_compatible(args)
+    # Checkpoint errors come before anything is built or written (every rank raises the same).
+    universal = bool((ds_config.get("checkpoint") or {}).get("load_universal"))
+    load_tag = ckpt.check_compatible(args, universal)
+    start = ckpt.iteration_of(load_tag) if load_tag else 0
+    ckpt.check_save_dir(args, start if start is not None else 0)
     init_model_parallel(args)
     dp_rank = ps.get_data_parallel_rank()
     num_micro = ds_config["gradient_accumulation_steps"]
 
     model = model_provider(cfg)
+    ckpt.prepare_module(model)
     optimizer = _build_optimizer(model, args)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                    mpu=_mpu(), dist_init_required=False)
+    built["engine"] = engine
+    _record_fp32_grad_norm(engine)
+    _undo_setup_step(engine)
     decay_iters = args.lr_decay_iters or args.train_iters
     scheduler = LRScheduler(engine.optimizer, args.lr, args.min_lr, args.lr_warmup_iters, decay_iters,
                             args.lr_decay_style)
     iteration, consumed = 0, 0
-    if args.load:
-        iteration, consumed = ckpt.load(engine, args, scheduler)
-        _print0(f"> loaded checkpoint {args.load} at iteration {iteration}", args.log_file)
+    if load_tag:
+        iteration, consumed = ckpt.load(engine, args, scheduler, load_tag, universal)
+        _print0(f"> loaded checkpoint {args.load}/{load_tag} at iteration {iteration} "
+                f"(consumed samples {consumed})", args.log_file)
+    elif args.load:
+        _print0(f"> no checkpoint in {args.load} yet: starting from iteration 0", args.log_file)
+    start_iteration = iteration
 
     train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
     train_iter = iter(train_loader)
     writer = tensorboard_writer(args.tensorboard_dir) if dist.get_rank() == 0 else None
-    history = {"losses": {}, "val_losses": {}}
+    history = {"losses": {}, "val_losses": {}, "grad_norms": {}}
     dp_group = ps.get_data_parallel_group()
+    device = comm_device()  # the engine's device: batches and loss sums go there
     skipped = nans = 0
     interval_loss, interval_count, interval_time = 0.0, 0, 0.0
     reset_peak_memory()
     engine.train()
     while iteration < args.train_iters:
         t0 = time.time()
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=device)
         for _ in range(num_micro):
-            batch = next(train_iter)
+            batch = to_device(next(train_iter), device)
             loss = forward_step(engine, batch, args, cfg, iteration)
             engine.backward(loss)
             engine.step()
@@ -108,6 +156,7 @@ def run(args, model_provider, forward_step, datasets_provider, non_loss_data_fun
         if not math.isfinite(loss_value) or (gn is not None and not math.isfinite(gn)):
             nans += 1
         history["losses"][iteration] = loss_value
+        history["grad_norms"][iteration] = gn
         interval_loss += loss_value
         interval_count += 1
         interval_time += dt
@@ -145,7 +194,7 @@ def run(args, model_provider, forward_step, datasets_provider, non_loss_data_fun
             _print0(f"> exiting at iteration {iteration} (--exit-interval {args.exit_interval})", args.log_file)
             break
     else:
-        if args.save and not (args.save_interval and iteration % args.save_interval == 0):
+        if args.save and iteration > start_iteration and not (args.save_interval and iteration % args.save_interval == 0):
             ckpt.save(engine, args, iteration, consumed, scheduler)
             _print0(f"> saved checkpoint {args.save}/{ckpt.tag_for(iteration)}", args.log_file)
     if non_loss_data_func is not None:  # pictures etc. of the trained model, on every rank
@@ -159,15 +208,60 @@ def run(args, model_provider, forward_step, datasets_provider, non_loss_data_fun
 
 
 def evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> float:
+    """Mean validation loss. Leaves every RNG stream as it found it (the eval loader draws a
+    seed from the global generator), so training is the same whatever --eval-interval is."""
+    rng = ckpt.rng_state()
+    try:
+        return _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp)
+    finally:
+        ckpt.set_rng_state(rng)
+
+
+def _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> float:
     engine.eval()
-    total, n = torch.zeros(1, dtype=torch.float64), 0
+    device = comm_device()
+    total, n = torch.zeros(1, dtype=torch.float64, device=device), 0
     with torch.no_grad():
         for batch in valid_factory():
-            total += forward_step(engine, batch, args, cfg, -1).detach().double()
+            total += forward_step(engine, to_device(batch, device), args, cfg, -1).detach().double()
             n += 1
     dist.all_reduce(total, group=dp_group)
     engine.train()
     return total.item() / max(n * dp, 1)
+
+
+def _record_fp32_grad_norm(engine) -> None:
+    """ZeRO 0 in fp32 runs the client optimizer unwrapped: DeepSpeed clips the gradients
+    (``clip_fp32_gradients``) but drops the norm, so ``get_global_grad_norm()`` is None and the
+    log would say 'nan'. Keep the norm its clipping computes (same function, same mpu)."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients():
+        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                               mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def _undo_setup_step(engine) -> None:
+    """ZeRO 0 with bf16 wraps the optimizer in DeepSpeed's FP16_(Unfused)Optimizer, whose
+    ``initialize_optimizer_states`` runs ``optimizer.step()`` once with zero gradients. For AdamW
+    that counts as step 1, so every later bias correction is off (the first real update is ~0.74x
+    too small). The moments it left are zero; reset the step counts so the first real step is
+    step 1, as under ZeRO 1-3. (With lr = 0 at that point the weights did not move.)"""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    if not isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        return
+    for state in engine.optimizer.optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            step.zero_()
+        elif step is not None:
+            state["step"] = 0
 
 
 def _mpu():
