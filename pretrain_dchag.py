@@ -13,8 +13,11 @@ def model_provider(cfg):
     return DChagViT(cfg)
 
 
-def forward_step(model, batch, args, cfg, iteration: int) -> torch.Tensor:
+def forward_step(model, batch, args, cfg, iteration: int):
+    """The loss of one micro-batch; at evaluation (iteration -1) of a forecast, also the sums
+    behind the per-variable RMSE and ACC."""
     from dchag.tasks import forecast_loss, mae_loss, patch_mask
+    from dchag.tasks.weather_metrics import metric_sums
     valid = batch["valid"]
     images = torch.where(valid, batch["images"], torch.zeros_like(batch["images"]))
     if args.task == "mae":
@@ -24,7 +27,11 @@ def forward_step(model, batch, args, cfg, iteration: int) -> torch.Tensor:
         return mae_loss(pred, images, valid, mask, cfg.grid, cfg.patch_dim)
     lead = torch.full((images.shape[0],), float(args.lead_time), device=images.device)
     pred = model(images, lead_time=lead)
-    return forecast_loss(pred, batch["target"], batch["target_valid"], batch["lat_weights"])
+    loss = forecast_loss(pred, batch["target"], batch["target_valid"], batch["lat_weights"])
+    if iteration >= 0 or "climatology" not in batch:
+        return loss
+    return loss, {"forecast": metric_sums(pred, batch["target"], batch["target_valid"], batch["lat_weights"],
+                                          batch["climatology"])}
 
 
 def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: int):
@@ -46,6 +53,7 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
         return build_eval_loader(valid_ds, args.micro_batch_size, data_parallel_rank=dp_rank,
                                  data_parallel_size=dp_size, num_micro_batches=args.eval_iters * k)
     valid.source = valid_ds.source  # the opened data (wavelengths etc.), for non-loss outputs
+    valid.dataset = valid_ds  # channel names and statistics, for evaluation metrics
     return train, valid
 
 
@@ -55,10 +63,13 @@ def reconstruction_picture(model, valid_factory, args, cfg, iteration: int, writ
     import os
     from megatron.core import parallel_state as ps
     from dchag.tasks.mae import save_reconstruction
+    from dchag.training.logging_utils import comm_device
+    from dchag.training.loop import to_device
     out_dir = args.save or args.tensorboard_dir
     batch = next(iter(valid_factory()), None)
     if args.task != "mae" or out_dir is None or batch is None:
         return
+    batch = to_device(batch, comm_device())
     channels = cfg.partition(args.channel_parallel_size).rank_channels(ps.get_channel_parallel_rank())
     # The already opened source: re-opening from args alone fails for synthetic data (which
     # needs the image size) and would read the file's header again.
@@ -68,9 +79,19 @@ def reconstruction_picture(model, valid_factory, args, cfg, iteration: int, writ
         print(f"> saved reconstruction of held-out tile {path}", flush=True)
 
 
+def forecast_metrics(sums, args, valid_factory) -> dict:
+    """Per output variable: latitude-weighted RMSE (in the variable's units) and ACC."""
+    from dchag.tasks.weather_metrics import metrics_from_sums
+    ds = valid_factory.dataset
+    names = [ds.source.channel_names[c] for c in ds.target_channels]
+    std = None if ds.target_stats is None else ds.target_stats.safe_std
+    return metrics_from_sums(sums["forecast"], names, std)
+
+
 def main(argv=None):
     from dchag.training import pretrain
-    return pretrain(model_provider, forward_step, datasets_provider, argv, non_loss_data_func=reconstruction_picture)
+    return pretrain(model_provider, forward_step, datasets_provider, argv, non_loss_data_func=reconstruction_picture,
+                    eval_metrics_func=forecast_metrics)
 
 
 if __name__ == "__main__":

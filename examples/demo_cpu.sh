@@ -2,10 +2,17 @@
 # The README's main job: a short D-CHAG-L MAE pretraining on the bundled 450-band Fenix cube,
 # T = P = 2 on 2 CPU ranks (gloo). Leaves under runs/demo: checkpoints (iter_0000150, iter_0000300,
 # latest), the TensorBoard log (tb/) and reconstruction_iter_0000300.png, a false-colour picture of
-# a held-out tile: input | masked input | reconstruction.
+# a held-out tile: input | masked input | reconstruction. A rerun keeps runs/demo and writes to
+# runs/demo-<time>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+RUN_DIR=${RUN_DIR:-runs/demo}
+if [ -e "$RUN_DIR/latest" ]; then  # never overwrite an earlier run's checkpoints
+    NEW_DIR="$RUN_DIR-$(date +%Y%m%d-%H%M%S)"
+    echo "$RUN_DIR holds an earlier run (kept); this one writes to $NEW_DIR"
+    RUN_DIR=$NEW_DIR
+fi
 .venv/bin/python -m torch.distributed.run --nproc_per_node 2 pretrain_dchag.py \
     --deepspeed --deepspeed_config ds_configs/zero1_fp32.json --task mae \
     --data-path data/samples/fenix_450band/image.hdr --data-format envi \
@@ -15,4 +22,4 @@ export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
     --tensor-model-parallel-size 2 --channel-parallel-size 2 \
     --micro-batch-size 2 --global-batch-size 4 --train-iters 300 --lr 3e-3 --lr-warmup-iters 10 \
     --log-interval 20 --eval-interval 50 --eval-iters 1 --save-interval 150 \
-    --save runs/demo --tensorboard-dir runs/demo/tb "$@"
+    --save "$RUN_DIR" --tensorboard-dir "$RUN_DIR/tb" "$@"

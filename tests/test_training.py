@@ -75,8 +75,8 @@ def _train(argv, full_params=False):
     from dchag.parallel.state_dict import full_state_dict
     from dchag.training import pretrain, release
     history = pretrain(pretrain_dchag.model_provider, pretrain_dchag.forward_step, pretrain_dchag.datasets_provider,
-                       argv)
-    out = {"losses": history["losses"], "val_losses": history["val_losses"], "grad_norms": history["grad_norms"]}
+                       argv, eval_metrics_func=pretrain_dchag.forecast_metrics)
+    out = {k: history[k] for k in ("losses", "val_losses", "val_metrics", "grad_norms")}
     if full_params:
         out["params"] = full_state_dict(history["engine"].module)
     release(history)
@@ -383,6 +383,20 @@ def test_bf16_and_forecast_runs_train(two):
         assert sorted(losses) == [1, 2, 3], key
         assert all(math.isfinite(v) and v > 0 for v in losses.values()), (key, losses)
     assert math.isfinite(ranks[0]["forecast"]["val_losses"][3])
+
+
+def test_forecast_evaluation_reports_rmse_and_acc_per_variable(two):
+    """One eval micro-batch, every target valid: the val loss (latitude-weighted MSE over all
+    variables, normalized) is the mean over variables of (RMSE_v / std_v)^2."""
+    from dchag.data import load_stats, open_source
+    _, ranks = two
+    val, metrics = ranks[0]["forecast"]["val_losses"][3], ranks[0]["forecast"]["val_metrics"][3]
+    names = open_source(ERA5).channel_names
+    assert sorted(metrics) == sorted([f"rmse/{n}" for n in names] + [f"acc/{n}" for n in names])
+    assert all(-1.0 <= metrics[f"acc/{n}"] <= 1.0 for n in names), metrics
+    std = load_stats(ERA5.replace(".nc", ".stats.json")).safe_std
+    normalized = [(metrics[f"rmse/{n}"] / s) ** 2 for n, s in zip(names, std)]
+    assert sum(normalized) / len(normalized) == pytest.approx(val, rel=1e-5)
 
 
 def test_repeated_runs_do_not_pile_up_threads(two):

@@ -57,21 +57,21 @@ def save_reconstruction(model, batch: dict, cfg, channels: range, wavelengths, m
 
     valid = batch["valid"][:1]
     images = torch.where(valid, batch["images"][:1], torch.zeros_like(batch["images"][:1]))  # [1, c_r, H, W]
-    mask = patch_mask(batch["index"][:1], cfg.num_patches, mask_ratio, seed, 0)  # [1, L]
+    mask = patch_mask(batch["index"][:1].cpu(), cfg.num_patches, mask_ratio, seed, 0).to(images.device)  # [1, L]
     pred = model(images, patch_mask=mask).float()  # [1, c_r, H, W]
     hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim)[0, 0]  # [H, W]
     pred = torch.where(hidden, pred, images.float())
     rgb = rgb_channels(cfg.num_channels, wavelengths)
-    planes = torch.zeros(2, 3, cfg.img_h, cfg.img_w)  # [input | reconstruction, RGB, H, W]
+    planes = images.new_zeros(2, 3, cfg.img_h, cfg.img_w, dtype=torch.float32)  # [input | reconstruction, RGB, H, W]
     for k, c in enumerate(rgb):
         if c in channels:
             planes[0, k] = images[0, c - channels.start].float()
             planes[1, k] = pred[0, c - channels.start]
-    planes = reduce_from_channel_parallel_region(planes)
+    planes = reduce_from_channel_parallel_region(planes).cpu()
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     picked = None if wavelengths is None else [float(wavelengths[c]) for c in rgb]
     title = "held-out tile {}: RGB = {}".format(
         int(batch["index"][0]), ", ".join(f"{w:.0f} nm" for w in picked) if picked else f"channels {rgb}")
-    return save_reconstruction_png(path, planes[0], mask[0], planes[1], wavelengths=picked, rgb=[0, 1, 2],
+    return save_reconstruction_png(path, planes[0], mask[0].cpu(), planes[1], wavelengths=picked, rgb=[0, 1, 2],
                                    title=title)

@@ -43,14 +43,28 @@ def peak_memory_mb() -> float:
     return float(t.item())
 
 
-def log_line(iteration, train_iters, consumed, ms_per_iter, lr, gbs, loss, grad_norm, sps, mem_mb, skipped, nans):
+def invalid_input_values(local_count: torch.Tensor) -> int:
+    """Input values zero-filled and masked (NaN/Inf, no-data) in this interval, over the whole
+    global batch: each rank counted its own channels; ranks holding a replica of the same
+    channels (T/P channel-stage replicas per TP group) counted the same values, so divide."""
+    from megatron.core import parallel_state as ps
+    t = local_count.to(device=comm_device(), dtype=torch.float64).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    replicas = ps.get_tensor_model_parallel_world_size() // ps.get_channel_parallel_world_size()
+    return int(round(t.item() / replicas))
+
+
+def log_line(iteration, train_iters, consumed, ms_per_iter, lr, gbs, loss, grad_norm, sps, mem_mb, skipped, nans,
+             invalid=None):
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     gn = "nan" if grad_norm is None else f"{grad_norm:.3f}"
     return (f"[{now}] iteration {iteration:8d}/{train_iters:8d} | consumed samples: {consumed:12d} | "
             f"elapsed time per iteration (ms): {ms_per_iter:.1f} | learning rate: {lr:.6E} | "
             f"global batch size: {gbs:5d} | loss: {loss:.6E} | grad norm: {gn} | "
             f"samples per second: {sps:.1f} | peak memory (MB): {mem_mb:.0f} | "
-            f"number of skipped iterations: {skipped:3d} | number of nan iterations: {nans:3d} |")
+            f"number of skipped iterations: {skipped:3d} | number of nan iterations: {nans:3d} |"
+            + ("" if invalid is None else f" number of invalid input values: {invalid:d} |"))
 
 
 def tensorboard_writer(path):

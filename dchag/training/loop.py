@@ -15,7 +15,7 @@ from dchag.parallel.partition import LayoutError
 from dchag.training import checkpoint as ckpt
 from dchag.training.ds_config import ConfigError, build_ds_config
 from dchag.training.initialize import check_layout, check_world, init_distributed, init_model_parallel
-from dchag.training.logging_utils import comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
+from dchag.training.logging_utils import invalid_input_values, comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
 from dchag.training.lr import LRScheduler
 
 USER_ERRORS = (LayoutError, DataError, ConfigError, ckpt.CheckpointError)
@@ -54,13 +54,15 @@ def _num_channels(args) -> int:
     return open_source(args.data_path, args.data_format).num_channels
 
 
-def run(args, model_provider, forward_step, datasets_provider, non_loss_data_func=None) -> dict:
+def run(args, model_provider, forward_step, datasets_provider, non_loss_data_func=None,
+        eval_metrics_func=None) -> dict:
     """Train; returns {"losses": {iteration: loss}, "val_losses": {...}, "engine": engine} (on
     every rank; losses are the exact float values the log line rounds). Call ``release(history)``
     before training again in the same process. On an exception the engine is released here."""
     built = {}
     try:
-        return _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, built)
+        return _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
+                    built)
     except BaseException:
         if "engine" in built:
             try:
@@ -85,7 +87,8 @@ def release(history_or_engine) -> None:
     gc.collect()
 
 
-def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, built: dict) -> dict:
+def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
+         built: dict) -> dict:
     import deepspeed
     from megatron.core import parallel_state as ps
 
@@ -129,11 +132,12 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
     train_iter = iter(train_loader)
     writer = tensorboard_writer(args.tensorboard_dir) if dist.get_rank() == 0 else None
-    history = {"losses": {}, "val_losses": {}, "grad_norms": {}}
+    history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}}
     dp_group = ps.get_data_parallel_group()
     device = comm_device()  # the engine's device: batches and loss sums go there
     skipped = nans = 0
     interval_loss, interval_count, interval_time = 0.0, 0, 0.0
+    interval_invalid = torch.zeros((), dtype=torch.int64, device=device)
     reset_peak_memory()
     engine.train()
     while iteration < args.train_iters:
@@ -141,6 +145,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         total = torch.zeros(1, dtype=torch.float64, device=device)
         for _ in range(num_micro):
             batch = to_device(next(train_iter), device)
+            interval_invalid += (~batch["valid"]).sum()
             loss = forward_step(engine, batch, args, cfg, iteration)
             engine.backward(loss)
             engine.step()
@@ -162,25 +167,33 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         interval_time += dt
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             mem = peak_memory_mb()
+            invalid = invalid_input_values(interval_invalid)
             avg_loss = interval_loss / interval_count
             ms = 1000 * interval_time / interval_count
             sps = args.global_batch_size * interval_count / max(interval_time, 1e-9)
             lr = scheduler.get_lr(iteration - 1)
             _print0(log_line(iteration, args.train_iters, consumed, ms, lr, args.global_batch_size, avg_loss,
-                             gn, sps, mem, skipped, nans), args.log_file)
+                             gn, sps, mem, skipped, nans, invalid), args.log_file)
             if writer is not None:
                 for tag, v in (("loss", avg_loss), ("learning-rate", lr), ("grad-norm", gn if gn is not None else float("nan")),
-                               ("iteration-time", ms), ("samples-per-second", sps), ("peak-memory-mb", mem)):
+                               ("iteration-time", ms), ("samples-per-second", sps), ("peak-memory-mb", mem),
+                               ("invalid-input-values", invalid)):
                     writer.add_scalar(tag, v, iteration)
                 writer.flush()
             interval_loss, interval_count, interval_time = 0.0, 0, 0.0
+            interval_invalid.zero_()
             reset_peak_memory()
         if args.eval_interval and iteration % args.eval_interval == 0:
-            val = evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp)
+            val, sums = evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp)
+            metrics = eval_metrics_func(sums, args, valid_factory) if eval_metrics_func and sums else {}
             history["val_losses"][iteration] = val
-            _print0(f"validation loss at iteration {iteration} | val loss: {val:.6E} |", args.log_file)
+            history["val_metrics"][iteration] = metrics
+            _print0(f"validation loss at iteration {iteration} | val loss: {val:.6E} |"
+                    + "".join(f" {name}: {v:.4g} |" for name, v in metrics.items()), args.log_file)
             if writer is not None:
                 writer.add_scalar("val/loss", val, iteration)
+                for name, v in metrics.items():
+                    writer.add_scalar(f"val/{name}", v, iteration)
                 writer.flush()
         saved = False
         if args.save and args.save_interval and iteration % args.save_interval == 0:
@@ -207,9 +220,12 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     return history
 
 
-def evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> float:
-    """Mean validation loss. Leaves every RNG stream as it found it (the eval loader draws a
-    seed from the global generator), so training is the same whatever --eval-interval is."""
+def evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> tuple[float, dict]:
+    """(mean validation loss, summed evaluation statistics). ``forward_step`` at evaluation
+    (iteration -1) returns a loss, or ``(loss, {name: tensor})`` whose tensors are summed over
+    micro-batches and data-parallel ranks (e.g. the sums behind an RMSE). Leaves every RNG
+    stream as it found it (the eval loader draws a seed from the global generator), so training
+    is the same whatever --eval-interval is."""
     rng = ckpt.rng_state()
     try:
         return _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp)
@@ -217,17 +233,23 @@ def evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> fl
         ckpt.set_rng_state(rng)
 
 
-def _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> float:
+def _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> tuple[float, dict]:
     engine.eval()
     device = comm_device()
-    total, n = torch.zeros(1, dtype=torch.float64, device=device), 0
+    total, n, sums = torch.zeros(1, dtype=torch.float64, device=device), 0, {}
     with torch.no_grad():
         for batch in valid_factory():
-            total += forward_step(engine, to_device(batch, device), args, cfg, -1).detach().double()
+            out = forward_step(engine, to_device(batch, device), args, cfg, -1)
+            loss, stats = out if isinstance(out, tuple) else (out, {})
+            total += loss.detach().double()
+            for name, value in stats.items():
+                sums[name] = sums.get(name, 0) + value.detach().double()
             n += 1
     dist.all_reduce(total, group=dp_group)
+    for name in sorted(sums):  # every rank evaluates the same number of batches, so the same names
+        dist.all_reduce(sums[name], group=dp_group)
     engine.train()
-    return total.item() / max(n * dp, 1)
+    return total.item() / max(n * dp, 1), {name: v.cpu() for name, v in sums.items()}
 
 
 def _record_fp32_grad_norm(engine) -> None:
@@ -269,15 +291,20 @@ def _mpu():
     return mpu
 
 
-def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_loss_data_func=None) -> dict:
+def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_loss_data_func=None,
+             eval_metrics_func=None) -> dict:
     """Entry point: parse the command line, run, turn user errors into a one-line message + exit 1.
 
-    ``non_loss_data_func(model, valid_factory, args, cfg, iteration, writer)``, when given, runs
-    once after training on every rank (megatron's name for evaluation outputs that are not a
-    loss, e.g. pictures)."""
+    Optional callbacks:
+    - ``non_loss_data_func(model, valid_factory, args, cfg, iteration, writer)`` runs once after
+      training on every rank (megatron's name for evaluation outputs that are not a loss, e.g.
+      pictures);
+    - ``eval_metrics_func(sums, args, valid_factory) -> {name: float}`` turns the summed
+      evaluation statistics of ``forward_step`` into figures, printed on the validation line
+      and written to TensorBoard as ``val/<name>``."""
     args = parse_args(argv)
     try:
-        return run(args, model_provider, forward_step, datasets_provider, non_loss_data_func)
+        return run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func)
     except USER_ERRORS as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
