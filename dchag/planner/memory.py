@@ -17,7 +17,8 @@ CPU build, see docs/BENCHMARKS.md) in units of
     E   = B L D a       one hidden state; s = L, b = B, h = D, F, heads H
 
     tokenizer       conv output + tokens                fwd +X_r  (tokens stay: X_r)    bwd 2 X_r
-    linear level    saves its input; x*w product        fwd +X_in                       bwd saved + 3 X_in
+    linear level    one einsum: saves its permuted      fwd +X_in (+X_in: padded        bwd saved + X_in (input
+                    [n_out, B L D, S] input copy X_in   gather, uneven segments)        gradient)
     cross level     saves 4 X_in + scores + X_out       fwd saved + 2 X_in              bwd saved + X_in
     gather (P > 1)  the [B, G, L, D] result             X_N held until the final aggregation returns
     final (TP)      saves X_N (1 + 3/T) + probs         fwd +X_N + 4 X_N/T (copy, matmul, bias)
@@ -103,17 +104,24 @@ def channel_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int])
     X_N = N * tok
     stages = []
     # Tokenizer: conv output, then tokens = conv + channel embedding (the conv output dies).
-    # tokens are saved by a linear level; otherwise only referenced until the channel stage returns
-    tokens_saved = model.aggregation == "linear"  # by the first linear level (x * w)
-    stages.append(Stage("tokenizer", saved=X_r if tokens_saved else 0.0, held=0.0 if tokens_saved else X_r,
-                        fwd_extra=2 * X_r, bwd_total=2 * X_r, grad_params=counts["tokenizer"]))
-    held = 0.0 if tokens_saved else X_r  # released when the channel stage returns
+    # The tokens are referenced (not saved) until the channel stage returns.
+    stages.append(Stage("tokenizer", saved=0.0, held=X_r, fwd_extra=2 * X_r, bwd_total=2 * X_r,
+                        grad_params=counts["tokenizer"]))
+    held = X_r  # released when the channel stage returns
     if model.aggregation == "linear":
-        for i, (n_in, n_out) in enumerate(zip(s.level_inputs, s.level_outputs)):
-            X_in = n_in * tok
-            saved = 0.0 if i == 0 else X_in  # level 1's input is the tokens (already counted)
-            stages.append(Stage(f"partial.{i}", saved=saved, fwd_extra=X_in, bwd_total=saved + 3 * X_in,
-                                grad_params=n_in))
+        # One einsum per level ("bnsld,ns->bnld"): it permutes the segments into a contiguous
+        # [n_out, B L D, S] copy for a batched matmul and saves that copy (X_in), not its input.
+        # Uneven segments first gather a padded [B, n_out, S_max, L, D] copy (freed after the
+        # forward). Backward: the saved copy + the input gradient. A tree level's input (the
+        # previous level's output) is freed once the level has run.
+        levels = list(zip(s.level_inputs, s.level_outputs, s.level_padded))
+        for i, (n_in, n_out, n_pad) in enumerate(levels):
+            X_in, X_pad = n_in * tok, n_pad * tok  # X_pad = X_in unless segments are uneven
+            gathered = 0.0 if n_pad == n_in else X_pad
+            last = i == len(levels) - 1
+            stages.append(Stage(f"partial.{i}", saved=X_pad, fwd_extra=X_pad + gathered, bwd_total=X_pad + X_in,
+                                grad_params=n_in, held=0.0 if last else n_out * tok,
+                                release_after=0.0 if i == 0 else X_in))
     elif model.aggregation == "cross":
         per_level = 3 * D * D + 2 * D
         for i, (n_in, n_out) in enumerate(zip(s.level_inputs, s.level_outputs)):

@@ -28,6 +28,9 @@ class Shapes:
     g_r: int  # groups per rank (G/P; C/P for flat)
     level_inputs: tuple[int, ...]  # per partial level: input tokens per position on this rank
     level_outputs: tuple[int, ...]  # per partial level: output tokens per position on this rank
+    # per partial level: n_out x the largest segment (the padded copy uneven segments are gathered
+    # into; equal to level_inputs when every segment has the same size), largest over ranks
+    level_padded: tuple[int, ...] = ()
 
 
 def shapes(model: ModelSpec, layout: LayoutSpec) -> Shapes:
@@ -38,14 +41,21 @@ def shapes(model: ModelSpec, layout: LayoutSpec) -> Shapes:
     k = model.tree_levels
     if model.aggregation == "flat":
         return Shapes(c_r, g_r, (), ())
-    ins, outs = [], []
+    ins, outs, padded = [], [], []
     n_in = c_r
     for level in range(1, k + 1):
-        n_out = g_r * 2 ** (k - level)
+        fan = 2 ** (k - level)
+        n_out = g_r * fan
         ins.append(n_in)
         outs.append(n_out)
+        if level == 1:  # as dchag.model.aggregation.tree_levels splits each group into `fan` sub-groups
+            sizes = [[base + (1 if i < extra else 0) for g in part.rank_groups(r)
+                      for base, extra in [divmod(part.group_sizes[g], fan)] for i in range(fan)] for r in range(P)]
+            padded.append(max(n_out * max(sz) if len(set(sz)) > 1 else n_in for sz in sizes))
+        else:
+            padded.append(n_in)  # pairs: uniform
         n_in = n_out
-    return Shapes(c_r, g_r, tuple(ins), tuple(outs))
+    return Shapes(c_r, g_r, tuple(ins), tuple(outs), tuple(padded))
 
 
 def param_counts(model: ModelSpec, layout: LayoutSpec) -> dict[str, int]:
