@@ -6,13 +6,8 @@
 # runs/demo-<time>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
-RUN_DIR=${RUN_DIR:-runs/demo}
-if [ -e "$RUN_DIR/latest" ]; then  # never overwrite an earlier run's checkpoints
-    NEW_DIR="$RUN_DIR-$(date +%Y%m%d-%H%M%S)"
-    echo "$RUN_DIR holds an earlier run (kept); this one writes to $NEW_DIR"
-    RUN_DIR=$NEW_DIR
-fi
+source examples/common.sh
+RUN_DIR=$(run_dir runs/demo)
 .venv/bin/python -m torch.distributed.run --nproc_per_node 2 pretrain_dchag.py \
     --deepspeed --deepspeed_config ds_configs/zero1_fp32.json --task mae \
     --data-path data/samples/fenix_450band/image.hdr --data-format envi \

@@ -9,13 +9,8 @@
 #   bash examples/weather_forecast_cpu.sh [extra flags, e.g. --train-iters 400]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
-RUN_DIR=${RUN_DIR:-runs/weather}
-if [ -e "$RUN_DIR/latest" ]; then  # never overwrite an earlier run's checkpoints
-    NEW_DIR="$RUN_DIR-$(date +%Y%m%d-%H%M%S)"
-    echo "$RUN_DIR holds an earlier run (kept); this one writes to $NEW_DIR"
-    RUN_DIR=$NEW_DIR
-fi
+source examples/common.sh
+RUN_DIR=$(run_dir runs/weather)
 .venv/bin/python -m torch.distributed.run --nproc_per_node 2 pretrain_dchag.py \
     --deepspeed --deepspeed_config ds_configs/zero1_fp32.json --task forecast --lead-time 6 \
     --data-path data/samples/era5_5.625deg.nc --data-format netcdf \
