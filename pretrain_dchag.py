@@ -52,8 +52,7 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
             return []
         return build_eval_loader(valid_ds, args.micro_batch_size, data_parallel_rank=dp_rank,
                                  data_parallel_size=dp_size, num_micro_batches=args.eval_iters * k)
-    valid.source = valid_ds.source  # the opened data (wavelengths etc.), for non-loss outputs
-    valid.dataset = valid_ds  # channel names and statistics, for evaluation metrics
+    valid.dataset = valid_ds  # the opened data (wavelengths, channel names, statistics), for the callbacks
     return train, valid
 
 
@@ -61,21 +60,20 @@ def reconstruction_picture(model, valid_factory, args, cfg, iteration: int, writ
     """MAE only: a PNG of the first held-out tile (input | masked input | reconstruction),
     written beside the checkpoints (or the TensorBoard log)."""
     import os
-    from megatron.core import parallel_state as ps
     from dchag.tasks.mae import save_reconstruction
     from dchag.training.logging_utils import comm_device
     from dchag.training.loop import to_device
     out_dir = args.save or args.tensorboard_dir
+    if args.task != "mae" or out_dir is None:
+        return
     batch = next(iter(valid_factory()), None)
-    if args.task != "mae" or out_dir is None or batch is None:
+    if batch is None:
         return
     batch = to_device(batch, comm_device())
-    channels = cfg.partition(args.channel_parallel_size).rank_channels(ps.get_channel_parallel_rank())
-    # The already opened source: re-opening from args alone fails for synthetic data (which
-    # needs the image size) and would read the file's header again.
-    wavelengths = getattr(getattr(valid_factory, "source", None), "wavelengths", None)
+    ds = valid_factory.dataset  # this rank's channels of the already opened data
+    wavelengths = ds.source.wavelengths
     path = os.path.join(out_dir, f"reconstruction_iter_{iteration:07d}.png")
-    if save_reconstruction(model, batch, cfg, channels, wavelengths, args.mask_ratio, args.seed, path):
+    if save_reconstruction(model, batch, cfg, ds.channels, wavelengths, args.mask_ratio, args.seed, path):
         print(f"> saved reconstruction of held-out tile {path}", flush=True)
 
 
@@ -89,9 +87,10 @@ def forecast_metrics(sums, args, valid_factory) -> dict:
 
 
 def main(argv=None):
-    from dchag.training import pretrain
-    return pretrain(model_provider, forward_step, datasets_provider, argv, non_loss_data_func=reconstruction_picture,
-                    eval_metrics_func=forecast_metrics)
+    from dchag.training import pretrain, shutdown
+    history = pretrain(model_provider, forward_step, datasets_provider, argv, non_loss_data_func=reconstruction_picture,
+                       eval_metrics_func=forecast_metrics)
+    shutdown(history)
 
 
 if __name__ == "__main__":

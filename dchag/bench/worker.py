@@ -73,6 +73,14 @@ def _measure(run_step, zero_grad, counter: CommCounter, warmup: int, steps: int)
             "records": [dict(r) for r in counter.records]}
 
 
+def _saved_bytes(forward_loss, keep) -> int:
+    """Bytes autograd saves for backward in one ``forward_loss()`` (tensors in ``keep`` not counted)."""
+    with count_saved_tensors(keep) as saved:
+        loss = forward_loss()
+    loss.backward()
+    return saved["bytes"]
+
+
 def run_case(T: int, C: int, method_name: str, cfg: BenchConfig, counter: CommCounter) -> dict:
     from dchag.model.vit import DChagViT
     from dchag.tasks.mae import mae_loss, patch_mask
@@ -105,20 +113,19 @@ def run_case(T: int, C: int, method_name: str, cfg: BenchConfig, counter: CommCo
     }
 
     # --- channel stage alone: tokenize + aggregate, forward + backward
+    def channel_loss():
+        return model.aggregate_channels(images).sum()
+
     def channel_step():
         with phase("forward"):
-            loss = model.aggregate_channels(images).sum()
+            loss = channel_loss()
         with phase("backward"):
             loss.backward()
 
     out["channel"] = _measure(channel_step, lambda: model.zero_grad(set_to_none=True), counter,
                               cfg.warmup, cfg.steps)
     model.zero_grad(set_to_none=True)
-    with count_saved_tensors(keep) as saved:
-        loss = model.aggregate_channels(images).sum()
-    loss.backward()
-    del loss
-    out["channel"]["saved_bytes"] = saved["bytes"]
+    out["channel"]["saved_bytes"] = _saved_bytes(channel_loss, keep)
     model.zero_grad(set_to_none=True)
 
     # --- whole training step: forward, loss, backward, optimizer
@@ -140,11 +147,7 @@ def run_case(T: int, C: int, method_name: str, cfg: BenchConfig, counter: CommCo
         out["step"] = _measure(whole_step, lambda: optimizer.zero_grad(set_to_none=True), counter,
                                cfg.warmup, cfg.steps)
         optimizer.zero_grad(set_to_none=True)
-        with count_saved_tensors(keep) as saved:
-            loss = forward_loss()
-        loss.backward()
-        del loss
-        out["step"]["saved_bytes"] = saved["bytes"]
+        out["step"]["saved_bytes"] = _saved_bytes(forward_loss, keep)
         out["opt_state_bytes"] = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                                      for t in s.values() if isinstance(t, torch.Tensor))
         del optimizer

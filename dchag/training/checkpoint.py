@@ -56,8 +56,9 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def read_latest(directory: str) -> str | None:
-    path = os.path.join(directory, "latest")
+def read_latest(directory: str, name: str = "latest") -> str | None:
+    """The tag a pointer file names (``latest``; ds_to_universal output: ``latest_universal``)."""
+    path = os.path.join(directory, name)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -101,8 +102,7 @@ def load_tag(args, universal: bool = False) -> str | None:
             raise CheckpointError(f"--load {args.load} --ckpt-step {args.ckpt_step}: there is no {tag} there "
                                   f"(checkpoints: {have}).")
         return tag
-    tag = read_latest(args.load) if not universal else (read_latest(args.load) or
-                                                         _read(os.path.join(args.load, "latest_universal")))
+    tag = read_latest(args.load) or (read_latest(args.load, "latest_universal") if universal else None)
     if tag is None:
         if same_as_save and not saved_iterations(args.load):
             return None
@@ -112,13 +112,6 @@ def load_tag(args, universal: bool = False) -> str | None:
         raise CheckpointError(f"--load {args.load}: 'latest' names {tag!r}, which is not a folder there; the "
                               "checkpoint is damaged or was moved (pass --ckpt-step N to pick another).")
     return tag
-
-
-def _read(path: str) -> str | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return f.read().strip()
 
 
 def saved_args(folder: str) -> dict:

@@ -6,28 +6,6 @@ import os
 
 import torch
 
-from dchag.parallel.partition import LayoutError
-
-
-def check_world(args, world_size: int) -> None:
-    """The world must split into T-rank model replicas (checked before the data-parallel size is used)."""
-    T, P = args.tensor_model_parallel_size, args.channel_parallel_size
-    if T < 1 or P < 1:
-        raise LayoutError("--tensor-model-parallel-size and --channel-parallel-size must be >= 1.")
-    if world_size % T:
-        raise LayoutError(f"the world size {world_size} is not divisible by --tensor-model-parallel-size {T}: "
-                          f"launch a multiple of {T} processes.")
-
-
-def check_layout(args, cfg, world_size: int) -> None:
-    """Layout errors before any process group is created (every rank raises the same)."""
-    T, P = args.tensor_model_parallel_size, args.channel_parallel_size
-    if T < 1 or P < 1:
-        raise LayoutError("--tensor-model-parallel-size and --channel-parallel-size must be >= 1.")
-    if world_size % T:
-        raise LayoutError(f"the world size {world_size} is not divisible by --tensor-model-parallel-size {T}.")
-    cfg.validate_layout(T, P)
-
 
 def init_distributed() -> None:
     if not torch.cuda.is_available():

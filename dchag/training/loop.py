@@ -14,7 +14,7 @@ from dchag.data.errors import DataError
 from dchag.parallel.partition import LayoutError
 from dchag.training import checkpoint as ckpt
 from dchag.training.ds_config import ConfigError, build_ds_config
-from dchag.training.initialize import check_layout, check_world, init_distributed, init_model_parallel
+from dchag.training.initialize import init_distributed, init_model_parallel
 from dchag.training.logging_utils import invalid_input_values, comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
 from dchag.training.lr import LRScheduler
 
@@ -87,19 +87,31 @@ def release(history_or_engine) -> None:
     gc.collect()
 
 
+def shutdown(history: dict) -> None:
+    """End of a training process: release the run, then the default process group. Exiting
+    with live gloo groups lets their threads be destroyed mid-flight at interpreter exit
+    ('terminate called without an active exception', SIGABRT on a finished run)."""
+    release(history)
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still runs a collective (the picture)
+        dist.destroy_process_group()
+
+
 def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
          built: dict) -> dict:
     import deepspeed
     from megatron.core import parallel_state as ps
 
     init_distributed()
+    from megatron_patches.channel_parallel import validate_layout
     world = dist.get_world_size()
-    check_world(args, world)
+    # Layout errors before any process group or weight is built (every rank raises the same).
+    validate_layout(world, args.tensor_model_parallel_size, args.channel_parallel_size)
     dp = world // args.tensor_model_parallel_size
     ds_config = build_ds_config(args, dp)  # resolves batch sizes, --bf16, --clip-grad against the JSON
     args.num_channels = _num_channels(args)
     cfg = model_config(args)
-    check_layout(args, cfg, world)
+    cfg.validate_layout(args.tensor_model_parallel_size, args.channel_parallel_size)
     # Checkpoint errors come before anything is built or written (every rank raises the same).
     universal = bool((ds_config.get("checkpoint") or {}).get("load_universal"))
     load_tag = ckpt.check_compatible(args, universal)
