@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dchag.model.init import init_rows_, mark_channel_sharded
+from dchag.model.init import init_rows_, mark_channel_sharded, mark_weight_matrix
 from dchag.parallel.partition import ChannelPartition
 
 
@@ -87,9 +87,18 @@ def _segments(x: torch.Tensor, level: SegmentLevel):
     return x[:, index.to(x.device)], valid.to(x.device)
 
 
+def softmax_fp32(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis, accumulated in at least fp32 (as megatron's
+    ``attention_softmax_in_fp32`` does for the backbone): bf16 sums over hundreds of channel
+    tokens lose the small weights. The caller casts the result back to the values' dtype."""
+    return scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1)
+
+
 class LinearReduce(nn.Module):
     """D-CHAG-L: out_n = sum_{i in segment n} w_i * x_i, one scalar per input token.
-    Initialized to the segment mean, so an untrained model averages the group's channels."""
+    Initialized to the segment mean, so an untrained model averages the group's channels.
+    The coefficients are not a weight matrix and take no weight decay: decay would pull every
+    group token towards zero, not towards a simpler map."""
 
     def __init__(self, level: SegmentLevel, owner: bool):
         super().__init__()
@@ -127,6 +136,8 @@ class CrossReduce(nn.Module):
         self.proj_bias = nn.Parameter(torch.zeros(n, D))
         for p in (self.query, self.key, self.value, self.proj, self.proj_bias):
             mark_channel_sharded(p, rows, total, owner)
+        for p in (self.key, self.value, self.proj):
+            mark_weight_matrix(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, n_in, L, D] -> [B, n_out, L, D]
         seg, pad = _segments(x, self.level)  # [B, n, S, L, D]
@@ -138,9 +149,10 @@ class CrossReduce(nn.Module):
         scores = torch.einsum("nhe,bnlshe->bnlhs", q, k) / math.sqrt(hd)
         if pad is not None:
             scores = scores.masked_fill(~pad[None, :, None, None, :], float("-inf"))
-        attn = scores.softmax(-1)
+        attn = softmax_fp32(scores).to(v.dtype)
         mixed = torch.einsum("bnlhs,bnlshe->bnlhe", attn, v).reshape(B, n, L, D)
-        return torch.einsum("bnld,nde->bnld", mixed, self.proj) + self.proj_bias[None, :, None, :]
+        # The segment's output projection: mixed [B, n, L, D] @ proj[n] [D, D] -> [B, n, L, D].
+        return torch.einsum("bnld,nde->bnle", mixed, self.proj) + self.proj_bias[None, :, None, :]
 
 
 class PartialAggregation(nn.Module):
@@ -202,7 +214,7 @@ class FinalAggregation(nn.Module):
         kv = kv.reshape(N, B * L, Hl, 2, hd)
         k, v = kv[..., 0, :], kv[..., 1, :]  # [N, B*L, Hl, hd]
         q = self.query.reshape(Hl, hd).to(k.dtype)
-        attn = (torch.einsum("he,nbhe->bhn", q, k) / math.sqrt(hd)).softmax(-1)
+        attn = softmax_fp32(torch.einsum("he,nbhe->bhn", q, k) / math.sqrt(hd)).to(v.dtype)
         mixed = torch.einsum("bhn,nbhe->bhe", attn, v).reshape(1, B * L, Hl * hd)
         out, _ = self.proj(mixed)  # [1, B*L, D], all-reduced over TP
         return out.reshape(B, L, D)

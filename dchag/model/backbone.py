@@ -6,8 +6,10 @@ import copy
 import dataclasses
 
 import torch
+from torch import nn
 
 from dchag.model.config import DChagConfig
+from dchag.model.init import mark_weight_matrix
 
 
 def transformer_config(cfg: DChagConfig, tensor_parallel_size: int):
@@ -55,3 +57,12 @@ def no_mask_layer_spec():
 def build_backbone(config):
     from megatron.core.transformer.transformer_block import TransformerBlock
     return TransformerBlock(config, no_mask_layer_spec(), post_layer_norm=True, pre_process=True, post_process=True)
+
+
+def mark_linear_weight_matrices(module: nn.Module) -> None:
+    """Tag the weights of megatron's TP linear layers (and torch's) as weight matrices, for
+    weight decay; their biases and the norms stay untagged."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
+            mark_weight_matrix(m.weight)

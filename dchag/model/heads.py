@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from dchag.model.init import init_rows_, mark_channel_sharded
+from dchag.model.init import init_rows_, mark_channel_sharded, mark_weight_matrix
 from dchag.parallel.comm import copy_to_channel_parallel_region
 
 
@@ -37,6 +37,7 @@ class ChannelReconstructionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(c, q))
         for p in (self.weight, self.bias):
             mark_channel_sharded(p, channels, num_channels, owner)
+        mark_weight_matrix(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_channel_parallel_region(x)

@@ -44,3 +44,16 @@ def mark_channel_sharded(param: torch.nn.Parameter, rows: range, global_rows: in
     param.partition_dim = 0
     param.partition_stride = 1
     return param
+
+
+def mark_weight_matrix(param: torch.nn.Parameter) -> torch.nn.Parameter:
+    """Tag the weight matrix of a linear map (or a stack of them: per-channel patch embeddings,
+    per-group projections, per-channel heads). Only these take AdamW's weight decay; biases,
+    norms, embeddings, learned queries and tokens and aggregation coefficients do not
+    (``is_weight_matrix``). Decided from the parameter's role where it is built, never from its name."""
+    param.weight_matrix = True
+    return param
+
+
+def is_weight_matrix(param: torch.Tensor) -> bool:
+    return getattr(param, "weight_matrix", False)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dchag.model.init import init_rows_, mark_channel_sharded
+from dchag.model.init import init_rows_, mark_channel_sharded, mark_weight_matrix
 
 
 class ChannelTokenizer(nn.Module):
@@ -31,6 +31,7 @@ class ChannelTokenizer(nn.Module):
         init_rows_(self.channel_embed, channels, seed, "tokenizer.channel_embed", std=0.02)
         for param in (self.weight, self.bias, self.channel_embed):
             mark_channel_sharded(param, channels, num_channels, owner)
+        mark_weight_matrix(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, c, H, W = x.shape

@@ -5,10 +5,15 @@
       partial aggregation        [B, G/P, L, D]       local to the rank (identity for flat)
       gather over channel group  [B, G, L, D]         the one D-CHAG collective
       final aggregation (TP)     [B, L, D]            learned-query cross-attention over G tokens
-      + position embedding (+ mask token for MAE, + lead-time embedding for forecast)
+      (MAE: masked positions -> mask token)
+      + position embedding       [1, L, D]            added after masking: a masked token knows where it is
+      (+ lead-time embedding for forecast)
       backbone (TP, SP)          [L, B, D]            megatron TransformerBlock, final norm
       head                       MAE: [B, c_r, H, W]  (sharded by channel)
                                  forecast: [B, V, H, W] (replicated)
+
+The position embedding is a *learned* parameter initialized to the fixed 2-D sine-cosine
+embedding (as ClimaX does; MAE keeps it fixed); like the mask token, it takes no weight decay.
 
 The model knows shapes and ranks (a ``ParallelLayout``); the collectives it needs are the
 named functions of ``dchag.parallel.comm`` and megatron's ``tensor_parallel`` mappings.
@@ -20,7 +25,8 @@ import torch
 from torch import nn
 
 from dchag.model.aggregation import FinalAggregation, build_partial_aggregation
-from dchag.model.backbone import build_backbone, transformer_config, without_sequence_parallel
+from dchag.model.backbone import (build_backbone, mark_linear_weight_matrices, transformer_config,
+                                  without_sequence_parallel)
 from dchag.model.config import DChagConfig
 from dchag.model.heads import ChannelReconstructionHead, ForecastHead, sincos_2d
 from dchag.model.init import init_rows_
@@ -62,6 +68,7 @@ class DChagViT(nn.Module):
                                                   seed, owner)
         else:
             self.head = ForecastHead(D, len(cfg.predicted_channels), cfg.patch_dim, cfg.grid)
+        mark_linear_weight_matrices(self)
         if cfg.bf16:
             self.to(torch.bfloat16)
         if self.sequence_parallel:
@@ -78,9 +85,10 @@ class DChagViT(nn.Module):
                 lead_time: torch.Tensor | None = None) -> torch.Tensor:
         """images [B, c_r, H, W]; patch_mask [B, L] bool (True = masked, MAE); lead_time [B] (forecast)."""
         from megatron.core import tensor_parallel
-        x = self.aggregate_channels(images) + self.pos_embed
+        x = self.aggregate_channels(images)  # [B, L, D]
         if patch_mask is not None:
             x = torch.where(patch_mask[..., None], self.mask_token.to(x.dtype), x)
+        x = x + self.pos_embed  # after masking: every mask token carries its position (MAE)
         if lead_time is not None:
             x = x + self.lead_time_embed(lead_time.to(x.dtype).reshape(-1, 1))[:, None, :]
         x = x.transpose(0, 1).contiguous()  # [L, B, D]: megatron's sequence-first layout

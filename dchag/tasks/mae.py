@@ -31,9 +31,10 @@ def pixel_mask(mask: torch.Tensor, grid: tuple[int, int], patch_dim: int) -> tor
 def mae_loss(pred: torch.Tensor, images: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
              grid: tuple[int, int], patch_dim: int) -> torch.Tensor:
     """Global mean over masked patches and valid pixels of all channels (this rank holds c_r)."""
-    w = (pixel_mask(mask, grid, patch_dim) & valid).to(torch.float32)
-    target = torch.where(valid, images, torch.zeros_like(images)).to(torch.float32)
-    err = (pred.to(torch.float32) - target) ** 2 * w
+    dtype = torch.promote_types(pred.dtype, torch.float32)  # accumulate in fp32 at least (fp64 stays fp64)
+    w = (pixel_mask(mask, grid, patch_dim) & valid).to(dtype)
+    target = torch.where(valid, images, torch.zeros_like(images)).to(dtype)
+    err = (pred.to(dtype) - target) ** 2 * w
     s = torch.stack([err.sum(), w.sum()])
     s = reduce_from_channel_parallel_region(s)
     return s[0] / s[1].clamp_min(1.0)

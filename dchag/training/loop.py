@@ -35,11 +35,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _build_optimizer(model, args):
+    from dchag.model.init import is_weight_matrix
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:  # only weight matrices decay: the model tags them by role where it builds them
+            (decay if is_weight_matrix(p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     # lr 0 until the LR schedule sets it: DeepSpeed's ZeRO-0 bf16 wrapper (FP16_Optimizer) takes
