@@ -48,6 +48,25 @@ def masked_from_patches(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray
     return out, m
 
 
+def rgb_renderer(reference: np.ndarray, channels: list[int]):
+    """x [C, H, W] -> RGB [H, W, 3] in [0, 1], with the contrast stretch (2nd-98th percentile per
+    colour) of ``reference``, so that every panel rendered with it is comparable. Hidden or
+    invalid pixels (NaN) are grey."""
+    ch = list(channels)
+    ref = np.asarray(reference)[ch].astype(np.float64)  # [3, H, W]
+    lo = np.nanpercentile(ref.reshape(3, -1), 2, axis=1)[:, None, None]
+    hi = np.nanpercentile(ref.reshape(3, -1), 98, axis=1)[:, None, None]
+    scale = np.where(hi > lo, hi - lo, 1.0)
+
+    def render(x):
+        y = (np.asarray(x)[ch].astype(np.float64) - lo) / scale
+        hidden = ~np.isfinite(y).all(axis=0)
+        y = np.clip(np.nan_to_num(y, nan=0.5), 0, 1).transpose(1, 2, 0)
+        y[hidden] = 0.5
+        return y
+    return render
+
+
 def save_reconstruction_png(path, image, mask_or_masked, reconstruction, wavelengths=None, title: str | None = None,
                             dpi: int = 100, rgb: list[int] | None = None) -> str:
     """Write a 3-panel PNG. ``image``/``reconstruction``: [C, H, W] (numpy or torch).
@@ -68,17 +87,7 @@ def save_reconstruction_png(path, image, mask_or_masked, reconstruction, wavelen
     else:
         masked = mk.astype(np.float32)
     ch = list(rgb) if rgb is not None else rgb_channels(image.shape[0], wavelengths)
-    ref = image[ch].astype(np.float64)  # [3, H, W]
-    lo = np.nanpercentile(ref.reshape(3, -1), 2, axis=1)[:, None, None]
-    hi = np.nanpercentile(ref.reshape(3, -1), 98, axis=1)[:, None, None]
-    scale = np.where(hi > lo, hi - lo, 1.0)
-
-    def rgb(x):
-        y = (x[ch].astype(np.float64) - lo) / scale
-        hidden = ~np.isfinite(y).all(axis=0)
-        y = np.clip(np.nan_to_num(y, nan=0.5), 0, 1).transpose(1, 2, 0)
-        y[hidden] = 0.5  # grey where the input is hidden or invalid
-        return y
+    rgb = rgb_renderer(image, ch)
 
     H, W = image.shape[1:]
     fig_w = 3 * max(2.0, 2.5 * W / max(H, W))

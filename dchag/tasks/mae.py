@@ -41,38 +41,45 @@ def mae_loss(pred: torch.Tensor, images: torch.Tensor, valid: torch.Tensor, mask
 
 
 @torch.no_grad()
+def reconstruction_planes(model, batch: dict, cfg, channels: range, picked: list[int], mask_ratio: float, seed: int,
+                          sample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``picked`` channels of one held-out tile, whole on every rank: (planes [2, k, H, W] =
+    input | reconstruction, mask [L]). The reconstruction is the model's output on the masked
+    patches with the visible patches pasted from the input, as in the MAE paper's figures.
+
+    Every rank of the model runs the forward (TP collectives need all of them); each rank holds
+    only its channels [c_r], so the planes are summed over the channel group (a rank contributes
+    the planes it owns, zeros elsewhere). The mask is the one evaluation uses (iteration 0)."""
+    valid = batch["valid"][sample:sample + 1]
+    images = batch["images"][sample:sample + 1]
+    images = torch.where(valid, images, torch.zeros_like(images))  # [1, c_r, H, W]
+    index = batch["index"][sample:sample + 1].cpu()
+    mask = patch_mask(index, cfg.num_patches, mask_ratio, seed, 0).to(images.device)  # [1, L]
+    pred = model(images, patch_mask=mask).float()  # [1, c_r, H, W]
+    hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim)[0, 0]  # [H, W]
+    pred = torch.where(hidden, pred, images.float())
+    planes = images.new_zeros(2, len(picked), cfg.img_h, cfg.img_w, dtype=torch.float32)
+    for k, c in enumerate(picked):
+        if c in channels:
+            planes[0, k] = images[0, c - channels.start].float()
+            planes[1, k] = pred[0, c - channels.start]
+    return reduce_from_channel_parallel_region(planes).cpu(), mask[0].cpu()
+
+
 def save_reconstruction(model, batch: dict, cfg, channels: range, wavelengths, mask_ratio: float, seed: int,
                         path: str) -> str | None:
-    """PNG of one held-out tile: false-colour input | masked input | reconstruction (the
-    model's output on the masked patches, the visible patches pasted from the input, as in
-    the MAE paper's figures).
-
-    Every rank of the model runs the forward (TP collectives need all of them); each rank
-    holds only its channels [c_r], so the three RGB planes are summed over the channel group
-    (a rank contributes the planes it owns, zeros elsewhere). Global rank 0 writes ``path``
-    and returns it; other ranks return None.
-    """
+    """PNG of one held-out tile: false-colour input | masked input | reconstruction (see
+    ``reconstruction_planes``). Global rank 0 writes ``path`` and returns it; other ranks None."""
     import torch.distributed as dist
 
     from dchag.data.visualize import rgb_channels, save_reconstruction_png
 
-    valid = batch["valid"][:1]
-    images = torch.where(valid, batch["images"][:1], torch.zeros_like(batch["images"][:1]))  # [1, c_r, H, W]
-    mask = patch_mask(batch["index"][:1].cpu(), cfg.num_patches, mask_ratio, seed, 0).to(images.device)  # [1, L]
-    pred = model(images, patch_mask=mask).float()  # [1, c_r, H, W]
-    hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim)[0, 0]  # [H, W]
-    pred = torch.where(hidden, pred, images.float())
     rgb = rgb_channels(cfg.num_channels, wavelengths)
-    planes = images.new_zeros(2, 3, cfg.img_h, cfg.img_w, dtype=torch.float32)  # [input | reconstruction, RGB, H, W]
-    for k, c in enumerate(rgb):
-        if c in channels:
-            planes[0, k] = images[0, c - channels.start].float()
-            planes[1, k] = pred[0, c - channels.start]
-    planes = reduce_from_channel_parallel_region(planes).cpu()
+    planes, mask = reconstruction_planes(model, batch, cfg, channels, rgb, mask_ratio, seed)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     picked = None if wavelengths is None else [float(wavelengths[c]) for c in rgb]
     title = "held-out tile {}: RGB = {}".format(
         int(batch["index"][0]), ", ".join(f"{w:.0f} nm" for w in picked) if picked else f"channels {rgb}")
-    return save_reconstruction_png(path, planes[0], mask[0].cpu(), planes[1], wavelengths=picked, rgb=[0, 1, 2],
+    return save_reconstruction_png(path, planes[0], mask, planes[1], wavelengths=picked, rgb=[0, 1, 2],
                                    title=title)

@@ -1,0 +1,9 @@
+"""The parity study: does D-CHAG train as well as the flat baseline? (tools/parity.py)
+
+    methods.py    method specs ("linear", "cross:g=32:k=2") -> the pretrain flags they override
+    stats.py      paired relative gaps over seeds with a 95 % Student-t interval
+    baselines.py  what a model must beat: channel mean and visible-pixel mean (MAE),
+                  persistence and climatology (forecast), on the exact held-out batches
+    study.py      every method x seed trained in-process with the same data, steps and schedule
+    report.py     parity.json, parity.md, parity.png and the per-method pictures
+"""

@@ -1,0 +1,64 @@
+"""Method specs of the parity study: ``NAME[:g=G][:k=K]``.
+
+``flat`` is the baseline (ClimaX/ORBIT aggregation over all C channels) and always runs with
+channel-parallel size 1; ``linear`` (D-CHAG-L) and ``cross`` (D-CHAG-C) run with the study's
+--dchag-groups, --dchag-tree-levels and --channel-parallel-size unless the spec overrides G or k
+(e.g. ``cross:k=2`` is D-CHAG-C with 2 tree levels, ``linear:g=32`` D-CHAG-L with 32 groups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dchag.parallel.partition import LayoutError
+
+NAMES = {"flat": "flat (baseline)", "linear": "D-CHAG-L", "cross": "D-CHAG-C"}
+
+
+@dataclass(frozen=True)
+class Method:
+    spec: str
+    aggregation: str
+    groups: int | None = None  # None: the study's --dchag-groups
+    tree_levels: int | None = None
+
+    def label(self, default_groups: int, default_levels: int) -> str:
+        if self.aggregation == "flat":
+            return NAMES["flat"]
+        g = self.groups or default_groups
+        k = self.tree_levels or default_levels
+        return f"{NAMES[self.aggregation]} G={g}" + (f" k={k}" if k > 1 else "")
+
+    def overrides(self, args) -> dict:
+        """The argument values this method sets on top of the study's flags."""
+        if self.aggregation == "flat":
+            return {"dchag_aggregation": "flat", "dchag_groups": 1, "dchag_tree_levels": 1, "channel_parallel_size": 1}
+        return {"dchag_aggregation": self.aggregation, "dchag_groups": self.groups or args.dchag_groups,
+                "dchag_tree_levels": self.tree_levels or args.dchag_tree_levels}
+
+
+def parse_methods(text: str) -> list[Method]:
+    methods = []
+    for spec in (s.strip() for s in text.split(",") if s.strip()):
+        name, *opts = spec.split(":")
+        if name not in NAMES:
+            raise LayoutError(f"--methods: unknown method {name!r} in {spec!r}; use flat, linear or cross "
+                              "(optionally with :g=G and :k=K, e.g. cross:g=8:k=2).")
+        kw = {}
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key not in ("g", "k") or not value.isdigit() or int(value) < 1:
+                raise LayoutError(f"--methods: bad option {opt!r} in {spec!r}; options are g=G and k=K (positive "
+                                  "integers), e.g. linear:g=32 or cross:k=2.")
+            if name == "flat":
+                raise LayoutError(f"--methods: {spec!r}: flat aggregation has no groups or tree levels.")
+            kw["groups" if key == "g" else "tree_levels"] = int(value)
+        methods.append(Method(spec, name, **kw))
+    if not methods:
+        raise LayoutError("--methods is empty; e.g. --methods flat,linear,cross.")
+    if methods[0].aggregation != "flat" or sum(m.aggregation == "flat" for m in methods) != 1:
+        raise LayoutError("--methods must start with flat, once: every gap is measured against it "
+                          "(e.g. --methods flat,linear,cross).")
+    if len({m.spec for m in methods}) != len(methods):
+        raise LayoutError(f"--methods names a method twice: {text!r}.")
+    return methods

@@ -1,0 +1,173 @@
+"""The parity study's outputs: parity.json, parity.md, parity.png and the pictures."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from dchag.parity.stats import mean_interval, relative_gaps
+
+
+def summarize(results: dict) -> dict:
+    """Add to every non-baseline method its paired relative gap to flat (per seed and the 95 % interval)."""
+    methods = results["methods"]
+    flat = next(m for m in methods.values() if m["spec"] == "flat")
+    for m in methods.values():
+        m["val_loss_mean"] = mean_interval(m["val_loss"])
+        if m is not flat:
+            gaps = relative_gaps(m["val_loss"], flat["val_loss"])
+            m["gap_to_flat"] = {"per_seed": gaps, **mean_interval(gaps)}
+        if any(m["metrics"]):
+            names = sorted(m["metrics"][0])
+            m["metrics_mean"] = {n: float(np.mean([s[n] for s in m["metrics"]])) for n in names}
+    return results
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:+.2f} %"
+
+
+def markdown(results: dict) -> str:
+    setup = results["setup"]
+    lines = [f"# Parity study: {setup['task']}", "",
+             f"- data: `{setup['data_path']}` ({setup['num_channels']} channels); {setup['split']}",
+             f"- {setup['held_out_samples']} held-out samples, {setup['scored_per_evaluation']} scored per evaluation; "
+             f"{setup['train_iters']} iterations; seeds {', '.join(map(str, results['seeds']))} (paired: a seed fixes "
+             "initial weights, data order and masks for every method)",
+             f"- layout: T = {setup['tensor_model_parallel_size']}, P = {setup['channel_parallel_size']} for D-CHAG, "
+             "P = 1 for flat", f"- command: `{' '.join(setup['argv'])}`", "",
+             "| method | val loss (mean +- 95 % CI) | gap to flat (paired, 95 % CI) | train loss (last 10 %) | s per run |",
+             "|---|---:|---:|---:|---:|"]
+    for m in results["methods"].values():
+        v = m["val_loss_mean"]
+        ci = "" if v["half_width"] != v["half_width"] else f" +- {v['half_width']:.2E}"
+        gap = m.get("gap_to_flat")
+        gap_s = "(reference)" if gap is None else (
+            f"{_pct(gap['mean'])} [{_pct(gap['low'])}, {_pct(gap['high'])}]" if gap["n"] > 1 else _pct(gap["mean"]))
+        lines.append(f"| {m['label']} | {v['mean']:.4E}{ci} | {gap_s} | {np.mean(m['train_loss']):.4E} | "
+                     f"{np.mean(m['seconds']):.0f} |")
+    for name, b in results["baselines"].items():
+        lines.append(f"| *baseline: {name}* | {b['val_loss']:.4E} | | | |")
+    metric_rows = [(m["label"], m["metrics_mean"]) for m in results["methods"].values() if m.get("metrics_mean")]
+    metric_rows += [(f"*{n}*", b["metrics"]) for n, b in results["baselines"].items() if b["metrics"]]
+    if metric_rows:
+        names = sorted(metric_rows[0][1])
+        lines += ["", "Forecast skill on the held-out period (mean over seeds; RMSE in the variable's units, "
+                  "latitude-weighted):", "", "| method | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        lines += [f"| {label} | " + " | ".join(f"{vals.get(n, float('nan')):.4g}" for n in names) + " |"
+                  for label, vals in metric_rows]
+    lines += ["", "Per seed (val loss):", ""]
+    for m in results["methods"].values():
+        lines.append(f"- {m['label']}: " + ", ".join(f"{v:.4E}" for v in m["val_loss"]))
+    return "\n".join(lines) + "\n"
+
+
+def curves_png(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for m in results["methods"].values():
+        curves = list(m["curves"].values())
+        its = curves[0]["iterations"]
+        vals = np.array([c["val_loss"] for c in curves])  # [seeds, evals]
+        line, = ax.plot(its, vals.mean(0), label=f"{m['label']} ({len(curves)} seeds)")
+        if len(curves) > 1:
+            ax.fill_between(its, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+    for name, b in results["baselines"].items():
+        ax.axhline(b["val_loss"], linestyle="--", linewidth=1, color="grey")
+        ax.annotate(f"baseline: {name}", (ax.get_xlim()[0], b["val_loss"]), fontsize=7, color="grey",
+                    xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation loss")
+    ax.set_yscale("log")
+    ax.set_title(f"{results['setup']['task']}: validation loss, mean and min-max over seeds", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def reconstructions_png(results: dict, path: str) -> None:
+    """Rows: input, masked input, one row per method; columns: held-out tiles (one colour stretch per tile)."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from dchag.data.visualize import masked_from_patches, rgb_renderer
+    pics = results["pictures"]
+    methods = [m for m in results["methods"].values() if m["spec"] in pics]
+    tiles = pics[methods[0]["spec"]]["tiles"]
+    rows = 2 + len(methods)
+    fig, axes = plt.subplots(rows, len(tiles), figsize=(1.9 * len(tiles) + 1.6, 1.9 * rows), squeeze=False)
+    for j, tile in enumerate(tiles):
+        render = rgb_renderer(tile["input"], [0, 1, 2])
+        masked, _ = masked_from_patches(tile["input"], tile["mask"])
+        panels = [("input", tile["input"]), ("masked input", masked)]
+        panels += [(m["label"], pics[m["spec"]]["tiles"][j]["reconstruction"]) for m in methods]
+        for i, (name, x) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(render(x), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, fontsize=8)
+            if i == 0:
+                ax.set_title(f"tile {tile['index']}", fontsize=8)
+    nm = pics[methods[0]["spec"]]["rgb_nm"]
+    rgb = ", ".join(f"{w:.0f} nm" for w in nm) if nm else f"channels {pics[methods[0]['spec']]['rgb']}"
+    fig.suptitle(f"held-out reconstructions (first seed), RGB = {rgb}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def forecast_maps_png(results: dict, path: str) -> None:
+    """Rows: methods; columns: target | prediction | error, one variable, first held-out sample."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    pics = results["pictures"]
+    methods = [m for m in results["methods"].values() if m["spec"] in pics]
+    first = pics[methods[0]["spec"]]
+    lo, hi = np.nanpercentile(first["target"], [2, 98])
+    err_max = max(np.nanmax(np.abs(pics[m["spec"]]["prediction"] - pics[m["spec"]]["target"])) for m in methods)
+    fig, axes = plt.subplots(len(methods), 3, figsize=(9, 2.2 * len(methods) + 0.4), squeeze=False)
+    for i, m in enumerate(methods):
+        p = pics[m["spec"]]
+        for j, (name, x, kw) in enumerate((("target", p["target"], dict(vmin=lo, vmax=hi, cmap="viridis")),
+                                           ("prediction", p["prediction"], dict(vmin=lo, vmax=hi, cmap="viridis")),
+                                           ("error", p["prediction"] - p["target"],
+                                            dict(vmin=-err_max, vmax=err_max, cmap="RdBu_r")))):
+            im = axes[i, j].imshow(x, interpolation="nearest", **kw)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            axes[i, j].set_title(f"{m['label']}: {name}" if j else f"{m['label']}: {name}", fontsize=8)
+            fig.colorbar(im, ax=axes[i, j], fraction=0.03)
+    fig.suptitle(f"{first['variable']} (normalized), held-out sample {first['index']}, first seed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict, output_dir: str) -> list[str]:
+    results = summarize(results)
+    os.makedirs(output_dir, exist_ok=True)
+    paths = [os.path.join(output_dir, n) for n in ("parity.json", "parity.md", "parity.png")]
+    public = {k: v for k, v in results.items() if k != "pictures"}
+    with open(paths[0], "w") as f:
+        json.dump(public, f, indent=1)
+    with open(paths[1], "w") as f:
+        f.write(markdown(results))
+    curves_png(results, paths[2])
+    if results["pictures"]:
+        if results["setup"]["task"] == "mae":
+            paths.append(os.path.join(output_dir, "reconstructions.png"))
+            reconstructions_png(results, paths[-1])
+        else:
+            paths.append(os.path.join(output_dir, "forecast_maps.png"))
+            forecast_maps_png(results, paths[-1])
+    return paths

@@ -1,0 +1,188 @@
+"""Train every method x seed on the same data, steps and LR schedule, in one launch.
+
+Every rank runs the study (``torchrun --nproc_per_node N tools/parity.py ...``); each run is
+``dchag.training.run`` in-process, with the study's pretrain flags, the method's overrides
+(methods.py) and ``--seed base + i``; the seed fixes initial weights, data order and MAE masks
+alike for every method (the comparison is paired). The data itself does not change with the
+seed (synthetic data is pinned to the base seed). Rank 0 writes the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from dchag.arguments import model_config
+from dchag.parallel.partition import LayoutError
+from dchag.parity.baselines import baseline_losses
+from dchag.parity.methods import Method
+
+PICTURE_TILES = 4  # held-out MAE tiles shown per method
+
+
+def _print0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def pin_synthetic_seed(data_path: str, seed: int) -> str:
+    """Synthetic data draws its scene from --seed unless the spec names one: pin it, so every
+    seed of the study trains on the same data."""
+    if not str(data_path).startswith("synthetic") or "seed=" in str(data_path):
+        return data_path
+    sep = "," if ":" in data_path else ":"
+    return f"{data_path}{sep}seed={seed}"
+
+
+def _open_valid(args):
+    """The held-out split at P = 1 (all channels): its dataset, description and config."""
+    from dchag.data import build_datasets
+    from dchag.training.loop import _num_channels
+    args.num_channels = _num_channels(args)
+    cfg = model_config(args)
+    _, valid = build_datasets(args.data_path, args.data_format, task=args.task, img_h=args.img_h, img_w=args.img_w,
+                              channels=None, num_channels=args.num_channels, lead_time=args.lead_time,
+                              valid_fraction=args.valid_fraction, strict=args.data_strict, seed=args.seed)
+    return valid, cfg
+
+
+def describe_split(valid) -> str:
+    if valid.task == "mae":
+        s = valid.samples
+        return (f"held-out split (spatial): the last {len(s)} of {s.stop} tiles in storage order (samples "
+                f"{s.start}..{s.stop - 1}; image-major, then tile row, then tile column), none seen in training")
+    t = valid.times
+    return (f"held-out split (later in time): inputs at time steps {t.start}..{t.stop - 1} of "
+            f"{valid.source.shape[0]} (targets {valid.lead_time} step(s) later); every training target "
+            "precedes them")
+
+
+class PictureCollector:
+    """``non_loss_data_func`` of the first seed of each method: the held-out pictures' arrays."""
+
+    def __init__(self):
+        self.by_method: dict[str, dict] = {}
+        self.current: str | None = None
+
+    def __call__(self, model, valid_factory, args, cfg, iteration, writer) -> None:
+        from dchag.data.visualize import rgb_channels
+        from dchag.tasks.mae import reconstruction_planes
+        from dchag.training.logging_utils import comm_device
+        from dchag.training.loop import to_device
+        ds = valid_factory.dataset
+        out = {}
+        if args.task == "mae":
+            rgb = rgb_channels(cfg.num_channels, ds.source.wavelengths)
+            tiles = []
+            for batch in valid_factory():
+                batch = to_device(batch, comm_device())
+                for i in range(batch["images"].shape[0]):
+                    if len(tiles) < PICTURE_TILES and int(batch["index"][i]) not in [t["index"] for t in tiles]:
+                        planes, mask = reconstruction_planes(model, batch, cfg, ds.channels, rgb, args.mask_ratio,
+                                                             args.seed, sample=i)
+                        tiles.append({"index": int(batch["index"][i]), "input": planes[0].numpy(),
+                                      "reconstruction": planes[1].numpy(), "mask": mask.numpy()})
+                if len(tiles) >= PICTURE_TILES:
+                    break
+            wl = ds.source.wavelengths
+            out = {"tiles": tiles, "rgb": rgb, "rgb_nm": None if wl is None else [float(wl[c]) for c in rgb]}
+        else:
+            batch = to_device(next(iter(valid_factory())), comm_device())
+            valid = batch["valid"]
+            images = torch.where(valid, batch["images"], torch.zeros_like(batch["images"]))
+            lead = torch.full((images.shape[0],), float(args.lead_time), device=images.device)
+            with torch.no_grad():
+                pred = model(images, lead_time=lead)[0, 0].float().cpu()
+            target = torch.where(batch["target_valid"][0, 0], batch["target"][0, 0], torch.nan).float().cpu()
+            names = ds.source.channel_names
+            out = {"variable": names[ds.target_channels[0]], "target": target.numpy(), "prediction": pred.numpy(),
+                   "index": int(batch["index"][0])}
+        self.by_method[self.current] = out
+
+
+def run_study(argv: list[str], methods: list[Method], num_seeds: int, output_dir: str, *, model_provider,
+              forward_step, datasets_provider, eval_metrics_func=None) -> dict | None:
+    """Train every method x seed; returns the results on rank 0 (None elsewhere)."""
+    from dchag.arguments import parse_args
+    from dchag.data import build_eval_loader
+    from dchag.training import release, run
+    from dchag.training.initialize import init_distributed
+
+    base = parse_args(argv)
+    base.data_path = pin_synthetic_seed(base.data_path, base.seed)
+    if base.save or base.load:
+        raise LayoutError("tools/parity.py trains from scratch and keeps no checkpoints: drop --save/--load.")
+    if not base.eval_interval:
+        base.eval_interval = max(1, base.train_iters // 10)
+    if base.train_iters % base.eval_interval:
+        raise LayoutError(f"--eval-interval {base.eval_interval} must divide --train-iters {base.train_iters}: the "
+                          "study compares the validation loss at the last iteration.")
+    init_distributed()
+    valid, cfg = _open_valid(copy.deepcopy(base))
+    if base.global_batch_size is None or base.micro_batch_size is None:
+        raise LayoutError("tools/parity.py needs --micro-batch-size and --global-batch-size on the command line.")
+    if "--eval-iters" not in argv:  # score every held-out sample (the loader wraps around to fill the last batch)
+        base.eval_iters = max(1, math.ceil(len(valid) / base.global_batch_size))
+    split = describe_split(valid)
+    _print0(f"[parity] {split}; {len(valid)} held-out samples, each evaluation scores "
+            f"{base.eval_iters * base.global_batch_size}")
+    seeds = [base.seed + i for i in range(num_seeds)]
+    logs = os.path.join(output_dir, "logs")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(logs, exist_ok=True)
+
+    pictures = PictureCollector()
+    results = {"methods": {}, "seeds": seeds}
+    total, done = len(methods) * len(seeds), 0
+    for method in methods:
+        label = method.label(base.dchag_groups, base.dchag_tree_levels)
+        entry = {"label": label, "spec": method.spec, "val_loss": [], "train_loss": [], "curves": {}, "metrics": [],
+                 "seconds": []}
+        for i, seed in enumerate(seeds):
+            args = copy.deepcopy(base)
+            for k, v in method.overrides(base).items():
+                setattr(args, k, v)
+            args.seed = seed
+            args.log_file = os.path.join(logs, f"{method.spec.replace(':', '_')}-seed{seed}.log")
+            if dist.is_initialized():
+                dist.barrier()  # rank 0 made the folder
+            pictures.current = method.spec
+            t0 = time.time()
+            history = run(args, model_provider, forward_step, datasets_provider,
+                          non_loss_data_func=pictures if i == 0 else None, eval_metrics_func=eval_metrics_func)
+            seconds = time.time() - t0
+            val = history["val_losses"]
+            last = max(val)
+            tail = [history["losses"][k] for k in sorted(history["losses"])[-max(1, args.train_iters // 10):]]
+            entry["val_loss"].append(val[last])
+            entry["train_loss"].append(sum(tail) / len(tail))
+            entry["curves"][str(seed)] = {"iterations": sorted(val), "val_loss": [val[k] for k in sorted(val)]}
+            entry["metrics"].append(history["val_metrics"].get(last, {}))
+            entry["seconds"].append(seconds)
+            release(history)
+            done += 1
+            _print0(f"[parity] ({done}/{total}) {label} seed {seed}: val loss {val[last]:.6E} at iteration {last} "
+                    f"({seconds:.0f} s)")
+        results["methods"][method.spec] = entry
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    loader = build_eval_loader(valid, base.micro_batch_size, num_micro_batches=base.eval_iters * (
+        base.global_batch_size // base.micro_batch_size))
+    target_names = [valid.source.channel_names[c] for c in valid.target_channels] if base.task == "forecast" else None
+    target_std = None if valid.target_stats is None else valid.target_stats.safe_std
+    results["baselines"] = baseline_losses(loader, cfg, base.task, base.mask_ratio, base.seed,
+                                           target_channels=valid.target_channels, target_names=target_names,
+                                           target_std=target_std if base.task == "forecast" else None)
+    results["pictures"] = pictures.by_method
+    results["setup"] = {"argv": argv, "task": base.task, "data_path": base.data_path, "split": split,
+                        "held_out_samples": len(valid), "scored_per_evaluation": base.eval_iters * base.global_batch_size,
+                        "train_iters": base.train_iters, "num_channels": cfg.num_channels,
+                        "tensor_model_parallel_size": base.tensor_model_parallel_size,
+                        "channel_parallel_size": base.channel_parallel_size}
+    return results

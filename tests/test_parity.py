@@ -1,0 +1,130 @@
+"""tools/parity.py: the statistics, the method specs, the baselines, and one small study end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dchag.parallel.partition import LayoutError
+from dchag.parity.methods import parse_methods
+from dchag.parity.stats import mean_interval, relative_gaps, t975
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 29, 60])
+def test_t_quantile_is_the_97_5_percent_point(df):
+    """Integrate Student's t density numerically up to t975(df): the mass must be 0.975."""
+    x = np.linspace(0.0, t975(df), 200_001)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    pdf = np.exp(log_c) * (1 + x ** 2 / df) ** (-(df + 1) / 2)
+    mass = 0.5 + np.trapezoid(pdf, x)
+    assert abs(mass - 0.975) < 2e-4, (df, mass)
+
+
+def test_mean_interval_and_paired_gaps():
+    vals = [1.0, 1.2, 0.9, 1.1]
+    r = mean_interval(vals)
+    sd = np.std(vals, ddof=1)
+    assert r["mean"] == pytest.approx(np.mean(vals))
+    assert r["half_width"] == pytest.approx(3.182 * sd / 2)
+    assert math.isnan(mean_interval([2.0])["half_width"])
+    assert relative_gaps([1.1, 2.2], [1.0, 2.0]) == pytest.approx([0.1, 0.1])
+    with pytest.raises(ValueError):
+        relative_gaps([1.0], [1.0, 2.0])
+
+
+def test_method_specs():
+    m = parse_methods("flat,linear,cross:k=2,linear:g=32")
+    assert [x.aggregation for x in m] == ["flat", "linear", "cross", "linear"]
+    assert (m[2].groups, m[2].tree_levels, m[3].groups) == (None, 2, 32)
+    args = type("A", (), {"dchag_groups": 8, "dchag_tree_levels": 1})()
+    assert m[0].overrides(args)["channel_parallel_size"] == 1
+    assert m[2].overrides(args) == {"dchag_aggregation": "cross", "dchag_groups": 8, "dchag_tree_levels": 2}
+    assert m[3].label(8, 1) == "D-CHAG-L G=32"
+    for bad in ("linear,flat", "flat,mean", "flat,cross:q=2", "flat:g=2", "flat,linear,linear", ""):
+        with pytest.raises(LayoutError):
+            parse_methods(bad)
+
+
+def test_baselines_against_direct_formulas():
+    """Channel-mean and visible-mean MAE baselines, computed again with numpy from their definitions."""
+    from dchag.data import build_datasets, build_eval_loader
+    from dchag.model.config import DChagConfig
+    from dchag.parity.baselines import baseline_losses
+    from dchag.tasks import patch_mask
+    _, valid = build_datasets("synthetic:num_images=12,seed=3", task="mae", img_h=8, img_w=8, num_channels=6,
+                              valid_fraction=0.5)
+    cfg = DChagConfig(num_channels=6, img_h=8, img_w=8, patch_dim=2, groups=2)
+    loader = build_eval_loader(valid, 3, num_micro_batches=2)
+    got = baseline_losses(loader, cfg, "mae", 0.5, seed=9)
+    per_batch = {"channel mean": [], "visible-pixel mean": []}
+    for batch in loader:
+        x = batch["images"].numpy().astype(np.float64)  # no invalid values in synthetic data
+        m = patch_mask(batch["index"], cfg.num_patches, 0.5, 9, 0).numpy().reshape(-1, 4, 4)
+        hidden = m.repeat(2, 1).repeat(2, 2)[:, None].repeat(6, 1)  # [B, C, H, W]
+        per_batch["channel mean"].append((x[hidden] ** 2).mean())
+        vis = np.where(hidden, np.nan, x)
+        pred = np.nanmean(vis, axis=(2, 3), keepdims=True) + 0 * x
+        per_batch["visible-pixel mean"].append(((pred - x)[hidden] ** 2).mean())
+    for name, vals in per_batch.items():
+        assert got[name]["val_loss"] == pytest.approx(np.mean(vals), rel=1e-5), name
+
+
+def test_small_study_end_to_end(tmp_path):
+    """2 ranks, flat and D-CHAG-L, 2 seeds: the report's numbers are the runs' logged validation losses,
+    and the gaps are the paired relative differences."""
+    out = tmp_path / "parity"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "tools/parity.py", "--methods", "flat,linear", "--seeds", "2", "--output-dir", str(out),
+           "--deepspeed", "--deepspeed_config", "ds_configs/zero1_fp32.json", "--task", "mae",
+           "--data-path", "synthetic:num_images=24", "--num-channels", "8", "--img-h", "8", "--img-w", "8",
+           "--patch-dim", "2", "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
+           "--dchag-groups", "2", "--tensor-model-parallel-size", "2", "--channel-parallel-size", "2",
+           "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "6", "--lr", "1e-3",
+           "--eval-interval", "3", "--log-interval", "3"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("parity.json", "parity.md", "parity.png", "reconstructions.png"):
+        assert (out / name).stat().st_size > 0, name
+    r = json.loads((out / "parity.json").read_text())
+    assert r["seeds"] == [1234, 1235]
+    assert r["setup"]["held_out_samples"] == 2 and "spatial" in r["setup"]["split"]
+    for spec, m in r["methods"].items():
+        for seed, val in zip(r["seeds"], m["val_loss"]):
+            log = (out / "logs" / f"{spec}-seed{seed}.log").read_text()
+            logged = float(re.findall(r"validation loss at iteration 6 \| val loss: (\S+) \|", log)[-1])
+            assert val == pytest.approx(logged, rel=1e-6)
+    flat, lin = r["methods"]["flat"]["val_loss"], r["methods"]["linear"]["val_loss"]
+    gaps = [(a - b) / b for a, b in zip(lin, flat)]
+    assert r["methods"]["linear"]["gap_to_flat"]["per_seed"] == pytest.approx(gaps)
+    assert r["methods"]["linear"]["gap_to_flat"]["mean"] == pytest.approx(np.mean(gaps))
+    assert set(r["baselines"]) == {"channel mean", "visible-pixel mean"}
+    md = (out / "parity.md").read_text()
+    assert "D-CHAG-L G=2" in md and "baseline: channel mean" in md
+    assert torch.isfinite(torch.tensor(flat + lin)).all()
+
+
+def test_study_refuses_checkpoints_and_bad_methods(tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    base = [sys.executable, "tools/parity.py", "--output-dir", str(tmp_path), "--task", "mae",
+            "--img-h", "8", "--img-w", "8", "--patch-dim", "2", "--train-iters", "4"]
+    proc = subprocess.run(base + ["--methods", "linear,flat"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "must start with flat" in proc.stderr
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
