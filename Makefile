@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - create .venv, install, run a small D-CHAG MAE pretraining on the bundled cube (4 ranks, CPU)
+#   make demo   - create .venv, install, run a small D-CHAG MAE pretraining on the bundled cube (2 ranks, CPU)
 #   make test   - create .venv, install, run the test suite
 PY ?= python3
 VENV := .venv

@@ -57,24 +57,24 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
 
 
 def reconstruction_picture(model, valid_factory, args, cfg, iteration: int, writer) -> None:
-    """MAE only: a PNG of the first held-out tile (input | masked input | reconstruction),
-    written beside the checkpoints (or the TensorBoard log)."""
+    """MAE only: a PNG of up to 8 held-out tiles (input | masked input | reconstruction), written
+    beside the checkpoints (or the TensorBoard log)."""
     import os
-    from dchag.tasks.mae import save_reconstruction
-    from dchag.training.logging_utils import comm_device
-    from dchag.training.loop import to_device
+
+    import torch.distributed as dist
+
+    from dchag.data.visualize import save_reconstruction_grid
+    from dchag.tasks.mae import heldout_reconstructions, rgb_label
     out_dir = args.save or args.tensorboard_dir
-    if args.task != "mae" or out_dir is None:
+    if args.task != "mae" or out_dir is None or len(valid_factory.dataset) == 0:
         return
-    batch = next(iter(valid_factory()), None)
-    if batch is None:
+    pics = heldout_reconstructions(model, valid_factory, cfg, args.mask_ratio, args.seed, max_tiles=8)
+    if dist.get_rank() != 0:
         return
-    batch = to_device(batch, comm_device())
-    ds = valid_factory.dataset  # this rank's channels of the already opened data
-    wavelengths = ds.source.wavelengths
     path = os.path.join(out_dir, f"reconstruction_iter_{iteration:07d}.png")
-    if save_reconstruction(model, batch, cfg, ds.channels, wavelengths, args.mask_ratio, args.seed, path):
-        print(f"> saved reconstruction of held-out tile {path}", flush=True)
+    save_reconstruction_grid(path, pics["tiles"], [("reconstruction", [t["reconstruction"] for t in pics["tiles"]])],
+                             f"held-out tiles at iteration {iteration}, RGB = {rgb_label(pics)}")
+    print(f"> saved reconstruction of {len(pics['tiles'])} held-out tiles {path}", flush=True)
 
 
 def forecast_metrics(sums, args, valid_factory) -> dict:

@@ -468,3 +468,6 @@ def test_deepspeed_launcher_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "iteration        2/       2 | consumed samples:            4 |" in out, out[-3000:]
     assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000002"
+    # The MAE picture of held-out tiles, made by every rank (channel-sharded), written by rank 0.
+    png = tmp_path / "ckpt" / "reconstruction_iter_0000002.png"
+    assert png.stat().st_size > 0 and "saved reconstruction of" in out

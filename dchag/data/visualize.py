@@ -102,3 +102,35 @@ def save_reconstruction_png(path, image, mask_or_masked, reconstruction, wavelen
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return str(path)
+
+
+def save_reconstruction_grid(path, tiles: list[dict], rows: list[tuple[str, list]], title: str, dpi: int = 110) -> str:
+    """Columns: tiles (each dict: "index", "input" [3, H, W] in R, G, B order, "mask" per patch [L]);
+    rows: input, masked input, then one labelled row of reconstructions [3, H, W] per entry of
+    ``rows`` (label, one array per tile). Every panel of a column shares its input's contrast stretch."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = 2 + len(rows), len(tiles)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols + 1.4, 1.7 * n_rows + 0.3), squeeze=False)
+    for j, tile in enumerate(tiles):
+        image = _to_array(tile["input"])
+        render = rgb_renderer(image, [0, 1, 2])
+        masked, _ = masked_from_patches(image, tile["mask"])
+        panels = [("input", image), ("masked input", masked)] + [(label, _to_array(recs[j])) for label, recs in rows]
+        for i, (label, x) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(render(x), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if i == 0:
+                ax.set_title(f"tile {tile['index']}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)

@@ -92,37 +92,15 @@ def curves_png(results: dict, path: str) -> None:
 
 
 def reconstructions_png(results: dict, path: str) -> None:
-    """Rows: input, masked input, one row per method; columns: held-out tiles (one colour stretch per tile)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from dchag.data.visualize import masked_from_patches, rgb_renderer
+    """Rows: input, masked input, one row per method; columns: held-out tiles (first seed)."""
+    from dchag.data.visualize import save_reconstruction_grid
+    from dchag.tasks.mae import rgb_label
     pics = results["pictures"]
     methods = [m for m in results["methods"].values() if m["spec"] in pics]
-    tiles = pics[methods[0]["spec"]]["tiles"]
-    rows = 2 + len(methods)
-    fig, axes = plt.subplots(rows, len(tiles), figsize=(1.9 * len(tiles) + 1.6, 1.9 * rows), squeeze=False)
-    for j, tile in enumerate(tiles):
-        render = rgb_renderer(tile["input"], [0, 1, 2])
-        masked, _ = masked_from_patches(tile["input"], tile["mask"])
-        panels = [("input", tile["input"]), ("masked input", masked)]
-        panels += [(m["label"], pics[m["spec"]]["tiles"][j]["reconstruction"]) for m in methods]
-        for i, (name, x) in enumerate(panels):
-            ax = axes[i, j]
-            ax.imshow(render(x), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(name, fontsize=8)
-            if i == 0:
-                ax.set_title(f"tile {tile['index']}", fontsize=8)
-    nm = pics[methods[0]["spec"]]["rgb_nm"]
-    rgb = ", ".join(f"{w:.0f} nm" for w in nm) if nm else f"channels {pics[methods[0]['spec']]['rgb']}"
-    fig.suptitle(f"held-out reconstructions (first seed), RGB = {rgb}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    first = pics[methods[0]["spec"]]
+    rows = [(m["label"], [t["reconstruction"] for t in pics[m["spec"]]["tiles"]]) for m in methods]
+    save_reconstruction_grid(path, first["tiles"], rows,
+                             f"held-out reconstructions (first seed), RGB = {rgb_label(first)}")
 
 
 def forecast_maps_png(results: dict, path: str) -> None:

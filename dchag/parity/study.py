@@ -70,27 +70,13 @@ class PictureCollector:
         self.current: str | None = None
 
     def __call__(self, model, valid_factory, args, cfg, iteration, writer) -> None:
-        from dchag.data.visualize import rgb_channels
-        from dchag.tasks.mae import reconstruction_planes
+        from dchag.tasks.mae import heldout_reconstructions
         from dchag.training.logging_utils import comm_device
         from dchag.training.loop import to_device
         ds = valid_factory.dataset
         out = {}
         if args.task == "mae":
-            rgb = rgb_channels(cfg.num_channels, ds.source.wavelengths)
-            tiles = []
-            for batch in valid_factory():
-                batch = to_device(batch, comm_device())
-                for i in range(batch["images"].shape[0]):
-                    if len(tiles) < PICTURE_TILES and int(batch["index"][i]) not in [t["index"] for t in tiles]:
-                        planes, mask = reconstruction_planes(model, batch, cfg, ds.channels, rgb, args.mask_ratio,
-                                                             args.seed, sample=i)
-                        tiles.append({"index": int(batch["index"][i]), "input": planes[0].numpy(),
-                                      "reconstruction": planes[1].numpy(), "mask": mask.numpy()})
-                if len(tiles) >= PICTURE_TILES:
-                    break
-            wl = ds.source.wavelengths
-            out = {"tiles": tiles, "rgb": rgb, "rgb_nm": None if wl is None else [float(wl[c]) for c in rgb]}
+            out = heldout_reconstructions(model, valid_factory, cfg, args.mask_ratio, args.seed, PICTURE_TILES)
         else:
             batch = to_device(next(iter(valid_factory())), comm_device())
             valid = batch["valid"]

@@ -66,20 +66,31 @@ def reconstruction_planes(model, batch: dict, cfg, channels: range, picked: list
     return reduce_from_channel_parallel_region(planes).cpu(), mask[0].cpu()
 
 
-def save_reconstruction(model, batch: dict, cfg, channels: range, wavelengths, mask_ratio: float, seed: int,
-                        path: str) -> str | None:
-    """PNG of one held-out tile: false-colour input | masked input | reconstruction (see
-    ``reconstruction_planes``). Global rank 0 writes ``path`` and returns it; other ranks None."""
-    import torch.distributed as dist
+def heldout_reconstructions(model, valid_factory, cfg, mask_ratio: float, seed: int, max_tiles: int) -> dict:
+    """Up to ``max_tiles`` distinct held-out tiles in false colour, whole on every rank:
+    {"tiles": [{"index", "input" [3, H, W], "reconstruction" [3, H, W], "mask" [L]}], "rgb": channels,
+    "rgb_nm": their wavelengths or None}. Collective: every rank of the model calls it."""
+    from dchag.data.visualize import rgb_channels
+    from dchag.training.logging_utils import comm_device
+    from dchag.training.loop import to_device
+    ds = valid_factory.dataset
+    rgb = rgb_channels(cfg.num_channels, ds.source.wavelengths)
+    tiles, seen = [], set()
+    for batch in valid_factory():
+        batch = to_device(batch, comm_device())
+        for i in range(batch["images"].shape[0]):
+            index = int(batch["index"][i])
+            if len(tiles) < max_tiles and index not in seen:  # the eval loader wraps around
+                planes, mask = reconstruction_planes(model, batch, cfg, ds.channels, rgb, mask_ratio, seed, sample=i)
+                tiles.append({"index": index, "input": planes[0].numpy(), "reconstruction": planes[1].numpy(),
+                              "mask": mask.numpy()})
+                seen.add(index)
+        if len(tiles) >= max_tiles:
+            break
+    wl = ds.source.wavelengths
+    return {"tiles": tiles, "rgb": rgb, "rgb_nm": None if wl is None else [float(wl[c]) for c in rgb]}
 
-    from dchag.data.visualize import rgb_channels, save_reconstruction_png
 
-    rgb = rgb_channels(cfg.num_channels, wavelengths)
-    planes, mask = reconstruction_planes(model, batch, cfg, channels, rgb, mask_ratio, seed)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    picked = None if wavelengths is None else [float(wavelengths[c]) for c in rgb]
-    title = "held-out tile {}: RGB = {}".format(
-        int(batch["index"][0]), ", ".join(f"{w:.0f} nm" for w in picked) if picked else f"channels {rgb}")
-    return save_reconstruction_png(path, planes[0], mask, planes[1], wavelengths=picked, rgb=[0, 1, 2],
-                                   title=title)
+def rgb_label(pictures: dict) -> str:
+    nm = pictures["rgb_nm"]
+    return ", ".join(f"{w:.0f} nm" for w in nm) if nm else f"channels {pictures['rgb']}"
