@@ -16,9 +16,10 @@ from dchag.training import checkpoint as ckpt
 from dchag.training.ds_config import ConfigError, build_ds_config
 from dchag.training.initialize import init_distributed, init_model_parallel
 from dchag.training.logging_utils import invalid_input_values, comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
-from dchag.training.lr import LRScheduler
+from dchag.training.lr import LRScheduler, ScheduleError
+from dchag.training.signals import ExitRequest, exit_interrupted, progress
 
-USER_ERRORS = (LayoutError, DataError, ConfigError, ckpt.CheckpointError)
+USER_ERRORS = (LayoutError, DataError, ConfigError, ckpt.CheckpointError, ScheduleError)
 
 
 def _print0(msg: str, log_file=None) -> None:
@@ -59,17 +60,19 @@ def run(args, model_provider, forward_step, datasets_provider, non_loss_data_fun
     """Train; returns {"losses": {iteration: loss}, "val_losses": {...}, "engine": engine} (on
     every rank; losses are the exact float values the log line rounds). Call ``release(history)``
     before training again in the same process. On an exception the engine is released here."""
-    built = {}
+    built = {"exit_request": ExitRequest(args, time.time()).install()}
     try:
         return _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
                     built)
-    except BaseException:
-        if "engine" in built:
+    except BaseException as e:
+        if "engine" in built and not isinstance(e, KeyboardInterrupt):  # a peer may be gone: no teardown
             try:
                 release(built["engine"])
             except Exception:  # noqa: BLE001 - never mask the error that stopped the run
                 pass
         raise
+    finally:
+        built["exit_request"].restore()
 
 
 def release(history_or_engine) -> None:
@@ -209,20 +212,23 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
                 writer.flush()
         saved = False
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            ckpt.save(engine, args, iteration, consumed, scheduler)
+            _save(engine, args, iteration, consumed, scheduler)
             saved = True
-            _print0(f"> saved checkpoint {args.save}/{ckpt.tag_for(iteration)}", args.log_file)
-        if args.exit_interval and iteration % args.exit_interval == 0:
+        progress["iteration"] = iteration
+        reason = built["exit_request"].check()  # every rank agrees (one tiny all-reduce)
+        if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
+            reason = f"--exit-interval {args.exit_interval}"
+        if reason is not None:
             if args.save and not saved:
-                ckpt.save(engine, args, iteration, consumed, scheduler)
-                _print0(f"> saved checkpoint {args.save}/{ckpt.tag_for(iteration)}", args.log_file)
-            _print0(f"> exiting at iteration {iteration} (--exit-interval {args.exit_interval})", args.log_file)
+                _save(engine, args, iteration, consumed, scheduler)
+            where = f"checkpoint {args.save}/{ckpt.tag_for(iteration)}" if args.save else "no --save: nothing saved"
+            _print0(f"> exiting at iteration {iteration} of {args.train_iters}: {reason}; {where}", args.log_file)
+            history["exit_reason"] = reason
             break
     else:
         if args.save and iteration > start_iteration and not (args.save_interval and iteration % args.save_interval == 0):
-            ckpt.save(engine, args, iteration, consumed, scheduler)
-            _print0(f"> saved checkpoint {args.save}/{ckpt.tag_for(iteration)}", args.log_file)
-    if non_loss_data_func is not None:  # pictures etc. of the trained model, on every rank
+            _save(engine, args, iteration, consumed, scheduler)
+    if non_loss_data_func is not None and "exit_reason" not in history:  # pictures etc. of the trained model, on every rank
         engine.eval()
         non_loss_data_func(engine, valid_factory, args, cfg, iteration, writer)
         engine.train()
@@ -230,6 +236,12 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         writer.close()
     history["engine"] = engine
     return history
+
+
+def _save(engine, args, iteration, consumed, scheduler) -> None:
+    ckpt.save(engine, args, iteration, consumed, scheduler)
+    progress["saved"] = f"{args.save}/{ckpt.tag_for(iteration)}"
+    _print0(f"> saved checkpoint {progress['saved']}", args.log_file)
 
 
 def evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> tuple[float, dict]:
@@ -316,8 +328,11 @@ def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_los
       and written to TensorBoard as ``val/<name>``."""
     args = parse_args(argv)
     try:
-        return run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func)
-    except USER_ERRORS as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        try:
+            return run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func)
+        except USER_ERRORS as e:
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C without --exit-signal-handler: one line per rank, no traceback
+        exit_interrupted()
