@@ -19,7 +19,11 @@ from dchag.training.logging_utils import invalid_input_values, comm_device, log_
 from dchag.training.lr import LRScheduler, ScheduleError
 from dchag.training.signals import ExitRequest, exit_interrupted, progress
 
-USER_ERRORS = (LayoutError, DataError, ConfigError, ckpt.CheckpointError, ScheduleError)
+class NonFiniteError(RuntimeError):
+    """Too many consecutive iterations with a non-finite loss or gradient norm."""
+
+
+USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, ckpt.CheckpointError, ScheduleError)
 
 
 def _print0(msg: str, log_file=None) -> None:
@@ -61,6 +65,7 @@ def run(args, model_provider, forward_step, datasets_provider, non_loss_data_fun
     every rank; losses are the exact float values the log line rounds). Call ``release(history)``
     before training again in the same process. On an exception the engine is released here."""
     built = {"exit_request": ExitRequest(args, time.time()).install()}
+    progress.update(iteration=0, saved=None)
     try:
         return _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
                     built)
@@ -131,6 +136,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
                                                    mpu=_mpu(), dist_init_required=False)
     built["engine"] = engine
     _record_fp32_grad_norm(engine)
+    _guard_nonfinite_step(engine)
     _undo_setup_step(engine)
     decay_iters = args.lr_decay_iters or args.train_iters
     scheduler = LRScheduler(engine.optimizer, args.lr, args.min_lr, args.lr_warmup_iters, decay_iters,
@@ -150,13 +156,15 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}}
     dp_group = ps.get_data_parallel_group()
     device = comm_device()  # the engine's device: batches and loss sums go there
-    skipped = nans = 0
-    interval_loss, interval_count, interval_time = 0.0, 0, 0.0
+    skipped = nans = consecutive_bad = 0  # per log interval (Megatron), and the current streak
+    history["lrs"], history["skipped"] = {}, []
+    interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
     interval_invalid = torch.zeros((), dtype=torch.int64, device=device)
     reset_peak_memory()
     engine.train()
     while iteration < args.train_iters:
         t0 = time.time()
+        lr_used = scheduler.get_lr()
         total = torch.zeros(1, dtype=torch.float64, device=device)
         for _ in range(num_micro):
             batch = to_device(next(train_iter), device)
@@ -167,36 +175,54 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             total += loss.detach().double()
         dist.all_reduce(total, group=dp_group)
         loss_value = total.item() / (num_micro * dp)
-        scheduler.step()
         iteration += 1
         consumed += args.global_batch_size
         dt = time.time() - t0
         gn = engine.get_global_grad_norm()
         gn = None if gn is None else float(gn)
+        # A non-finite grad norm (the consequence of a non-finite loss) makes DeepSpeed's optimizer
+        # skip the update on every rank (the norm is global; see guard_nonfinite_step for ZeRO 0);
+        # the LR schedule does not advance either (Megatron: only on a successful update).
         if not math.isfinite(loss_value) or (gn is not None and not math.isfinite(gn)):
-            nans += 1
+            skipped, nans, consecutive_bad = skipped + 1, nans + 1, consecutive_bad + 1
+            history["skipped"].append(iteration)
+            if args.max_consecutive_nan_iters and consecutive_bad >= args.max_consecutive_nan_iters:
+                raise NonFiniteError(
+                    f"{consecutive_bad} consecutive iterations (up to {iteration}) had a non-finite loss or gradient "
+                    f"norm (loss {loss_value}, grad norm {gn}); every one of those updates was skipped. Stopping "
+                    f"without saving: {'the last checkpoint ' + progress['saved'] if progress['saved'] else 'nothing was saved by this run'} "
+                    "holds the last good weights. Lower --lr or --lr-warmup-iters, check the data (--data-strict), or "
+                    "raise --max-consecutive-nan-iters.")
+        else:
+            consecutive_bad = 0
+            scheduler.step()
+        history["lrs"][iteration] = lr_used
         history["losses"][iteration] = loss_value
         history["grad_norms"][iteration] = gn
-        interval_loss += loss_value
+        if not history["skipped"] or history["skipped"][-1] != iteration:  # skipped ones are left out (Megatron)
+            interval_loss += loss_value
+            interval_good += 1
         interval_count += 1
         interval_time += dt
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             mem = peak_memory_mb()
             invalid = invalid_input_values(interval_invalid)
-            avg_loss = interval_loss / interval_count
+            avg_loss = interval_loss / interval_good if interval_good else float("nan")
             ms = 1000 * interval_time / interval_count
             sps = args.global_batch_size * interval_count / max(interval_time, 1e-9)
-            lr = scheduler.get_lr(iteration - 1)
+            lr = lr_used
             _print0(log_line(iteration, args.train_iters, consumed, ms, lr, args.global_batch_size, avg_loss,
                              gn, sps, mem, skipped, nans, invalid), args.log_file)
             if writer is not None:
                 for tag, v in (("loss", avg_loss), ("learning-rate", lr), ("grad-norm", gn if gn is not None else float("nan")),
                                ("iteration-time", ms), ("samples-per-second", sps), ("peak-memory-mb", mem),
-                               ("invalid-input-values", invalid)):
+                               ("invalid-input-values", invalid), ("skipped-iterations", skipped),
+                               ("nan-iterations", nans)):
                     writer.add_scalar(tag, v, iteration)
                 writer.flush()
-            interval_loss, interval_count, interval_time = 0.0, 0, 0.0
+            interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
             interval_invalid.zero_()
+            skipped = nans = 0
             reset_peak_memory()
         if args.eval_interval and iteration % args.eval_interval == 0:
             val, sums = evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp)
@@ -290,6 +316,26 @@ def _record_fp32_grad_norm(engine) -> None:
         engine._global_grad_norm = float(norm)
 
     engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def _guard_nonfinite_step(engine) -> None:
+    """ZeRO 1-3 and DeepSpeed's bf16 optimizers skip the update when the global gradient norm is
+    not finite; ZeRO 0 in fp32 steps the client optimizer unconditionally. Give it the same rule:
+    the norm is global (the same on every rank), so every rank skips together."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+    optimizer, inner = engine.optimizer, engine.optimizer.step
+
+    def step(*a, **k):
+        if engine.gradient_clipping() <= 0:  # no clipping, so no norm yet: the same function, no clip
+            engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
+                                                             max_norm=float("inf"), mpu=engine.mpu))
+        if not math.isfinite(engine._global_grad_norm or 0.0):
+            return None
+        return inner(*a, **k)
+
+    optimizer.step = step
 
 
 def _undo_setup_step(engine) -> None:
