@@ -64,8 +64,11 @@ class ChannelStats:
         if channels.step != 1 or lo < 0 or hi > len(self.mean):
             raise DataError(f"statistics cover channels {self.channels.start}..{self.channels.stop - 1}, not "
                             f"{channels.start}..{channels.stop - 1}; recompute them with tools/compute_stats.py.")
-        return ChannelStats(self.mean[lo:hi], self.std[lo:hi], self.count[lo:hi],
-                            self.channel_names[lo:hi], channels, dict(self.meta))
+        out = ChannelStats(self.mean[lo:hi], self.std[lo:hi], self.count[lo:hi],
+                           self.channel_names[lo:hi], channels, dict(self.meta))
+        if hasattr(self, "origin"):
+            out.origin = self.origin
+        return out
 
     def to_dict(self) -> dict:
         return {"format": STATS_FORMAT, "version": 1, "num_channels": len(self.mean),
@@ -200,9 +203,9 @@ def resolve_stats(source: Source, channels: range, *, data_path: str | None = No
     the numbers a full computation would give, without reading other ranks' channels)."""
     if source.format == "synthetic" and not stats_path:
         # Stationary by construction: a few images give the statistics of all of them.
-        return compute_stats(source, channels, max_images=4)
+        return _origin(compute_stats(source, channels, max_images=4), "computed at start-up from 4 synthetic images")
     if stats_path:
-        return load_stats(stats_path, source).select(channels)  # a named file must exist
+        return _origin(load_stats(stats_path, source).select(channels), f"file {stats_path}")  # must exist
     path = stats_path_for(data_path) if data_path else None
     candidates = [path] if path else []
     if data_path and os.path.isdir(str(data_path)) and len(getattr(source, "parts", [None])) == 1:
@@ -211,7 +214,7 @@ def resolve_stats(source: Source, channels: range, *, data_path: str | None = No
         candidates += [stats_path_for(f) for f in list_folder(str(data_path))][:1]
     for cand in candidates:
         if os.path.exists(cand):
-            return load_stats(cand, source).select(channels)
+            return _origin(load_stats(cand, source).select(channels), f"file {cand}")
     N, _, H, W = source.shape
     if H is None:
         H, W = max(source.image_hw(i) for i in range(N))
@@ -221,4 +224,10 @@ def resolve_stats(source: Source, channels: range, *, data_path: str | None = No
             f"no statistics file for {source.describe()} (looked for {path}) and the data is too large "
             f"({need:,} values for this rank's channels) to compute them at start-up; run "
             f"`python tools/compute_stats.py --data-path {data_path or source.path}` once before training.")
-    return compute_stats(source, channels)
+    return _origin(compute_stats(source, channels), f"computed at start-up from the data (no {path})")
+
+
+def _origin(stats: ChannelStats, origin: str) -> ChannelStats:
+    """Where the statistics came from, for the start-up summary (kept out of saved files)."""
+    stats.origin = origin
+    return stats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -13,9 +14,11 @@ from dchag.arguments import model_config, parse_args
 from dchag.data.errors import DataError
 from dchag.parallel.partition import LayoutError
 from dchag.training import checkpoint as ckpt
+from dchag.training import startup
 from dchag.training.ds_config import ConfigError, build_ds_config
 from dchag.training.initialize import init_distributed, init_model_parallel
 from dchag.training.logging_utils import invalid_input_values, comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
+from dchag.training.batch_checks import empty_samples
 from dchag.training.lr import LRScheduler, ScheduleError
 from dchag.training.signals import ExitRequest, exit_interrupted, progress
 
@@ -56,7 +59,10 @@ def _num_channels(args) -> int:
     if args.num_channels is not None:
         return args.num_channels
     from dchag.data import open_source
-    return open_source(args.data_path, args.data_format).num_channels
+    source = open_source(args.data_path, args.data_format)
+    if hasattr(source, "check_channels_first"):  # .npy: [H, W, C] refused, naming the transpose
+        source.check_channels_first()
+    return source.num_channels
 
 
 def run(args, model_provider, forward_step, datasets_provider, non_loss_data_func=None,
@@ -110,6 +116,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     import deepspeed
     from megatron.core import parallel_state as ps
 
+    if os.environ.get("RANK", "0") == "0":  # the first line, before the slow imports and rendezvous
+        print(f"> dchag: starting {os.environ.get('WORLD_SIZE', '1')} rank(s): initializing torch.distributed ...",
+              flush=True)
     init_distributed()
     from megatron_patches.channel_parallel import validate_layout
     world = dist.get_world_size()
@@ -129,11 +138,12 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     dp_rank = ps.get_data_parallel_rank()
     num_micro = ds_config["gradient_accumulation_steps"]
 
-    model = model_provider(cfg)
-    ckpt.prepare_module(model)
-    optimizer = _build_optimizer(model, args)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                                   mpu=_mpu(), dist_init_required=False)
+    with startup.phase("building the model and the DeepSpeed engine"):
+        model = model_provider(cfg)
+        ckpt.prepare_module(model)
+        optimizer = _build_optimizer(model, args)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                                       mpu=_mpu(), dist_init_required=False)
     built["engine"] = engine
     _record_fp32_grad_norm(engine)
     _guard_nonfinite_step(engine)
@@ -143,20 +153,26 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
                             args.lr_decay_style)
     iteration, consumed = 0, 0
     if load_tag:
-        iteration, consumed = ckpt.load(engine, args, scheduler, load_tag, universal)
+        with startup.phase(f"loading checkpoint {args.load}/{load_tag}"):
+            iteration, consumed = ckpt.load(engine, args, scheduler, load_tag, universal)
         _print0(f"> loaded checkpoint {args.load}/{load_tag} at iteration {iteration} "
                 f"(consumed samples {consumed})", args.log_file)
     elif args.load:
         _print0(f"> no checkpoint in {args.load} yet: starting from iteration 0", args.log_file)
     start_iteration = iteration
 
-    train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
+    with startup.phase(f"opening {args.data_path} and its statistics"):
+        train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
+    if hasattr(train_loader, "dataset") and hasattr(valid_factory, "dataset"):
+        history_summary = startup.summary(args, cfg, ds_config, engine, train_loader.dataset, valid_factory.dataset)
+    else:
+        history_summary = []
     train_iter = iter(train_loader)
     writer = tensorboard_writer(args.tensorboard_dir) if dist.get_rank() == 0 else None
-    history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}}
+    history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}, "summary": history_summary}
     dp_group = ps.get_data_parallel_group()
     device = comm_device()  # the engine's device: batches and loss sums go there
-    skipped = nans = consecutive_bad = 0  # per log interval (Megatron), and the current streak
+    skipped = nans = consecutive_bad = interval_empty = 0  # per log interval (Megatron); the current streak
     history["lrs"], history["skipped"] = {}, []
     interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
     interval_invalid = torch.zeros((), dtype=torch.int64, device=device)
@@ -166,24 +182,31 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         t0 = time.time()
         lr_used = scheduler.get_lr()
         total = torch.zeros(1, dtype=torch.float64, device=device)
-        for _ in range(num_micro):
-            batch = to_device(next(train_iter), device)
+        batches = [to_device(next(train_iter), device) for _ in range(num_micro)]
+        empty, samples = empty_samples(batches)
+        interval_empty += empty
+        for batch in batches if empty < samples else ():  # an all-empty batch: no update at all
             interval_invalid += (~batch["valid"]).sum()
             loss = forward_step(engine, batch, args, cfg, iteration)
             engine.backward(loss)
             engine.step()
             total += loss.detach().double()
+        if empty == samples:
+            interval_invalid += sum((~b["valid"]).sum() for b in batches)
         dist.all_reduce(total, group=dp_group)
-        loss_value = total.item() / (num_micro * dp)
+        loss_value = total.item() / (num_micro * dp) if empty < samples else float("nan")
         iteration += 1
         consumed += args.global_batch_size
         dt = time.time() - t0
         gn = engine.get_global_grad_norm()
-        gn = None if gn is None else float(gn)
+        gn = None if gn is None or empty == samples else float(gn)
         # A non-finite grad norm (the consequence of a non-finite loss) makes DeepSpeed's optimizer
         # skip the update on every rank (the norm is global; see guard_nonfinite_step for ZeRO 0);
         # the LR schedule does not advance either (Megatron: only on a successful update).
-        if not math.isfinite(loss_value) or (gn is not None and not math.isfinite(gn)):
+        if empty == samples:  # nothing to learn from: skipped, not a NaN
+            skipped += 1
+            history["skipped"].append(iteration)
+        elif not math.isfinite(loss_value) or (gn is not None and not math.isfinite(gn)):
             skipped, nans, consecutive_bad = skipped + 1, nans + 1, consecutive_bad + 1
             history["skipped"].append(iteration)
             if args.max_consecutive_nan_iters and consecutive_bad >= args.max_consecutive_nan_iters:
@@ -212,17 +235,17 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             sps = args.global_batch_size * interval_count / max(interval_time, 1e-9)
             lr = lr_used
             _print0(log_line(iteration, args.train_iters, consumed, ms, lr, args.global_batch_size, avg_loss,
-                             gn, sps, mem, skipped, nans, invalid), args.log_file)
+                             gn, sps, mem, skipped, nans, invalid, interval_empty), args.log_file)
             if writer is not None:
                 for tag, v in (("loss", avg_loss), ("learning-rate", lr), ("grad-norm", gn if gn is not None else float("nan")),
                                ("iteration-time", ms), ("samples-per-second", sps), ("peak-memory-mb", mem),
                                ("invalid-input-values", invalid), ("skipped-iterations", skipped),
-                               ("nan-iterations", nans)):
+                               ("nan-iterations", nans), ("empty-samples", interval_empty)):
                     writer.add_scalar(tag, v, iteration)
                 writer.flush()
             interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
             interval_invalid.zero_()
-            skipped = nans = 0
+            skipped = nans = interval_empty = 0
             reset_peak_memory()
         if args.eval_interval and iteration % args.eval_interval == 0:
             val, sums = evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp)
