@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepspeed", action="store_true")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None)
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)
-    return p
+    from dchag.help_text import apply
+    return apply(p)  # help text (with defaults) for every flag
 
 
 def parse_args(argv=None) -> argparse.Namespace:

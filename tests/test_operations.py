@@ -114,17 +114,18 @@ def test_megatron_spellings_of_the_schedule_flags():
 
 NAN_AT: set = set()  # 1-based iterations whose loss is made NaN (set inside the workers)
 WEIGHTS: dict = {}  # this rank's parameters at the start of each iteration (1-based)
+SNAPSHOT: list = []  # non-empty: record WEIGHTS
 
 
 def _nan_forward(model, batch, args, cfg, iteration):
     import pretrain_dchag
-    if NAN_AT and model.training:
+    if (NAN_AT or SNAPSHOT) and model.training:
         WEIGHTS[iteration + 1] = {n: p.detach().clone() for n, p in model.module.named_parameters()}
     loss = pretrain_dchag.forward_step(model, batch, args, cfg, iteration)
     return loss * float("nan") if iteration + 1 in NAN_AT else loss
 
 
-def _history(argv, nan_at=(), params=False):
+def _history(argv, nan_at=(), params=False, snapshot=False):
     import pretrain_dchag
     from dchag.arguments import parse_args
     from dchag.parallel.state_dict import full_state_dict
@@ -132,9 +133,12 @@ def _history(argv, nan_at=(), params=False):
     NAN_AT.clear()
     NAN_AT.update(nan_at)
     WEIGHTS.clear()
+    SNAPSHOT[:] = [1] if snapshot else []
     h = run(parse_args(argv), pretrain_dchag.model_provider, _nan_forward, pretrain_dchag.datasets_provider)
-    out = {k: h.get(k) for k in ("losses", "lrs", "skipped", "grad_norms", "exit_reason")}
+    out = {k: h.get(k) for k in ("losses", "lrs", "skipped", "grad_norms", "exit_reason", "summary")}
     out["weights"] = dict(WEIGHTS)
+    inner = getattr(h["engine"].optimizer, "optimizer", h["engine"].optimizer)  # the client AdamW
+    out["adam_steps"] = sorted({int(st["step"]) for st in inner.state.values() if "step" in st})
     if params:
         out["params"] = full_state_dict(h["engine"].module)
     release(h)
@@ -147,6 +151,17 @@ def _error_of(argv, nan_at=()):
     except Exception as e:  # noqa: BLE001 - the test inspects type and message
         return type(e).__name__, str(e)
     return "no error", ""
+
+
+def write_cube(path):
+    import json
+    import numpy as np
+    x = np.random.default_rng(0).normal(size=(3, 13, 19, 16)).astype(np.float32)
+    x[0, :, 0:8, 0:8] = np.nan
+    np.save(path, x)
+    with open(path[:-4] + ".channels.json", "w") as f:
+        json.dump({"channel_names": [f"band{400 + 10 * c}" for c in range(13)],
+                   "wavelengths": [400.0 + 10 * c for c in range(13)]}, f)
 
 
 def _ops_job(tmp):
@@ -181,8 +196,28 @@ def _ops_job(tmp):
     resume = base + ["--train-iters", "6", "--load", p("e"), "--save", p("e")]
     r["err_damaged"] = _refused(resume, p("e"))
     r["recovered"] = _history(resume + ["--ckpt-step", "3"])
+    # .npy data: 3 images of 13 channels, 19 x 16 (4 tiles of 8 x 8 each, 3 rows left over);
+    # tile 0 of image 0 has no valid value; names and wavelengths from the sidecar.
+    npy = p("cube.npy")
+    if dist.get_rank() == 0:
+        write_cube(npy)
+    dist.barrier()
+    data = list(MAE)
+    data[data.index("--data-path") + 1] = npy
+    npy_base = _ds("zero1_fp32.json") + data + ["--channel-parallel-size", "2", "--valid-fraction", "0"]
+    r["err_strict"] = _refused(npy_base + ["--train-iters", "2", "--data-strict", "--save", p("strict")])
+    r["empty"] = _history(npy_base + ["--train-iters", "12", "--micro-batch-size", "1", "--log-interval", "12"],
+                          snapshot=True)
+    # The same model in one layout without sharding (T = P = 1), for the summary's parameter count.
+    from dchag.arguments import model_config, parse_args
+    from dchag.model.vit import DChagViT
+    from tests.model_cases import setup_layout
+    setup_layout(1, 1)
+    args = parse_args(npy_base + ["--train-iters", "1"])
+    args.num_channels = 13
+    r["serial_params"] = sum(q.numel() for q in DChagViT(model_config(args)).parameters())
+    ps.destroy_model_parallel()
     r["rank"] = dist.get_rank()
-    del ps
     return r
 
 
@@ -269,3 +304,77 @@ def test_damaged_checkpoint_names_a_command_that_resumes(ops):
     assert os.path.getsize(os.path.join(e, "iter_0000006.damaged", "mp_rank_01_model_states.pt")) > 0
     with open(os.path.join(e, "latest")) as f:
         assert f.read() == "iter_0000006"
+
+
+def test_data_strict_refuses_before_training(ops):
+    tmp, ranks = ops
+    for r in ranks:  # every rank raises the same message (rank 1 holds the other channels)
+        kind, msg, _ = r["err_strict"]
+        assert kind == "DataError", msg
+        assert "image 0, rows 0:8, cols 0:8" in msg and "cube.npy" in msg, msg
+    assert not os.path.exists(os.path.join(tmp, "strict")), "refused before anything was trained or saved"
+
+
+def test_empty_sample_is_skipped_and_counted(ops):
+    _, ranks = ops
+    for r in ranks:
+        h = r["empty"]
+        assert len(h["skipped"]) == 1, h["skipped"]  # one epoch of 12 tiles, one of them empty
+        it = h["skipped"][0]
+        assert math.isnan(h["losses"][it]) and h["grad_norms"][it] is None
+        assert all(math.isfinite(v) for i, v in h["losses"].items() if i != it)
+        assert h["adam_steps"] == [11], "11 updates in 12 iterations: none from the empty sample"
+        assert it not in h["weights"], "no forward pass for it"
+        if it < 12:
+            assert h["lrs"][it + 1] == h["lrs"][it], "the LR schedule waits"
+
+
+def test_startup_summary(ops):
+    tmp, ranks = ops
+    lines = ranks[0]["empty"]["summary"]
+    text = "\n".join(lines)
+    assert "3 image(s) of 13 channels, 19 x 16; channels band400, band410 ... band520 (400-520 nm)" in text, text
+    assert "train 12 / valid 0 samples" in text, text
+    assert "edges: 3 row(s) at the bottom and 0 column(s) at the right of 3 image(s) of 19 x 16 are in no tile" in text
+    assert "statistics: computed at start-up" in text, text
+    assert "channel rank 0: channels 0-6 (groups 0-1); channel rank 1: channels 7-12 (groups 2-3)" in text, text
+    assert "ZeRO stage 1; precision fp32" in text and "T 2 x DP 1, channel-parallel P 2" in text, text
+    # parameters in total: the same model built in one process (P = T = 1) counts them plainly
+    total = int(text.split(" in total")[0].rsplit(", ", 1)[-1].replace(",", ""))
+    assert total == ranks[0]["serial_params"], (total, ranks[0]["serial_params"])
+
+
+def test_npy_sidecar_channels_last_and_edges(tmp_path):
+    import json
+    import numpy as np
+    from dchag.data import open_source
+    from dchag.data.errors import DataError
+    from dchag.data.tiles import TileIndex
+    path = str(tmp_path / "cube.npy")
+    write_cube(path)
+    src = open_source(path)
+    assert src.channel_names[:2] == ["band400", "band410"] and src.wavelengths[-1] == 520.0
+    with open(str(tmp_path / "cube.channels.json"), "w") as f:
+        json.dump({"channel_names": ["a", "b"]}, f)
+    with pytest.raises(DataError, match="cube.channels.json.*lists 2 channel names but the data has 13"):
+        open_source(path)
+    last = str(tmp_path / "hwc.npy")
+    np.save(last, np.zeros((16, 16, 13), np.float32))
+    with pytest.raises(DataError, match=r"np.moveaxis\(a, -1, -3\)"):
+        open_source(last, num_channels=13)
+    with pytest.raises(DataError, match=r"channels-last .*a.transpose\(2, 0, 1\).*--num-channels 16"):
+        open_source(last).check_channels_first()
+    assert TileIndex([(16, 16)], 8, 8).edge_report() is None
+    assert TileIndex([(19, 21), (19, 21)], 8, 8).edge_report().startswith(
+        "3 row(s) at the bottom and 5 column(s) at the right of 2 image(s) of 19 x 21 are in no tile")
+
+
+def test_every_flag_has_help_and_default():
+    from dchag.arguments import build_parser
+    parser = build_parser()
+    missing = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not missing, missing
+    text = " ".join(parser.format_help().split())
+    assert "masked in every tile (default: 0.75)" in text
+    assert "--max-consecutive-nan-iters MAX_CONSECUTIVE_NAN_ITERS stop" in text and "(default: 10)" in text
+    assert "(default: None)" not in text

@@ -89,12 +89,13 @@ def stats_path_for(data_path: str) -> str:
 
 
 def compute_stats(source: Source, channels: range | None = None, max_block_elements: int = 1 << 24,
-                  max_images: int | None = None) -> ChannelStats:
+                  max_images: int | None = None, progress=None) -> ChannelStats:
     """Per-channel mean/std over all images (or the first ``max_images``) of ``source`` for
     ``channels`` (default all).
 
     Streams image by image and channel block by channel block (at most ``max_block_elements``
     float32 values in memory) and merges partial (count, mean, M2) with Chan's formula, in float64.
+    ``progress(images_done, images)`` (a float: whole images plus the channel fraction) after each block.
     """
     C = source.num_channels
     channels = range(C) if channels is None else channels
@@ -102,7 +103,8 @@ def compute_stats(source: Source, channels: range | None = None, max_block_eleme
     count = np.zeros(n_ch, np.int64)
     mean = np.zeros(n_ch, np.float64)
     m2 = np.zeros(n_ch, np.float64)
-    for i in range(source.num_images if max_images is None else min(max_images, source.num_images)):
+    num = source.num_images if max_images is None else min(max_images, source.num_images)
+    for i in range(num):
         H, W = source.image_hw(i)
         step = max(1, max_block_elements // max(1, H * W))
         for j0 in range(0, n_ch, step):
@@ -123,6 +125,8 @@ def compute_stats(source: Source, channels: range | None = None, max_block_eleme
             mean[j0:j1] += delta * frac
             m2[j0:j1] += m2_b + delta ** 2 * n_a * frac
             count[j0:j1] = n
+            if progress is not None:
+                progress(i + j1 / n_ch, num)
     std = np.where(count > 0, np.sqrt(m2 / np.maximum(count, 1)), np.nan)
     mean = np.where(count > 0, mean, np.nan)
     names = [source.channel_names[c] for c in channels]
