@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.test_training import MAE, _ds, _refused, _snapshot
+from tests.test_training import MAE, _ds, _refused
 
 # ----------------------------------------------------------------------------------------------
 # DeepSpeed JSON
