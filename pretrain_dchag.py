@@ -42,6 +42,9 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
                                         img_w=args.img_w, channels=channels, num_channels=args.num_channels,
                                         lead_time=args.lead_time, valid_fraction=args.valid_fraction,
                                         strict=args.data_strict, seed=args.seed)
+    if args.data_strict:  # refuse bad data before training, not when the bad tile is first drawn
+        from dchag.training.startup import strict_scan
+        strict_scan(train_ds, valid_ds)
     train = build_train_loader(train_ds, args.micro_batch_size, data_parallel_rank=dp_rank,
                                data_parallel_size=dp_size, seed=args.seed, consumed_samples=consumed_samples,
                                global_batch_size=args.global_batch_size, num_workers=args.num_workers)

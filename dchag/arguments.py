@@ -54,7 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
-    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="length of the LR schedule in iterations (warmup included); default: --train-iters")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's LR schedule (lr, min-lr, warmup, decay iters and style) "
+                        "even if the command line differs")
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, take the command line's LR schedule instead of the checkpoint's")
+    g.add_argument("--max-consecutive-nan-iters", type=int, default=10,
+                   help="stop (without saving) after this many consecutive iterations with a non-finite loss or "
+                        "gradient norm; each such update is skipped on every rank")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -69,7 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-step", type=int, default=None,
                    help="with --load: the iteration to load (default: the one in DIR/latest)")
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (and save, with --save) when the iteration is a multiple of this")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on --exit-signal, every rank finishes its iteration, a checkpoint is saved (with --save) "
+                        "and the run exits 0")
+    g.add_argument("--exit-signal", choices=("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"), default="SIGTERM",
+                   help="the signal --exit-signal-handler catches (SLURM: sbatch --signal=B:USR1@120 or the "
+                        "SIGTERM sent at the time limit)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (and save) at the first iteration boundary after this many minutes of this process")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=1)
     g.add_argument("--log-interval", type=int, default=1)
@@ -79,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepspeed", action="store_true")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None)
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)
-    return p
+    from dchag.help_text import apply
+    return apply(p)  # help text (with defaults) for every flag
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -37,7 +37,15 @@ def main(argv=None) -> int:
             raise DataError(f"{out} already exists; pass --force to overwrite it.")
         src = open_source(args.data_path, args.data_format)
         t0 = time.time()
-        stats = compute_stats(src, max_images=args.max_images)
+        last = [t0]
+
+        def progress(done, total):  # a line every 5 s (and at the end) on large data
+            now = time.time()
+            if now - last[0] >= 5 or done == total:
+                last[0] = now
+                print(f"> {done:.2f}/{total} images, {src.bytes_read / 1e6:.1f} MB read ({now - t0:.0f} s)", flush=True)
+
+        stats = compute_stats(src, max_images=args.max_images, progress=progress)
         save_stats(stats, out)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -64,8 +64,11 @@ class ChannelStats:
         if channels.step != 1 or lo < 0 or hi > len(self.mean):
             raise DataError(f"statistics cover channels {self.channels.start}..{self.channels.stop - 1}, not "
                             f"{channels.start}..{channels.stop - 1}; recompute them with tools/compute_stats.py.")
-        return ChannelStats(self.mean[lo:hi], self.std[lo:hi], self.count[lo:hi],
-                            self.channel_names[lo:hi], channels, dict(self.meta))
+        out = ChannelStats(self.mean[lo:hi], self.std[lo:hi], self.count[lo:hi],
+                           self.channel_names[lo:hi], channels, dict(self.meta))
+        if hasattr(self, "origin"):
+            out.origin = self.origin
+        return out
 
     def to_dict(self) -> dict:
         return {"format": STATS_FORMAT, "version": 1, "num_channels": len(self.mean),
@@ -86,12 +89,13 @@ def stats_path_for(data_path: str) -> str:
 
 
 def compute_stats(source: Source, channels: range | None = None, max_block_elements: int = 1 << 24,
-                  max_images: int | None = None) -> ChannelStats:
+                  max_images: int | None = None, progress=None) -> ChannelStats:
     """Per-channel mean/std over all images (or the first ``max_images``) of ``source`` for
     ``channels`` (default all).
 
     Streams image by image and channel block by channel block (at most ``max_block_elements``
     float32 values in memory) and merges partial (count, mean, M2) with Chan's formula, in float64.
+    ``progress(images_done, images)`` (a float: whole images plus the channel fraction) after each block.
     """
     C = source.num_channels
     channels = range(C) if channels is None else channels
@@ -99,7 +103,8 @@ def compute_stats(source: Source, channels: range | None = None, max_block_eleme
     count = np.zeros(n_ch, np.int64)
     mean = np.zeros(n_ch, np.float64)
     m2 = np.zeros(n_ch, np.float64)
-    for i in range(source.num_images if max_images is None else min(max_images, source.num_images)):
+    num = source.num_images if max_images is None else min(max_images, source.num_images)
+    for i in range(num):
         H, W = source.image_hw(i)
         step = max(1, max_block_elements // max(1, H * W))
         for j0 in range(0, n_ch, step):
@@ -120,6 +125,8 @@ def compute_stats(source: Source, channels: range | None = None, max_block_eleme
             mean[j0:j1] += delta * frac
             m2[j0:j1] += m2_b + delta ** 2 * n_a * frac
             count[j0:j1] = n
+            if progress is not None:
+                progress(i + j1 / n_ch, num)
     std = np.where(count > 0, np.sqrt(m2 / np.maximum(count, 1)), np.nan)
     mean = np.where(count > 0, mean, np.nan)
     names = [source.channel_names[c] for c in channels]
@@ -200,9 +207,9 @@ def resolve_stats(source: Source, channels: range, *, data_path: str | None = No
     the numbers a full computation would give, without reading other ranks' channels)."""
     if source.format == "synthetic" and not stats_path:
         # Stationary by construction: a few images give the statistics of all of them.
-        return compute_stats(source, channels, max_images=4)
+        return _origin(compute_stats(source, channels, max_images=4), "computed at start-up from 4 synthetic images")
     if stats_path:
-        return load_stats(stats_path, source).select(channels)  # a named file must exist
+        return _origin(load_stats(stats_path, source).select(channels), f"file {stats_path}")  # must exist
     path = stats_path_for(data_path) if data_path else None
     candidates = [path] if path else []
     if data_path and os.path.isdir(str(data_path)) and len(getattr(source, "parts", [None])) == 1:
@@ -211,7 +218,7 @@ def resolve_stats(source: Source, channels: range, *, data_path: str | None = No
         candidates += [stats_path_for(f) for f in list_folder(str(data_path))][:1]
     for cand in candidates:
         if os.path.exists(cand):
-            return load_stats(cand, source).select(channels)
+            return _origin(load_stats(cand, source).select(channels), f"file {cand}")
     N, _, H, W = source.shape
     if H is None:
         H, W = max(source.image_hw(i) for i in range(N))
@@ -221,4 +228,10 @@ def resolve_stats(source: Source, channels: range, *, data_path: str | None = No
             f"no statistics file for {source.describe()} (looked for {path}) and the data is too large "
             f"({need:,} values for this rank's channels) to compute them at start-up; run "
             f"`python tools/compute_stats.py --data-path {data_path or source.path}` once before training.")
-    return compute_stats(source, channels)
+    return _origin(compute_stats(source, channels), f"computed at start-up from the data (no {path})")
+
+
+def _origin(stats: ChannelStats, origin: str) -> ChannelStats:
+    """Where the statistics came from, for the start-up summary (kept out of saved files)."""
+    stats.origin = origin
+    return stats

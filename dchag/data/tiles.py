@@ -58,11 +58,27 @@ class TileIndex:
 
     def __init__(self, image_sizes: list[tuple[int, int]], img_h: int, img_w: int, describe: str = "image"):
         self.img_h, self.img_w = img_h, img_w
+        self.sizes = [tuple(hw) for hw in image_sizes]
         self.grids = [tile_grid(hw, img_h, img_w, f"{describe} {i}" if len(image_sizes) > 1 else describe)
                       for i, hw in enumerate(image_sizes)]
         counts = [gy * gx for gy, gx in self.grids]
         self.starts = np.cumsum([0] + counts)
         self.num_samples = int(self.starts[-1])
+
+    def edge_report(self) -> str | None:
+        """Rows/columns of the images that no tile covers (the bottom/right remainders), or None."""
+        left = {}
+        for (gy, gx), (H, W) in zip(self.grids, self.sizes):
+            rows, cols = H - gy * self.img_h, W - gx * self.img_w
+            if rows or cols:
+                left.setdefault((rows, cols, H, W), 0)
+                left[(rows, cols, H, W)] += 1
+        if not left:
+            return None
+        parts = [f"{rows} row(s) at the bottom and {cols} column(s) at the right of {n} image(s) of {H} x {W} are in no "
+                 f"tile" for (rows, cols, H, W), n in sorted(left.items())]
+        return "; ".join(parts) + (f" (tiles are {self.img_h} x {self.img_w}; choose --img-h/--img-w dividing the image "
+                                   "size to use every pixel)")
 
     def tiles_per_image(self, image: int) -> int:
         gy, gx = self.grids[image]

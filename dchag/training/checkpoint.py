@@ -163,6 +163,8 @@ def check_save_dir(args, start_iteration: int) -> None:
     if not args.save:
         return
     later = [i for i in saved_iterations(args.save, complete=True) if i > start_iteration]
+    from dchag.training.recovery import set_aside_damaged
+    later = set_aside_damaged(args, later)  # with --ckpt-step: damaged ones do not count (moved aside)
     if later:
         raise CheckpointError(
             f"--save {args.save} already holds {tag_for(later[-1])}"
@@ -195,11 +197,11 @@ def verify_files(args, tag: str, universal: bool = False) -> None:
     from dchag.training.logging_utils import comm_device
     bad = torch.tensor([1 if problem else 0], device=comm_device())
     dist.all_reduce(bad)
-    if problem:
-        raise CheckpointError(f"cannot load {folder}: {problem}. Load an earlier checkpoint with --ckpt-step N.")
-    if bad.item():
-        raise CheckpointError(f"cannot load {folder}: another rank found a damaged or missing file (see its "
-                              "message). Load an earlier checkpoint with --ckpt-step N.")
+    if problem or bad.item():
+        from dchag.training.recovery import hint
+        what = problem or "another rank found a damaged or missing file (see its message)"
+        how = hint(args.load, iteration_of(tag)) if dist.get_rank() == 0 else "See rank 0's message."
+        raise CheckpointError(f"cannot load {folder} (iteration {iteration_of(tag)}): {what}. {how}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +352,11 @@ def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[in
     path, client_state = engine.load_checkpoint(args.load, tag=tag, load_lr_scheduler_states=False)
     if path is None or client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {args.load}/{tag}.")
-    scheduler.load_state_dict(client_state["lr_scheduler"])
+    changed = scheduler.load_state_dict(client_state["lr_scheduler"], args.use_checkpoint_opt_param_scheduler,
+                                        args.override_opt_param_scheduler)
+    if changed and dist.get_rank() == 0:
+        kept = "the checkpoint's" if args.use_checkpoint_opt_param_scheduler else "the command line's"
+        print(f"> LR schedule differs from the checkpoint ({', '.join(changed)}): using {kept}", flush=True)
     states = client_state["rng_states"]
     dp_rank = ps.get_data_parallel_rank()
     set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])

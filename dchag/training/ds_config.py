@@ -56,6 +56,8 @@ def build_ds_config(args, data_parallel_size: int) -> dict:
     ``args.global_batch_size``, ``args.bf16`` and ``args.clip_grad`` with the resolved values."""
     path = args.deepspeed_config or "<no --deepspeed_config>"
     cfg = load_json(args.deepspeed_config)
+    from dchag.training.ds_validate import validate
+    validate(cfg, path)  # unknown keys and invalid sections, one line each
     dp = int(data_parallel_size)
 
     for section, what in (("optimizer", "AdamW from --lr/--weight-decay/--adam-*"),

@@ -56,7 +56,7 @@ def invalid_input_values(local_count: torch.Tensor) -> int:
 
 
 def log_line(iteration, train_iters, consumed, ms_per_iter, lr, gbs, loss, grad_norm, sps, mem_mb, skipped, nans,
-             invalid=None):
+             invalid=None, empty=None):
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     gn = "nan" if grad_norm is None else f"{grad_norm:.3f}"
     return (f"[{now}] iteration {iteration:8d}/{train_iters:8d} | consumed samples: {consumed:12d} | "
@@ -64,7 +64,8 @@ def log_line(iteration, train_iters, consumed, ms_per_iter, lr, gbs, loss, grad_
             f"global batch size: {gbs:5d} | loss: {loss:.6E} | grad norm: {gn} | "
             f"samples per second: {sps:.1f} | peak memory (MB): {mem_mb:.0f} | "
             f"number of skipped iterations: {skipped:3d} | number of nan iterations: {nans:3d} |"
-            + ("" if invalid is None else f" number of invalid input values: {invalid:d} |"))
+            + ("" if invalid is None else f" number of invalid input values: {invalid:d} |")
+            + ("" if not empty else f" number of samples without a valid value: {empty:d} |"))
 
 
 def tensorboard_writer(path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -13,12 +14,19 @@ from dchag.arguments import model_config, parse_args
 from dchag.data.errors import DataError
 from dchag.parallel.partition import LayoutError
 from dchag.training import checkpoint as ckpt
+from dchag.training import startup
 from dchag.training.ds_config import ConfigError, build_ds_config
 from dchag.training.initialize import init_distributed, init_model_parallel
 from dchag.training.logging_utils import invalid_input_values, comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
-from dchag.training.lr import LRScheduler
+from dchag.training.batch_checks import empty_samples
+from dchag.training.lr import LRScheduler, ScheduleError
+from dchag.training.signals import ExitRequest, exit_interrupted, progress
 
-USER_ERRORS = (LayoutError, DataError, ConfigError, ckpt.CheckpointError)
+class NonFiniteError(RuntimeError):
+    """Too many consecutive iterations with a non-finite loss or gradient norm."""
+
+
+USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, ckpt.CheckpointError, ScheduleError)
 
 
 def _print0(msg: str, log_file=None) -> None:
@@ -51,7 +59,10 @@ def _num_channels(args) -> int:
     if args.num_channels is not None:
         return args.num_channels
     from dchag.data import open_source
-    return open_source(args.data_path, args.data_format).num_channels
+    source = open_source(args.data_path, args.data_format)
+    if hasattr(source, "check_channels_first"):  # .npy: [H, W, C] refused, naming the transpose
+        source.check_channels_first()
+    return source.num_channels
 
 
 def run(args, model_provider, forward_step, datasets_provider, non_loss_data_func=None,
@@ -59,17 +70,20 @@ def run(args, model_provider, forward_step, datasets_provider, non_loss_data_fun
     """Train; returns {"losses": {iteration: loss}, "val_losses": {...}, "engine": engine} (on
     every rank; losses are the exact float values the log line rounds). Call ``release(history)``
     before training again in the same process. On an exception the engine is released here."""
-    built = {}
+    built = {"exit_request": ExitRequest(args, time.time()).install()}
+    progress.update(iteration=0, saved=None)
     try:
         return _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
                     built)
-    except BaseException:
-        if "engine" in built:
+    except BaseException as e:
+        if "engine" in built and not isinstance(e, KeyboardInterrupt):  # a peer may be gone: no teardown
             try:
                 release(built["engine"])
             except Exception:  # noqa: BLE001 - never mask the error that stopped the run
                 pass
         raise
+    finally:
+        built["exit_request"].restore()
 
 
 def release(history_or_engine) -> None:
@@ -102,6 +116,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     import deepspeed
     from megatron.core import parallel_state as ps
 
+    if os.environ.get("RANK", "0") == "0":  # the first line, before the slow imports and rendezvous
+        print(f"> dchag: starting {os.environ.get('WORLD_SIZE', '1')} rank(s): initializing torch.distributed ...",
+              flush=True)
     init_distributed()
     from megatron_patches.channel_parallel import validate_layout
     world = dist.get_world_size()
@@ -121,79 +138,114 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     dp_rank = ps.get_data_parallel_rank()
     num_micro = ds_config["gradient_accumulation_steps"]
 
-    model = model_provider(cfg)
-    ckpt.prepare_module(model)
-    optimizer = _build_optimizer(model, args)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                                   mpu=_mpu(), dist_init_required=False)
+    with startup.phase("building the model and the DeepSpeed engine"):
+        model = model_provider(cfg)
+        ckpt.prepare_module(model)
+        optimizer = _build_optimizer(model, args)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                                       mpu=_mpu(), dist_init_required=False)
     built["engine"] = engine
     _record_fp32_grad_norm(engine)
+    _guard_nonfinite_step(engine)
     _undo_setup_step(engine)
     decay_iters = args.lr_decay_iters or args.train_iters
     scheduler = LRScheduler(engine.optimizer, args.lr, args.min_lr, args.lr_warmup_iters, decay_iters,
                             args.lr_decay_style)
     iteration, consumed = 0, 0
     if load_tag:
-        iteration, consumed = ckpt.load(engine, args, scheduler, load_tag, universal)
+        with startup.phase(f"loading checkpoint {args.load}/{load_tag}"):
+            iteration, consumed = ckpt.load(engine, args, scheduler, load_tag, universal)
         _print0(f"> loaded checkpoint {args.load}/{load_tag} at iteration {iteration} "
                 f"(consumed samples {consumed})", args.log_file)
     elif args.load:
         _print0(f"> no checkpoint in {args.load} yet: starting from iteration 0", args.log_file)
     start_iteration = iteration
 
-    train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
+    with startup.phase(f"opening {args.data_path} and its statistics"):
+        train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
+    if hasattr(train_loader, "dataset") and hasattr(valid_factory, "dataset"):
+        history_summary = startup.summary(args, cfg, ds_config, engine, train_loader.dataset, valid_factory.dataset)
+    else:
+        history_summary = []
     train_iter = iter(train_loader)
     writer = tensorboard_writer(args.tensorboard_dir) if dist.get_rank() == 0 else None
-    history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}}
+    history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}, "summary": history_summary}
     dp_group = ps.get_data_parallel_group()
     device = comm_device()  # the engine's device: batches and loss sums go there
-    skipped = nans = 0
-    interval_loss, interval_count, interval_time = 0.0, 0, 0.0
+    skipped = nans = consecutive_bad = interval_empty = 0  # per log interval (Megatron); the current streak
+    history["lrs"], history["skipped"] = {}, []
+    interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
     interval_invalid = torch.zeros((), dtype=torch.int64, device=device)
     reset_peak_memory()
     engine.train()
     while iteration < args.train_iters:
         t0 = time.time()
+        lr_used = scheduler.get_lr()
         total = torch.zeros(1, dtype=torch.float64, device=device)
-        for _ in range(num_micro):
-            batch = to_device(next(train_iter), device)
+        batches = [to_device(next(train_iter), device) for _ in range(num_micro)]
+        empty, samples = empty_samples(batches)
+        interval_empty += empty
+        for batch in batches if empty < samples else ():  # an all-empty batch: no update at all
             interval_invalid += (~batch["valid"]).sum()
             loss = forward_step(engine, batch, args, cfg, iteration)
             engine.backward(loss)
             engine.step()
             total += loss.detach().double()
+        if empty == samples:
+            interval_invalid += sum((~b["valid"]).sum() for b in batches)
         dist.all_reduce(total, group=dp_group)
-        loss_value = total.item() / (num_micro * dp)
-        scheduler.step()
+        loss_value = total.item() / (num_micro * dp) if empty < samples else float("nan")
         iteration += 1
         consumed += args.global_batch_size
         dt = time.time() - t0
         gn = engine.get_global_grad_norm()
-        gn = None if gn is None else float(gn)
-        if not math.isfinite(loss_value) or (gn is not None and not math.isfinite(gn)):
-            nans += 1
+        gn = None if gn is None or empty == samples else float(gn)
+        # A non-finite grad norm (the consequence of a non-finite loss) makes DeepSpeed's optimizer
+        # skip the update on every rank (the norm is global; see guard_nonfinite_step for ZeRO 0);
+        # the LR schedule does not advance either (Megatron: only on a successful update).
+        if empty == samples:  # nothing to learn from: skipped, not a NaN
+            skipped += 1
+            history["skipped"].append(iteration)
+        elif not math.isfinite(loss_value) or (gn is not None and not math.isfinite(gn)):
+            skipped, nans, consecutive_bad = skipped + 1, nans + 1, consecutive_bad + 1
+            history["skipped"].append(iteration)
+            if args.max_consecutive_nan_iters and consecutive_bad >= args.max_consecutive_nan_iters:
+                raise NonFiniteError(
+                    f"{consecutive_bad} consecutive iterations (up to {iteration}) had a non-finite loss or gradient "
+                    f"norm (loss {loss_value}, grad norm {gn}); every one of those updates was skipped. Stopping "
+                    f"without saving: {'the last checkpoint ' + progress['saved'] if progress['saved'] else 'nothing was saved by this run'} "
+                    "holds the last good weights. Lower --lr or --lr-warmup-iters, check the data (--data-strict), or "
+                    "raise --max-consecutive-nan-iters.")
+        else:
+            consecutive_bad = 0
+            scheduler.step()
+        history["lrs"][iteration] = lr_used
         history["losses"][iteration] = loss_value
         history["grad_norms"][iteration] = gn
-        interval_loss += loss_value
+        if not history["skipped"] or history["skipped"][-1] != iteration:  # skipped ones are left out (Megatron)
+            interval_loss += loss_value
+            interval_good += 1
         interval_count += 1
         interval_time += dt
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             mem = peak_memory_mb()
             invalid = invalid_input_values(interval_invalid)
-            avg_loss = interval_loss / interval_count
+            avg_loss = interval_loss / interval_good if interval_good else float("nan")
             ms = 1000 * interval_time / interval_count
             sps = args.global_batch_size * interval_count / max(interval_time, 1e-9)
-            lr = scheduler.get_lr(iteration - 1)
+            lr = lr_used
             _print0(log_line(iteration, args.train_iters, consumed, ms, lr, args.global_batch_size, avg_loss,
-                             gn, sps, mem, skipped, nans, invalid), args.log_file)
+                             gn, sps, mem, skipped, nans, invalid, interval_empty), args.log_file)
             if writer is not None:
                 for tag, v in (("loss", avg_loss), ("learning-rate", lr), ("grad-norm", gn if gn is not None else float("nan")),
                                ("iteration-time", ms), ("samples-per-second", sps), ("peak-memory-mb", mem),
-                               ("invalid-input-values", invalid)):
+                               ("invalid-input-values", invalid), ("skipped-iterations", skipped),
+                               ("nan-iterations", nans), ("empty-samples", interval_empty)):
                     writer.add_scalar(tag, v, iteration)
                 writer.flush()
-            interval_loss, interval_count, interval_time = 0.0, 0, 0.0
+            interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
             interval_invalid.zero_()
+            skipped = nans = interval_empty = 0
             reset_peak_memory()
         if args.eval_interval and iteration % args.eval_interval == 0:
             val, sums = evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp)
@@ -209,20 +261,23 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
                 writer.flush()
         saved = False
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            ckpt.save(engine, args, iteration, consumed, scheduler)
+            _save(engine, args, iteration, consumed, scheduler)
             saved = True
-            _print0(f"> saved checkpoint {args.save}/{ckpt.tag_for(iteration)}", args.log_file)
-        if args.exit_interval and iteration % args.exit_interval == 0:
+        progress["iteration"] = iteration
+        reason = built["exit_request"].check()  # every rank agrees (one tiny all-reduce)
+        if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
+            reason = f"--exit-interval {args.exit_interval}"
+        if reason is not None:
             if args.save and not saved:
-                ckpt.save(engine, args, iteration, consumed, scheduler)
-                _print0(f"> saved checkpoint {args.save}/{ckpt.tag_for(iteration)}", args.log_file)
-            _print0(f"> exiting at iteration {iteration} (--exit-interval {args.exit_interval})", args.log_file)
+                _save(engine, args, iteration, consumed, scheduler)
+            where = f"checkpoint {args.save}/{ckpt.tag_for(iteration)}" if args.save else "no --save: nothing saved"
+            _print0(f"> exiting at iteration {iteration} of {args.train_iters}: {reason}; {where}", args.log_file)
+            history["exit_reason"] = reason
             break
     else:
         if args.save and iteration > start_iteration and not (args.save_interval and iteration % args.save_interval == 0):
-            ckpt.save(engine, args, iteration, consumed, scheduler)
-            _print0(f"> saved checkpoint {args.save}/{ckpt.tag_for(iteration)}", args.log_file)
-    if non_loss_data_func is not None:  # pictures etc. of the trained model, on every rank
+            _save(engine, args, iteration, consumed, scheduler)
+    if non_loss_data_func is not None and "exit_reason" not in history:  # pictures etc. of the trained model, on every rank
         engine.eval()
         non_loss_data_func(engine, valid_factory, args, cfg, iteration, writer)
         engine.train()
@@ -230,6 +285,12 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         writer.close()
     history["engine"] = engine
     return history
+
+
+def _save(engine, args, iteration, consumed, scheduler) -> None:
+    ckpt.save(engine, args, iteration, consumed, scheduler)
+    progress["saved"] = f"{args.save}/{ckpt.tag_for(iteration)}"
+    _print0(f"> saved checkpoint {progress['saved']}", args.log_file)
 
 
 def evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> tuple[float, dict]:
@@ -280,6 +341,26 @@ def _record_fp32_grad_norm(engine) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
+def _guard_nonfinite_step(engine) -> None:
+    """ZeRO 1-3 and DeepSpeed's bf16 optimizers skip the update when the global gradient norm is
+    not finite; ZeRO 0 in fp32 steps the client optimizer unconditionally. Give it the same rule:
+    the norm is global (the same on every rank), so every rank skips together."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+    optimizer, inner = engine.optimizer, engine.optimizer.step
+
+    def step(*a, **k):
+        if engine.gradient_clipping() <= 0:  # no clipping, so no norm yet: the same function, no clip
+            engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
+                                                             max_norm=float("inf"), mpu=engine.mpu))
+        if not math.isfinite(engine._global_grad_norm or 0.0):
+            return None
+        return inner(*a, **k)
+
+    optimizer.step = step
+
+
 def _undo_setup_step(engine) -> None:
     """ZeRO 0 with bf16 wraps the optimizer in DeepSpeed's FP16_(Unfused)Optimizer, whose
     ``initialize_optimizer_states`` runs ``optimizer.step()`` once with zero gradients. For AdamW
@@ -316,8 +397,11 @@ def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_los
       and written to TensorBoard as ``val/<name>``."""
     args = parse_args(argv)
     try:
-        return run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func)
-    except USER_ERRORS as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        try:
+            return run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func)
+        except USER_ERRORS as e:
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C without --exit-signal-handler: one line per rank, no traceback
+        exit_interrupted()

@@ -1,8 +1,23 @@
-"""Warmup + cosine/linear/constant decay, stepped by the loop (state = the iteration)."""
+"""Warmup + cosine/linear/constant decay, stepped by the loop (state = the iteration).
+
+On resume, Megatron's rules (``OptimizerParamScheduler``): the schedule's length is
+``--lr-decay-iters`` (default ``--train-iters``); a checkpoint whose schedule (lr, min-lr, warmup,
+decay iterations, style) differs from the command line is refused, naming both values, unless
+``--use-checkpoint-opt-param-scheduler`` (keep the checkpoint's) or
+``--override-opt-param-scheduler`` (take the command line's) is given."""
 
 from __future__ import annotations
 
 import math
+
+
+# Schedule attributes and the flags that set them.
+SCHEDULE_FLAGS = (("max_lr", "--lr"), ("min_lr", "--min-lr"), ("warmup_iters", "--lr-warmup-iters"),
+                  ("decay_iters", "--lr-decay-iters"), ("style", "--lr-decay-style"))
+
+
+class ScheduleError(ValueError):
+    """A resume would change the LR schedule without being told to."""
 
 
 class LRScheduler:
@@ -38,6 +53,27 @@ class LRScheduler:
         return {"num_steps": self.num_steps, "max_lr": self.max_lr, "min_lr": self.min_lr,
                 "warmup_iters": self.warmup_iters, "decay_iters": self.decay_iters, "style": self.style}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, use_checkpoint: bool = False, override: bool = False) -> list[str]:
+        """Restore the step; the schedule per the rules above. Returns the differences found
+        (``--flag checkpoint -> command line`` strings) that a flag resolved."""
+        if use_checkpoint and override:
+            raise ScheduleError("--use-checkpoint-opt-param-scheduler and --override-opt-param-scheduler exclude each "
+                                "other; give one.")
+        diffs = []
+        for attr, flag in SCHEDULE_FLAGS:
+            if attr in sd and sd[attr] != getattr(self, attr):
+                diffs.append((attr, flag, sd[attr], getattr(self, attr)))
+        if diffs and not (use_checkpoint or override):
+            listed = "; ".join(f"{flag} {old} in the checkpoint, {new} on the command line" + (
+                " (its default: --train-iters)" if attr == "decay_iters" else "") for attr, flag, old, new in diffs)
+            raise ScheduleError(
+                f"the checkpoint's LR schedule differs from the command line: {listed}. Resuming would silently "
+                "change the schedule mid-run. Pass --use-checkpoint-opt-param-scheduler to keep the checkpoint's, "
+                "--override-opt-param-scheduler to take the command line's, or give the checkpoint's values "
+                "(e.g. --lr-decay-iters to lengthen --train-iters without stretching the decay).")
+        if use_checkpoint:
+            for attr, _, old, _ in diffs:
+                setattr(self, attr, old)
         self.num_steps = int(sd["num_steps"])
         self._apply()
+        return [f"{flag} {old} -> {new}" for _, flag, old, new in diffs]

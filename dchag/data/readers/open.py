@@ -47,7 +47,8 @@ def open_source(path, data_format: str = "auto", *, num_channels: int | None = N
     if num_channels is not None and src.num_channels != num_channels:
         raise DataError(
             f"{src.describe()} has {src.num_channels} channels but --num-channels is {num_channels}; set "
-            f"--num-channels {src.num_channels} (or select {num_channels} variables/bands of the data).")
+            f"--num-channels {src.num_channels} (or select {num_channels} variables/bands of the data)."
+            + (src.channels_last_hint(num_channels) if hasattr(src, "channels_last_hint") else ""))
     return src
 
 

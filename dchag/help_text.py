@@ -1,0 +1,90 @@
+"""``--help`` text for every flag of pretrain_dchag.py, kept apart from the parser so flags can be
+added in small hunks; ``apply(parser)`` fills the help of every option that has none, and the
+formatter appends each option's default (except where the default is "not given")."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = {
+    # data
+    "--task": "what to train: mae (masked autoencoder: reconstruct the masked patches of every channel) or "
+              "forecast (the state --lead-time steps ahead)",
+    "--data-path": "a file or a folder of files ([C, H, W] or [N, C, H, W]; for forecast a time series "
+                   "[T, C, H, W]), or 'synthetic[:k=v,...]' for generated data",
+    "--data-format": "the reader; auto detects it from the file name or contents",
+    "--num-channels": "C, the channel count; default: read from the data (a mismatch with the data is an error)",
+    "--img-h": "tile height in pixels; images larger than --img-h x --img-w are cut into tiles (remainders at the "
+               "bottom/right edges are reported at start-up)",
+    "--img-w": "tile width in pixels",
+    "--patch-dim": "ViT patch size p (p divides --img-h and --img-w)",
+    "--valid-fraction": "fraction of the tiles (mae) or time steps (forecast) held out for validation: the last "
+                        "ones, no shuffling",
+    "--data-strict": "read every sample at start-up and refuse invalid values (NaN/Inf, no-data) before training; "
+                     "without it they are zero-filled, masked out of the loss and counted",
+    "--num-workers": "DataLoader worker processes per rank",
+    "--mask-ratio": "mae: fraction of the patches masked in every tile",
+    "--lead-time": "forecast: how many time steps ahead to predict",
+    # model
+    "--num-layers": "transformer layers of the backbone",
+    "--hidden-size": "hidden size D of the tokens",
+    "--num-attention-heads": "attention heads (divisible by --tensor-model-parallel-size)",
+    "--ffn-hidden-size": "MLP hidden size; default: 4 x --hidden-size",
+    "--dchag-aggregation": "cross-channel aggregation: flat (one cross-attention over all channels, the baseline), "
+                           "linear (D-CHAG-L: a learned map per channel group) or cross (D-CHAG-C: a cross-attention "
+                           "per group)",
+    "--dchag-groups": "G, channel groups aggregated before the all-gather (a model hyperparameter; "
+                      "--channel-parallel-size divides it)",
+    "--dchag-tree-levels": "levels of the partial aggregation inside each group (2: sub-groups first)",
+    "--hidden-dropout": "dropout after attention and MLP",
+    "--attention-dropout": "dropout of the attention probabilities",
+    "--recompute-activations": "recompute each transformer layer in the backward pass (less memory, more compute)",
+    # parallel
+    "--tensor-model-parallel-size": "T, tensor-parallel ranks (Megatron); the data-parallel size is world / T",
+    "--channel-parallel-size": "P, ranks sharing the channel stage (P divides T and --dchag-groups); P = T is the "
+                               "paper's layout",
+    "--sequence-parallel": "Megatron sequence parallelism inside the tensor-parallel group",
+    # training
+    "--train-iters": "iterations to train (the total, counting those before a resume)",
+    "--lr": "peak learning rate (AdamW)",
+    "--min-lr": "learning rate at the end of the decay",
+    "--lr-warmup-iters": "linear warmup iterations",
+    "--lr-decay-style": "decay after the warmup",
+    "--weight-decay": "AdamW weight decay",
+    "--adam-beta1": "AdamW beta1",
+    "--adam-beta2": "AdamW beta2",
+    "--adam-eps": "AdamW epsilon",
+    "--seed": "seed of the weights, MAE masks, dropout and data order (the same for every layout)",
+    # checkpointing and logging
+    "--save": "folder for checkpoints (DIR/iter_NNNNNNN, DIR/latest); never overwrites a complete checkpoint "
+              "beyond the starting iteration",
+    "--load": "folder to resume from (the iteration in DIR/latest); --load DIR --save DIR on an empty DIR starts "
+              "fresh",
+    "--save-interval": "save every this many iterations (and at the end)",
+    "--eval-interval": "validate every this many iterations",
+    "--eval-iters": "validation iterations (global batches) per evaluation",
+    "--log-interval": "print the log line and write TensorBoard scalars every this many iterations",
+    "--tensorboard-dir": "TensorBoard log folder (rank 0 writes it)",
+    # deepspeed
+    "--deepspeed": "use DeepSpeed (always on; accepted for the usual DeepSpeed command line)",
+    "--deepspeed_config": "DeepSpeed JSON (ZeRO stage, bf16, ...; see ds_configs/); checked before anything is "
+                          "built",
+    "--local_rank": "set by the deepspeed launcher",
+}
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults appended, except None (= not given: the help says what happens) and store_true's False."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def apply(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.formatter_class = Formatter
+    for action in parser._actions:
+        if action.help is None and action.option_strings:
+            action.help = HELP.get(action.option_strings[0])
+    return parser

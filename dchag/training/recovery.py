@@ -1,0 +1,112 @@
+"""Damaged checkpoints: find the last intact one, say how to resume from it, and make that
+command work.
+
+``--load DIR`` whose ``latest`` checkpoint is damaged is refused (``checkpoint.verify_files``);
+the message names the damaged iteration, the last intact earlier one and the command to resume
+from it: the same command with ``--ckpt-step N``. With ``--save DIR`` too, the damaged later
+checkpoint would count as a complete checkpoint beyond the starting iteration (which the run
+refuses to overwrite); when ``--ckpt-step`` is given and every such later checkpoint is damaged,
+rank 0 moves them aside to ``iter_NNNNNNN.damaged`` (nothing is deleted) and the run goes on.
+
+Damage is judged by the files themselves: ``dchag_args.json`` present (written after every rank
+finished), every ``.pt`` a readable zip whose records match their CRC-32 (``zipfile.testzip``;
+torch checkpoints are zip files, so a flipped bit in a tensor is seen). Other checks (a
+checksum manifest) can be appended to ``EXTRA_CHECKS``: callables ``folder -> problem | None``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import zipfile
+
+import torch.distributed as dist
+
+EXTRA_CHECKS: list = []
+
+
+def damage(folder: str) -> str | None:
+    """What is wrong with the checkpoint ``folder`` (None: intact). Reads every file once."""
+    if not os.path.exists(os.path.join(folder, "dchag_args.json")):
+        return "it is incomplete (no dchag_args.json: a save did not finish)"
+    files = sorted(glob.glob(os.path.join(folder, "*.pt")))
+    if not files:
+        return "it holds no .pt files"
+    try:
+        with open(os.path.join(folder, "dchag_args.json")) as f:
+            tp = int(json.load(f).get("tensor_model_parallel_size", 1))
+    except (OSError, ValueError, AttributeError) as e:
+        return f"dchag_args.json is unreadable ({e})"
+    for mp in range(tp):
+        if not glob.glob(os.path.join(folder, f"*mp_rank_{mp:02d}*model_states.pt")):
+            return f"it has no model-states file for model-parallel rank {mp}"
+    for path in files:
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+            return f"{os.path.basename(path)} is damaged ({e})"
+        if bad is not None:
+            return f"{os.path.basename(path)} is damaged (record {bad} fails its CRC check)"
+    for check in EXTRA_CHECKS:
+        problem = check(folder)
+        if problem:
+            return problem
+    return None
+
+
+def last_good(directory: str, before: int) -> int | None:
+    """The latest intact checkpoint iteration in ``directory`` below ``before``."""
+    from dchag.training.checkpoint import saved_iterations, tag_for
+    for it in reversed([i for i in saved_iterations(directory, complete=True) if i < before]):
+        if damage(os.path.join(directory, tag_for(it))) is None:
+            return it
+    return None
+
+
+def hint(directory: str, iteration: int | None) -> str:
+    """How to go on after the checkpoint of ``iteration`` in ``directory`` was found damaged."""
+    from dchag.training.checkpoint import tag_for
+    good = last_good(directory, iteration if iteration is not None else 1 << 62)
+    if good is None:
+        return (f"There is no intact earlier checkpoint in {directory}: start again with a new --save folder "
+                "(the damaged one is left as it is).")
+    return (f"The last intact checkpoint is {tag_for(good)}: resume from it by running the same command with "
+            f"--ckpt-step {good} added (--load {directory} --ckpt-step {good}; with --save {directory} the damaged "
+            f"checkpoints beyond it are moved aside to iter_NNNNNNN.damaged, nothing is deleted).")
+
+
+def _aside_name(folder: str) -> str:
+    out, k = folder + ".damaged", 1
+    while os.path.exists(out):
+        out, k = f"{folder}.damaged.{k}", k + 1
+    return out
+
+
+def set_aside_damaged(args, later: list[int]) -> list[int]:
+    """``later``: complete checkpoints in --save beyond the starting iteration. With an explicit
+    ``--ckpt-step`` (the recovery command), the damaged ones are moved aside by rank 0; returns
+    those still in the way (intact ones: the caller refuses). Every rank returns the same."""
+    from dchag.training.checkpoint import tag_for
+    if args.ckpt_step is None or not later:
+        return later
+    problems = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        problems = [{it: damage(os.path.join(args.save, tag_for(it))) for it in later}]
+    if dist.is_initialized():
+        dist.broadcast_object_list(problems, src=0)
+    problems = problems[0]
+    if any(p is None for p in problems.values()):
+        return [it for it, p in problems.items() if p is None]
+    if dist.is_initialized():
+        dist.barrier()  # every rank has finished looking at the folder
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for it, problem in problems.items():
+            src = os.path.join(args.save, tag_for(it))
+            dst = _aside_name(src)
+            os.rename(src, dst)
+            print(f"> moved damaged checkpoint {src} aside to {dst} ({problem})", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return []
