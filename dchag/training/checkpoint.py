@@ -319,7 +319,10 @@ def prepare_module(model: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 # Save and load.
 
-def save(engine, args, iteration: int, consumed_samples: int, scheduler) -> str:
+def save(engine, args, iteration: int, consumed_samples: int, scheduler, normalization: dict | None = None) -> str:
+    """Every rank's DeepSpeed files, then (rank 0) the arguments, the normalization statistics
+    and the manifest (size + SHA-256 of every file, hashed by all ranks), then ``latest``."""
+    from dchag.checkpoint import manifest, normalization as norm
     tag = tag_for(iteration)
     client_state = {
         "iteration": iteration, "consumed_samples": consumed_samples, "args": model_args(args),
@@ -333,6 +336,11 @@ def save(engine, args, iteration: int, consumed_samples: int, scheduler) -> str:
     if dist.get_rank() == 0:
         with open(os.path.join(args.save, tag, "dchag_args.json"), "w") as f:
             json.dump(model_args(args), f, indent=1)
+        if normalization is not None:
+            norm.write(os.path.join(args.save, tag), normalization)
+    dist.barrier()
+    manifest.write_manifest_distributed(os.path.join(args.save, tag))
+    if dist.get_rank() == 0:
         tmp = os.path.join(args.save, "latest.tmp")
         with open(tmp, "w") as f:
             f.write(tag)
@@ -347,6 +355,10 @@ def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[in
     from megatron.core import parallel_state as ps
     universal_checkpoint_info(engine.module)  # restore maps on the parameters (universal loading)
     verify_files(args, tag, universal)
+    from dchag.checkpoint import manifest
+    if not manifest.verify_distributed(os.path.join(args.load, tag)) and dist.get_rank() == 0:
+        print(f"warning: {args.load}/{tag} has no manifest (saved by an older version): its files are not "
+              "checksummed.", flush=True)
     path, client_state = engine.load_checkpoint(args.load, tag=tag, load_lr_scheduler_states=False)
     if path is None or client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {args.load}/{tag}.")

@@ -143,6 +143,8 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
 
     train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
     train_iter = iter(train_loader)
+    from dchag.checkpoint import normalization
+    norm = normalization.gather(train_loader.dataset) if args.save else None  # saved with every checkpoint
     writer = tensorboard_writer(args.tensorboard_dir) if dist.get_rank() == 0 else None
     history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}}
     dp_group = ps.get_data_parallel_group()
@@ -209,18 +211,18 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
                 writer.flush()
         saved = False
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            ckpt.save(engine, args, iteration, consumed, scheduler)
+            ckpt.save(engine, args, iteration, consumed, scheduler, norm)
             saved = True
             _print0(f"> saved checkpoint {args.save}/{ckpt.tag_for(iteration)}", args.log_file)
         if args.exit_interval and iteration % args.exit_interval == 0:
             if args.save and not saved:
-                ckpt.save(engine, args, iteration, consumed, scheduler)
+                ckpt.save(engine, args, iteration, consumed, scheduler, norm)
                 _print0(f"> saved checkpoint {args.save}/{ckpt.tag_for(iteration)}", args.log_file)
             _print0(f"> exiting at iteration {iteration} (--exit-interval {args.exit_interval})", args.log_file)
             break
     else:
         if args.save and iteration > start_iteration and not (args.save_interval and iteration % args.save_interval == 0):
-            ckpt.save(engine, args, iteration, consumed, scheduler)
+            ckpt.save(engine, args, iteration, consumed, scheduler, norm)
             _print0(f"> saved checkpoint {args.save}/{ckpt.tag_for(iteration)}", args.log_file)
     if non_loss_data_func is not None:  # pictures etc. of the trained model, on every rank
         engine.eval()
