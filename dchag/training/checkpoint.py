@@ -359,11 +359,18 @@ def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[in
     if not manifest.verify_distributed(os.path.join(args.load, tag)) and dist.get_rank() == 0:
         print(f"warning: {args.load}/{tag} has no manifest (saved by an older version): its files are not "
               "checksummed.", flush=True)
-    path, client_state = engine.load_checkpoint(args.load, tag=tag, load_lr_scheduler_states=False)
-    if path is None or client_state is None:
-        raise CheckpointError(f"DeepSpeed could not load {args.load}/{tag}.")
+    from dchag.checkpoint import weights_only
+    if getattr(args, "no_load_optim", False) and not universal:  # weights only; fresh optimizer moments
+        client_state = weights_only.load_weights_only(engine, os.path.join(args.load, tag))
+    else:
+        if not universal:
+            weights_only.refuse_without_optimizer_state(os.path.join(args.load, tag))
+        path, client_state = engine.load_checkpoint(args.load, tag=tag, load_lr_scheduler_states=False)
+        if path is None or client_state is None:
+            raise CheckpointError(f"DeepSpeed could not load {args.load}/{tag}.")
     scheduler.load_state_dict(client_state["lr_scheduler"])
-    states = client_state["rng_states"]
+    states = client_state.get("rng_states")  # absent in a converted checkpoint: the run's seeds stand
     dp_rank = ps.get_data_parallel_rank()
-    set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
+    if states:
+        set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
     return int(client_state["iteration"]), int(client_state["consumed_samples"])

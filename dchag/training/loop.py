@@ -114,6 +114,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     cfg.validate_layout(args.tensor_model_parallel_size, args.channel_parallel_size)
     # Checkpoint errors come before anything is built or written (every rank raises the same).
     universal = bool((ds_config.get("checkpoint") or {}).get("load_universal"))
+    from dchag.checkpoint.convert import is_universal
+    if not universal and is_universal(args.load):  # tools/convert_checkpoint.py --format universal output
+        ds_config.setdefault("checkpoint", {})["load_universal"] = universal = True
     load_tag = ckpt.check_compatible(args, universal)
     start = ckpt.iteration_of(load_tag) if load_tag else 0
     ckpt.check_save_dir(args, start if start is not None else 0)
