@@ -11,7 +11,8 @@ RUN/latest names the newest). This tool turns it into:
                 Works from any T, P, data-parallel size, ZeRO 0-3, fp32 or bf16.
                 Use it with dchag.load_pretrained(OUT) or tools/predict.py --load OUT.
 
-  deepspeed     a training checkpoint for another layout, from a consolidated export:
+  deepspeed     a training checkpoint for another layout, from a consolidated export (or a
+                training checkpoint, consolidated on the way):
                   --load-dir OUT --save-dir RUN2 --format deepspeed \\
                   --target-tensor-parallel-size T --target-channel-parallel-size P
                 -> continue training with: pretrain_dchag.py --load RUN2 --no-load-optim
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--load-dir", required=True,
-                   help="a run folder (its 'latest' checkpoint), one RUN/iter_NNNNNNN folder, or (for --format "
-                        "deepspeed) a consolidated export")
+                   help="a run folder (its 'latest' checkpoint), one RUN/iter_NNNNNNN folder, or a consolidated "
+                        "export (--format deepspeed, --verify)")
     p.add_argument("--save-dir", help="output folder; must not exist or be empty")
     p.add_argument("--format", choices=("consolidated", "deepspeed", "universal"),
                    help="what to write (see above)")
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope).*")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from dchag.checkpoint import convert
     from dchag.training.checkpoint import CheckpointError

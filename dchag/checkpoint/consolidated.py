@@ -55,12 +55,16 @@ def versions() -> dict:
     return out
 
 
-def prepare_output(save_dir: str) -> str:
-    """A fresh sibling temp folder to write into (renamed to ``save_dir`` by :func:`commit`):
-    an existing non-empty ``save_dir`` is refused, never overwritten."""
+def check_output(save_dir: str) -> None:
+    """An existing non-empty ``save_dir`` is refused, never overwritten."""
     if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
         raise CheckpointError(f"--save-dir {save_dir} already exists and is not empty; choose a new folder (nothing "
                               "was written).")
+
+
+def prepare_output(save_dir: str) -> str:
+    """A fresh sibling temp folder to write into (renamed to ``save_dir`` by :func:`commit`)."""
+    check_output(save_dir)
     parent = os.path.dirname(os.path.abspath(save_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(save_dir)) + "-", dir=parent)

@@ -42,7 +42,7 @@ def export_consolidated(load_dir: str, save_dir: str) -> dict:
     folder = reader.resolve_folder(load_dir)
     if not reader.check_integrity(folder):
         _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
-    consolidated.prepare_output(save_dir)  # refuse early, before the work
+    consolidated.check_output(save_dir)  # refuse early, before the work
     ns = reader.run_args(folder)
     cfg = _config_of_run(ns)
     serial = dataclasses.replace(cfg, bf16=False, sequence_parallel=False, recompute_activations=False)
@@ -90,9 +90,15 @@ def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channe
     model-parallel rank a model-states file holding its shards (fp32) and the client state
     (iteration, consumed samples, LR schedule, arguments with the new layout, affine maps), no
     optimizer state. Returns the checkpoint folder."""
+    import tempfile
     import deepspeed
     from dchag.arguments import MODEL_ARGS
     T, P = int(tensor_parallel_size), int(channel_parallel_size)
+    if not consolidated.is_consolidated(load_dir):  # a training checkpoint: consolidate it first
+        consolidated.check_output(save_dir)
+        with tempfile.TemporaryDirectory(prefix="dchag_consolidated_") as tmp:
+            export_consolidated(load_dir, os.path.join(tmp, "c"))
+            return to_deepspeed(os.path.join(tmp, "c"), save_dir, T, P)
     tensors, config = consolidated.read(load_dir)
     cfg = consolidated.config_from_dict(config["model"])
     maps = shards.target_maps(config["parameters"], cfg, T, P)  # layout errors before anything is written

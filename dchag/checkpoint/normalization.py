@@ -65,10 +65,13 @@ def merge(shares: list[dict]) -> dict:
     return doc
 
 
-def gather(dataset) -> dict:
-    """Collective over the channel-parallel group: the whole normalization document."""
+def gather(dataset) -> dict | None:
+    """Collective over the channel-parallel group: the whole normalization document (None for a
+    dataset that is not a dchag TileDataset: nothing known to save)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+    if dataset is None or not hasattr(dataset, "source"):
+        return None
     mine = describe_dataset(dataset)
     group = ps.get_channel_parallel_group()
     shares = [None] * dist.get_world_size(group)

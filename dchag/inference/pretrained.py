@@ -70,19 +70,22 @@ class PretrainedDChag:
             args["lead_time"] = lead_time.to(self.device)
         return self.model(images.to(self.device), **args)
 
-    def mask(self, batch_size: int, mask_ratio: float, seed: int = 0) -> torch.Tensor:
-        """[B, L] bool, True = masked: the same rule as training (sample index, seed, step 0)."""
+    def mask(self, batch_size: int, mask_ratio: float, seed: int = 0, sample_index=None) -> torch.Tensor:
+        """[B, L] bool, True = masked: the same rule as training (sample index, seed, step 0);
+        sample ``sample_index[i]`` (default ``i``) for row i."""
         from dchag.tasks.mae import patch_mask
-        return patch_mask(torch.arange(batch_size), self.cfg.num_patches, mask_ratio, seed, 0)
+        index = torch.arange(batch_size) if sample_index is None else torch.as_tensor(np.asarray(sample_index))
+        return patch_mask(index, self.cfg.num_patches, mask_ratio, seed, 0)
 
-    def reconstruct(self, x, mask_ratio: float | None = None, seed: int = 0, return_mask: bool = False):
+    def reconstruct(self, x, mask_ratio: float | None = None, seed: int = 0, return_mask: bool = False,
+                    sample_index=None):
         """MAE: the model's reconstruction of every pixel, in data units (NaN where the input was
         invalid). ``mask_ratio`` (default: the training run's) of the patches are hidden from the
-        model, chosen by ``seed``; 0 hides none."""
+        model, chosen by ``seed`` and each row's ``sample_index`` (default its position); 0 hides none."""
         self._need("mae", "reconstruct")
         images, valid = self.normalize(x)
         ratio = self.config.get("mask_ratio") if mask_ratio is None else mask_ratio
-        m = self.mask(images.shape[0], float(ratio or 0.0), seed)
+        m = self.mask(images.shape[0], float(ratio or 0.0), seed, sample_index)
         out = self.denormalize(self.forward_normalized(images, patch_mask=m if m.any() else None))
         out = torch.where(valid, out, torch.full_like(out, float("nan")))
         return (self._like(out, x), m) if return_mask else self._like(out, x)

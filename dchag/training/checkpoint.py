@@ -354,11 +354,11 @@ def save(engine, args, iteration: int, consumed_samples: int, scheduler, normali
 def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[int, int]:
     from megatron.core import parallel_state as ps
     universal_checkpoint_info(engine.module)  # restore maps on the parameters (universal loading)
-    verify_files(args, tag, universal)
     from dchag.checkpoint import manifest
     if not manifest.verify_distributed(os.path.join(args.load, tag)) and dist.get_rank() == 0:
         print(f"warning: {args.load}/{tag} has no manifest (saved by an older version): its files are not "
               "checksummed.", flush=True)
+    verify_files(args, tag, universal)
     from dchag.checkpoint import weights_only
     if getattr(args, "no_load_optim", False) and not universal:  # weights only; fresh optimizer moments
         client_state = weights_only.load_weights_only(engine, os.path.join(args.load, tag))
