@@ -290,13 +290,14 @@ torch.save({{"y": y, "rec": rec, "rec_nan": rec_nan, "mask": mask, "emb": emb, "
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = torch.load(os.path.join(tmp, "pretrained.pt"), weights_only=False)
-    assert (out["y"] - want).abs().max().item() <= 1e-6
+    err = (out["y"] - want).abs().max().item()
+    print(f"load_pretrained vs the T = P = 2 model: largest output difference {err:.3e}")
+    assert err <= 1e-6
     assert torch.equal(out["mask"], _fixed_mask())
     expect = want.numpy() * out["std"][None, :, None, None] + out["mean"][None, :, None, None]
     np.testing.assert_allclose(out["rec"], expect, rtol=1e-4, atol=1e-4)
     assert np.isnan(out["rec_nan"][0, 5, 1, 1]) and np.isnan(out["rec_nan"]).sum() == 1
     assert out["emb"].shape == (2, 16, 32)
-    assert dchag.load_pretrained.__doc__
 
 
 TILES = """
