@@ -28,6 +28,10 @@ RUN/latest names the newest). This tool turns it into:
 
 Every conversion first checks its input against the manifest, and refuses an existing,
 non-empty --save-dir (nothing is overwritten).
+
+DeepSpeed's own zero_to_fp32.py handles one model-parallel rank and knows nothing of the
+tensor/channel shards ("Expected 1 of '*_optim_states.pt' ... but found 2 files" at T > 1):
+use --format consolidated, which runs it per model-parallel rank and merges the shards.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Layout of ``--save DIR``::
 
     DIR/iter_0000100/mp_rank_00_model_states.pt ...   DeepSpeed (weights, optimizer, ZeRO shards)
     DIR/iter_0000100/dchag_args.json                   model/layout arguments (checked on --load)
+    DIR/iter_0000100/normalization.json                per-channel statistics the data was normalized with
+    DIR/iter_0000100/manifest.json                     size + SHA-256 of every file (checked on --load)
     DIR/latest                                         "iter_0000100", replaced atomically
 
 The client state (in DeepSpeed's model-states file) holds the iteration, the consumed samples
