@@ -147,7 +147,8 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
     train_iter = iter(train_loader)
     from dchag.checkpoint import normalization
-    norm = normalization.gather(getattr(train_loader, "dataset", None)) if args.save else None  # saved with every checkpoint
+    # The statistics the data is normalized with, saved with every checkpoint.
+    norm = normalization.gather(getattr(train_loader, "dataset", None)) if args.save else None
     writer = tensorboard_writer(args.tensorboard_dir) if dist.get_rank() == 0 else None
     history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}}
     dp_group = ps.get_data_parallel_group()
