@@ -149,9 +149,11 @@ def save_picture(path: str, src, result, task: str, model) -> str:
     y = np.asarray(result[0], np.float64)
     ch = rgb_channels(x.shape[0], model.wavelengths)
 
-    def stretch(img):
+    def stretch(img, ref=None):
+        """2nd-98th percentile per colour, of ``ref`` (default ``img``): panels of the same
+        channels share the input's stretch, so they are comparable."""
         img = img.astype(np.float64)
-        flat = img.reshape(img.shape[0], -1)
+        flat = (img if ref is None else ref.astype(np.float64)).reshape(img.shape[0], -1)
         lo, hi = np.nanpercentile(flat, 2, axis=1), np.nanpercentile(flat, 98, axis=1)
         out = (img - lo[:, None, None]) / np.where(hi > lo, hi - lo, 1.0)[:, None, None]
         return np.clip(np.nan_to_num(out, nan=0.5), 0, 1).transpose(1, 2, 0)
@@ -163,8 +165,9 @@ def save_picture(path: str, src, result, task: str, model) -> str:
         _, _, vt = np.linalg.svd(f, full_matrices=False)
         right = stretch((f @ vt[:3].T).T.reshape(3, gh, gw))
     else:
-        pick = ch if y.shape[0] == x.shape[0] else [min(y.shape[0] - 1, c) for c in (0, y.shape[0] // 2, -1)]
-        right = stretch(y[pick])
+        same = y.shape[0] == x.shape[0]
+        pick = ch if same else [min(y.shape[0] - 1, c) for c in (0, y.shape[0] // 2, -1)]
+        right = stretch(y[pick], x[ch] if same else None)
     fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
     for ax, img, name in zip(axes, (stretch(x[ch]), right), ("input", {"mae": "reconstruction", "forecast": "forecast",
                                                                       "embed": "embedding (PCA)"}[task])):
