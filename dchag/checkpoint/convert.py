@@ -101,7 +101,12 @@ def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channe
             return to_deepspeed(os.path.join(tmp, "c"), save_dir, T, P)
     tensors, config = consolidated.read(load_dir)
     cfg = consolidated.config_from_dict(config["model"])
-    maps = shards.target_maps(config["parameters"], cfg, T, P)  # layout errors before anything is written
+    from dchag.parallel.partition import LayoutError
+    try:  # layout errors before anything is written
+        maps = shards.target_maps(config["parameters"], cfg, T, P)
+    except LayoutError as e:
+        raise CheckpointError(f"--target-tensor-parallel-size {T} --target-channel-parallel-size {P} does not fit "
+                              f"this model: {e}") from e
     missing = sorted(set(maps) - set(tensors))
     if missing:
         raise CheckpointError(f"{load_dir}/{consolidated.WEIGHTS} lacks {len(missing)} parameter(s), e.g. {missing[:3]}.")
