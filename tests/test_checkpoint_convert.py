@@ -9,7 +9,8 @@ Jobs (tiny D-CHAG-L MAE of tests/test_training.py: 13 channels in G = 4 uneven g
 * conversions in one plain process (no launcher): every iteration-3 checkpoint -> consolidated
   -> DeepSpeed at T = P = 1 and at T = 4, P = 2 (channel rows 7 | 6 of 13); ZeRO 1 -> universal.
 * 4 ranks: the continuations (--no-load-optim), T = P = 1 as DP 4 and T = 4, P = 2, under
-  other ZeRO stages than the source. Their first loss (iteration 4) is computed with the
+  other ZeRO stages than the source; --no-load-optim on the original ZeRO 3 checkpoint
+  (T = P = 2 x DP 2); the universal checkpoint on T = 4, P = 2. Their first loss (iteration 4) is computed with the
   iteration-3 weights on the same data and masks as the source run's iteration 4, so each
   equals the source run's own loss there: weights, iteration and consumed samples all survived.
 """
@@ -131,6 +132,10 @@ def _continue_job(tmp):
             r[f"{src}_{tgt}"] = _train(argv + ["--no-load-optim"])
             if src == "z1" and tgt == "t4":
                 r["err_no_flag"] = _refused(argv)
+    # --no-load-optim on an original (not converted) ZeRO 3 checkpoint, same T = P = 2 with DP 2 under ZeRO 1.
+    r["native_z3"] = _train(_ds("zero1_fp32.json") + BASE + [
+        "--tensor-model-parallel-size", "2", "--channel-parallel-size", "2", "--micro-batch-size", "1",
+        "--train-iters", str(ITERS), "--load", os.path.join(tmp, "z3"), "--ckpt-step", str(SAVE_AT), "--no-load-optim"])
     # DeepSpeed's universal format (optimizer state included), found by --load without a JSON edit.
     r["universal"] = _train(_ds("zero1_fp32.json") + BASE + [
         "--tensor-model-parallel-size", "4", "--channel-parallel-size", "2", "--micro-batch-size", "1",
@@ -235,6 +240,15 @@ def test_universal_conversion_continues_without_json_edit(job):
     _, srcr, cont, _ = job
     ref = srcr[0]["z1"]["losses"][SAVE_AT + 1]
     got = cont[0]["universal"]["losses"]
+    assert sorted(got) == [SAVE_AT + 1] and abs(got[SAVE_AT + 1] - ref) <= 1e-5 * abs(ref), (got, ref)
+
+
+def test_no_load_optim_on_an_original_checkpoint(job):
+    """Weights only from the source run's own ZeRO 3 files (fp32 master weights gathered over
+    its model-parallel ranks' shards): the same first loss as the source run's iteration 4."""
+    _, srcr, cont, _ = job
+    ref = srcr[0]["z3"]["losses"][SAVE_AT + 1]
+    got = cont[0]["native_z3"]["losses"]
     assert sorted(got) == [SAVE_AT + 1] and abs(got[SAVE_AT + 1] - ref) <= 1e-5 * abs(ref), (got, ref)
 
 
