@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--load", required=True, help="a consolidated export (tools/convert_checkpoint.py --format consolidated)")
+    p.add_argument("--load", required=True,
+                   help="a consolidated export (tools/convert_checkpoint.py --format consolidated)")
     p.add_argument("--data-path", required=True, help="the data file (or folder / selector, as for training)")
     p.add_argument("--data-format", default="auto", help="as pretrain_dchag.py --data-format (default: detected)")
     p.add_argument("--task", required=True, choices=("mae", "forecast", "embed"))

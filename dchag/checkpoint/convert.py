@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -109,7 +110,8 @@ def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channe
                               f"this model: {e}") from e
     missing = sorted(set(maps) - set(tensors))
     if missing:
-        raise CheckpointError(f"{load_dir}/{consolidated.WEIGHTS} lacks {len(missing)} parameter(s), e.g. {missing[:3]}.")
+        raise CheckpointError(f"{load_dir}/{consolidated.WEIGHTS} lacks {len(missing)} parameter(s), "
+                              f"e.g. {missing[:3]}.")
     tmp = consolidated.prepare_output(save_dir)
     try:
         args = dict(config.get("training_args") or {})
@@ -152,7 +154,6 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
     folder = reader.resolve_folder(load_dir)
     if not reader.check_integrity(folder):
         _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
-    import glob
     if not glob.glob(os.path.join(folder, "*optim_states.pt")):
         raise CheckpointError(f"{folder} was saved without ZeRO (stage 0): DeepSpeed's universal format needs ZeRO "
                               "optimizer shards. Use --format consolidated, then --format deepspeed for the new "
@@ -191,7 +192,7 @@ def verify(path: str) -> list[tuple[str, list[str]]]:
     of a run folder. A folder without a manifest is a problem."""
     from dchag.training.checkpoint import saved_iterations
     if os.path.isfile(os.path.join(path, manifest.MANIFEST)) or consolidated.is_consolidated(path) or \
-            reader.glob.glob(os.path.join(path, "*model_states.pt")):
+            glob.glob(os.path.join(path, "*model_states.pt")):
         folders = [path]
     else:
         its = saved_iterations(path)

@@ -61,8 +61,8 @@ def load_weights_only(engine, folder: str) -> dict:
             src = weights[name]
             shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
             if tuple(src.shape) != shape:
-                raise CheckpointError(f"{folder}: {name} has shape {tuple(src.shape)} there but {shape} in this layout; "
-                                      "convert the checkpoint to this layout (tools/convert_checkpoint.py).")
+                raise CheckpointError(f"{folder}: {name} has shape {tuple(src.shape)} there but {shape} in this "
+                                      "layout; convert the checkpoint to this layout (tools/convert_checkpoint.py).")
             p.data.copy_(src.to(p.dtype))
     if engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
         engine.optimizer.refresh_fp32_params()
