@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None)
     g.add_argument("--ckpt-step", type=int, default=None,
                    help="with --load: the iteration to load (default: the one in DIR/latest)")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="with --load: load the weights, iteration, consumed samples and LR schedule but not the "
+                        "optimizer state (fresh Adam moments); needed for a checkpoint written by "
+                        "tools/convert_checkpoint.py --format deepspeed")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (and save, with --save) when the iteration is a multiple of this")

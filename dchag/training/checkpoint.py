@@ -4,6 +4,8 @@ Layout of ``--save DIR``::
 
     DIR/iter_0000100/mp_rank_00_model_states.pt ...   DeepSpeed (weights, optimizer, ZeRO shards)
     DIR/iter_0000100/dchag_args.json                   model/layout arguments (checked on --load)
+    DIR/iter_0000100/normalization.json                per-channel statistics the data was normalized with
+    DIR/iter_0000100/manifest.json                     size + SHA-256 of every file (checked on --load)
     DIR/latest                                         "iter_0000100", replaced atomically
 
 The client state (in DeepSpeed's model-states file) holds the iteration, the consumed samples
@@ -321,7 +323,10 @@ def prepare_module(model: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 # Save and load.
 
-def save(engine, args, iteration: int, consumed_samples: int, scheduler) -> str:
+def save(engine, args, iteration: int, consumed_samples: int, scheduler, normalization: dict | None = None) -> str:
+    """Every rank's DeepSpeed files, then (rank 0) the arguments, the normalization statistics
+    and the manifest (size + SHA-256 of every file, hashed by all ranks), then ``latest``."""
+    from dchag.checkpoint import manifest, normalization as norm
     tag = tag_for(iteration)
     client_state = {
         "iteration": iteration, "consumed_samples": consumed_samples, "args": model_args(args),
@@ -335,6 +340,11 @@ def save(engine, args, iteration: int, consumed_samples: int, scheduler) -> str:
     if dist.get_rank() == 0:
         with open(os.path.join(args.save, tag, "dchag_args.json"), "w") as f:
             json.dump(model_args(args), f, indent=1)
+        if normalization is not None:
+            norm.write(os.path.join(args.save, tag), normalization)
+    dist.barrier()
+    manifest.write_manifest_distributed(os.path.join(args.save, tag))
+    if dist.get_rank() == 0:
         tmp = os.path.join(args.save, "latest.tmp")
         with open(tmp, "w") as f:
             f.write(tag)
@@ -348,16 +358,31 @@ def save(engine, args, iteration: int, consumed_samples: int, scheduler) -> str:
 def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[int, int]:
     from megatron.core import parallel_state as ps
     universal_checkpoint_info(engine.module)  # restore maps on the parameters (universal loading)
+    from dchag.checkpoint import manifest
+    from dchag.training.recovery import hint
+
+    def how():  # names the last intact checkpoint and the command that resumes from it
+        return hint(args.load, iteration_of(tag)) if dist.get_rank() == 0 else "See rank 0's message."
+    if not manifest.verify_distributed(os.path.join(args.load, tag), how) and dist.get_rank() == 0:
+        print(f"warning: {args.load}/{tag} has no manifest (saved by an older version): its files are not "
+              "checksummed.", flush=True)
     verify_files(args, tag, universal)
-    path, client_state = engine.load_checkpoint(args.load, tag=tag, load_lr_scheduler_states=False)
-    if path is None or client_state is None:
-        raise CheckpointError(f"DeepSpeed could not load {args.load}/{tag}.")
+    from dchag.checkpoint import weights_only
+    if getattr(args, "no_load_optim", False) and not universal:  # weights only; fresh optimizer moments
+        client_state = weights_only.load_weights_only(engine, os.path.join(args.load, tag))
+    else:
+        if not universal:
+            weights_only.refuse_without_optimizer_state(os.path.join(args.load, tag))
+        path, client_state = engine.load_checkpoint(args.load, tag=tag, load_lr_scheduler_states=False)
+        if path is None or client_state is None:
+            raise CheckpointError(f"DeepSpeed could not load {args.load}/{tag}.")
     changed = scheduler.load_state_dict(client_state["lr_scheduler"], args.use_checkpoint_opt_param_scheduler,
                                         args.override_opt_param_scheduler)
     if changed and dist.get_rank() == 0:
         kept = "the checkpoint's" if args.use_checkpoint_opt_param_scheduler else "the command line's"
         print(f"> LR schedule differs from the checkpoint ({', '.join(changed)}): using {kept}", flush=True)
-    states = client_state["rng_states"]
+    states = client_state.get("rng_states")  # absent in a converted checkpoint: the run's seeds stand
     dp_rank = ps.get_data_parallel_rank()
-    set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
+    if states:
+        set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
     return int(client_state["iteration"]), int(client_state["consumed_samples"])

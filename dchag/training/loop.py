@@ -131,6 +131,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     cfg.validate_layout(args.tensor_model_parallel_size, args.channel_parallel_size)
     # Checkpoint errors come before anything is built or written (every rank raises the same).
     universal = bool((ds_config.get("checkpoint") or {}).get("load_universal"))
+    from dchag.checkpoint.convert import is_universal
+    if not universal and is_universal(args.load):  # tools/convert_checkpoint.py --format universal output
+        ds_config.setdefault("checkpoint", {})["load_universal"] = universal = True
     load_tag = ckpt.check_compatible(args, universal)
     start = ckpt.iteration_of(load_tag) if load_tag else 0
     ckpt.check_save_dir(args, start if start is not None else 0)
@@ -168,6 +171,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     else:
         history_summary = []
     train_iter = iter(train_loader)
+    from dchag.checkpoint import normalization
+    # The statistics the data is normalized with, saved with every checkpoint.
+    norm = normalization.gather(getattr(train_loader, "dataset", None)) if args.save else None
     writer = tensorboard_writer(args.tensorboard_dir) if dist.get_rank() == 0 else None
     history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}, "summary": history_summary}
     dp_group = ps.get_data_parallel_group()
@@ -261,7 +267,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
                 writer.flush()
         saved = False
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            _save(engine, args, iteration, consumed, scheduler)
+            _save(engine, args, iteration, consumed, scheduler, norm)
             saved = True
         progress["iteration"] = iteration
         reason = built["exit_request"].check()  # every rank agrees (one tiny all-reduce)
@@ -269,14 +275,14 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             reason = f"--exit-interval {args.exit_interval}"
         if reason is not None:
             if args.save and not saved:
-                _save(engine, args, iteration, consumed, scheduler)
+                _save(engine, args, iteration, consumed, scheduler, norm)
             where = f"checkpoint {args.save}/{ckpt.tag_for(iteration)}" if args.save else "no --save: nothing saved"
             _print0(f"> exiting at iteration {iteration} of {args.train_iters}: {reason}; {where}", args.log_file)
             history["exit_reason"] = reason
             break
     else:
         if args.save and iteration > start_iteration and not (args.save_interval and iteration % args.save_interval == 0):
-            _save(engine, args, iteration, consumed, scheduler)
+            _save(engine, args, iteration, consumed, scheduler, norm)
     if non_loss_data_func is not None and "exit_reason" not in history:  # pictures etc. of the trained model, on every rank
         engine.eval()
         non_loss_data_func(engine, valid_factory, args, cfg, iteration, writer)
@@ -287,8 +293,8 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     return history
 
 
-def _save(engine, args, iteration, consumed, scheduler) -> None:
-    ckpt.save(engine, args, iteration, consumed, scheduler)
+def _save(engine, args, iteration, consumed, scheduler, normalization=None) -> None:
+    ckpt.save(engine, args, iteration, consumed, scheduler, normalization)
     progress["saved"] = f"{args.save}/{ckpt.tag_for(iteration)}"
     _print0(f"> saved checkpoint {progress['saved']}", args.log_file)
 

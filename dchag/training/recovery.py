@@ -10,8 +10,8 @@ rank 0 moves them aside to ``iter_NNNNNNN.damaged`` (nothing is deleted) and the
 
 Damage is judged by the files themselves: ``dchag_args.json`` present (written after every rank
 finished), every ``.pt`` a readable zip whose records match their CRC-32 (``zipfile.testzip``;
-torch checkpoints are zip files, so a flipped bit in a tensor is seen). Other checks (a
-checksum manifest) can be appended to ``EXTRA_CHECKS``: callables ``folder -> problem | None``.
+torch checkpoints are zip files, so a flipped bit in a tensor is seen). ``EXTRA_CHECKS``
+(callables ``folder -> problem | None``) add the checksum manifest's verdict.
 """
 
 from __future__ import annotations
@@ -23,7 +23,17 @@ import zipfile
 
 import torch.distributed as dist
 
-EXTRA_CHECKS: list = []
+def _manifest_problem(folder: str) -> str | None:
+    """A file that differs from the checkpoint's checksum manifest (dchag.checkpoint.manifest)."""
+    from dchag.checkpoint.manifest import IntegrityError, verify
+    try:
+        problems = verify(folder, require=False)
+    except IntegrityError as e:
+        return str(e)
+    return problems[0] if problems else None
+
+
+EXTRA_CHECKS: list = [_manifest_problem]
 
 
 def damage(folder: str) -> str | None:

@@ -1,0 +1,127 @@
+"""The consolidated export: ``OUT/model.safetensors`` + ``OUT/config.json`` (+ manifest).
+
+- ``model.safetensors``: every parameter whole, fp32, by its canonical name (the name in the
+  serial, T = P = 1 model's ``named_parameters()``); safetensors, so no pickle is needed to read it.
+- ``config.json``: ``model`` (the DChagConfig fields: sizes, G, aggregation, tree levels, task),
+  ``channel_names`` and ``wavelengths`` (when known), ``normalization`` (statistics training
+  applied), ``iteration``, ``consumed_samples``, ``lr_scheduler``, ``training_args``,
+  ``source`` (the layout it came from), ``parameters`` (each parameter's shard kind, for
+  converting back to any layout), ``versions``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from dchag.checkpoint import manifest
+from dchag.training.checkpoint import CheckpointError
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+FORMAT = "dchag-consolidated"
+
+
+def config_to_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    d.pop("extra", None)
+    if d.get("out_channels") is not None:
+        d["out_channels"] = list(d["out_channels"])
+    return d
+
+
+def config_from_dict(d: dict, **overrides):
+    from dchag.model.config import DChagConfig
+    names = {f.name for f in dataclasses.fields(DChagConfig)} - {"extra"}
+    kw = {k: v for k, v in d.items() if k in names}
+    if kw.get("out_channels") is not None:
+        kw["out_channels"] = tuple(kw["out_channels"])
+    kw.update(overrides)
+    return DChagConfig(**kw)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for pkg in ("dchag", "torch", "deepspeed", "megatron-core", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def check_output(save_dir: str) -> None:
+    """An existing non-empty ``save_dir`` is refused, never overwritten."""
+    if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
+        raise CheckpointError(f"--save-dir {save_dir} already exists and is not empty; choose a new folder (nothing "
+                              "was written).")
+
+
+def prepare_output(save_dir: str) -> str:
+    """A fresh sibling temp folder to write into (renamed to ``save_dir`` by :func:`commit`)."""
+    check_output(save_dir)
+    parent = os.path.dirname(os.path.abspath(save_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(save_dir)) + "-", dir=parent)
+
+
+def commit(tmp: str, save_dir: str) -> str:
+    if os.path.isdir(save_dir):
+        os.rmdir(save_dir)  # empty (checked by prepare_output)
+    os.replace(tmp, save_dir)
+    return save_dir
+
+
+def write(save_dir: str, tensors: dict[str, torch.Tensor], config: dict) -> str:
+    from safetensors.torch import save_file
+    tmp = prepare_output(save_dir)
+    try:
+        save_file({k: v.detach().to(torch.float32).contiguous().clone() for k, v in sorted(tensors.items())},
+                  os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "producer": FORMAT})
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump({"format": FORMAT, "version": 1, **config}, f, indent=1)
+            f.write("\n")
+        manifest.write_manifest(tmp)
+        os.chmod(tmp, 0o755)
+        return commit(tmp, save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_consolidated(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, WEIGHTS))
+
+
+def read_config(path: str) -> dict:
+    try:
+        with open(os.path.join(path, CONFIG)) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {os.path.join(path, CONFIG)} ({e}); is {path} a consolidated export "
+                              "(tools/convert_checkpoint.py --format consolidated)?") from e
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{os.path.join(path, CONFIG)} is not a dchag consolidated export.")
+    return config
+
+
+def read(path: str, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config); checks the manifest first (a damaged file is refused by name)."""
+    from safetensors.torch import load_file
+    if not is_consolidated(path):
+        raise CheckpointError(f"{path} holds no {CONFIG} + {WEIGHTS}; export one with tools/convert_checkpoint.py "
+                              "--format consolidated.")
+    if verify:
+        manifest.raise_problems(path, manifest.verify(path, require=False),
+                                "Export it again from the training checkpoint.")
+    config = read_config(path)
+    try:
+        tensors = load_file(os.path.join(path, WEIGHTS))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read {os.path.join(path, WEIGHTS)} ({e}); the file is damaged.") from e
+    return tensors, config

@@ -1,0 +1,209 @@
+"""The conversions behind ``tools/convert_checkpoint.py``.
+
+    export_consolidated(RUN_OR_ITER, OUT)       DeepSpeed checkpoint (any layout) -> safetensors + config.json
+    to_deepspeed(CONSOLIDATED, RUN, T, P)       consolidated -> a DeepSpeed checkpoint for layout (T, P),
+                                                weights only: continue with pretrain_dchag.py --load RUN --no-load-optim
+    to_universal(RUN_OR_ITER, OUT)              ds_to_universal (weights and optimizer state) + what --load needs
+    verify(PATH)                                every file against its manifest
+
+Every reader checks the source's manifest first; every writer refuses an existing non-empty
+output folder and writes into a temporary sibling that is renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from dchag.checkpoint import consolidated, manifest, normalization, reader, shards
+from dchag.training.checkpoint import CheckpointError, read_latest, tag_for
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _config_of_run(ns: argparse.Namespace):
+    from dchag.arguments import model_config
+    return model_config(ns)
+
+
+def export_consolidated(load_dir: str, save_dir: str) -> dict:
+    """Merge a training checkpoint into OUT/model.safetensors + OUT/config.json; returns the config."""
+    from dchag.inference.runtime import build_serial_model
+    folder = reader.resolve_folder(load_dir)
+    if not reader.check_integrity(folder):
+        _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
+    consolidated.check_output(save_dir)  # refuse early, before the work
+    ns = reader.run_args(folder)
+    cfg = _config_of_run(ns)
+    serial = dataclasses.replace(cfg, bf16=False, sequence_parallel=False, recompute_activations=False)
+    specs = shards.param_specs(build_serial_model(serial))
+    tensors, state = reader.read_full_state_dict(folder, list(specs))
+    for name, spec in specs.items():
+        if list(tensors[name].shape) != spec["shape"]:
+            raise CheckpointError(f"{folder}: merged {name} has shape {list(tensors[name].shape)}, the model "
+                                  f"{spec['shape']}.")
+    norm = normalization.read(folder)
+    T, P = int(ns.tensor_model_parallel_size), int(ns.channel_parallel_size)
+    config = {
+        "model": consolidated.config_to_dict(cfg),
+        "task": cfg.task, "aggregation": cfg.aggregation, "groups": cfg.num_groups,
+        "channel_names": (norm or {}).get("channel_names"), "wavelengths": (norm or {}).get("wavelengths"),
+        "normalization": norm,
+        "iteration": int(state.get("iteration", 0)), "consumed_samples": int(state.get("consumed_samples", 0)),
+        "lr_scheduler": state.get("lr_scheduler"),
+        "mask_ratio": getattr(ns, "mask_ratio", None), "lead_time": getattr(ns, "lead_time", None),
+        "training_args": dict(vars(ns)),
+        "source": {"path": os.path.abspath(folder), "tensor_model_parallel_size": T, "channel_parallel_size": P,
+                   "data_parallel_size": int(state.get("dp_world_size", 1)),
+                   "zero_stage": int(((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)),
+                   "bf16": bool(cfg.bf16), "ds_version": state.get("ds_version")},
+        "parameters": specs,
+        "dtype": "float32",
+        "versions": consolidated.versions(),
+    }
+    consolidated.write(save_dir, tensors, config)
+    _log(f"> wrote {save_dir}/{consolidated.WEIGHTS} ({len(tensors)} tensors, "
+         f"{sum(t.numel() for t in tensors.values()):,} parameters) and {consolidated.CONFIG} "
+         f"(iteration {config['iteration']}, from T={T}, P={P})")
+    return config
+
+
+def _universal_info(maps: dict) -> dict:
+    from deepspeed.checkpoint import constants as C
+    return {C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+            C.AFFINE_MAP: {C.AFFINE_MAP_VERSION: 1, C.AFFINE_MAP_PARAMS: {
+                "^" + re.escape(name) + "$": amap.to_dict() for name, amap in maps.items()}}}
+
+
+def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channel_parallel_size: int) -> str:
+    """Cut a consolidated export into a DeepSpeed checkpoint for layout (T, P): per
+    model-parallel rank a model-states file holding its shards (fp32) and the client state
+    (iteration, consumed samples, LR schedule, arguments with the new layout, affine maps), no
+    optimizer state. Returns the checkpoint folder."""
+    import tempfile
+    import deepspeed
+    from dchag.arguments import MODEL_ARGS
+    T, P = int(tensor_parallel_size), int(channel_parallel_size)
+    if not consolidated.is_consolidated(load_dir):  # a training checkpoint: consolidate it first
+        consolidated.check_output(save_dir)
+        with tempfile.TemporaryDirectory(prefix="dchag_consolidated_") as tmp:
+            export_consolidated(load_dir, os.path.join(tmp, "c"))
+            return to_deepspeed(os.path.join(tmp, "c"), save_dir, T, P)
+    tensors, config = consolidated.read(load_dir)
+    cfg = consolidated.config_from_dict(config["model"])
+    from dchag.parallel.partition import LayoutError
+    try:  # layout errors before anything is written
+        maps = shards.target_maps(config["parameters"], cfg, T, P)
+    except LayoutError as e:
+        raise CheckpointError(f"--target-tensor-parallel-size {T} --target-channel-parallel-size {P} does not fit "
+                              f"this model: {e}") from e
+    missing = sorted(set(maps) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{load_dir}/{consolidated.WEIGHTS} lacks {len(missing)} parameter(s), "
+                              f"e.g. {missing[:3]}.")
+    tmp = consolidated.prepare_output(save_dir)
+    try:
+        args = dict(config.get("training_args") or {})
+        args.update(tensor_model_parallel_size=T, channel_parallel_size=P)
+        margs = {k: args.get(k) for k in MODEL_ARGS}
+        iteration, consumed = int(config["iteration"]), int(config["consumed_samples"])
+        tag = tag_for(iteration)
+        folder = os.path.join(tmp, tag)
+        os.makedirs(folder)
+        info = _universal_info(maps)
+        for r in range(T):
+            module = {name: amap.extract(tensors[name], r).clone() for name, amap in maps.items()}
+            state = {"module": module, "optimizer": None, "lr_scheduler": config.get("lr_scheduler"),
+                     "dp_world_size": 1, "mp_world_size": T, "global_steps": iteration, "global_samples": consumed,
+                     "skipped_steps": 0, "ds_version": deepspeed.__version__, "iteration": iteration,
+                     "consumed_samples": consumed, "args": margs, "all_args": args,
+                     "universal_checkpoint_info": info, "converted_from": os.path.abspath(load_dir)}
+            torch.save(state, os.path.join(folder, f"mp_rank_{r:02d}_model_states.pt"))
+        with open(os.path.join(folder, "dchag_args.json"), "w") as f:
+            json.dump(margs, f, indent=1)
+        if config.get("normalization"):
+            normalization.write(folder, config["normalization"])
+        manifest.write_manifest(folder)
+        with open(os.path.join(tmp, "latest"), "w") as f:
+            f.write(tag)
+        consolidated.commit(tmp, save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"> wrote {save_dir}/{tag} for --tensor-model-parallel-size {T} --channel-parallel-size {P} (weights only; "
+         f"iteration {iteration}, consumed samples {consumed}). Continue with: pretrain_dchag.py --load {save_dir} "
+         f"--no-load-optim --tensor-model-parallel-size {T} --channel-parallel-size {P} ...")
+    return os.path.join(save_dir, tag)
+
+
+def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
+    """DeepSpeed's ds_to_universal (weights and optimizer state, merged per parameter) into
+    ``save_dir/iter_NNNNNNN`` + ``latest_universal`` + a manifest. ``--load save_dir`` picks it up
+    as a universal checkpoint by itself (no JSON edit) on any layout."""
+    folder = reader.resolve_folder(load_dir)
+    if not reader.check_integrity(folder):
+        _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
+    if not glob.glob(os.path.join(folder, "*optim_states.pt")):
+        raise CheckpointError(f"{folder} was saved without ZeRO (stage 0): DeepSpeed's universal format needs ZeRO "
+                              "optimizer shards. Use --format consolidated, then --format deepspeed for the new "
+                              "layout (weights only, continue with --no-load-optim).")
+    tmp = consolidated.prepare_output(save_dir)
+    tag = os.path.basename(os.path.normpath(folder))
+    try:
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
+               "--output_folder", os.path.join(tmp, tag), "--num_extract_workers", str(workers),
+               "--num_merge_workers", str(workers)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"ds_to_universal failed on {folder}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        for name in ("dchag_args.json", normalization.FILE):
+            if os.path.exists(os.path.join(folder, name)):
+                shutil.copy2(os.path.join(folder, name), os.path.join(tmp, tag, name))
+        manifest.write_manifest(os.path.join(tmp, tag))
+        with open(os.path.join(tmp, "latest_universal"), "w") as f:
+            f.write(tag)
+        consolidated.commit(tmp, save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"> wrote universal checkpoint {save_dir}/{tag}. Continue on any layout with: pretrain_dchag.py --load "
+         f"{save_dir} --tensor-model-parallel-size T --channel-parallel-size P ...")
+    return os.path.join(save_dir, tag)
+
+
+def is_universal(load_dir: str | None) -> bool:
+    """A folder written by :func:`to_universal` (``latest_universal``, no ``latest``)."""
+    return bool(load_dir) and read_latest(load_dir) is None and read_latest(load_dir, "latest_universal") is not None
+
+
+def verify(path: str) -> list[tuple[str, list[str]]]:
+    """[(folder, problems)] for a checkpoint folder, a consolidated export, or every checkpoint
+    of a run folder. A folder without a manifest is a problem."""
+    from dchag.training.checkpoint import saved_iterations
+    if os.path.isfile(os.path.join(path, manifest.MANIFEST)) or consolidated.is_consolidated(path) or \
+            glob.glob(os.path.join(path, "*model_states.pt")):
+        folders = [path]
+    else:
+        its = saved_iterations(path)
+        if not its:
+            raise CheckpointError(f"{path} is neither a checkpoint, a consolidated export nor a run folder with "
+                                  "iter_NNNNNNN checkpoints.")
+        folders = [os.path.join(path, tag_for(i)) for i in its]
+    out = []
+    for folder in folders:
+        try:
+            out.append((folder, manifest.verify(folder, require=True)))
+        except manifest.IntegrityError as e:
+            out.append((folder, [str(e)]))
+    return out

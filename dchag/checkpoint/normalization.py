@@ -1,0 +1,104 @@
+"""The normalization a model was trained with, saved beside every checkpoint.
+
+``DIR/iter_NNNNNNN/normalization.json`` (also copied into a consolidated export's config.json)::
+
+    {"format": "dchag-normalization", "version": 1, "normalized": true, "num_channels": C,
+     "channel_names": [...C], "wavelengths": [...C] | null,
+     "mean": [...C], "std": [...C],          # as applied: x_model = (x - mean) / std
+     "count": [...C],                        # valid values behind the statistics
+     "data_path": "...", "data_format": "...", "nodata": raw no-data value | null}
+
+Training on P channel ranks holds each rank's channels' statistics only (that is what it
+normalizes); :func:`gather` assembles all C over the channel-parallel group, once per run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+FILE = "normalization.json"
+FORMAT = "dchag-normalization"
+
+
+def _floats(values) -> list:
+    return [float(v) if math.isfinite(float(v)) else None for v in values]
+
+
+def describe_dataset(dataset) -> dict:
+    """This rank's share: {"channels": [start, stop], "mean", "std", "count"} (what the dataset
+    applies), plus the source's metadata (names and wavelengths of all channels)."""
+    stats = getattr(dataset, "stats", None)
+    src = dataset.source
+    d = {"num_channels": int(src.num_channels), "channel_names": [str(n) for n in src.channel_names],
+         "wavelengths": None if src.wavelengths is None else _floats(np.asarray(src.wavelengths)),
+         "data_path": src.path, "data_format": src.format,
+         "nodata": None if src.nodata is None else float(src.nodata), "normalized": stats is not None}
+    for s in ([stats, getattr(dataset, "target_stats", None)] if stats is not None else []):
+        if s is None:
+            continue
+        d.setdefault("parts", []).append({"channels": [s.channels.start, s.channels.stop],
+                                          "mean": s.safe_mean.tolist(), "std": s.safe_std.tolist(),
+                                          "count": s.count.tolist()})
+    return d
+
+
+def merge(shares: list[dict]) -> dict:
+    """One document from every rank's :func:`describe_dataset` (their channel ranges cover C)."""
+    first = shares[0]
+    C = first["num_channels"]
+    doc = {"format": FORMAT, "version": 1, **{k: v for k, v in first.items() if k != "parts"}}
+    if not first["normalized"]:
+        return doc
+    mean, std, count = [None] * C, [None] * C, [0] * C
+    for share in shares:
+        for part in share.get("parts", []):
+            a, b = part["channels"]
+            mean[a:b], std[a:b], count[a:b] = part["mean"], part["std"], part["count"]
+    missing = [c for c in range(C) if mean[c] is None]
+    if missing:
+        raise ValueError(f"normalization statistics of channels {missing[:5]} are on no rank")
+    doc.update(mean=[float(v) for v in mean], std=[float(v) for v in std], count=[int(v) for v in count])
+    return doc
+
+
+def gather(dataset) -> dict | None:
+    """Collective over the channel-parallel group: the whole normalization document (None for a
+    dataset that is not a dchag TileDataset: nothing known to save)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    if dataset is None or not hasattr(dataset, "source"):
+        return None
+    mine = describe_dataset(dataset)
+    group = ps.get_channel_parallel_group()
+    shares = [None] * dist.get_world_size(group)
+    dist.all_gather_object(shares, mine, group=group)
+    return merge(shares)
+
+
+def write(folder: str, doc: dict) -> str:
+    path = os.path.join(folder, FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read(folder: str) -> dict | None:
+    path = os.path.join(folder, FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def arrays(doc: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) float32 [C] to apply, or None when the model was trained on raw values."""
+    if not doc or not doc.get("normalized") or doc.get("mean") is None:
+        return None
+    return np.asarray(doc["mean"], np.float32), np.asarray(doc["std"], np.float32)

@@ -1,0 +1,180 @@
+"""Run a pretrained model over a whole data file: tiles in, one stitched array out.
+
+Every image (or time step) of the file is cut into the model's tile size (img_h x img_w). Tiles
+start every img_h rows / img_w columns; where the last ones would run past the edge they are
+shifted back to end at the edge (overlapping their neighbour, whose values they replace there),
+so every pixel is predicted and none is dropped. An image smaller than a tile is padded with
+invalid values (zero-filled like any invalid input) and the padding cropped off again.
+
+Outputs (float32):
+
+    mae       [N, C, H, W]    the reconstruction (--mask-ratio of each tile's patches hidden; 0: none)
+    forecast  [N, V, H, W]    from every time step t, the state at t + lead time
+    embed     [N, D, H/p, W/p]  the backbone's token of every patch, as a feature map
+                              (rows/columns beyond the last whole patch have no token)
+
+Input values that are invalid (NaN/Inf, the format's no-data value) stay invalid: NaN at the same
+place in a reconstruction or forecast, and NaN for a token whose patch holds no valid value.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+TASKS = ("mae", "forecast", "embed")
+
+
+def tile_starts(size: int, tile: int, step: int | None = None) -> list[int]:
+    """Start offsets covering [0, size) with tiles of ``tile`` (the last shifted back to end at
+    the edge; one start 0 when the image is smaller than a tile)."""
+    step = step or tile
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile + 1, step))
+    if starts[-1] + tile < size:
+        starts.append(size - tile)
+    return starts
+
+
+class _Output:
+    """A float32 array written tile by tile: .npy (memory-mapped) or .zarr."""
+
+    def __init__(self, path: str, shape: tuple, attrs: dict):
+        if os.path.exists(path):
+            raise FileExistsError(f"--output {path} already exists; choose a new name (nothing was overwritten).")
+        self.path = path
+        if path.endswith(".zarr"):
+            import zarr
+            chunks = (1,) + tuple(min(s, 256) for s in shape[1:])
+            self.array = zarr.open_array(path, mode="w-", shape=shape, chunks=chunks, dtype="float32",
+                                         fill_value=float("nan"))
+            self.array.attrs.update(attrs)
+        elif path.endswith(".npy"):
+            self.array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        else:
+            raise ValueError(f"--output {path}: give a .npy or .zarr path.")
+
+    def write(self, index, values: np.ndarray) -> None:
+        self.array[index] = values
+
+    def close(self) -> None:
+        if isinstance(self.array, np.memmap):
+            self.array.flush()
+
+
+def predict_file(model, data_path: str, task: str, output: str, *, data_format: str = "auto",
+                 mask_ratio: float = 0.0, seed: int = 0, lead_time: float | None = None, batch_size: int = 8,
+                 progress: bool = True, picture: str | None = None) -> np.ndarray:
+    """Predict over every image of ``data_path`` with ``model`` (a :class:`PretrainedDChag`);
+    writes ``output`` (.npy or .zarr) and returns it (memory-mapped / zarr array)."""
+    from tqdm import tqdm
+    from dchag.data import open_source
+    if task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {task!r}.")
+    cfg = model.cfg
+    if task in ("mae", "forecast") and cfg.task != task:
+        raise ValueError(f"--task {task}: this model was trained with --task {cfg.task}; use --task {cfg.task} "
+                         "or embed.")
+    src = open_source(data_path, data_format)
+    N, C, H, W = src.shape
+    if C != cfg.num_channels:
+        raise ValueError(f"{data_path} has {C} channels but the model takes {cfg.num_channels}.")
+    if H is None:
+        raise ValueError(f"{data_path} mixes image sizes; predict one file (or one image size) at a time.")
+    h, w, p = cfg.img_h, cfg.img_w, cfg.patch_dim
+    if task == "embed":
+        gh, gw = H // p, W // p
+        if not gh or not gw:
+            raise ValueError(f"{data_path}: images of {H} x {W} hold no whole {p} x {p} patch to embed.")
+        rows, cols = tile_starts(gh * p, h), tile_starts(gw * p, w)
+        shape = (N, cfg.hidden_size, gh, gw)
+    else:
+        rows, cols = tile_starts(H, h), tile_starts(W, w)
+        shape = (N, len(cfg.predicted_channels) if task == "forecast" else C, H, W)
+    out = _Output(output, shape, {"task": task, "source": str(data_path)})
+    tiles = [(i, r, c) for i in range(N) for r in rows for c in cols]
+    bar = tqdm(total=len(tiles), desc=f"predict {task}", unit="tile", disable=not progress)
+    try:
+        for b0 in range(0, len(tiles), batch_size):
+            batch = tiles[b0:b0 + batch_size]
+            x = np.full((len(batch), C, h, w), np.nan, np.float32)
+            for k, (i, r, c) in enumerate(batch):
+                block = src.read(i, range(C), slice(r, min(r + h, H)), slice(c, min(c + w, W)))
+                x[k, :, :block.shape[1], :block.shape[2]] = block
+            y = _run(model, task, x, np.arange(b0, b0 + len(batch)), mask_ratio, seed, lead_time)
+            for k, (i, r, c) in enumerate(batch):
+                if task == "embed":
+                    tr, tc = r // p, c // p
+                    nr, nc = min(h // p, shape[2] - tr), min(w // p, shape[3] - tc)
+                    out.write((i, slice(None), slice(tr, tr + nr), slice(tc, tc + nc)), y[k, :, :nr, :nc])
+                else:
+                    nr, nc = min(h, H - r), min(w, W - c)
+                    out.write((i, slice(None), slice(r, r + nr), slice(c, c + nc)), y[k, :, :nr, :nc])
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        out.close()
+    if picture:
+        save_picture(picture, src, out.array, task, model)
+    return out.array
+
+
+def _run(model, task: str, x: np.ndarray, index: np.ndarray, mask_ratio: float, seed: int, lead_time):
+    """[B, C, h, w] raw tiles -> [B, *, h, w] (embed: [B, D, h/p, w/p]), invalid inputs left NaN."""
+    cfg = model.cfg
+    if task == "mae":
+        return model.reconstruct(x, mask_ratio=mask_ratio, seed=seed, sample_index=index)
+    if task == "forecast":
+        y = model.forecast(x, lead_time=lead_time)
+        valid = np.isfinite(x)[:, list(cfg.predicted_channels)]
+        return np.where(valid, y, np.nan)
+    tokens = model.embed(x)  # [B, L, D]
+    gh, gw = cfg.grid
+    fmap = tokens.reshape(len(x), gh, gw, -1).transpose(0, 3, 1, 2)  # [B, D, gh, gw]
+    p = cfg.patch_dim
+    any_valid = np.isfinite(x).any(axis=1).reshape(len(x), gh, p, gw, p).any(axis=(2, 4))
+    return np.where(any_valid[:, None], fmap, np.nan)
+
+
+def save_picture(path: str, src, result, task: str, model) -> str:
+    """PNG of the first image: input | output (false colour; embed: its first 3 principal components)."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from dchag.data.visualize import rgb_channels
+    x = src.read(0, range(src.num_channels))
+    y = np.asarray(result[0], np.float64)
+    ch = rgb_channels(x.shape[0], model.wavelengths)
+
+    def stretch(img, ref=None):
+        """2nd-98th percentile per colour, of ``ref`` (default ``img``): panels of the same
+        channels share the input's stretch, so they are comparable."""
+        img = img.astype(np.float64)
+        flat = (img if ref is None else ref.astype(np.float64)).reshape(img.shape[0], -1)
+        lo, hi = np.nanpercentile(flat, 2, axis=1), np.nanpercentile(flat, 98, axis=1)
+        out = (img - lo[:, None, None]) / np.where(hi > lo, hi - lo, 1.0)[:, None, None]
+        return np.clip(np.nan_to_num(out, nan=0.5), 0, 1).transpose(1, 2, 0)
+
+    if task == "embed":
+        D, gh, gw = y.shape
+        f = np.nan_to_num(y.reshape(D, -1).T)
+        f = f - f.mean(axis=0)
+        _, _, vt = np.linalg.svd(f, full_matrices=False)
+        right = stretch((f @ vt[:3].T).T.reshape(3, gh, gw))
+    else:
+        same = y.shape[0] == x.shape[0]
+        pick = ch if same else [min(y.shape[0] - 1, c) for c in (0, y.shape[0] // 2, -1)]
+        right = stretch(y[pick], x[ch] if same else None)
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
+    for ax, img, name in zip(axes, (stretch(x[ch]), right), ("input", {"mae": "reconstruction", "forecast": "forecast",
+                                                                      "embed": "embedding (PCA)"}[task])):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,142 @@
+"""``load_pretrained(path)``: a consolidated export as a model in this process, with the
+training normalization attached, run on raw arrays.
+
+    model = dchag.load_pretrained("export/", device="cpu")
+    recon = model.reconstruct(x, mask_ratio=0.75, seed=0)   # x [B, C, H, W] in data units -> [B, C, H, W]
+    future = model.forecast(x, lead_time=1)                  # forecast models: [B, V, H, W]
+    tokens = model.embed(x)                                  # [B, L, D] after the backbone (final norm)
+
+Inputs are numpy arrays or tensors in the units the data files hold (what the readers return);
+they are normalized with the saved statistics, invalid values (NaN/Inf) zero-filled as in
+training, and outputs are returned in data units, the same kind as the input (numpy in, numpy
+out). Pixels invalid in the input are NaN in a reconstruction (nothing was there to rebuild).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dchag.checkpoint import consolidated, normalization
+from dchag.inference.runtime import build_serial_model, default_device
+from dchag.training.checkpoint import CheckpointError
+
+
+class PretrainedDChag:
+    def __init__(self, model, config: dict, device: torch.device):
+        self.model, self.config, self.device = model, config, device
+        self.cfg = model.cfg
+        stats = normalization.arrays(config.get("normalization"))
+        self.mean, self.std = (None, None) if stats is None else stats
+        self.channel_names = config.get("channel_names")
+        self.wavelengths = config.get("wavelengths")
+
+    # ---- normalization ---------------------------------------------------------------------
+    def normalize(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw [B, C, H, W] -> (normalized float32 tensor with invalid values set to 0, valid mask)."""
+        t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(torch.float32).cpu()
+        if t.ndim == 3:
+            t = t[None]
+        C = self.cfg.num_channels
+        if t.ndim != 4 or t.shape[1] != C or tuple(t.shape[2:]) != (self.cfg.img_h, self.cfg.img_w):
+            raise ValueError(f"input of shape {tuple(t.shape)}: the model takes [B, {C}, {self.cfg.img_h}, "
+                             f"{self.cfg.img_w}] (channels x the training tile size); cut larger images into tiles "
+                             "(tools/predict.py does that).")
+        valid = torch.isfinite(t)
+        if self.mean is not None:
+            t = (t - torch.from_numpy(self.mean)[:, None, None]) / torch.from_numpy(self.std)[:, None, None]
+        return torch.where(valid, t, torch.zeros_like(t)), valid
+
+    def denormalize(self, y: torch.Tensor, channels=None) -> torch.Tensor:
+        y = y.to(torch.float32).cpu()
+        if self.mean is None:
+            return y
+        idx = list(range(self.cfg.num_channels)) if channels is None else list(channels)
+        mean, std = torch.from_numpy(self.mean[idx]), torch.from_numpy(self.std[idx])
+        return y * std[:, None, None] + mean[:, None, None]
+
+    @staticmethod
+    def _like(out: torch.Tensor, x):
+        return out if torch.is_tensor(x) else out.numpy()
+
+    # ---- tasks -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_normalized(self, images: torch.Tensor, patch_mask=None, lead_time=None) -> torch.Tensor:
+        """The model on normalized images [B, C, H, W] (what the training forward gets)."""
+        args = {}
+        if patch_mask is not None:
+            args["patch_mask"] = patch_mask.to(self.device)
+        if lead_time is not None:
+            args["lead_time"] = lead_time.to(self.device)
+        return self.model(images.to(self.device), **args)
+
+    def mask(self, batch_size: int, mask_ratio: float, seed: int = 0, sample_index=None) -> torch.Tensor:
+        """[B, L] bool, True = masked: the same rule as training (sample index, seed, step 0);
+        sample ``sample_index[i]`` (default ``i``) for row i."""
+        from dchag.tasks.mae import patch_mask
+        index = torch.arange(batch_size) if sample_index is None else torch.as_tensor(np.asarray(sample_index))
+        return patch_mask(index, self.cfg.num_patches, mask_ratio, seed, 0)
+
+    def reconstruct(self, x, mask_ratio: float | None = None, seed: int = 0, return_mask: bool = False,
+                    sample_index=None):
+        """MAE: the model's reconstruction of every pixel, in data units (NaN where the input was
+        invalid). ``mask_ratio`` (default: the training run's) of the patches are hidden from the
+        model, chosen by ``seed`` and each row's ``sample_index`` (default its position); 0 hides none."""
+        self._need("mae", "reconstruct")
+        images, valid = self.normalize(x)
+        ratio = self.config.get("mask_ratio") if mask_ratio is None else mask_ratio
+        m = self.mask(images.shape[0], float(ratio or 0.0), seed, sample_index)
+        out = self.denormalize(self.forward_normalized(images, patch_mask=m if m.any() else None))
+        out = torch.where(valid, out, torch.full_like(out, float("nan")))
+        return (self._like(out, x), m) if return_mask else self._like(out, x)
+
+    def forecast(self, x, lead_time: float | None = None):
+        """Forecast: the state ``lead_time`` steps ahead (default: the training run's), in data units."""
+        self._need("forecast", "forecast")
+        images, _ = self.normalize(x)
+        lead = float(self.config.get("lead_time") or 1) if lead_time is None else float(lead_time)
+        out = self.forward_normalized(images, lead_time=torch.full((images.shape[0],), lead))
+        return self._like(self.denormalize(out, self.cfg.predicted_channels), x)
+
+    @torch.no_grad()
+    def embed(self, x, lead_time: float | None = None):
+        """[B, L, D]: the tokens after the backbone (and its final norm), before the head."""
+        images, _ = self.normalize(x)
+        captured = {}
+        hook = self.model.backbone.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+        try:
+            lead = None
+            if self.cfg.task == "forecast":
+                lead = torch.full((images.shape[0],), float(self.config.get("lead_time") or 1)
+                                  if lead_time is None else float(lead_time))
+            self.forward_normalized(images, lead_time=lead)
+        finally:
+            hook.remove()
+        out = captured["x"]
+        out = (out[0] if isinstance(out, tuple) else out).transpose(0, 1).to(torch.float32).cpu()
+        return self._like(out, x)
+
+    def _need(self, task: str, what: str) -> None:
+        if self.cfg.task != task:
+            raise ValueError(f"{what}() needs a model trained with --task {task}; this one was trained with --task "
+                             f"{self.cfg.task}.")
+
+
+def load_pretrained(path: str, device=None, dtype: torch.dtype = torch.float32) -> PretrainedDChag:
+    """The consolidated export at ``path`` as a serial model on ``device`` (default: the GPU if
+    there is one, else the CPU), in eval mode. No launcher needed: a 1-rank process group is
+    created if the process has none."""
+    tensors, config = consolidated.read(path)
+    cfg = consolidated.config_from_dict(config["model"], bf16=dtype == torch.bfloat16, sequence_parallel=False,
+                                        recompute_activations=False)
+    model = build_serial_model(cfg)
+    names = {n for n, _ in model.named_parameters()}
+    extra, missing = sorted(set(tensors) - names), sorted(names - set(tensors))
+    if missing or extra:
+        raise CheckpointError(f"{path}/{consolidated.WEIGHTS} does not fit the model of its config.json: missing "
+                              f"{missing[:3]}, unexpected {extra[:3]}.")
+    from dchag.parallel.state_dict import load_full_state_dict
+    load_full_state_dict(model, {k: v.to(dtype) for k, v in tensors.items()})
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device).eval()
+    return PretrainedDChag(model, config, device)

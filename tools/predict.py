@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Run a trained D-CHAG model over a whole data file, in one process (CPU or one GPU).
+
+  1. Export the trained checkpoint once (whole parameters + normalization statistics):
+       python tools/convert_checkpoint.py --load-dir runs/demo --save-dir export --format consolidated
+  2. Predict:
+       python tools/predict.py --load export --data-path cube.hdr --task mae --output recon.npy --picture recon.png
+
+--task mae       the model's reconstruction of every pixel, [N, C, H, W] (--mask-ratio hides that share
+                 of each tile's patches from the model first; default 0: it sees everything)
+--task forecast  from every time step, the state --lead-time steps ahead, [N, V, H, W]
+--task embed     the backbone's token of every patch as a feature map, [N, D, H/p, W/p]
+
+The file may be any format the training reads (npy, ENVI, HDF5, Zarr, NetCDF) and larger than the
+model's tile: it is cut into tiles (the last ones shifted back to the edge, so no pixel is
+dropped) and the outputs stitched back. Values are normalized with the statistics saved at
+training and returned in data units; invalid input values (NaN, no-data) stay NaN in the output.
+The output (.npy or .zarr) must not exist yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--load", required=True,
+                   help="a consolidated export (tools/convert_checkpoint.py --format consolidated)")
+    p.add_argument("--data-path", required=True, help="the data file (or folder / selector, as for training)")
+    p.add_argument("--data-format", default="auto", help="as pretrain_dchag.py --data-format (default: detected)")
+    p.add_argument("--task", required=True, choices=("mae", "forecast", "embed"))
+    p.add_argument("--output", required=True, help="OUT.npy or OUT.zarr (a new path)")
+    p.add_argument("--mask-ratio", type=float, default=0.0, help="mae: share of patches hidden per tile (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="mae: seed of the hidden patches")
+    p.add_argument("--lead-time", type=float, default=None, help="forecast: steps ahead (default: the training's)")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward (default 8)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if present, else the CPU)")
+    p.add_argument("--picture", default=None, help="also write a PNG of the first image: input | output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope).*")
+    from dchag.data.errors import DataError
+    from dchag.inference import load_pretrained
+    from dchag.inference.predict import predict_file
+    from dchag.training.checkpoint import CheckpointError
+    try:
+        model = load_pretrained(args.load, device=args.device)
+        out = predict_file(model, args.data_path, args.task, args.output, data_format=args.data_format,
+                           mask_ratio=args.mask_ratio, seed=args.seed, lead_time=args.lead_time,
+                           batch_size=args.batch_size, progress=not args.no_progress, picture=args.picture)
+    except (CheckpointError, DataError, ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"> wrote {args.output} {tuple(out.shape)}" + (f" and {args.picture}" if args.picture else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
