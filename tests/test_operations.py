@@ -293,10 +293,11 @@ def test_damaged_checkpoint_names_a_command_that_resumes(ops):
     tmp, ranks = ops
     e = os.path.join(tmp, "e")
     kind, msg, unchanged = ranks[0]["err_damaged"]
-    assert kind == "CheckpointError" and unchanged, msg
-    assert f"cannot load {e}/iter_0000006 (iteration 6)" in msg, msg
+    # The checksum manifest sees the truncation first (IntegrityError, a CheckpointError).
+    assert kind in ("CheckpointError", "IntegrityError") and unchanged, msg
+    assert f"{e}/iter_0000006" in msg and "mp_rank_01_model_states.pt" in msg, msg
     assert f"--ckpt-step 3 added (--load {e} --ckpt-step 3" in msg, msg
-    assert ranks[1]["err_damaged"][0] == "CheckpointError"
+    assert ranks[1]["err_damaged"][0] in ("CheckpointError", "IntegrityError")
     for r in ranks:  # the command it names resumes and continues the uninterrupted run exactly
         rec, full = r["recovered"]["losses"], r["full"]["losses"]
         assert sorted(rec) == [4, 5, 6] and all(rec[i] == full[i] for i in rec), (rec, full)
