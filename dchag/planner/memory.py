@@ -40,6 +40,7 @@ from dchag.planner.params import CHANNEL_STAGE, param_counts, shapes
 from dchag.planner.spec import LayoutSpec, ModelSpec, validate
 
 STAT_BYTES = 4  # layer-norm mean / rstd are kept in fp32
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 
 
 @dataclass
@@ -83,7 +84,9 @@ class MemoryEstimate:
 def _model_state_bytes(numel: int, layout: LayoutSpec, zero_layer_numel: int) -> tuple[float, float, float]:
     DP, z = layout.data_parallel, layout.zero_stage
     if layout.precision == "fp32":
-        p, g, o = 4.0, 4.0, 8.0
+        # ZeRO >= 1: DeepSpeed's stage_1_and_2 clones the fp32 partition as its master copy
+        # (``single_partition_of_fp32_groups``) even when the parameters are fp32 already
+        p, g, o = 4.0, 4.0, (12.0 if z >= 1 else 8.0)
     else:
         p, g, o = 2.0, 2.0, 12.0
     params = numel * p / (DP if z >= 3 else 1)
@@ -105,7 +108,9 @@ def channel_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int])
     stages = []
     # Tokenizer: conv output, then tokens = conv + channel embedding (the conv output dies).
     # The tokens are referenced (not saved) until the channel stage returns.
-    stages.append(Stage("tokenizer", saved=0.0, held=X_r, fwd_extra=2 * X_r, bwd_total=2 * X_r,
+    # In bf16 the model casts its input [B, c_r, H, W] to bf16 and the convolution saves that copy.
+    cast = B * s.c_r * model.img_h * model.img_w * a if a < 4 else 0.0
+    stages.append(Stage("tokenizer", saved=cast, held=X_r, fwd_extra=2 * X_r + cast, bwd_total=2 * X_r + cast,
                         grad_params=counts["tokenizer"]))
     held = X_r  # released when the channel stage returns
     if model.aggregation == "linear":
@@ -148,11 +153,13 @@ def backbone_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]
     E = B * L * D * a
     sbF = B * L * F * a / T
     scores = B * (H // T) * L * L * a
+    # megatron's unfused softmax (attention_softmax_in_fp32) saves its fp32 output besides the bf16 probs
+    softmax32 = B * (H // T) * L * L * 4 if a < 4 else 0.0
     stats = 4 * B * L * STAT_BYTES / (T if sp else 1)
     if sp:
-        layer_saved = 8 * E / T + 2 * sbF + scores + stats
+        layer_saved = 8 * E / T + 2 * sbF + scores + softmax32 + stats
     else:
-        layer_saved = (4 + 4 / T) * E + 2 * sbF + scores + stats
+        layer_saved = (4 + 4 / T) * E + 2 * sbF + scores + softmax32 + stats
     layer_fwd = layer_saved + 2 * sbF + scores + E
     layer_bwd_extra = 2 * E + 2 * sbF + scores
     layer_params = (counts["backbone"] - 2 * D) // model.num_layers
@@ -183,8 +190,10 @@ def head_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]) ->
                   grad_params=counts["head"])]
 
 
-def _simulate(stages: list[Stage], grad_bytes_per_param: float, grads_before: float = 0.0) -> tuple[float, str, float]:
-    """Returns (peak dynamic bytes, where, gradient bytes at the end)."""
+def _simulate(stages: list[Stage], grad_bytes_per_param: float, grads_before: float = 0.0,
+              grad_cap: float | None = None) -> tuple[float, str, float]:
+    """Returns (peak dynamic bytes, where, gradient bytes at the end). ``grad_cap``: gradients
+    alive in backward never exceed it (ZeRO-2 reduces and frees them bucket by bucket)."""
     live, peak, where = 0.0, 0.0, ""
     for st in stages:
         if live + st.fwd_extra > peak:
@@ -200,7 +209,37 @@ def _simulate(stages: list[Stage], grad_bytes_per_param: float, grads_before: fl
         if cur > peak:
             peak, where = cur, f"backward {st.name}"
         grads += st.grad_params * grad_bytes_per_param
+        if grad_cap is not None:
+            grads = min(grads, grad_cap)
     return peak, where, grads
+
+
+def zero_step_peaks(numel: int, layout: LayoutSpec, largest: int, bucket: int = REDUCE_BUCKET) -> dict[str, float]:
+    """Memory above the static state after backward: gradient reduction and optimizer step, as
+    DeepSpeed's ZeRO 0-2 hold them (``deepspeed/runtime/zero/stage_1_and_2.py``; emulated on fake
+    tensors by ``dchag.sim.zero``). n = the rank's partition (N / DP for ZeRO >= 1):
+
+        reduce   every gradient (N g) + the flat bucket being reduced (min(N, bucket) g) + the
+                 partition's fp32 gradient (4 n)
+        step     the partition's fp32 gradient + two fp32 temporaries of the partition (AdamW)
+        gather   ZeRO >= 1: the partition's fp32 gradient + the bucket all-gathered (min(N, bucket) p)
+
+    fp32 ZeRO-0 is torch's AdamW on the parameters: every gradient + two temporaries of the
+    largest parameter (no flat copies).
+    """
+    g = layout.act_bytes
+    z, DP = layout.zero_stage, layout.data_parallel
+    if layout.precision == "fp32" and z == 0:
+        return {"optimizer step": numel * g + 2 * largest * 4.0}
+    n = -(-numel // (DP if z >= 1 else 1))
+    part_grad = 4.0 * n
+    b = min(numel, bucket)
+    out = {"optimizer step": part_grad + 2 * 4.0 * n}
+    if z < 2:
+        out["gradient reduction"] = numel * g + b * g + part_grad + (b * g / DP if z == 1 else 0.0)
+    if z >= 1:
+        out["parameter all-gather"] = part_grad + b * g * (1 + 1 / DP)
+    return out
 
 
 def estimate_memory(model: ModelSpec, layout: LayoutSpec) -> MemoryEstimate:
@@ -210,17 +249,25 @@ def estimate_memory(model: ModelSpec, layout: LayoutSpec) -> MemoryEstimate:
     layer_numel = (counts["backbone"] - 2 * model.D) // model.num_layers
     params, grads, optimizer = _model_state_bytes(numel, layout, layer_numel)
     g = 4.0 if layout.precision == "fp32" else 2.0
-    g_scale = 1.0 / (layout.data_parallel if layout.zero_stage >= 2 else 1)
     ch = channel_stages(model, layout, counts)
     bb = backbone_stages(model, layout, counts)
     hd = head_stages(model, layout, counts)
-    peak, where, grads_end = _simulate(ch + bb + hd, g * g_scale)
-    # optimizer step: every gradient + two temporaries of the largest parameter tensor
+    if layout.zero_stage == 2:  # gradients reduced bucket by bucket in backward into the fp32 partition
+        n = -(-numel // layout.data_parallel)
+        bucket = min(numel, REDUCE_BUCKET) * g
+        peak, where, _ = _simulate(ch + bb + hd, g, grads_before=4.0 * n, grad_cap=4.0 * n + 2 * bucket)
+    else:  # ZeRO-3 as ZeRO-2 in the ZeRO paper's accounting: gradients / DP
+        peak, where, grads_end = _simulate(ch + bb + hd, g / (layout.data_parallel if layout.zero_stage == 3 else 1))
     largest = max(model.L * model.D, 2 * model.D * model.D // layout.tensor_parallel,
                   model.D * model.F // layout.tensor_parallel, 3 * model.D * model.D // layout.tensor_parallel)
-    opt_peak = grads_end + 2 * largest * (4.0 if layout.precision == "fp32" else 4.0)
-    if opt_peak > peak:
-        peak, where = opt_peak, "optimizer step"
+    if layout.zero_stage <= 2:
+        for name, value in zero_step_peaks(numel, layout, largest).items():
+            if value > peak:
+                peak, where = value, name
+    else:  # ZeRO-3 (not simulated): every gradient + two temporaries of the largest parameter tensor
+        opt_peak = grads_end + 2 * largest * 4.0
+        if opt_peak > peak:
+            peak, where = opt_peak, "optimizer step"
     ch_peak, _, _ = _simulate(ch, g)
     s = shapes(model, layout)
     outputs = s.c_r

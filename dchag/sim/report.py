@@ -35,6 +35,8 @@ def compare(spec: SimSpec, sim: dict) -> dict:
                         "planner": {k: planned_colls.get(ph, {}).get(k, 0) for k in ("calls", "payload_bytes", "sent_bytes")}}
                    for ph in phases}
     c = spec.cfg
+    direct = layout.precision == "fp32" and layout.zero_stage == 0  # torch AdamW on the parameters
+    partition_grad = 0 if direct else 4 * -(-m.param_numel // (layout.data_parallel if layout.zero_stage else 1))
     return {
         "config": {"num_channels": c.num_channels, "img_h": c.img_h, "img_w": c.img_w, "patch_dim": c.patch_dim,
                    "hidden_size": c.hidden_size, "num_layers": c.num_layers,
@@ -47,13 +49,16 @@ def compare(spec: SimSpec, sim: dict) -> dict:
         "simulated_peak_gb": sim["peak_bytes"] / GB,
         "planner_peak_gb": m.total / GB,
         "planner_peak_phase": m.peak_phase,
+        "simulated_peak_where": sim["peak_where"],
         "params_per_rank": sim["params_per_rank"],
         "planner_params_per_rank": m.param_numel,
         "memory_bytes": {
-            "simulated": {"params": sim["param_bytes"], "grads": sim["grad_bytes"], "optimizer": sim["optimizer_bytes"],
+            "simulated": {"params": sim["param_bytes"], "grads": sim["grad_bytes"],
+                          "partition_grad": sim["partition_grad_bytes"], "optimizer": sim["optimizer_bytes"],
                           "data": sim["data_bytes"], "saved_activations": sim["saved_activation_bytes"],
                           "peak": sim["peak_bytes"], "peak_by_category": sim["peak_by_category"]},
-            "planner": {"params": m.params, "grads": m.grads, "optimizer": m.optimizer, "data": m.data,
+            "planner": {"params": m.params, "grads": m.grads, "partition_grad": partition_grad,
+                        "optimizer": m.optimizer, "data": m.data,
                         "saved_activations": m.activation_total, "activations": m.activations,
                         "peak": m.total},
         },
@@ -82,7 +87,8 @@ def table(record: dict) -> str:
             f"micro batch {cfg['micro_batch_size']}; simulated in {record['seconds']:.1f} s")
     rows = [["parameters (count)", f"{record['params_per_rank']:,}", f"{record['planner_params_per_rank']:,}",
              _diff(record["params_per_rank"], record["planner_params_per_rank"])]]
-    for name, key in (("parameters GB", "params"), ("gradients GB", "grads"), ("optimizer state GB", "optimizer"),
+    for name, key in (("parameters GB", "params"), ("gradients GB", "grads"),
+                      ("fp32 partition gradient GB", "partition_grad"), ("optimizer state GB", "optimizer"),
                       ("input batch GB", "data"), ("saved activations GB", "saved_activations"), ("peak GB", "peak")):
         rows.append([name, _gb(ms[key]), _gb(mp[key]), _diff(ms[key], mp[key])])
     mem = format_table(["per rank", "simulated", "planner", "planner vs sim"], rows)
@@ -94,5 +100,5 @@ def table(record: dict) -> str:
                      f"{s['sent_bytes'] / 2**20:.2f}", f"{p['sent_bytes'] / 2**20:.2f}"])
     coll = format_table(["phase", "calls sim", "calls plan", "payload MiB sim", "payload MiB plan", "sent MiB sim",
                          "sent MiB plan"], crow or [["-", 0, 0, "0", "0", "0", "0"]])
-    return "\n\n".join([head, mem, f"simulated peak by category (MemTracker, GB): {cat}; planner's peak at "
-                        f"{record['planner_peak_phase']}", coll])
+    return "\n\n".join([head, mem, f"simulated peak by category (MemTracker, GB): {cat}\nsimulated peak at "
+                        f"{record['simulated_peak_where']}; planner's at {record['planner_peak_phase']}", coll])

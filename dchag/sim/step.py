@@ -118,6 +118,25 @@ def forward_loss(model, batch, cfg):
     return forecast_loss(pred, batch["target"], batch["target_valid"], batch["lat_weights"])
 
 
+def _tracker():
+    """MemTracker that also remembers where the peak happened (phase and innermost module)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from dchag.bench.measure import current_phase
+
+    class Tracker(MemTracker):
+        peak_where = ""
+
+        def _update_peak_stats(self, peak_state):
+            before = dict(self._peak_mem)
+            super()._update_peak_stats(peak_state)
+            if self._peak_mem != before:
+                modules = [m for m in self._mod_tracker.parents if m != "Global"]
+                self.peak_where = f"{current_phase()} {max(modules, key=len) if modules else '(outside the model)'}"
+
+    return Tracker()
+
+
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -131,8 +150,6 @@ def simulate(spec: SimSpec) -> dict:
     """
     spec.validate()
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     from dchag.bench.measure import CommCounter, phase
     from dchag.model.vit import DChagViT
     from dchag.sim.world import fake_world
@@ -165,19 +182,20 @@ def simulate(spec: SimSpec) -> dict:
 
         with fake_mode:
             step()  # creates the optimizer state (and lazily built buffers)
-            tracker = MemTracker()
+            tracker = _tracker()
             tracker.track_external(model, *inputs, *zero.tensors(), *(
                 [zero.optimizer] if zero.optimizer is not None else []))
             with counter, tracker:
                 saved = step()
         out["peak_by_category"] = {k: int(v) for k, v in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
+        out["peak_where"] = tracker.peak_where
         out["peak_bytes"] = int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
         out["params_per_rank"] = sum(p.numel() for p in params)
         out["param_shapes"] = {n: list(p.shape) for n, p in model.named_parameters()}
         out["param_bytes"] = _nbytes(params)
-        # after backward: the model's gradients (ZeRO-2: freed bucket by bucket) and the partition's fp32 gradient
-        partition_grad = [zero.master.grad] if zero.master is not None else []
-        out["grad_bytes"] = (_nbytes(params) if spec.zero_stage < 2 else 0) + _nbytes(partition_grad)
+        # at the step: the model's gradients (ZeRO-2: freed bucket by bucket) and the partition's fp32 gradient
+        out["grad_bytes"] = _nbytes(params) if spec.zero_stage < 2 else 0
+        out["partition_grad_bytes"] = 4 * zero.partition if zero.master is not None else 0
         opt_tensors = [t for s in zero.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
                        and t.dim() > 0]
         out["optimizer_bytes"] = _nbytes(opt_tensors) + (_nbytes([zero.master]) if zero.master is not None else 0)

@@ -9,8 +9,9 @@ size, Z = DP for ZeRO >= 1 and 1 for ZeRO-0, n = ceil(N / Z) the rank's partitio
                 each bucket as soon as it is full during backward and frees the bucket's gradients
     buckets     ``reduce_bucket_size`` elements (DeepSpeed's default 5e8), a flat copy of the
                 gradients being reduced, padded to a multiple of DP
-    master      an fp32 flat partition [n] with an fp32 gradient [n] (DeepSpeed clones the
-                partition in fp32 runs too; fp32 ZeRO-0 is torch's AdamW on the parameters)
+    master      an fp32 flat partition [n] (DeepSpeed clones the partition in fp32 runs too; fp32
+                ZeRO-0 is torch's AdamW on the parameters) and its fp32 gradient [n], alive from the
+                gradient reduction to the end of the step
     Adam        exp_avg, exp_avg_sq [n] fp32, created by a real ``torch.optim.AdamW`` step
     all-gather  ZeRO >= 1: the updated partition, cast to the parameter dtype, gathered bucket by
                 bucket into the parameters
@@ -56,17 +57,16 @@ class ZeroEmulator:
 
     # -- state
     def _ensure_master(self):
-        if self.direct or self.master is not None:
+        if self.direct:
             return
-        self.master = torch.nn.Parameter(torch.empty(self.partition, dtype=torch.float32))
-        self.master.grad = torch.zeros(self.partition, dtype=torch.float32)
+        if self.master is None:
+            self.master = torch.nn.Parameter(torch.empty(self.partition, dtype=torch.float32))
+        if self.master.grad is None:  # the partition's fp32 gradient lives from the reduction to the step
+            self.master.grad = torch.zeros(self.partition, dtype=torch.float32)
 
     def tensors(self) -> list[torch.Tensor]:
         """Long-lived tensors (for a memory tracker's ``track_external``)."""
-        out = []
-        if self.master is not None:
-            out += [self.master, self.master.grad]
-        return out
+        return [self.master] if self.master is not None else []
 
     # -- gradient reduction
     def _grad_ready(self, p):
@@ -149,7 +149,7 @@ class ZeroEmulator:
         for p in self.params:
             p.grad = None
         if self.master is not None:
-            self.master.grad.zero_()
+            self.master.grad = None
 
     def remove_hooks(self):
         for h in self._hooks:
