@@ -22,6 +22,22 @@ def planner_specs(spec: SimSpec) -> tuple[ModelSpec, LayoutSpec]:
     return model, layout
 
 
+def spec_from_plan(plan, rank: int = 0) -> SimSpec:
+    """The simulation of a planner layout (rank 0 holds the most channels, the planner's rank)."""
+    from dchag.model.config import DChagConfig
+    m, lay = plan.model, plan.layout
+    cfg = DChagConfig(num_channels=m.C, img_h=m.img_h, img_w=m.img_w, patch_dim=m.patch_dim, hidden_size=m.D,
+                      num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                      ffn_hidden_size=m.ffn_hidden_size, aggregation=m.aggregation,
+                      groups=m.groups if m.aggregation != "flat" else 1, tree_levels=m.tree_levels, task=m.task,
+                      out_channels=tuple(range(m.out_channels)) if m.task == "forecast" and m.out_channels else None,
+                      recompute_activations=lay.recompute, sequence_parallel=lay.sequence_parallel,
+                      bf16=lay.precision == "bf16")
+    return SimSpec(cfg, world_size=lay.world_size, rank=rank, tensor_parallel=lay.tensor_parallel,
+                   channel_parallel=lay.channel_parallel, zero_stage=lay.zero_stage,
+                   micro_batch_size=lay.micro_batch_size)
+
+
 def compare(spec: SimSpec, sim: dict) -> dict:
     """The JSON record: simulated and predicted figures side by side (bytes, and GB = 1e9 bytes)."""
     model, layout = planner_specs(spec)

@@ -3,8 +3,8 @@
 The step is ``pretrain_dchag.forward_step``'s (MAE: patch mask, masked-patch loss over valid
 pixels; forecast: lead-time input, latitude-weighted MSE) on the real ``DChagViT`` built for the
 rank's layout, then backward and the optimizer as ZeRO 0/1/2 hold it (``dchag.sim.zero``). Two
-steps run: the first creates the optimizer state, the second is measured, so its peak includes
-the state a rank carries through training.
+steps run: the first (its optimizer part only) creates the optimizer state, the second is
+measured, so its peak includes the state a rank carries through training.
 
 Measured in the second step:
 
@@ -181,7 +181,12 @@ def simulate(spec: SimSpec) -> dict:
             return s
 
         with fake_mode:
-            step()  # creates the optimizer state (and lazily built buffers)
+            # the first step's optimizer part creates the optimizer state (gradients' values do not matter)
+            for p in params:
+                p.grad = torch.empty_like(p)
+            zero.reduce_gradients()
+            zero.step()
+            zero.zero_grad()
             tracker = _tracker()
             tracker.track_external(model, *inputs, *zero.tensors(), *(
                 [zero.optimizer] if zero.optimizer is not None else []))
