@@ -186,8 +186,21 @@ def head_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]) ->
     outputs = s.c_r if model.task == "mae" else model.V
     pix = B * outputs * model.img_h * model.img_w
     saved = E + 2 * pix * 4  # head input copy; loss: error and weights (fp32)
-    return [Stage("head", saved=saved, fwd_extra=saved + 2 * pix * a, bwd_total=saved + 2 * pix * 4,
-                  grad_params=counts["head"])]
+    # forward: the prediction (a) and, while the loss runs, its fp32 target, square and weighted error
+    stages = [Stage("head", saved=saved, fwd_extra=saved + pix * (a + 12), bwd_total=saved + 2 * pix * 4,
+                    grad_params=counts["head"])]
+    if a < 4:  # bf16: the zero-filled fp32 input of pretrain_dchag.forward_step lives until the loss returns
+        stages[0].release_after = B * s.c_r * model.img_h * model.img_w * 4
+    return stages
+
+
+def input_stage(model: ModelSpec, layout: LayoutSpec) -> list[Stage]:
+    """bf16: forward_step's zero-filled fp32 copy of the input, referenced through the forward (in
+    fp32 the tokenizer saves it, as the benchmark's own input, which the planner does not count)."""
+    if layout.act_bytes >= 4:
+        return []
+    s = shapes(model, layout)
+    return [Stage("input", saved=0.0, held=layout.micro_batch_size * s.c_r * model.img_h * model.img_w * 4)]
 
 
 def _simulate(stages: list[Stage], grad_bytes_per_param: float, grads_before: float = 0.0,
@@ -249,15 +262,16 @@ def estimate_memory(model: ModelSpec, layout: LayoutSpec) -> MemoryEstimate:
     layer_numel = (counts["backbone"] - 2 * model.D) // model.num_layers
     params, grads, optimizer = _model_state_bytes(numel, layout, layer_numel)
     g = 4.0 if layout.precision == "fp32" else 2.0
+    inp = input_stage(model, layout)
     ch = channel_stages(model, layout, counts)
     bb = backbone_stages(model, layout, counts)
     hd = head_stages(model, layout, counts)
     if layout.zero_stage == 2:  # gradients reduced bucket by bucket in backward into the fp32 partition
         n = -(-numel // layout.data_parallel)
         bucket = min(numel, REDUCE_BUCKET) * g
-        peak, where, _ = _simulate(ch + bb + hd, g, grads_before=4.0 * n, grad_cap=4.0 * n + 2 * bucket)
+        peak, where, _ = _simulate(inp + ch + bb + hd, g, grads_before=4.0 * n, grad_cap=4.0 * n + 2 * bucket)
     else:  # ZeRO-3 as ZeRO-2 in the ZeRO paper's accounting: gradients / DP
-        peak, where, grads_end = _simulate(ch + bb + hd, g / (layout.data_parallel if layout.zero_stage == 3 else 1))
+        peak, where, grads_end = _simulate(inp + ch + bb + hd, g / (layout.data_parallel if layout.zero_stage == 3 else 1))
     largest = max(model.L * model.D, 2 * model.D * model.D // layout.tensor_parallel,
                   model.D * model.F // layout.tensor_parallel, 3 * model.D * model.D // layout.tensor_parallel)
     if layout.zero_stage <= 2:
