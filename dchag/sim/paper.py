@@ -73,7 +73,7 @@ def run(out_dir: str, only=None) -> None:
 def markdown(out_dir: str) -> str:
     from dchag.sim.report import compare
     rows = ["| model | C | T | world | method | params/rank (B) | simulated peak GB | planner peak GB | planner vs sim "
-            "| paper GB | simulated peak at | sim s |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"]
+            "| paper GB | simulated peak at | wall s |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     for size, C, T, world in RUNS:
         for method in METHODS:
             path = os.path.join(out_dir, case_name(size, C, T, method) + ".json")
@@ -86,7 +86,7 @@ def markdown(out_dir: str) -> str:
             paper = PAPER_GB.get((size, C, T, method))
             rows.append(f"| {size} | {C} | {T} | {world} | {method} | {rec['params_per_rank'] / 1e9:.3f} | {s:.2f} | "
                         f"{p:.2f} | {100 * (p - s) / s:+.1f} % | {paper if paper else '-'} | "
-                        f"{rec['simulated_peak_where']} | {rec['seconds']:.0f} |")
+                        f"{rec['simulated_peak_where'].replace('DChagViT.', '')} | {rec['seconds']:.0f} |")
     return "\n".join(rows)
 
 

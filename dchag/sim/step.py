@@ -144,9 +144,10 @@ def _nbytes(tensors) -> int:
 def simulate(spec: SimSpec) -> dict:
     """Build the model for ``spec.rank`` of the job and run two training steps on fake tensors.
 
-    Returns a dict: ``params_per_rank``, ``param_bytes``, ``grad_bytes``, ``optimizer_bytes``,
-    ``saved_activation_bytes``, ``peak_bytes``, ``peak_by_category``, ``collectives`` (per phase and
-    the raw records), ``seconds``.
+    Returns a dict: ``params_per_rank``, ``param_shapes``, ``param_bytes``, ``grad_bytes``,
+    ``partition_grad_bytes``, ``optimizer_bytes``, ``data_bytes``, ``saved_activation_bytes``,
+    ``peak_bytes``, ``peak_by_category``, ``peak_where``, ``collectives`` (per phase and the raw
+    records), ``layout``, ``seconds``.
     """
     spec.validate()
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -170,15 +171,15 @@ def simulate(spec: SimSpec) -> dict:
         inputs = [t for t in batch.values() if isinstance(t, torch.Tensor)]
         counter = CommCounter()
 
-        def step(saved=None):
-            with phase("forward"), (count_saved(params + inputs) if saved is None else saved) as s:
+        def step():
+            with phase("forward"), count_saved(params + inputs) as saved:
                 loss = forward_loss(model, batch, spec.cfg)
             with phase("backward"):
                 loss.backward()
             zero.reduce_gradients()
             zero.step()
             zero.zero_grad()
-            return s
+            return saved
 
         with fake_mode:
             # the first step's optimizer part creates the optimizer state (gradients' values do not matter)
