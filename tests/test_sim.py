@@ -187,14 +187,15 @@ def test_cli_writes_json_and_refuses_bad_input(tmp_path, capsys):
              "--hidden-size", "32", "--num-attention-heads", "4", "--dchag-aggregation", "linear", "--dchag-groups", "4",
              "--tensor-model-parallel-size", "2", "--channel-parallel-size", "2", "--micro-batch-size", "2"]
     cmd = ["--world-size", "8", "--rank", "4", "--zero-stage", "2"]
-    r = subprocess.run([sys.executable, "tools/simulate_scale.py"] + cmd + flags + ["--json", str(out)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    script = subprocess.run([sys.executable, "tools/simulate_scale.py", "--help"], capture_output=True, text=True)
+    assert script.returncode == 0 and "--world-size" in script.stdout and "--tensor-model-parallel-size" in script.stdout
+    assert main(cmd + flags + ["--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
     rec = json.loads(out.read_text())
     assert rec["layout"] == {**rec["layout"], "rank": 4, "tp_rank": 0, "cp_rank": 0, "dp_rank": 2, "DP": 4}
     assert rec["simulated_peak_gb"] > 0 and rec["planner_peak_gb"] > 0
     assert rec["params_per_rank"] == rec["planner_params_per_rank"]
-    assert "peak GB" in r.stdout and "optimizer" in r.stdout
+    assert "peak GB" in stdout and "optimizer" in stdout
     before = out.read_text()
     for argv, words in ((cmd + flags + ["--json", str(out)], ["exists", "--force"]),
                         (["--world-size", "5"] + flags, ["--world-size 5", "multiple of 2"]),
