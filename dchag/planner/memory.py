@@ -4,6 +4,7 @@ Model states (bytes per parameter; ZeRO shards over the DP group, the ZeRO paper
 
     precision  params  grads  optimizer                  ZeRO-1: optimizer / DP
     fp32       4       4      8 (Adam m, v)              ZeRO-2: + grads / DP
+                              12 with ZeRO >= 1 (DeepSpeed's fp32 partition clone)
     bf16       2       2      12 (fp32 master, m, v)     ZeRO-3: + params / DP (+ 2 gathered layers)
 
 Activations are simulated stage by stage, forward then backward, from what each stage of
@@ -16,7 +17,9 @@ CPU build, see docs/BENCHMARKS.md) in units of
     X_N = B N L D a     the tokens the final aggregation attends over (N = C flat, G D-CHAG)
     E   = B L D a       one hidden state; s = L, b = B, h = D, F, heads H
 
+    input (bf16)    forward_step's zero-filled fp32 copy of the input, held until the loss returns
     tokenizer       conv output + tokens                fwd +X_r  (tokens stay: X_r)    bwd 2 X_r
+                    (bf16: saves the bf16 cast of its input, B c_r H W a)
     linear level    one einsum: saves its permuted      fwd +X_in (+X_in: padded        bwd saved + X_in (input
                     [n_out, B L D, S] input copy X_in   gather, uneven segments)        gradient)
     cross level     saves 4 X_in + scores + X_out       fwd saved + 2 X_in              bwd saved + X_in
@@ -24,12 +27,17 @@ CPU build, see docs/BENCHMARKS.md) in units of
     final (TP)      saves X_N (1 + 3/T) + probs         fwd +X_N + 4 X_N/T (copy, matmul, bias)
                                                         bwd X_N (1 + 5/T) (two zero-filled select grads)
     layer (TP)      saves (4 + 4/T) E + 2 s b F a/T + b H s^2 a/T (+ LN statistics);
+                    bf16: + b H s^2 4/T (megatron's unfused softmax saves its fp32 output);
                     sequence parallel: 8 E/T + ...; recompute: E (E/T) per layer, one layer rebuilt in bwd
-    head + loss     saves E + 2 B c_r H W 4 (MAE: squared error and weights, fp32)
+    head + loss     saves E + 2 B c_r H W 4 (MAE: squared error and weights, fp32); forward working
+                    memory + B c_r H W (a + 12) (prediction; fp32 target, square, weighted error)
 
 The peak is the largest of: any forward stage (live + its extra), any backward stage (saved
-activations not yet freed + gradients produced so far + its extra), and the optimizer step
-(all gradients + two temporaries of the largest parameter, torch AdamW with foreach=False).
+activations not yet freed + gradients produced so far + its extra), and what ZeRO does after
+backward (``zero_step_peaks``: gradient buckets, the fp32 partition gradient, AdamW's temporaries;
+fp32 ZeRO-0: all gradients + two temporaries of the largest parameter, torch AdamW with
+foreach=False). These were checked against the real code at cluster scale by ``dchag.sim``
+(docs/BENCHMARKS.md section 7).
 """
 
 from __future__ import annotations

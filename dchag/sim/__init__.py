@@ -9,7 +9,9 @@ counts every collective (the fake group completes them without moving data).
 - ``zero``: what the rank holds for the optimizer under ZeRO 0/1/2 (gradient buckets reduced over
   the data-parallel group, fp32 master partition, Adam moments), emulated on fake tensors;
 - ``step``: one training step (forward, loss, backward, optimizer) under the trackers;
-- ``report``: the planner's prediction beside it, the table and the JSON.
+- ``report``: the planner's prediction beside it, the table and the JSON;
+- ``cli`` (``tools/simulate_scale.py``), ``check`` (``tools/estimate_memory.py --recommend --simulate``),
+  ``paper`` (the paper's configurations, docs/BENCHMARKS.md section 7).
 """
 
 from dchag.sim.step import SimError, SimSpec, simulate
