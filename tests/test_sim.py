@@ -195,6 +195,8 @@ def test_cli_writes_json_and_refuses_bad_input(tmp_path, capsys):
     assert rec["layout"] == {**rec["layout"], "rank": 4, "tp_rank": 0, "cp_rank": 0, "dp_rank": 2, "DP": 4}
     assert rec["simulated_peak_gb"] > 0 and rec["planner_peak_gb"] > 0
     assert rec["params_per_rank"] == rec["planner_params_per_rank"]
+    calls = rec["collective_calls"]
+    assert sum(c["phase"] == "forward" for c in calls) == rec["collectives"]["forward"]["simulated"]["calls"]
     assert "peak GB" in stdout and "optimizer" in stdout
     before = out.read_text()
     for argv, words in ((cmd + flags + ["--json", str(out)], ["exists", "--force"]),

@@ -79,6 +79,8 @@ def compare(spec: SimSpec, sim: dict) -> dict:
                         "peak": m.total},
         },
         "collectives": collectives,
+        "collective_calls": [{k: r[k] for k in ("op", "kind", "phase", "group_size", "payload_bytes", "sent_bytes",
+                                                 "shape")} for r in sim["collectives"].get("records", [])],
         "seconds": sim["seconds"],
         "build_seconds": sim["build_seconds"],
     }
