@@ -13,6 +13,7 @@ from __future__ import annotations
 import zlib
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 def row_seed(seed: int, name: str, row: int) -> int:
@@ -23,6 +24,8 @@ def row_seed(seed: int, name: str, row: int) -> int:
 def init_rows_(param: torch.Tensor, rows: range, seed: int, name: str, std: float, mean: float = 0.0):
     """param[i] <- N(mean, std^2) drawn from the generator of global row ``rows[i]``."""
     assert param.shape[0] == len(rows), (param.shape, rows)
+    if param.is_meta or is_fake(param):  # shapes only (meta device, dchag.sim): no values to draw
+        return param
     for i, row in enumerate(rows):
         gen = torch.Generator().manual_seed(row_seed(seed, name, row))
         param[i].copy_(torch.randn(param[i].shape, generator=gen) * std + mean)

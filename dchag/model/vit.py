@@ -70,7 +70,11 @@ class DChagViT(nn.Module):
             self.head = ForecastHead(D, len(cfg.predicted_channels), cfg.patch_dim, cfg.grid)
         mark_linear_weight_matrices(self)
         if cfg.bf16:
-            self.to(torch.bfloat16)
+            # In place (``.data``), which is what Module.to does for real tensors; Module.to would
+            # swap fake tensors (FakeTensorMode holds weakrefs to them) and fail (dchag.sim).
+            for t in list(self.parameters()) + list(self.buffers()):
+                if t.is_floating_point():
+                    t.data = t.data.to(torch.bfloat16)
         if self.sequence_parallel:
             allreduce_sequence_parallel_grads(self.backbone)
 

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-tp", type=int, default=64)
     h.add_argument("--paper-layout", action="store_true", help="with --recommend: D-CHAG with P = T only")
     h.add_argument("--top", type=int, default=10)
+    h.add_argument("--simulate", action="store_true",
+                   help="with --recommend: check the recommended layout by running its rank 0 with the real model on "
+                        "fake tensors (tools/simulate_scale.py; minutes for a 26B model); if the simulated peak "
+                        "exceeds the budget, the next layouts are checked (up to --simulate-tries)")
+    h.add_argument("--simulate-tries", type=int, default=3)
     o = p.add_argument_group("output")
     o.add_argument("--markdown", action="store_true")
     o.add_argument("--json", action="store_true")
@@ -146,6 +151,10 @@ def _run(args) -> int:
             return 1
         print(layouts_table(rec.fitting[:args.top], args.markdown))
         print(f"\nRecommended:\n\n{detail(rec.best, args.markdown)}")
+        if args.simulate:
+            from dchag.sim.check import check_recommendation
+            if not check_recommendation(rec, hw, args.simulate_tries):
+                return 1
         if not groups and rec.best.model.aggregation != "flat":
             print("\nG was searched over P, 2P, 4P, 8P; it changes the model (accuracy is outside this estimate): "
                   "fix it with --dchag-groups once validated.")

@@ -4,6 +4,7 @@ Model states (bytes per parameter; ZeRO shards over the DP group, the ZeRO paper
 
     precision  params  grads  optimizer                  ZeRO-1: optimizer / DP
     fp32       4       4      8 (Adam m, v)              ZeRO-2: + grads / DP
+                              12 with ZeRO >= 1 (DeepSpeed's fp32 partition clone)
     bf16       2       2      12 (fp32 master, m, v)     ZeRO-3: + params / DP (+ 2 gathered layers)
 
 Activations are simulated stage by stage, forward then backward, from what each stage of
@@ -16,7 +17,9 @@ CPU build, see docs/BENCHMARKS.md) in units of
     X_N = B N L D a     the tokens the final aggregation attends over (N = C flat, G D-CHAG)
     E   = B L D a       one hidden state; s = L, b = B, h = D, F, heads H
 
+    input (bf16)    forward_step's zero-filled fp32 copy of the input, held until the loss returns
     tokenizer       conv output + tokens                fwd +X_r  (tokens stay: X_r)    bwd 2 X_r
+                    (bf16: saves the bf16 cast of its input, B c_r H W a)
     linear level    one einsum: saves its permuted      fwd +X_in (+X_in: padded        bwd saved + X_in (input
                     [n_out, B L D, S] input copy X_in   gather, uneven segments)        gradient)
     cross level     saves 4 X_in + scores + X_out       fwd saved + 2 X_in              bwd saved + X_in
@@ -24,12 +27,17 @@ CPU build, see docs/BENCHMARKS.md) in units of
     final (TP)      saves X_N (1 + 3/T) + probs         fwd +X_N + 4 X_N/T (copy, matmul, bias)
                                                         bwd X_N (1 + 5/T) (two zero-filled select grads)
     layer (TP)      saves (4 + 4/T) E + 2 s b F a/T + b H s^2 a/T (+ LN statistics);
+                    bf16: + b H s^2 4/T (megatron's unfused softmax saves its fp32 output);
                     sequence parallel: 8 E/T + ...; recompute: E (E/T) per layer, one layer rebuilt in bwd
-    head + loss     saves E + 2 B c_r H W 4 (MAE: squared error and weights, fp32)
+    head + loss     saves E + 2 B c_r H W 4 (MAE: squared error and weights, fp32); forward working
+                    memory + B c_r H W (a + 12) (prediction; fp32 target, square, weighted error)
 
 The peak is the largest of: any forward stage (live + its extra), any backward stage (saved
-activations not yet freed + gradients produced so far + its extra), and the optimizer step
-(all gradients + two temporaries of the largest parameter, torch AdamW with foreach=False).
+activations not yet freed + gradients produced so far + its extra), and what ZeRO does after
+backward (``zero_step_peaks``: gradient buckets, the fp32 partition gradient, AdamW's temporaries;
+fp32 ZeRO-0: all gradients + two temporaries of the largest parameter, torch AdamW with
+foreach=False). These were checked against the real code at cluster scale by ``dchag.sim``
+(docs/BENCHMARKS.md section 7).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from dchag.planner.params import CHANNEL_STAGE, param_counts, shapes
 from dchag.planner.spec import LayoutSpec, ModelSpec, validate
 
 STAT_BYTES = 4  # layer-norm mean / rstd are kept in fp32
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 
 
 @dataclass
@@ -83,7 +92,9 @@ class MemoryEstimate:
 def _model_state_bytes(numel: int, layout: LayoutSpec, zero_layer_numel: int) -> tuple[float, float, float]:
     DP, z = layout.data_parallel, layout.zero_stage
     if layout.precision == "fp32":
-        p, g, o = 4.0, 4.0, 8.0
+        # ZeRO >= 1: DeepSpeed's stage_1_and_2 clones the fp32 partition as its master copy
+        # (``single_partition_of_fp32_groups``) even when the parameters are fp32 already
+        p, g, o = 4.0, 4.0, (12.0 if z >= 1 else 8.0)
     else:
         p, g, o = 2.0, 2.0, 12.0
     params = numel * p / (DP if z >= 3 else 1)
@@ -105,7 +116,9 @@ def channel_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int])
     stages = []
     # Tokenizer: conv output, then tokens = conv + channel embedding (the conv output dies).
     # The tokens are referenced (not saved) until the channel stage returns.
-    stages.append(Stage("tokenizer", saved=0.0, held=X_r, fwd_extra=2 * X_r, bwd_total=2 * X_r,
+    # In bf16 the model casts its input [B, c_r, H, W] to bf16 and the convolution saves that copy.
+    cast = B * s.c_r * model.img_h * model.img_w * a if a < 4 else 0.0
+    stages.append(Stage("tokenizer", saved=cast, held=X_r, fwd_extra=2 * X_r + cast, bwd_total=2 * X_r + cast,
                         grad_params=counts["tokenizer"]))
     held = X_r  # released when the channel stage returns
     if model.aggregation == "linear":
@@ -148,11 +161,13 @@ def backbone_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]
     E = B * L * D * a
     sbF = B * L * F * a / T
     scores = B * (H // T) * L * L * a
+    # megatron's unfused softmax (attention_softmax_in_fp32) saves its fp32 output besides the bf16 probs
+    softmax32 = B * (H // T) * L * L * 4 if a < 4 else 0.0
     stats = 4 * B * L * STAT_BYTES / (T if sp else 1)
     if sp:
-        layer_saved = 8 * E / T + 2 * sbF + scores + stats
+        layer_saved = 8 * E / T + 2 * sbF + scores + softmax32 + stats
     else:
-        layer_saved = (4 + 4 / T) * E + 2 * sbF + scores + stats
+        layer_saved = (4 + 4 / T) * E + 2 * sbF + scores + softmax32 + stats
     layer_fwd = layer_saved + 2 * sbF + scores + E
     layer_bwd_extra = 2 * E + 2 * sbF + scores
     layer_params = (counts["backbone"] - 2 * D) // model.num_layers
@@ -179,12 +194,27 @@ def head_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]) ->
     outputs = s.c_r if model.task == "mae" else model.V
     pix = B * outputs * model.img_h * model.img_w
     saved = E + 2 * pix * 4  # head input copy; loss: error and weights (fp32)
-    return [Stage("head", saved=saved, fwd_extra=saved + 2 * pix * a, bwd_total=saved + 2 * pix * 4,
-                  grad_params=counts["head"])]
+    # forward: the prediction (a) and, while the loss runs, its fp32 target, square and weighted error
+    stages = [Stage("head", saved=saved, fwd_extra=saved + pix * (a + 12), bwd_total=saved + 2 * pix * 4,
+                    grad_params=counts["head"])]
+    if a < 4:  # bf16: the zero-filled fp32 input of pretrain_dchag.forward_step lives until the loss returns
+        stages[0].release_after = B * s.c_r * model.img_h * model.img_w * 4
+    return stages
 
 
-def _simulate(stages: list[Stage], grad_bytes_per_param: float, grads_before: float = 0.0) -> tuple[float, str, float]:
-    """Returns (peak dynamic bytes, where, gradient bytes at the end)."""
+def input_stage(model: ModelSpec, layout: LayoutSpec) -> list[Stage]:
+    """bf16: forward_step's zero-filled fp32 copy of the input, referenced through the forward (in
+    fp32 the tokenizer saves it, as the benchmark's own input, which the planner does not count)."""
+    if layout.act_bytes >= 4:
+        return []
+    s = shapes(model, layout)
+    return [Stage("input", saved=0.0, held=layout.micro_batch_size * s.c_r * model.img_h * model.img_w * 4)]
+
+
+def _simulate(stages: list[Stage], grad_bytes_per_param: float, grads_before: float = 0.0,
+              grad_cap: float | None = None) -> tuple[float, str, float]:
+    """Returns (peak dynamic bytes, where, gradient bytes at the end). ``grad_cap``: gradients
+    alive in backward never exceed it (ZeRO-2 reduces and frees them bucket by bucket)."""
     live, peak, where = 0.0, 0.0, ""
     for st in stages:
         if live + st.fwd_extra > peak:
@@ -200,7 +230,37 @@ def _simulate(stages: list[Stage], grad_bytes_per_param: float, grads_before: fl
         if cur > peak:
             peak, where = cur, f"backward {st.name}"
         grads += st.grad_params * grad_bytes_per_param
+        if grad_cap is not None:
+            grads = min(grads, grad_cap)
     return peak, where, grads
+
+
+def zero_step_peaks(numel: int, layout: LayoutSpec, largest: int, bucket: int = REDUCE_BUCKET) -> dict[str, float]:
+    """Memory above the static state after backward: gradient reduction and optimizer step, as
+    DeepSpeed's ZeRO 0-2 hold them (``deepspeed/runtime/zero/stage_1_and_2.py``; emulated on fake
+    tensors by ``dchag.sim.zero``). n = the rank's partition (N / DP for ZeRO >= 1):
+
+        reduce   every gradient (N g) + the flat bucket being reduced (min(N, bucket) g) + the
+                 partition's fp32 gradient (4 n)
+        step     the partition's fp32 gradient + two fp32 temporaries of the partition (AdamW)
+        gather   ZeRO >= 1: the partition's fp32 gradient + the bucket all-gathered (min(N, bucket) p)
+
+    fp32 ZeRO-0 is torch's AdamW on the parameters: every gradient + two temporaries of the
+    largest parameter (no flat copies).
+    """
+    g = layout.act_bytes
+    z, DP = layout.zero_stage, layout.data_parallel
+    if layout.precision == "fp32" and z == 0:
+        return {"optimizer step": numel * g + 2 * largest * 4.0}
+    n = -(-numel // (DP if z >= 1 else 1))
+    part_grad = 4.0 * n
+    b = min(numel, bucket)
+    out = {"optimizer step": part_grad + 2 * 4.0 * n}
+    if z < 2:
+        out["gradient reduction"] = numel * g + b * g + part_grad + (b * g / DP if z == 1 else 0.0)
+    if z >= 1:
+        out["parameter all-gather"] = part_grad + b * g * (1 + 1 / DP)
+    return out
 
 
 def estimate_memory(model: ModelSpec, layout: LayoutSpec) -> MemoryEstimate:
@@ -210,17 +270,26 @@ def estimate_memory(model: ModelSpec, layout: LayoutSpec) -> MemoryEstimate:
     layer_numel = (counts["backbone"] - 2 * model.D) // model.num_layers
     params, grads, optimizer = _model_state_bytes(numel, layout, layer_numel)
     g = 4.0 if layout.precision == "fp32" else 2.0
-    g_scale = 1.0 / (layout.data_parallel if layout.zero_stage >= 2 else 1)
+    inp = input_stage(model, layout)
     ch = channel_stages(model, layout, counts)
     bb = backbone_stages(model, layout, counts)
     hd = head_stages(model, layout, counts)
-    peak, where, grads_end = _simulate(ch + bb + hd, g * g_scale)
-    # optimizer step: every gradient + two temporaries of the largest parameter tensor
+    if layout.zero_stage == 2:  # gradients reduced bucket by bucket in backward into the fp32 partition
+        n = -(-numel // layout.data_parallel)
+        bucket = min(numel, REDUCE_BUCKET) * g
+        peak, where, _ = _simulate(inp + ch + bb + hd, g, grads_before=4.0 * n, grad_cap=4.0 * n + 2 * bucket)
+    else:  # ZeRO-3 as ZeRO-2 in the ZeRO paper's accounting: gradients / DP
+        peak, where, grads_end = _simulate(inp + ch + bb + hd, g / (layout.data_parallel if layout.zero_stage == 3 else 1))
     largest = max(model.L * model.D, 2 * model.D * model.D // layout.tensor_parallel,
                   model.D * model.F // layout.tensor_parallel, 3 * model.D * model.D // layout.tensor_parallel)
-    opt_peak = grads_end + 2 * largest * (4.0 if layout.precision == "fp32" else 4.0)
-    if opt_peak > peak:
-        peak, where = opt_peak, "optimizer step"
+    if layout.zero_stage <= 2:
+        for name, value in zero_step_peaks(numel, layout, largest).items():
+            if value > peak:
+                peak, where = value, name
+    else:  # ZeRO-3 (not simulated): every gradient + two temporaries of the largest parameter tensor
+        opt_peak = grads_end + 2 * largest * 4.0
+        if opt_peak > peak:
+            peak, where = opt_peak, "optimizer step"
     ch_peak, _, _ = _simulate(ch, g)
     s = shapes(model, layout)
     outputs = s.c_r
