@@ -135,8 +135,10 @@ def run_study(argv: list[str], methods: list[Method], num_seeds: int, output_dir
                 setattr(args, k, v)
             args.seed = seed
             args.log_file = os.path.join(logs, f"{method.spec.replace(':', '_')}-seed{seed}.log")
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                open(args.log_file, "w").close()  # this run's log only (the run appends to it)
             if dist.is_initialized():
-                dist.barrier()  # rank 0 made the folder
+                dist.barrier()  # rank 0 made the folder and the empty log
             pictures.current = method.spec
             t0 = time.time()
             history = run(args, model_provider, forward_step, datasets_provider,
