@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dchag.model.attention import attend, softmax_fp32  # noqa: F401 - softmax_fp32 re-exported
 from dchag.model.init import init_rows_, mark_channel_sharded, mark_weight_matrix
 from dchag.parallel.partition import ChannelPartition
 
@@ -87,13 +88,6 @@ def _segments(x: torch.Tensor, level: SegmentLevel):
     return x[:, index.to(x.device)], valid.to(x.device)
 
 
-def softmax_fp32(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis, accumulated in at least fp32 (as megatron's
-    ``attention_softmax_in_fp32`` does for the backbone): bf16 sums over hundreds of channel
-    tokens lose the small weights. The caller casts the result back to the values' dtype."""
-    return scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1)
-
-
 class LinearReduce(nn.Module):
     """D-CHAG-L: out_n = sum_{i in segment n} w_i * x_i, one scalar per input token.
     Initialized to the segment mean, so an untrained model averages the group's channels.
@@ -123,10 +117,11 @@ class CrossReduce(nn.Module):
     """D-CHAG-C: per output segment n, a learned query attends over the segment's tokens,
     with the segment's own key/value/output projections (stacked, [n_out, D, D])."""
 
-    def __init__(self, level: SegmentLevel, hidden_size: int, num_heads: int, seed: int, name: str, owner: bool):
+    def __init__(self, level: SegmentLevel, hidden_size: int, num_heads: int, seed: int, name: str, owner: bool,
+                 attention_backend: str = "unfused"):
         super().__init__()
         D, n = hidden_size, len(level.sizes)
-        self.level, self.num_heads = level, num_heads
+        self.level, self.num_heads, self.attention_backend = level, num_heads, attention_backend
         rows, total = level.out_rows, level.global_out
         std = 1.0 / math.sqrt(D)
         self.query = nn.Parameter(init_rows_(torch.empty(n, D), rows, seed, f"{name}.query", std=1.0))
@@ -143,14 +138,12 @@ class CrossReduce(nn.Module):
         seg, pad = _segments(x, self.level)  # [B, n, S, L, D]
         B, n, S, L, D = seg.shape
         H, hd = self.num_heads, D // self.num_heads
-        k = torch.einsum("bnsld,nde->bnlse", seg, self.key).reshape(B, n, L, S, H, hd)
-        v = torch.einsum("bnsld,nde->bnlse", seg, self.value).reshape(B, n, L, S, H, hd)
-        q = self.query.reshape(n, H, hd)
-        scores = torch.einsum("nhe,bnlshe->bnlhs", q, k) / math.sqrt(hd)
-        if pad is not None:
-            scores = scores.masked_fill(~pad[None, :, None, None, :], float("-inf"))
-        attn = softmax_fp32(scores).to(v.dtype)
-        mixed = torch.einsum("bnlhs,bnlshe->bnlhe", attn, v).reshape(B, n, L, D)
+        # Every (b, n, l) is one attention problem: the segment's query over its S tokens.
+        k = torch.einsum("bnsld,ndhe->bnlhse", seg, self.key.reshape(n, D, H, hd)).reshape(B * n * L, H, S, hd)
+        v = torch.einsum("bnsld,ndhe->bnlhse", seg, self.value.reshape(n, D, H, hd)).reshape(B * n * L, H, S, hd)
+        q = self.query.reshape(1, n, 1, H, 1, hd).expand(B, n, L, H, 1, hd).reshape(B * n * L, H, 1, hd)
+        mask = None if pad is None else pad[None, :, None, :].expand(B, n, L, S).reshape(B * n * L, 1, 1, S)
+        mixed = attend(q, k, v, self.attention_backend, mask).reshape(B, n, L, D)
         # The segment's output projection: mixed [B, n, L, D] @ proj[n] [D, D] -> [B, n, L, D].
         return torch.einsum("bnld,nde->bnle", mixed, self.proj) + self.proj_bias[None, :, None, :]
 
@@ -169,13 +162,14 @@ class PartialAggregation(nn.Module):
 
 
 def build_partial_aggregation(kind: str, partition: ChannelPartition, rank: int, tree_levels_k: int,
-                              hidden_size: int, num_heads: int, seed: int, owner: bool) -> nn.Module:
+                              hidden_size: int, num_heads: int, seed: int, owner: bool,
+                              attention_backend: str = "unfused") -> nn.Module:
     if kind == "flat":
         return nn.Identity()  # every channel token goes to the final aggregation
     levels = tree_levels(partition, rank, tree_levels_k)
     if kind == "linear":
         return PartialAggregation([LinearReduce(lv, owner) for lv in levels])
-    return PartialAggregation([CrossReduce(lv, hidden_size, num_heads, seed, f"partial.{i}", owner)
+    return PartialAggregation([CrossReduce(lv, hidden_size, num_heads, seed, f"partial.{i}", owner, attention_backend)
                                for i, lv in enumerate(levels)])
 
 
@@ -191,10 +185,11 @@ class FinalAggregation(nn.Module):
     """
 
     def __init__(self, config, hidden_size: int, num_heads: int, tensor_parallel_size: int,
-                 tensor_parallel_rank: int, seed: int):
+                 tensor_parallel_rank: int, seed: int, attention_backend: str = "unfused"):
         super().__init__()
         from megatron.core import tensor_parallel
         D, T = hidden_size, tensor_parallel_size
+        self.attention_backend = attention_backend
         self.heads_local, self.head_dim = num_heads // T, D // num_heads
         self.kv = tensor_parallel.ColumnParallelLinear(D, 2 * D, config=config, init_method=config.init_method,
                                                        bias=True, gather_output=False)
@@ -212,9 +207,8 @@ class FinalAggregation(nn.Module):
         x = tokens.permute(1, 0, 2, 3).reshape(N, B * L, D)  # megatron layout [s, b, h], s = N tokens
         kv, _ = self.kv(x)  # [N, B*L, 2 D/T]
         kv = kv.reshape(N, B * L, Hl, 2, hd)
-        k, v = kv[..., 0, :], kv[..., 1, :]  # [N, B*L, Hl, hd]
-        q = self.query.reshape(Hl, hd).to(k.dtype)
-        attn = softmax_fp32(torch.einsum("he,nbhe->bhn", q, k) / math.sqrt(hd)).to(v.dtype)
-        mixed = torch.einsum("bhn,nbhe->bhe", attn, v).reshape(1, B * L, Hl * hd)
+        k, v = kv[..., 0, :].permute(1, 2, 0, 3), kv[..., 1, :].permute(1, 2, 0, 3)  # [B*L, Hl, N, hd]
+        q = self.query.reshape(1, Hl, 1, hd).expand(B * L, Hl, 1, hd)
+        mixed = attend(q, k, v, self.attention_backend).reshape(1, B * L, Hl * hd)  # one query per position
         out, _ = self.proj(mixed)  # [1, B*L, D], all-reduced over TP
         return out.reshape(B, L, D)
