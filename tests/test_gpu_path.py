@@ -14,10 +14,13 @@ One 2-rank gloo job (process start-up dominates on CPU) records, and the tests b
   sequence parallel is off, and from the default stream when it is on, as ``DotProductAttention``;
 * training through ``pretrain()`` (D-CHAG-C MAE, T = P = 2, sequence parallel, ZeRO 1): the sdpa
   losses of 3 iterations equal the unfused ones within 1e-5, and a bf16 sdpa run follows the
-  fp32 sdpa loss curve within 1e-2 over 20 iterations;
+  fp32 sdpa loss curve within 1e-2 over 20 iterations; ZeRO-3 (partitioned parameters: the SP
+  reduction falls back to per-parameter hooks) gives the ZeRO-1 losses;
 * SP gradients (T = 2): the coalesced reduction (one flattened all-reduce per layer and one for
   the final norm) gives the per-parameter hooks' gradients, plain, with activation recompute and
-  over two accumulated micro-batches, with 3 collectives per backward instead of 14.
+  over two accumulated micro-batches, with 3 collectives per backward instead of 14;
+* ``tools/gpu_check.py``: its refusals, and its ``--smoke`` run on the CPU writes the JSON and
+  Markdown report (kernels per shape, start-up, training figures, a falling loss).
 """
 
 from __future__ import annotations
@@ -131,13 +134,17 @@ def _dropout_streams():
 
 def _training_runs(tmp):
     from tests.test_training import MAE, _ds, _train
-    argv = [a if a != "linear" else "cross" for a in MAE] + ["--channel-parallel-size", "2", "--sequence-parallel"]
+    argv = [a if a != "linear" else "cross" for a in MAE] + ["--channel-parallel-size", "2", "--sequence-parallel",
+                                                             "--lr-decay-iters", "20"]  # one LR schedule for all
     fp32 = _ds("zero1_fp32.json") + argv
     return {
         "unfused": _train(fp32 + ["--attention-backend", "unfused", "--train-iters", "3"])["losses"],
         "sdpa": _train(fp32 + ["--attention-backend", "sdpa", "--train-iters", "20"])["losses"],
         "sdpa_bf16": _train(_ds("zero1_bf16.json") + argv + ["--attention-backend", "sdpa",
                                                              "--train-iters", "20"])["losses"],
+        # ZeRO-3 partitions the parameters: the SP reduction falls back to per-parameter hooks
+        "sdpa_zero3": _train(_ds("zero3_fp32.json") + argv + ["--attention-backend", "sdpa",
+                                                              "--train-iters", "3"])["losses"],
     }
 
 
@@ -240,6 +247,8 @@ def test_training_sdpa_equals_unfused_and_bf16_follows_fp32(job):
     assert sorted(tr["unfused"]) == [1, 2, 3] and sorted(tr["sdpa"]) == list(range(1, 21))
     for it, ref in tr["unfused"].items():
         assert abs(tr["sdpa"][it] - ref) <= TOL * abs(ref), (it, tr["sdpa"][it], ref)
+    for it, ref in tr["sdpa_zero3"].items():
+        assert abs(ref - tr["sdpa"][it]) <= TOL * abs(ref), (it, ref, tr["sdpa"][it])
     for it, ref in tr["sdpa"].items():
         assert math.isfinite(tr["sdpa_bf16"][it])
         assert abs(tr["sdpa_bf16"][it] - ref) <= BF16_TOL * abs(ref), (it, tr["sdpa_bf16"][it], ref)
@@ -252,3 +261,50 @@ def test_coalesced_sp_grad_reduction_equals_per_parameter(job):
             assert r["err"] <= 1e-7, f"recompute={recompute}: rel. error {r['err']:.2e}"
             # per backward: 2 layers x 6 SP params + the final norm's 2, vs one per layer + one
             assert r["calls"] == (2 * 14, 2 * 3), r["calls"]
+
+
+# ----------------------------------------------------------------------------------------------
+# tools/gpu_check.py: argument parsing and the tiny --smoke run on the CPU
+# ----------------------------------------------------------------------------------------------
+
+
+def _gpu_check(args, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from tests.distributed import free_port
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    return subprocess.run([sys.executable, os.path.join(repo, "tools", "gpu_check.py"), *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_check_arguments(tmp_path):
+    assert _gpu_check(["--help"], tmp_path).returncode == 0
+    bad = _gpu_check(["--output-dir", str(tmp_path / "o"), "--methods", "cross"], tmp_path)
+    assert bad.returncode == 2 and "--methods" in bad.stderr
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "gpu_check.json").write_text("{}")
+    used = _gpu_check(["--output-dir", str(tmp_path / "used"), "--smoke"], tmp_path)
+    assert used.returncode == 2 and "nothing is overwritten" in used.stderr
+    assert (tmp_path / "used" / "gpu_check.json").read_text() == "{}"
+
+
+def test_gpu_check_smoke_on_cpu(tmp_path):
+    import json
+    out = tmp_path / "gc"
+    proc = _gpu_check(["--smoke", "--methods", "linear", "--output-dir", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    md = (out / "gpu_check.md").read_text()
+    assert report["device"] == "cpu" and report["mode"] == "smoke"
+    assert set(report["kernels"]) == {"backbone self-attention", "final aggregation, flat (C tokens)",
+                                      "final aggregation, D-CHAG (G tokens)", "CrossReduce, D-CHAG-C (C/G tokens)"}
+    for entry in report["kernels"].values():
+        assert entry["runs"]["math"] == "ok"  # the math kernel runs everywhere
+    assert report["startup_s"]["use_cpu_initialization"] > 0
+    (r,) = report["training"]
+    assert r["method"] == "D-CHAG-L" and r["steps"] == 8 and all(math.isfinite(v) for v in r["losses"])
+    assert r["loss_falls"] and r["model_tflops_per_gpu"] > 0 and r["planner_total_gib"] > 0
+    assert "| D-CHAG-L |" in md and "## SDPA kernels" in md

@@ -68,7 +68,10 @@ def _wrap_forward(bucket: torch.nn.Module, names: list[str], group, state: dict)
     forward = bucket.forward  # the bound method (class forward)
 
     def coalesced_forward(*args, **kwargs):
-        params = [bucket.get_parameter(n) for n in names]
+        # named_parameters(), not attribute access: under ZeRO-3 a parameter read in forward
+        # becomes an "external parameter" of the running module and is gathered/released wrongly.
+        by_name = dict(bucket.named_parameters())
+        params = [by_name[n] for n in names]
         if _zero3_partitioned(params):
             state["zero3"] = True  # the per-parameter hooks reduce instead
             return forward(*args, **kwargs)
