@@ -308,3 +308,32 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert r["method"] == "D-CHAG-L" and r["steps"] == 8 and all(math.isfinite(v) for v in r["losses"])
     assert r["loss_falls"] and r["model_tflops_per_gpu"] > 0 and r["planner_total_gib"] > 0
     assert "| D-CHAG-L |" in md and "## SDPA kernels" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# flags: parsing and refusals (in-process)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_flags_reach_the_model_config():
+    from dchag.arguments import model_config, parse_args
+    base = ["--img-h", "8", "--img-w", "8", "--patch-dim", "2", "--num-channels", "4", "--train-iters", "1"]
+    cfg = model_config(parse_args(base))
+    assert (cfg.attention_backend, cfg.transformer_impl, cfg.use_cpu_initialization) == ("auto", "local", None)
+    cfg = model_config(parse_args(base + ["--attention-backend", "unfused", "--no-use-cpu-initialization"]))
+    assert (cfg.attention_backend, cfg.use_cpu_initialization) == ("unfused", False)
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--attention-backend", "flash"])
+
+
+def test_refusals_name_the_fix(monkeypatch):
+    from dchag.model.backbone import transformer_config
+    from dchag.parallel.partition import LayoutError
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    with pytest.raises(LayoutError, match="GPU option"):
+        transformer_config(tiny_config(use_cpu_initialization=False), 1)
+    assert transformer_config(tiny_config(), 1).use_cpu_initialization is True
+    import sys
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # not importable (as here)
+    with pytest.raises(LayoutError, match="Transformer Engine.*--transformer-impl local"):
+        tiny_config(transformer_impl="transformer_engine")

@@ -45,6 +45,9 @@ class DChagConfig:
             raise LayoutError(f"--attention-backend must be auto, sdpa or unfused, got {self.attention_backend!r}.")
         if self.transformer_impl not in ("local", "transformer_engine"):
             raise LayoutError(f"--transformer-impl must be local or transformer_engine, got {self.transformer_impl!r}.")
+        if self.transformer_impl == "transformer_engine":
+            from dchag.model.te import require_transformer_engine
+            require_transformer_engine()
         if self.task not in TASKS:
             raise LayoutError(f"--task must be one of {TASKS}, got {self.task!r}.")
         for name, size in (("--img-h", self.img_h), ("--img-w", self.img_w)):

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from dchag.arguments import model_config, parse_args
 from dchag.data.errors import DataError
+from dchag.device import DeviceError
 from dchag.parallel.partition import LayoutError
 from dchag.training import checkpoint as ckpt
 from dchag.training.ds_config import ConfigError, build_ds_config
@@ -18,7 +19,7 @@ from dchag.training.initialize import init_distributed, init_model_parallel
 from dchag.training.logging_utils import invalid_input_values, comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
 from dchag.training.lr import LRScheduler
 
-USER_ERRORS = (LayoutError, DataError, ConfigError, ckpt.CheckpointError)
+USER_ERRORS = (LayoutError, DataError, ConfigError, ckpt.CheckpointError, DeviceError)
 
 
 def _print0(msg: str, log_file=None) -> None:
