@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check the GPU path on one GPU (about 5-8 minutes on an H100/H200/MI250X GCD) and write
+"""Check the GPU path on one GPU (sized for at most ~8 minutes on an H100/H200; not yet run on one) and write
 gpu_check.json + gpu_check.md:
 
   1. which scaled_dot_product_attention kernel (flash / efficient / cuDNN / math) runs for the
