@@ -208,7 +208,7 @@ class FinalAggregation(nn.Module):
         kv, _ = self.kv(x)  # [N, B*L, 2 D/T]
         kv = kv.reshape(N, B * L, Hl, 2, hd)
         k, v = kv[..., 0, :].permute(1, 2, 0, 3), kv[..., 1, :].permute(1, 2, 0, 3)  # [B*L, Hl, N, hd]
-        q = self.query.reshape(1, Hl, 1, hd).expand(B * L, Hl, 1, hd)
+        q = self.query.reshape(1, Hl, 1, hd).expand(B * L, Hl, 1, hd).contiguous()  # fused kernels want real strides
         mixed = attend(q, k, v, self.attention_backend).reshape(1, B * L, Hl * hd)  # one query per position
         out, _ = self.proj(mixed)  # [1, B*L, D], all-reduced over TP
         return out.reshape(B, L, D)
