@@ -243,6 +243,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['method']} | {r['params'] / 1e9:.3f} B | {1000 * r['step_time_s_median']:.1f} | "
                      f"{r['model_tflops_per_gpu']:.1f} | {mem} | {r['planner_total_gib']:.1f} | "
                      f"{r['loss_first5']:.4f} -> {r['loss_last5']:.4f} | {'yes' if r['loss_falls'] else 'NO'} |")
+    lines += ["", "The planner's memory model describes the unfused attention (score matrices saved for backward); "
+              "the sdpa kernels save less, so max_memory_allocated may fall below it by about those scores."]
     return "\n".join(lines) + "\n"
 
 

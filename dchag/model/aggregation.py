@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dchag.model.attention import attend, softmax_fp32  # noqa: F401 - softmax_fp32 re-exported
+from dchag.model.attention import segment_attention, softmax_fp32, token_attention  # noqa: F401 - softmax_fp32 re-exported
 from dchag.model.init import init_rows_, mark_channel_sharded, mark_weight_matrix
 from dchag.parallel.partition import ChannelPartition
 
@@ -138,12 +138,10 @@ class CrossReduce(nn.Module):
         seg, pad = _segments(x, self.level)  # [B, n, S, L, D]
         B, n, S, L, D = seg.shape
         H, hd = self.num_heads, D // self.num_heads
-        # Every (b, n, l) is one attention problem: the segment's query over its S tokens.
-        k = torch.einsum("bnsld,ndhe->bnlhse", seg, self.key.reshape(n, D, H, hd)).reshape(B * n * L, H, S, hd)
-        v = torch.einsum("bnsld,ndhe->bnlhse", seg, self.value.reshape(n, D, H, hd)).reshape(B * n * L, H, S, hd)
-        q = self.query.reshape(1, n, 1, H, 1, hd).expand(B, n, L, H, 1, hd).reshape(B * n * L, H, 1, hd)
-        mask = None if pad is None else pad[None, :, None, :].expand(B, n, L, S).reshape(B * n * L, 1, 1, S)
-        mixed = attend(q, k, v, self.attention_backend, mask).reshape(B, n, L, D)
+        k = torch.einsum("bnsld,nde->bnlse", seg, self.key).reshape(B, n, L, S, H, hd)
+        v = torch.einsum("bnsld,nde->bnlse", seg, self.value).reshape(B, n, L, S, H, hd)
+        q = self.query.reshape(n, H, hd)
+        mixed = segment_attention(q, k, v, self.attention_backend, pad).reshape(B, n, L, D)
         # The segment's output projection: mixed [B, n, L, D] @ proj[n] [D, D] -> [B, n, L, D].
         return torch.einsum("bnld,nde->bnle", mixed, self.proj) + self.proj_bias[None, :, None, :]
 
@@ -207,8 +205,8 @@ class FinalAggregation(nn.Module):
         x = tokens.permute(1, 0, 2, 3).reshape(N, B * L, D)  # megatron layout [s, b, h], s = N tokens
         kv, _ = self.kv(x)  # [N, B*L, 2 D/T]
         kv = kv.reshape(N, B * L, Hl, 2, hd)
-        k, v = kv[..., 0, :].permute(1, 2, 0, 3), kv[..., 1, :].permute(1, 2, 0, 3)  # [B*L, Hl, N, hd]
-        q = self.query.reshape(1, Hl, 1, hd).expand(B * L, Hl, 1, hd).contiguous()  # fused kernels want real strides
-        mixed = attend(q, k, v, self.attention_backend).reshape(1, B * L, Hl * hd)  # one query per position
+        k, v = kv[..., 0, :], kv[..., 1, :]  # [N, B*L, Hl, hd]
+        q = self.query.reshape(Hl, hd)
+        mixed = token_attention(q, k, v, self.attention_backend).reshape(1, B * L, Hl * hd)
         out, _ = self.proj(mixed)  # [1, B*L, D], all-reduced over TP
         return out.reshape(B, L, D)

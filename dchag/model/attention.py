@@ -10,8 +10,8 @@
   accumulate the softmax in fp32 internally (as ``softmax_fp32`` does for ``unfused``).
 * ``auto``: ``sdpa``.
 
-:func:`attend` is the one entry point of the aggregation attentions (CrossReduce over a group's
-tokens, FinalAggregation over the G tokens); the backbone gets the same choice through the
+:func:`segment_attention` (CrossReduce over a group's tokens) and :func:`token_attention`
+(FinalAggregation over the G tokens) are the aggregation attentions' entry points; the backbone gets the same choice through the
 layer spec's ``core_attention`` (``dchag.model.core_attention``). ``--transformer-impl
 transformer_engine`` (optional, only where Transformer Engine is installed) swaps the whole
 backbone layer for megatron's TE spec, whose fused attention then picks its own kernel.
@@ -42,21 +42,40 @@ def softmax_fp32(scores: torch.Tensor) -> torch.Tensor:
     return scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-           key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v, no dropout.
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q [N, H, Lq, hd], k/v [N, H, S, hd], key_mask broadcastable to [N, 1, 1, S] (True = attends)."""
+    return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=key_mask, scale=1.0 / math.sqrt(q.shape[-1]))
 
-    q [N, H, Lq, hd] (may be a broadcast view), k and v [N, H, S, hd], key_mask broadcastable to
-    [N, 1, 1, S], bool, True = the key takes part (every query must keep at least one).
-    Returns [N, H, Lq, hd] in v's dtype.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    backend = resolve_attention_backend(backend)
-    if backend == "sdpa":
-        if q.dtype != k.dtype:
-            q = q.to(k.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=scale)
-    scores = torch.matmul(q.to(k.dtype), k.transpose(-1, -2)) * scale
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask, float("-inf"))
-    return torch.matmul(softmax_fp32(scores).to(v.dtype), v)
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+                      pad: torch.Tensor | None = None) -> torch.Tensor:
+    """CrossReduce: segment n's query attends over its S tokens at every (b, l).
+
+    q [n, H, hd]; k, v [B, n, L, S, H, hd]; pad [n, S] (True = a real token) or None.
+    Returns [B, n, L, H, hd]. ``unfused`` is the explicit einsum/softmax_fp32 path (the reference,
+    whose saved tensors dchag/planner/memory.py models)."""
+    B, n, L, S, H, hd = k.shape
+    if resolve_attention_backend(backend) == "sdpa":
+        def rows(t):  # [B, n, L, S, H, hd] -> [B n L, H, S, hd]
+            return t.permute(0, 1, 2, 4, 3, 5).reshape(B * n * L, H, S, hd)
+        qq = q.reshape(1, n, 1, H, 1, hd).expand(B, n, L, H, 1, hd).reshape(B * n * L, H, 1, hd)
+        mask = None if pad is None else pad[None, :, None, :].expand(B, n, L, S).reshape(B * n * L, 1, 1, S)
+        return _sdpa(qq, rows(k), rows(v), mask).reshape(B, n, L, H, hd)
+    scores = torch.einsum("nhe,bnlshe->bnlhs", q, k) / math.sqrt(hd)
+    if pad is not None:
+        scores = scores.masked_fill(~pad[None, :, None, None, :], float("-inf"))
+    attn = softmax_fp32(scores).to(v.dtype)
+    return torch.einsum("bnlhs,bnlshe->bnlhe", attn, v)
+
+
+def token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """FinalAggregation: one learned query per head attends over the N tokens of every position.
+
+    q [H, hd]; k, v [N, P, H, hd] (P = B L positions, megatron's sequence-first layout).
+    Returns [P, H, hd]."""
+    N, P, H, hd = k.shape
+    if resolve_attention_backend(backend) == "sdpa":
+        qq = q.reshape(1, H, 1, hd).expand(P, H, 1, hd).contiguous()  # fused kernels want real strides
+        return _sdpa(qq, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)).reshape(P, H, hd)
+    attn = softmax_fp32(torch.einsum("he,nbhe->bhn", q.to(k.dtype), k) / math.sqrt(hd)).to(v.dtype)
+    return torch.einsum("bhn,nbhe->bhe", attn, v)
