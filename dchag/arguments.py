@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--recompute-activations", action="store_true")
+    g.add_argument("--attention-backend", choices=("auto", "sdpa", "unfused"), default="auto",
+                   help="attention kernels of the backbone and both aggregations: sdpa = "
+                        "torch scaled_dot_product_attention (flash/cuDNN/efficient on GPUs), unfused = explicit "
+                        "scores + fp32 softmax (the reference); auto = sdpa")
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
+                   help="backbone layer spec: megatron's local modules, or Transformer Engine's (only if installed)")
+    g.add_argument("--use-cpu-initialization", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw full weights on the host, then shard (same initial model on every layout; default "
+                        "on). --no-use-cpu-initialization (GPU only): each rank draws its shard on its GPU")
     g = p.add_argument_group("parallel")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--channel-parallel-size", type=int, default=1)
@@ -121,4 +130,5 @@ def model_config(args, num_channels: int | None = None) -> DChagConfig:
         aggregation=args.dchag_aggregation, groups=args.dchag_groups, tree_levels=args.dchag_tree_levels,
         task=args.task, hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         recompute_activations=args.recompute_activations, sequence_parallel=args.sequence_parallel,
-        bf16=bool(args.bf16), init_seed=args.seed)
+        bf16=bool(args.bf16), init_seed=args.seed, attention_backend=args.attention_backend,
+        transformer_impl=args.transformer_impl, use_cpu_initialization=args.use_cpu_initialization)

@@ -2,7 +2,10 @@
 upstream line it works around):
 
 - ``channel_parallel``: the channel-parallel dimension registered in ``parallel_state``;
-- ``cpu``: run megatron-core on a CPU-only torch build (applied only when no GPU is present);
+- ``cpu``: run megatron-core on the CPU (applied when the run's device is the CPU, as
+  ``dchag.device`` decides: ``DS_ACCELERATOR=cpu``, or no GPU present);
+- ``torch_norm``: sequence parallel with torch norms (applied on every device: any host without
+  apex builds torch norms);
 - ``deepspeed_mpu``: the ``mpu`` adapter DeepSpeed needs.
 
 Call ``apply()`` once per process before building models.
@@ -10,22 +13,24 @@ Call ``apply()`` once per process before building models.
 
 from __future__ import annotations
 
-import torch
-
 from megatron_patches.version import require_megatron
 
 _applied = False
 
 
 def apply() -> None:
-    """Register the channel dimension and, without a GPU, the CPU patches (idempotent)."""
+    """Register the channel dimension, the torch-norm sequence-parallel patch and, when the run
+    is on the CPU, the CPU patches (idempotent)."""
     global _applied
     if _applied:
         return
     require_megatron()
+    from dchag.device import runs_on_cpu
     from megatron_patches import channel_parallel
+    from megatron_patches.torch_norm import patch_torch_norm_sequence_parallel
     channel_parallel.register()
-    if not torch.cuda.is_available():
+    patch_torch_norm_sequence_parallel()
+    if runs_on_cpu():
         from megatron_patches.cpu import apply_cpu_patches
         apply_cpu_patches()
     _applied = True

@@ -5,7 +5,9 @@ calls raise ("Torch not compiled with CUDA enabled") or, worse, silently do noth
 (``torch.cuda.manual_seed`` is a lazy no-op there).  :func:`apply_cpu_patches` redirects exactly
 those places to the CPU.  It is
 
-* a no-op when ``torch.cuda.is_available()``: GPU clusters run stock megatron-core;
+* a no-op when the run's device is a GPU (``dchag.device``: ``DS_ACCELERATOR``, else whether a GPU
+  is present), so GPU runs use stock megatron-core, and ``DS_ACCELERATOR=cpu`` on a GPU host
+  still gets the CPU patches (``make test`` on a GPU machine);
 * idempotent: calling it again changes nothing;
 * version-guarded: it refuses (``RuntimeError``) any megatron-core other than 0.16.x, because
   every patch below names an upstream line of that release.
@@ -58,14 +60,9 @@ What is patched (all paths relative to ``megatron/core``):
 3. Literal ``device="cuda"``: ``transformer/utils.py`` ``get_default_causal_mask`` and
    ``get_sliding_window_causal_mask`` (also bound by name in ``fusions/fused_softmax.py``).
 
-4. Sequence parallel with torch norms, ``transformer/torch_norm.py`` ``WrappedTorchNorm.__new__``:
-   without apex / transformer-engine (always the case on CPU) every LayerNorm/RMSNorm of the
-   local spec is a ``WrappedTorchNorm``, which upstream refuses under sequence parallel
-   (``assert not config.sequence_parallel, "sequence parallel not supported by torch
-   LayerNorm"``) because it does not tag its parameters.  A norm acts per token, so it is correct
-   on a sequence shard; the patch builds it as upstream and tags weight/bias with
-   ``sequence_parallel=<config.sequence_parallel>`` exactly like apex ``FusedLayerNorm`` does,
-   so their grads are summed over the TP group like every other SP-replicated parameter.
+4. (Moved) Sequence parallel with torch norms is not a CPU matter: any host without apex
+   builds torch norms, GPU nodes included. That patch lives in ``megatron_patches.torch_norm``
+   and :func:`megatron_patches.apply` applies it on every device.
 
 Not patched (not on the TransformerBlock / dist_checkpointing-save-load path; they still need a
 GPU): ``tensor_parallel/data.py`` ``broadcast_data``, ``dist_checkpointing/exchange_utils.py``
@@ -76,7 +73,6 @@ inference KV-cache allocation, CUDA graphs, transformer-engine / apex paths.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import importlib
 import types
@@ -120,7 +116,8 @@ def cpu_transformer_config_overrides() -> dict:
 def apply_cpu_patches() -> None:
     """Patch megatron-core 0.16.x so it runs on a CPU-only torch build. See module docstring."""
     global _APPLIED
-    if _APPLIED or torch.cuda.is_available():
+    from dchag.device import runs_on_cpu
+    if _APPLIED or not runs_on_cpu():
         return
     _check_version()
 
@@ -128,7 +125,8 @@ def apply_cpu_patches() -> None:
     for module_name in _CPU_DEVICE_MODULES:
         _redirect_device_queries(importlib.import_module(module_name))
     _patch_causal_masks()
-    _patch_torch_norm_sequence_parallel()
+    from megatron_patches.torch_norm import patch_torch_norm_sequence_parallel
+    patch_torch_norm_sequence_parallel()  # also applied on GPUs by megatron_patches.apply()
     _APPLIED = True
 
 
@@ -403,41 +401,3 @@ def _patch_causal_masks() -> None:
     for module in (transformer_utils, fused_softmax):
         module.get_default_causal_mask = _cpu_default_causal_mask
         module.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
-
-
-# --------------------------------------------------------------------------------------------
-# 4. sequence parallel with torch LayerNorm/RMSNorm (megatron/core/transformer/torch_norm.py)
-# --------------------------------------------------------------------------------------------
-
-
-def _wrap_torch_norm_new(original_new):
-    @functools.wraps(original_new)
-    def __new__(cls, config, hidden_size, *args, **kwargs):
-        """Wraps ``WrappedTorchNorm.__new__``.
-
-        Upstream: ``assert not config.sequence_parallel, f"sequence parallel not supported by
-        torch LayerNorm"``.  Builds the norm from a shallow config copy with
-        ``sequence_parallel=False`` (the only field that assert reads; the norm itself does not
-        depend on it), then tags the parameters like apex ``FusedLayerNorm.__init__`` does:
-        ``setattr(self.weight, 'sequence_parallel', self.sequence_parallel)``.
-        """
-        sequence_parallel = bool(getattr(config, "sequence_parallel", False))
-        if sequence_parallel:
-            config = copy.copy(config)
-            config.sequence_parallel = False
-        norm = original_new(cls, config, hidden_size, *args, **kwargs)
-        for param in norm.parameters(recurse=False):
-            setattr(param, "sequence_parallel", sequence_parallel)
-        return norm
-
-    __new__.__megatron_cpu_patch__ = True
-    return __new__
-
-
-def _patch_torch_norm_sequence_parallel() -> None:
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    current = WrappedTorchNorm.__dict__["__new__"]
-    current = current.__func__ if isinstance(current, staticmethod) else current
-    if not getattr(current, "__megatron_cpu_patch__", False):
-        WrappedTorchNorm.__new__ = staticmethod(_wrap_torch_norm_new(current))

@@ -397,16 +397,71 @@ def test_version_guard(monkeypatch):
     cpu_patches._check_version()
 
 
-def test_noop_when_cuda_available(monkeypatch):
+def test_noop_when_the_run_is_on_a_gpu(monkeypatch):
+    """The run's device decides (dchag.device), not whether a GPU exists: no DS_ACCELERATOR and
+    a GPU present -> stock megatron; DS_ACCELERATOR=cpu on a GPU host -> the CPU patches."""
     def boom():
-        raise AssertionError("patched although CUDA is available")
+        raise AssertionError("patching")
 
     monkeypatch.setattr(cpu_patches, "_APPLIED", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpu_patches, "_check_version", boom)
     monkeypatch.setattr(cpu_patches, "_patch_rng", boom)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     cpu_patches.apply_cpu_patches()
     assert cpu_patches.patches_applied() is False
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # a CPU run on a machine that has a GPU
+    with pytest.raises(AssertionError, match="patching"):
+        cpu_patches.apply_cpu_patches()
+
+
+def test_device_rules(monkeypatch):
+    from dchag import device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    assert device.run_device() == torch.device("cpu") and device.comm_backend() == "gloo"
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    with pytest.raises(device.DeviceError, match="DS_ACCELERATOR=cpu"):
+        device.run_device()
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")
+    with pytest.raises(device.DeviceError, match="not supported"):
+        device.run_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert device.run_device() == torch.device("cuda", 1) and device.comm_backend() == "nccl"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(device.DeviceError, match="LOCAL_RANK=2"):
+        device.run_device()
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert device.run_device() == torch.device("cpu") and device.comm_backend() == "gloo"
+
+
+def test_torch_norm_sequence_parallel_patch_applies_on_gpu_runs(monkeypatch):
+    """A GPU node without apex builds torch norms too: megatron_patches.apply() on a GPU run (no
+    CPU patches) still makes WrappedTorchNorm accept sequence parallel and tag its parameters."""
+    import megatron_patches
+    from megatron.core.transformer import torch_norm
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    def no_cpu_patches():
+        raise AssertionError("CPU patches applied on a GPU run")
+
+    megatron_patches.apply()
+    upstream = torch_norm.WrappedTorchNorm.__dict__["__new__"].__func__.__wrapped__
+    monkeypatch.setattr(torch_norm.WrappedTorchNorm, "__new__", staticmethod(upstream))
+    cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, tensor_model_parallel_size=2,
+                            sequence_parallel=True, **cpu_patches.cpu_transformer_config_overrides())
+    with pytest.raises(AssertionError, match="sequence parallel not supported"):
+        torch_norm.WrappedTorchNorm(cfg, 8)  # upstream refuses
+    monkeypatch.setattr(megatron_patches, "_applied", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(cpu_patches, "apply_cpu_patches", no_cpu_patches)
+    megatron_patches.apply()
+    norm = torch_norm.WrappedTorchNorm(cfg, 8)
+    assert [p.sequence_parallel for p in norm.parameters()] == [True, True]
 
 
 def test_config_overrides_accepted():

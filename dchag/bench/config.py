@@ -79,7 +79,9 @@ class BenchModel:
             num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
             aggregation=aggregation, groups=self.groups if aggregation != "flat" else 1,
             tree_levels=self.tree_levels if aggregation != "flat" else 1, task="mae",
-            sequence_parallel=self.sequence_parallel, recompute_activations=self.recompute_activations)
+            sequence_parallel=self.sequence_parallel, recompute_activations=self.recompute_activations,
+            # the explicit-softmax attention the planner's memory model describes (scores saved)
+            attention_backend="unfused")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dchag.model.attention import segment_attention, softmax_fp32, token_attention  # noqa: F401 - softmax_fp32 re-exported
 from dchag.model.init import init_rows_, mark_channel_sharded, mark_weight_matrix
 from dchag.parallel.partition import ChannelPartition
 
@@ -87,13 +88,6 @@ def _segments(x: torch.Tensor, level: SegmentLevel):
     return x[:, index.to(x.device)], valid.to(x.device)
 
 
-def softmax_fp32(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis, accumulated in at least fp32 (as megatron's
-    ``attention_softmax_in_fp32`` does for the backbone): bf16 sums over hundreds of channel
-    tokens lose the small weights. The caller casts the result back to the values' dtype."""
-    return scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1)
-
-
 class LinearReduce(nn.Module):
     """D-CHAG-L: out_n = sum_{i in segment n} w_i * x_i, one scalar per input token.
     Initialized to the segment mean, so an untrained model averages the group's channels.
@@ -123,10 +117,11 @@ class CrossReduce(nn.Module):
     """D-CHAG-C: per output segment n, a learned query attends over the segment's tokens,
     with the segment's own key/value/output projections (stacked, [n_out, D, D])."""
 
-    def __init__(self, level: SegmentLevel, hidden_size: int, num_heads: int, seed: int, name: str, owner: bool):
+    def __init__(self, level: SegmentLevel, hidden_size: int, num_heads: int, seed: int, name: str, owner: bool,
+                 attention_backend: str = "unfused"):
         super().__init__()
         D, n = hidden_size, len(level.sizes)
-        self.level, self.num_heads = level, num_heads
+        self.level, self.num_heads, self.attention_backend = level, num_heads, attention_backend
         rows, total = level.out_rows, level.global_out
         std = 1.0 / math.sqrt(D)
         self.query = nn.Parameter(init_rows_(torch.empty(n, D), rows, seed, f"{name}.query", std=1.0))
@@ -146,11 +141,7 @@ class CrossReduce(nn.Module):
         k = torch.einsum("bnsld,nde->bnlse", seg, self.key).reshape(B, n, L, S, H, hd)
         v = torch.einsum("bnsld,nde->bnlse", seg, self.value).reshape(B, n, L, S, H, hd)
         q = self.query.reshape(n, H, hd)
-        scores = torch.einsum("nhe,bnlshe->bnlhs", q, k) / math.sqrt(hd)
-        if pad is not None:
-            scores = scores.masked_fill(~pad[None, :, None, None, :], float("-inf"))
-        attn = softmax_fp32(scores).to(v.dtype)
-        mixed = torch.einsum("bnlhs,bnlshe->bnlhe", attn, v).reshape(B, n, L, D)
+        mixed = segment_attention(q, k, v, self.attention_backend, pad).reshape(B, n, L, D)
         # The segment's output projection: mixed [B, n, L, D] @ proj[n] [D, D] -> [B, n, L, D].
         return torch.einsum("bnld,nde->bnle", mixed, self.proj) + self.proj_bias[None, :, None, :]
 
@@ -169,13 +160,14 @@ class PartialAggregation(nn.Module):
 
 
 def build_partial_aggregation(kind: str, partition: ChannelPartition, rank: int, tree_levels_k: int,
-                              hidden_size: int, num_heads: int, seed: int, owner: bool) -> nn.Module:
+                              hidden_size: int, num_heads: int, seed: int, owner: bool,
+                              attention_backend: str = "unfused") -> nn.Module:
     if kind == "flat":
         return nn.Identity()  # every channel token goes to the final aggregation
     levels = tree_levels(partition, rank, tree_levels_k)
     if kind == "linear":
         return PartialAggregation([LinearReduce(lv, owner) for lv in levels])
-    return PartialAggregation([CrossReduce(lv, hidden_size, num_heads, seed, f"partial.{i}", owner)
+    return PartialAggregation([CrossReduce(lv, hidden_size, num_heads, seed, f"partial.{i}", owner, attention_backend)
                                for i, lv in enumerate(levels)])
 
 
@@ -191,10 +183,11 @@ class FinalAggregation(nn.Module):
     """
 
     def __init__(self, config, hidden_size: int, num_heads: int, tensor_parallel_size: int,
-                 tensor_parallel_rank: int, seed: int):
+                 tensor_parallel_rank: int, seed: int, attention_backend: str = "unfused"):
         super().__init__()
         from megatron.core import tensor_parallel
         D, T = hidden_size, tensor_parallel_size
+        self.attention_backend = attention_backend
         self.heads_local, self.head_dim = num_heads // T, D // num_heads
         self.kv = tensor_parallel.ColumnParallelLinear(D, 2 * D, config=config, init_method=config.init_method,
                                                        bias=True, gather_output=False)
@@ -213,8 +206,7 @@ class FinalAggregation(nn.Module):
         kv, _ = self.kv(x)  # [N, B*L, 2 D/T]
         kv = kv.reshape(N, B * L, Hl, 2, hd)
         k, v = kv[..., 0, :], kv[..., 1, :]  # [N, B*L, Hl, hd]
-        q = self.query.reshape(Hl, hd).to(k.dtype)
-        attn = softmax_fp32(torch.einsum("he,nbhe->bhn", q, k) / math.sqrt(hd)).to(v.dtype)
-        mixed = torch.einsum("bhn,nbhe->bhe", attn, v).reshape(1, B * L, Hl * hd)
+        q = self.query.reshape(Hl, hd)
+        mixed = token_attention(q, k, v, self.attention_backend).reshape(1, B * L, Hl * hd)
         out, _ = self.proj(mixed)  # [1, B*L, D], all-reduced over TP
         return out.reshape(B, L, D)

@@ -27,16 +27,22 @@ def transformer_config(cfg: DChagConfig, tensor_parallel_size: int):
         bf16=cfg.bf16,
         params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-        # Full master weights drawn from the global RNG, then sliced: the same initial model on
-        # every T (slower init on GPU, but loss curves stay comparable across layouts).
-        use_cpu_initialization=True,
         init_method_std=0.02,
     )
     if cfg.recompute_activations:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if not torch.cuda.is_available():
+    from dchag.device import runs_on_cpu
+    if runs_on_cpu():  # the run's device decides, not whether a GPU exists
         from megatron_patches.cpu import cpu_transformer_config_overrides
         kwargs.update(cpu_transformer_config_overrides())
+    # --use-cpu-initialization (default on, CPU and GPU): full master weights drawn from the global
+    # RNG on the host, then sliced, so the initial model is the same on every T; off (GPU only),
+    # each rank draws its own shard on its GPU (faster start-up, weights depend on T). README.
+    if cfg.use_cpu_initialization is False and runs_on_cpu():
+        from dchag.parallel.partition import LayoutError
+        raise LayoutError("--no-use-cpu-initialization is a GPU option (each rank draws its shard on its GPU); "
+                          "a CPU run always initializes on the host: drop the flag.")
+    kwargs["use_cpu_initialization"] = True if cfg.use_cpu_initialization is None else cfg.use_cpu_initialization
     return TransformerConfig(**kwargs)
 
 
@@ -45,18 +51,33 @@ def without_sequence_parallel(config):
     return dataclasses.replace(config, sequence_parallel=False)
 
 
-def no_mask_layer_spec():
-    """megatron's local GPT layer spec with the causal mask replaced by no mask (a ViT)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def no_mask_layer_spec(attention_backend: str = "unfused", transformer_impl: str = "local"):
+    """megatron's GPT layer spec with the causal mask replaced by no mask (a ViT). ``local``:
+    megatron's local spec, its core attention per ``--attention-backend`` (``unfused``:
+    ``DotProductAttention``; ``sdpa``: ``SDPADotProductAttention``). ``transformer_engine``:
+    megatron's TE spec (TE picks its fused attention kernel)."""
     from megatron.core.transformer.enums import AttnMaskType
-    spec = copy.deepcopy(get_gpt_layer_local_spec())
+    from dchag.model.attention import resolve_attention_backend
+    backend = resolve_attention_backend(attention_backend)
+    if transformer_impl == "transformer_engine":
+        from dchag.model.te import te_layer_spec
+        spec = te_layer_spec()
+    elif transformer_impl == "local":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        spec = copy.deepcopy(get_gpt_layer_local_spec())
+        if backend == "sdpa":
+            from dchag.model.core_attention import SDPADotProductAttention
+            spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    else:
+        raise ValueError(f"--transformer-impl must be 'local' or 'transformer_engine', got {transformer_impl!r}.")
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
     return spec
 
 
-def build_backbone(config):
+def build_backbone(config, attention_backend: str = "unfused", transformer_impl: str = "local"):
     from megatron.core.transformer.transformer_block import TransformerBlock
-    return TransformerBlock(config, no_mask_layer_spec(), post_layer_norm=True, pre_process=True, post_process=True)
+    return TransformerBlock(config, no_mask_layer_spec(attention_backend, transformer_impl), post_layer_norm=True,
+                            pre_process=True, post_process=True)
 
 
 def mark_linear_weight_matrices(module: nn.Module) -> None:

@@ -32,11 +32,22 @@ class DChagConfig:
     bf16: bool = False
     init_seed: int = 1234
     layernorm_epsilon: float = 1e-5
+    # How, not what: kernels and initialization placement (dchag/model/attention.py, backbone.py).
+    attention_backend: str = "auto"  # auto (= sdpa) | sdpa | unfused
+    transformer_impl: str = "local"  # local | transformer_engine (only where TE is installed)
+    use_cpu_initialization: bool | None = None  # None: on (README, "GPU")
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
             raise LayoutError(f"--dchag-aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
+        if self.attention_backend not in ("auto", "sdpa", "unfused"):
+            raise LayoutError(f"--attention-backend must be auto, sdpa or unfused, got {self.attention_backend!r}.")
+        if self.transformer_impl not in ("local", "transformer_engine"):
+            raise LayoutError(f"--transformer-impl must be local or transformer_engine, got {self.transformer_impl!r}.")
+        if self.transformer_impl == "transformer_engine":
+            from dchag.model.te import require_transformer_engine
+            require_transformer_engine()
         if self.task not in TASKS:
             raise LayoutError(f"--task must be one of {TASKS}, got {self.task!r}.")
         for name, size in (("--img-h", self.img_h), ("--img-w", self.img_w)):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dchag.model.aggregation import FinalAggregation, build_partial_aggregation
+from dchag.model.attention import resolve_attention_backend
 from dchag.model.backbone import (build_backbone, mark_linear_weight_matrices, transformer_config,
                                   without_sequence_parallel)
 from dchag.model.config import DChagConfig
@@ -52,17 +53,18 @@ class DChagViT(nn.Module):
 
         # Channel stage: this rank's channels and groups only.
         self.tokenizer = ChannelTokenizer(self.channels, cfg.num_channels, D, cfg.patch_dim, seed, owner)
+        attention = resolve_attention_backend(cfg.attention_backend)  # sdpa | unfused
         self.partial = build_partial_aggregation(cfg.aggregation, self.partition, layout.channel_parallel_rank,
-                                                 cfg.tree_levels, D, cfg.num_attention_heads, seed, owner)
+                                                 cfg.tree_levels, D, cfg.num_attention_heads, seed, owner, attention)
         self.final = FinalAggregation(without_sequence_parallel(self.config), D, cfg.num_attention_heads,
-                                      T, layout.tensor_parallel_rank, seed)
+                                      T, layout.tensor_parallel_rank, seed, attention)
 
         self.pos_embed = nn.Parameter(sincos_2d(D, cfg.grid)[None])  # [1, L, D]
         if cfg.task == "mae":
             self.mask_token = nn.Parameter(init_rows_(torch.empty(1, D), range(1), seed, "mask_token", std=0.02))
         else:
             self.lead_time_embed = nn.Linear(1, D)
-        self.backbone = build_backbone(self.config)
+        self.backbone = build_backbone(self.config, attention, cfg.transformer_impl)
         if cfg.task == "mae":
             self.head = ChannelReconstructionHead(self.channels, cfg.num_channels, D, cfg.patch_dim, cfg.grid,
                                                   seed, owner)

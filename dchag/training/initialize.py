@@ -8,18 +8,20 @@ import torch
 
 
 def init_distributed() -> None:
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """The run's device decides (``dchag.device``): gloo on the CPU; NCCL/RCCL and the local
+    rank's GPU otherwise. DeepSpeed is told the same through ``DS_ACCELERATOR``."""
+    from dchag.device import comm_backend, run_device
+    device = run_device()  # raises a DeviceError naming the fix
+    os.environ.setdefault("DS_ACCELERATOR", device.type)
     import deepspeed
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend=comm_backend(), verbose=False)
 
 
 def init_model_parallel(args) -> None:

@@ -9,12 +9,14 @@ import torch.distributed as dist
 
 
 def comm_device() -> torch.device:
-    """Where tensors handed to collectives live: the current GPU under NCCL/RCCL, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """Where tensors handed to collectives live: the run's GPU under NCCL/RCCL, else the CPU
+    (the run's device decides, not whether a GPU exists: ``dchag.device``)."""
+    from dchag.device import run_device
+    return run_device()
 
 
 def reset_peak_memory() -> None:
-    if torch.cuda.is_available():
+    if comm_device().type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return
     try:
@@ -26,7 +28,7 @@ def reset_peak_memory() -> None:
 
 def peak_memory_mb() -> float:
     """Max over ranks of this interval's peak memory (VmHWM on CPU)."""
-    if torch.cuda.is_available():
+    if comm_device().type == "cuda":
         mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         mb = 0.0

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from dchag.arguments import model_config, parse_args
 from dchag.data.errors import DataError
+from dchag.device import DeviceError
 from dchag.parallel.partition import LayoutError
 from dchag.training import checkpoint as ckpt
 from dchag.training import startup
@@ -26,7 +27,7 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive iterations with a non-finite loss or gradient norm."""
 
 
-USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, ckpt.CheckpointError, ScheduleError)
+USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, ckpt.CheckpointError, ScheduleError, DeviceError)
 
 
 def _print0(msg: str, log_file=None) -> None:
