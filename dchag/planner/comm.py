@@ -85,8 +85,13 @@ def collectives(model: ModelSpec, layout: LayoutSpec) -> list[Collective]:
                            "tp", T, tok / T, calls=4 * n))
             add(Collective("backward", "backbone qkv/fc1 input grad", "reduce_scatter", "tp", T, tok, calls=2 * n))
             add(Collective("backward", "scatter backbone input grad", "all_gather", "tp", T, tok / T))
-            add(Collective("backward", "sequence-parallel norm/bias grads", "all_reduce", "tp", T, D * a,
-                           calls=6 * n + 2))
+            if layout.zero_stage == 3:  # partitioned parameters: one all-reduce per parameter (the fallback)
+                add(Collective("backward", "sequence-parallel norm/bias grads", "all_reduce", "tp", T, D * a,
+                               calls=6 * n + 2))
+            else:  # coalesced (dchag.parallel.grads): one flat all-reduce per layer (2 norms x 2 + 2 biases)
+                add(Collective("backward", "sequence-parallel norm/bias grads, per layer", "all_reduce", "tp", T,
+                               6 * D * a, calls=n))
+                add(Collective("backward", "sequence-parallel final norm grads", "all_reduce", "tp", T, 2 * D * a))
         else:
             add(Collective("forward", "backbone proj/fc2 output", "all_reduce", "tp", T, tok, calls=2 * n))
             add(Collective("backward", "backbone qkv/fc1 input grad", "all_reduce", "tp", T, tok, calls=2 * n))

@@ -37,7 +37,7 @@ def flags(size, C, T, world, method) -> list[str]:
     out = ["--world-size", str(world), "--num-layers", "32", "--hidden-size", str(D), "--num-attention-heads", str(H),
            "--img-h", "256", "--img-w", "256", "--patch-dim", "16", "--num-channels", str(C), "--bf16",
            "--zero-stage", "1", "--micro-batch-size", "4", "--tensor-model-parallel-size", str(T),
-           "--dchag-aggregation", agg]
+           "--dchag-aggregation", agg, "--attention-backend", "unfused"]  # the attention the planner models
     if agg != "flat":
         out += ["--dchag-groups", "64", "--channel-parallel-size", str(T)]
     return out
