@@ -225,22 +225,28 @@ def _positional_group(name: str, args) -> object:
 
 
 # ------------------------------------------------------------------------ saved activations
+def storage_key(t: torch.Tensor):
+    """Identity of a tensor's storage that works for real and fake tensors (views share it)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    return StorageWeakRef(t.untyped_storage())
+
+
 @contextlib.contextmanager
 def count_saved_tensors(exclude: list[torch.Tensor] | tuple = ()):
-    """Count bytes of distinct storages autograd saves for backward inside the block.
+    """Count bytes of distinct storages autograd saves for backward inside the block (real or
+    fake tensors: the benchmark and the scale simulation count alike).
 
     ``exclude``: tensors that exist anyway (parameters, inputs); their storages are not counted.
     Yields a dict filled on exit: ``{"bytes", "tensors"}``.
     """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
+    skip = {storage_key(t) for t in exclude}
+    seen: dict = {}
 
     def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr not in skip and ptr not in seen:
-                seen[ptr] = storage.nbytes()
+        if isinstance(t, torch.Tensor):  # fake tensors report their fake device, not "meta"
+            key = storage_key(t)
+            if key not in skip and key not in seen:
+                seen[key] = t.untyped_storage().nbytes()
         return t
 
     result = {"bytes": 0, "tensors": 0}

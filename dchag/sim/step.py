@@ -18,7 +18,6 @@ Measured in the second step:
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -60,32 +59,6 @@ class SimSpec:
                            "partitioning runs in DeepSpeed's hooks; tools/estimate_memory.py estimates it).")
         if self.micro_batch_size < 1:
             raise SimError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}.")
-
-
-def storage_key(t: torch.Tensor):
-    """Identity of a tensor's storage that works for real and fake tensors."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-    return StorageWeakRef(t.untyped_storage())
-
-
-@contextlib.contextmanager
-def count_saved(exclude):
-    """Bytes of distinct storages autograd saves inside the block (``exclude``: parameters, inputs)."""
-    skip = {storage_key(t) for t in exclude}
-    seen: dict = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor):
-            key = storage_key(t)
-            if key not in skip and key not in seen:
-                seen[key] = t.untyped_storage().nbytes()
-        return t
-
-    result = {"bytes": 0, "tensors": 0}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield result
-    result["bytes"] = sum(seen.values())
-    result["tensors"] = len(seen)
 
 
 def _batch(spec: SimSpec, model, fake_mode):
@@ -151,7 +124,7 @@ def simulate(spec: SimSpec) -> dict:
     """
     spec.validate()
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from dchag.bench.measure import CommCounter, phase
+    from dchag.bench.measure import CommCounter, count_saved_tensors, phase
     from dchag.model.vit import DChagViT
     from dchag.sim.world import fake_world
 
@@ -172,7 +145,7 @@ def simulate(spec: SimSpec) -> dict:
         counter = CommCounter()
 
         def step():
-            with phase("forward"), count_saved(params + inputs) as saved:
+            with phase("forward"), count_saved_tensors(params + inputs) as saved:
                 loss = forward_loss(model, batch, spec.cfg)
             with phase("backward"):
                 loss.backward()
