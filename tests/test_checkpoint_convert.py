@@ -145,7 +145,7 @@ def _continue_job(tmp):
 
 CONVERT = """
 import sys
-from dchag.checkpoint import convert
+from dchag.checkpointing import convert
 tmp = sys.argv[1]
 for src in ("z1", "z3", "bf16"):
     convert.export_consolidated(f"{tmp}/{src}/iter_0000003", f"{tmp}/{src}_c3")

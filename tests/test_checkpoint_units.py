@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from dchag.checkpoint import manifest, normalization
-from dchag.checkpoint.shards import channel_rows
+from dchag.checkpointing import manifest, normalization
+from dchag.checkpointing.shards import channel_rows
 from dchag.inference.predict import tile_starts
 from dchag.model.aggregation import build_partial_aggregation
 from dchag.model.heads import ChannelReconstructionHead

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope).*")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from dchag.checkpoint import convert
+    from dchag.checkpointing import convert
     from dchag.training.checkpoint import CheckpointError
     try:
         if args.verify:

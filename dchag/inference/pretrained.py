@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dchag.checkpoint import consolidated, normalization
+from dchag.checkpointing import consolidated, normalization
 from dchag.inference.runtime import build_serial_model, default_device
 from dchag.training.checkpoint import CheckpointError
 

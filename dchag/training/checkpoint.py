@@ -326,7 +326,7 @@ def prepare_module(model: torch.nn.Module) -> None:
 def save(engine, args, iteration: int, consumed_samples: int, scheduler, normalization: dict | None = None) -> str:
     """Every rank's DeepSpeed files, then (rank 0) the arguments, the normalization statistics
     and the manifest (size + SHA-256 of every file, hashed by all ranks), then ``latest``."""
-    from dchag.checkpoint import manifest, normalization as norm
+    from dchag.checkpointing import manifest, normalization as norm
     tag = tag_for(iteration)
     client_state = {
         "iteration": iteration, "consumed_samples": consumed_samples, "args": model_args(args),
@@ -358,7 +358,7 @@ def save(engine, args, iteration: int, consumed_samples: int, scheduler, normali
 def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[int, int]:
     from megatron.core import parallel_state as ps
     universal_checkpoint_info(engine.module)  # restore maps on the parameters (universal loading)
-    from dchag.checkpoint import manifest
+    from dchag.checkpointing import manifest
     from dchag.training.recovery import hint
 
     def how():  # names the last intact checkpoint and the command that resumes from it
@@ -367,7 +367,7 @@ def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[in
         print(f"warning: {args.load}/{tag} has no manifest (saved by an older version): its files are not "
               "checksummed.", flush=True)
     verify_files(args, tag, universal)
-    from dchag.checkpoint import weights_only
+    from dchag.checkpointing import weights_only
     if getattr(args, "no_load_optim", False) and not universal:  # weights only; fresh optimizer moments
         client_state = weights_only.load_weights_only(engine, os.path.join(args.load, tag))
     else:

@@ -132,7 +132,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     cfg.validate_layout(args.tensor_model_parallel_size, args.channel_parallel_size)
     # Checkpoint errors come before anything is built or written (every rank raises the same).
     universal = bool((ds_config.get("checkpoint") or {}).get("load_universal"))
-    from dchag.checkpoint.convert import is_universal
+    from dchag.checkpointing.convert import is_universal
     if not universal and is_universal(args.load):  # tools/convert_checkpoint.py --format universal output
         ds_config.setdefault("checkpoint", {})["load_universal"] = universal = True
     load_tag = ckpt.check_compatible(args, universal)
@@ -172,7 +172,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     else:
         history_summary = []
     train_iter = iter(train_loader)
-    from dchag.checkpoint import normalization
+    from dchag.checkpointing import normalization
     # The statistics the data is normalized with, saved with every checkpoint.
     norm = normalization.gather(getattr(train_loader, "dataset", None)) if args.save else None
     writer = tensorboard_writer(args.tensorboard_dir) if dist.get_rank() == 0 else None

@@ -24,8 +24,8 @@ import zipfile
 import torch.distributed as dist
 
 def _manifest_problem(folder: str) -> str | None:
-    """A file that differs from the checkpoint's checksum manifest (dchag.checkpoint.manifest)."""
-    from dchag.checkpoint.manifest import IntegrityError, verify
+    """A file that differs from the checkpoint's checksum manifest (dchag.checkpointing.manifest)."""
+    from dchag.checkpointing.manifest import IntegrityError, verify
     try:
         problems = verify(folder, require=False)
     except IntegrityError as e:

@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from dchag.checkpoint import manifest
+from dchag.checkpointing import manifest
 from dchag.training.checkpoint import CheckpointError, TAG_RE, read_latest
 
 _MP_RE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")

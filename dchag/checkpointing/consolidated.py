@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import tempfile
 
 import torch
 
-from dchag.checkpoint import manifest
+from dchag.checkpointing import manifest
 from dchag.training.checkpoint import CheckpointError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -62,36 +63,36 @@ def check_output(save_dir: str) -> None:
                               "was written).")
 
 
-def prepare_output(save_dir: str) -> str:
-    """A fresh sibling temp folder to write into (renamed to ``save_dir`` by :func:`commit`)."""
+@contextlib.contextmanager
+def staged_output(save_dir: str):
+    """Write a new output folder atomically: yields a fresh sibling temp folder; on success it
+    becomes ``save_dir`` (which must not exist or be empty), on an error it is removed, so a
+    failed conversion leaves nothing half-written and overwrites nothing."""
     check_output(save_dir)
     parent = os.path.dirname(os.path.abspath(save_dir)) or "."
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(save_dir)) + "-", dir=parent)
-
-
-def commit(tmp: str, save_dir: str) -> str:
-    if os.path.isdir(save_dir):
-        os.rmdir(save_dir)  # empty (checked by prepare_output)
-    os.replace(tmp, save_dir)
-    return save_dir
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(save_dir)) + "-", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if os.path.isdir(save_dir):
+            os.rmdir(save_dir)  # empty (checked above)
+        os.replace(tmp, save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write(save_dir: str, tensors: dict[str, torch.Tensor], config: dict) -> str:
     from safetensors.torch import save_file
-    tmp = prepare_output(save_dir)
-    try:
+    with staged_output(save_dir) as tmp:
         save_file({k: v.detach().to(torch.float32).contiguous().clone() for k, v in sorted(tensors.items())},
                   os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "producer": FORMAT})
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump({"format": FORMAT, "version": 1, **config}, f, indent=1)
             f.write("\n")
         manifest.write_manifest(tmp)
-        os.chmod(tmp, 0o755)
-        return commit(tmp, save_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return save_dir
 
 
 def is_consolidated(path: str) -> bool:

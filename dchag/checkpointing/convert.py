@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from dchag.checkpoint import consolidated, manifest, normalization, reader, shards
+from dchag.checkpointing import consolidated, manifest, normalization, reader, shards
 from dchag.training.checkpoint import CheckpointError, read_latest, tag_for
 
 
@@ -112,8 +112,7 @@ def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channe
     if missing:
         raise CheckpointError(f"{load_dir}/{consolidated.WEIGHTS} lacks {len(missing)} parameter(s), "
                               f"e.g. {missing[:3]}.")
-    tmp = consolidated.prepare_output(save_dir)
-    try:
+    with consolidated.staged_output(save_dir) as tmp:
         args = dict(config.get("training_args") or {})
         args.update(tensor_model_parallel_size=T, channel_parallel_size=P)
         margs = {k: args.get(k) for k in MODEL_ARGS}
@@ -137,10 +136,6 @@ def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channe
         manifest.write_manifest(folder)
         with open(os.path.join(tmp, "latest"), "w") as f:
             f.write(tag)
-        consolidated.commit(tmp, save_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _log(f"> wrote {save_dir}/{tag} for --tensor-model-parallel-size {T} --channel-parallel-size {P} (weights only; "
          f"iteration {iteration}, consumed samples {consumed}). Continue with: pretrain_dchag.py --load {save_dir} "
          f"--no-load-optim --tensor-model-parallel-size {T} --channel-parallel-size {P} ...")
@@ -158,9 +153,8 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
         raise CheckpointError(f"{folder} was saved without ZeRO (stage 0): DeepSpeed's universal format needs ZeRO "
                               "optimizer shards. Use --format consolidated, then --format deepspeed for the new "
                               "layout (weights only, continue with --no-load-optim).")
-    tmp = consolidated.prepare_output(save_dir)
     tag = os.path.basename(os.path.normpath(folder))
-    try:
+    with consolidated.staged_output(save_dir) as tmp:
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
                "--output_folder", os.path.join(tmp, tag), "--num_extract_workers", str(workers),
                "--num_merge_workers", str(workers)]
@@ -173,10 +167,6 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
         manifest.write_manifest(os.path.join(tmp, tag))
         with open(os.path.join(tmp, "latest_universal"), "w") as f:
             f.write(tag)
-        consolidated.commit(tmp, save_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _log(f"> wrote universal checkpoint {save_dir}/{tag}. Continue on any layout with: pretrain_dchag.py --load "
          f"{save_dir} --tensor-model-parallel-size T --channel-parallel-size P ...")
     return os.path.join(save_dir, tag)

@@ -2,7 +2,7 @@
 schedule), start the optimizer moments fresh.
 
 Works for every ZeRO stage on both sides: this rank's weights come from its model-parallel
-rank's files (the fp32 master weights where ZeRO has them, via :mod:`dchag.checkpoint.reader`),
+rank's files (the fp32 master weights where ZeRO has them, via :mod:`dchag.checkpointing.reader`),
 are copied into the module (ZeRO 3: gathered, changed, re-partitioned), and the optimizer's
 fp32 master copy is refreshed from them (``refresh_fp32_params``).
 """
@@ -48,7 +48,7 @@ def load_weights_only(engine, folder: str) -> dict:
     """Copy this rank's weights from ``folder`` into ``engine``; returns the client state."""
     import deepspeed
     from megatron.core import parallel_state as ps
-    from dchag.checkpoint.reader import _fp32_weights_of_rank
+    from dchag.checkpointing.reader import _fp32_weights_of_rank
     mp = ps.get_tensor_model_parallel_rank()
     weights = _fp32_weights_of_rank(folder, mp)
     params = dict(engine.module.named_parameters())
