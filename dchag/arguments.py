@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dchag-aggregation", choices=("flat", "linear", "cross"), default="linear")
     g.add_argument("--dchag-groups", type=int, default=1)
     g.add_argument("--dchag-tree-levels", type=int, default=1)
+    g.add_argument("--dchag-channel-chunk", type=int, default=0)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--recompute-activations", action="store_true")
@@ -128,7 +129,9 @@ def model_config(args, num_channels: int | None = None) -> DChagConfig:
         patch_dim=args.patch_dim, hidden_size=args.hidden_size, num_layers=args.num_layers,
         num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
         aggregation=args.dchag_aggregation, groups=args.dchag_groups, tree_levels=args.dchag_tree_levels,
-        task=args.task, hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        # getattr: the arguments of a checkpoint saved before the flag existed (dchag.checkpointing)
+        channel_chunk=getattr(args, "dchag_channel_chunk", 0), task=args.task,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         recompute_activations=args.recompute_activations, sequence_parallel=args.sequence_parallel,
         bf16=bool(args.bf16), init_seed=args.seed, attention_backend=args.attention_backend,
         transformer_impl=args.transformer_impl, use_cpu_initialization=args.use_cpu_initialization)

@@ -36,6 +36,10 @@ HELP = {
     "--dchag-groups": "G, channel groups aggregated before the all-gather (a model hyperparameter; "
                       "--channel-parallel-size divides it)",
     "--dchag-tree-levels": "levels of the partial aggregation inside each group (2: sub-groups first)",
+    "--dchag-channel-chunk": "K: stream tokenization and the partial aggregation over K channels at a time, "
+                             "recomputing each chunk in backward: the channel stage's memory stops growing with the "
+                             "channel count, for about one more forward of the stage (linear/cross; 0 = off; "
+                             "docs/BENCHMARKS.md section 8)",
     "--hidden-dropout": "dropout after attention and MLP",
     "--attention-dropout": "dropout of the attention probabilities",
     "--recompute-activations": "recompute each transformer layer in the backward pass (less memory, more compute)",

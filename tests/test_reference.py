@@ -33,6 +33,11 @@ CASES = {
     "flat-forecast": dict(aggregation="flat", task="forecast", out_channels=(0, 3, 5)),
     "linear-forecast": dict(aggregation="linear", task="forecast", out_channels=(0, 3, 5)),
     "cross-tree2-forecast": dict(aggregation="cross", tree_levels=2, task="forecast", out_channels=(1, 12)),
+    # The streamed channel stage (--dchag-channel-chunk 3: chunks that cut groups and sub-groups)
+    # against the same, unstreamed reference: its online softmax and chunk merges in float64.
+    "linear-streamed": dict(aggregation="linear", channel_chunk=3),
+    "cross-streamed": dict(aggregation="cross", channel_chunk=3),
+    "cross-tree3-streamed": dict(aggregation="cross", groups=2, tree_levels=3, channel_chunk=3),
 }
 
 

@@ -69,23 +69,35 @@ def tree_levels(partition: ChannelPartition, rank: int, levels: int) -> list[Seg
     return out
 
 
-def _segment_index(level: SegmentLevel) -> tuple[torch.Tensor, torch.Tensor]:
+def _segment_index(sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """For uneven segments: the input row of each padded slot [n_out, S] and which slots are real."""
-    S = max(level.sizes)
-    starts = torch.tensor([0] + list(level.sizes[:-1])).cumsum(0)
+    S = max(sizes)
+    starts = torch.tensor([0] + list(sizes[:-1])).cumsum(0)
     offsets = torch.arange(S)
-    valid = offsets[None, :] < torch.tensor(level.sizes)[:, None]  # [n_out, S]
+    valid = offsets[None, :] < torch.tensor(sizes)[:, None]  # [n_out, S]
     return torch.where(valid, starts[:, None] + offsets[None, :], 0), valid
 
 
-def _segments(x: torch.Tensor, level: SegmentLevel):
+def _segments(x: torch.Tensor, sizes: tuple[int, ...]):
     """[B, n_in, L, D] -> padded [B, n_out, S, L, D] and a pad mask [n_out, S] (None if uniform)."""
     B, n_in, L, D = x.shape
-    n_out, S = len(level.sizes), max(level.sizes)
-    if level.uniform:
+    n_out, S = len(sizes), max(sizes)
+    if len(set(sizes)) == 1:
         return x.reshape(B, n_out, S, L, D), None  # a view: no copy
-    index, valid = _segment_index(level)
+    index, valid = _segment_index(sizes)
     return x[:, index.to(x.device)], valid.to(x.device)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """K consecutive input tokens of a reduction level, for the streamed channel stage
+    (dchag/model/streaming.py). ``segments`` are the (rank-local) output segments the chunk
+    touches and ``sizes`` how many of its tokens each gets; the first may have begun in the
+    previous chunk and the last may continue into the next (``continues``)."""
+    inputs: range
+    segments: range
+    sizes: tuple[int, ...]
+    continues: bool
 
 
 class LinearReduce(nn.Module):
@@ -100,17 +112,35 @@ class LinearReduce(nn.Module):
         weight = torch.cat([torch.full((n,), 1.0 / n) for n in level.sizes])
         self.weight = mark_channel_sharded(nn.Parameter(weight), level.in_rows, level.global_in, owner)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, n_in, L, D] -> [B, n_out, L, D]
-        seg, valid = _segments(x, self.level)  # [B, n_out, S, L, D]
+    def forward(self, x: torch.Tensor, chunk: Chunk | None = None, finish: bool = False):
+        """x [B, n_in, L, D] -> [B, n_out, L, D].
+
+        Streamed (dchag/model/streaming.py): with ``chunk``, x holds only the chunk's tokens and
+        the result is its partial state ``(sums,)``, sums [B, len(chunk.segments), L, D] (fp32 or wider);
+        ``finish=True`` turns the merged state of all chunks into the output."""
+        if finish:
+            return x[0].to(self.weight.dtype)
+        sizes, weight = self.level.sizes, self.weight
+        if chunk is not None:
+            sizes, weight = chunk.sizes, weight[chunk.inputs.start:chunk.inputs.stop]
+        seg, valid = _segments(x, sizes)  # [B, n_out, S, L, D]
         if valid is None:
-            w = self.weight.reshape(seg.shape[1], seg.shape[2])  # [n_out, S]
+            w = weight.reshape(seg.shape[1], seg.shape[2])  # [n_out, S]
         else:  # padded slots get weight 0
-            index, _ = _segment_index(self.level)
-            w = self.weight[index.to(x.device)] * valid
+            index, _ = _segment_index(sizes)
+            w = weight[index.to(x.device)] * valid
         # One contraction: autograd keeps only its inputs. The elementwise form (x * w, then a
         # segment sum) kept a token-sized product too and made the channel stage's peak ~2x
         # larger (docs/BENCHMARKS.md).
-        return torch.einsum("bnsld,ns->bnld", seg, w.to(x.dtype))
+        out = torch.einsum("bnsld,ns->bnld", seg, w.to(x.dtype))
+        if chunk is None:
+            return out
+        return (out.to(torch.promote_types(out.dtype, torch.float32)),)  # sums over chunks: bf16 -> fp32
+
+    @staticmethod
+    def merge(a: tuple, b: tuple) -> tuple:
+        """Two chunks' partial sums of the same segments -> one."""
+        return (a[0] + b[0],)
 
 
 class CrossReduce(nn.Module):
@@ -134,16 +164,67 @@ class CrossReduce(nn.Module):
         for p in (self.key, self.value, self.proj):
             mark_weight_matrix(p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, n_in, L, D] -> [B, n_out, L, D]
-        seg, pad = _segments(x, self.level)  # [B, n, S, L, D]
+    def forward(self, x, chunk: Chunk | None = None, finish: bool = False):
+        """x [B, n_in, L, D] -> [B, n_out, L, D].
+
+        Streamed (dchag/model/streaming.py): with ``chunk``, x holds only the chunk's tokens and
+        the result is its online-softmax state (see :meth:`chunk_state`); ``finish=True`` turns
+        the merged state of all chunks into the output. Every use of the parameters goes through
+        ``forward``, so ZeRO-3 has gathered them."""
+        if finish:
+            numerator, denominator, _ = x  # [B, n, L, H, hd], [B, n, L, H]
+            B, n, L, H, hd = numerator.shape
+            mixed = (numerator / denominator[..., None]).to(self.proj.dtype).reshape(B, n, L, H * hd)
+            return self._project(mixed, range(n))
+        if chunk is not None:
+            return self.chunk_state(x, chunk)
+        seg, pad = _segments(x, self.level.sizes)  # [B, n, S, L, D]
+        B, n, S, L, D = seg.shape
+        q, k, v = self._qkv(seg, range(n))
+        mixed = segment_attention(q, k, v, self.attention_backend, pad).reshape(B, n, L, D)
+        return self._project(mixed, range(n))
+
+    def _qkv(self, seg: torch.Tensor, rows: range):
+        """seg [B, n, S, L, D] (segments ``rows``) -> q [n, H, hd], k, v [B, n, L, S, H, hd]."""
         B, n, S, L, D = seg.shape
         H, hd = self.num_heads, D // self.num_heads
-        k = torch.einsum("bnsld,nde->bnlse", seg, self.key).reshape(B, n, L, S, H, hd)
-        v = torch.einsum("bnsld,nde->bnlse", seg, self.value).reshape(B, n, L, S, H, hd)
-        q = self.query.reshape(n, H, hd)
-        mixed = segment_attention(q, k, v, self.attention_backend, pad).reshape(B, n, L, D)
+        rows = slice(rows.start, rows.stop)
+        k = torch.einsum("bnsld,nde->bnlse", seg, self.key[rows]).reshape(B, n, L, S, H, hd)
+        v = torch.einsum("bnsld,nde->bnlse", seg, self.value[rows]).reshape(B, n, L, S, H, hd)
+        return self.query[rows].reshape(n, H, hd), k, v
+
+    def _project(self, mixed: torch.Tensor, rows: range) -> torch.Tensor:
         # The segment's output projection: mixed [B, n, L, D] @ proj[n] [D, D] -> [B, n, L, D].
-        return torch.einsum("bnld,nde->bnle", mixed, self.proj) + self.proj_bias[None, :, None, :]
+        rows = slice(rows.start, rows.stop)
+        return torch.einsum("bnld,nde->bnle", mixed, self.proj[rows]) + self.proj_bias[rows][None, :, None, :]
+
+    def chunk_state(self, x: torch.Tensor, chunk: Chunk) -> tuple:
+        """The chunk's share of its segments' attention, FlashAttention-style along the channels:
+
+            shift m = max_s score_s (no gradient: any constant cancels between numerator and denominator)
+            numerator   N = sum_s exp(score_s - m) v_s    [B, n, L, H, hd]  (fp32 or wider)
+            denominator Z = sum_s exp(score_s - m)        [B, n, L, H]
+
+        so every exponent is <= 0 (no overflow) and the output N / Z is the softmax-weighted sum."""
+        seg, pad = _segments(x, chunk.sizes)  # [B, n, S, L, D]
+        q, k, v = self._qkv(seg, chunk.segments)
+        scores = torch.einsum("nhe,bnlshe->bnlhs", q.to(k.dtype), k) / math.sqrt(q.shape[-1])
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        if pad is not None:
+            scores = scores.masked_fill(~pad[None, :, None, None, :], float("-inf"))
+        shift = scores.amax(-1).detach()  # [B, n, L, H]; finite: every segment has a real token here
+        weights = (scores - shift[..., None]).exp()
+        numerator = torch.einsum("bnlhs,bnlshe->bnlhe", weights, v.to(weights.dtype))
+        return numerator, weights.sum(-1), shift
+
+    @staticmethod
+    def merge(a: tuple, b: tuple) -> tuple:
+        """Two chunks' online-softmax states of the same segments -> one (rescaled to the larger
+        shift; the factors carry no gradient, so autograd keeps only them)."""
+        (num_a, den_a, m_a), (num_b, den_b, m_b) = a, b
+        m = torch.maximum(m_a, m_b)
+        fa, fb = (m_a - m).exp(), (m_b - m).exp()
+        return num_a * fa[..., None] + num_b * fb[..., None], den_a * fa + den_b * fb, m
 
 
 class PartialAggregation(nn.Module):

@@ -23,6 +23,7 @@ class DChagConfig:
     aggregation: str = "linear"  # flat | linear (D-CHAG-L) | cross (D-CHAG-C)
     groups: int = 1  # G, ignored by flat (every channel is its own group)
     tree_levels: int = 1  # k: levels of the partial (in-group) reduction
+    channel_chunk: int = 0  # K: stream the channel stage K channels at a time (0 = off; dchag/model/streaming.py)
     task: str = "mae"
     out_channels: tuple[int, ...] | None = None  # forecast: predicted channels (default: all)
     hidden_dropout: float = 0.0
@@ -62,6 +63,11 @@ class DChagConfig:
             raise LayoutError(f"--dchag-tree-levels must be >= 1, got {self.tree_levels}.")
         if self.aggregation == "flat" and self.tree_levels != 1:
             raise LayoutError("--dchag-tree-levels applies to linear/cross aggregation, not flat.")
+        if self.channel_chunk < 0:
+            raise LayoutError(f"--dchag-channel-chunk must be >= 0 (0 = off), got {self.channel_chunk}.")
+        if self.aggregation == "flat" and self.channel_chunk:
+            raise LayoutError("--dchag-channel-chunk streams the partial aggregation, which flat does not have: "
+                              "use --dchag-aggregation linear or cross, or --dchag-channel-chunk 0.")
         smallest_group = self.num_channels // self.num_groups
         if 2 ** (self.tree_levels - 1) > smallest_group:
             raise LayoutError(

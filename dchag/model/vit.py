@@ -3,6 +3,7 @@
     images [B, c_r, H, W]        this rank's channels only (c_r = C/P, or C for P = 1)
       tokenizer                  [B, c_r, L, D]       per-channel patch embedding + channel embedding
       partial aggregation        [B, G/P, L, D]       local to the rank (identity for flat)
+        (--dchag-channel-chunk K: both streamed K channels at a time, dchag/model/streaming.py)
       gather over channel group  [B, G, L, D]         the one D-CHAG collective
       final aggregation (TP)     [B, L, D]            learned-query cross-attention over G tokens
       (MAE: masked positions -> mask token)
@@ -31,6 +32,7 @@ from dchag.model.backbone import (build_backbone, mark_linear_weight_matrices, t
 from dchag.model.config import DChagConfig
 from dchag.model.heads import ChannelReconstructionHead, ForecastHead, sincos_2d
 from dchag.model.init import init_rows_
+from dchag.model.streaming import num_chunks, streamed_partial_aggregation
 from dchag.model.tokenizer import ChannelTokenizer
 from dchag.parallel.comm import gather_from_channel_parallel_region
 from dchag.parallel.grads import allreduce_sequence_parallel_grads
@@ -54,6 +56,9 @@ class DChagViT(nn.Module):
         # Channel stage: this rank's channels and groups only.
         self.tokenizer = ChannelTokenizer(self.channels, cfg.num_channels, D, cfg.patch_dim, seed, owner)
         attention = resolve_attention_backend(cfg.attention_backend)  # sdpa | unfused
+        # --dchag-channel-chunk K: the same number of chunks on every channel rank (dchag/model/streaming.py)
+        self.stream_chunks = cfg.channel_chunk and num_chunks(
+            [len(self.partition.rank_channels(r)) for r in range(P)], cfg.channel_chunk)
         self.partial = build_partial_aggregation(cfg.aggregation, self.partition, layout.channel_parallel_rank,
                                                  cfg.tree_levels, D, cfg.num_attention_heads, seed, owner, attention)
         self.final = FinalAggregation(without_sequence_parallel(self.config), D, cfg.num_attention_heads,
@@ -82,8 +87,11 @@ class DChagViT(nn.Module):
 
     def aggregate_channels(self, images: torch.Tensor) -> torch.Tensor:
         """The channel stage: [B, c_r, H, W] -> [B, L, D]."""
-        tokens = self.tokenizer(images.to(self.tokenizer.weight.dtype))  # [B, c_r, L, D]
-        local_groups = self.partial(tokens)  # [B, G/P, L, D]
+        if self.stream_chunks:  # <= K channels at a time, recomputed in backward
+            local_groups = streamed_partial_aggregation(images, self.tokenizer, self.partial, self.stream_chunks)
+        else:
+            tokens = self.tokenizer(images)  # [B, c_r, L, D]
+            local_groups = self.partial(tokens)  # [B, G/P, L, D]
         all_groups = gather_from_channel_parallel_region(local_groups, dim=1)  # [B, G, L, D]
         return self.final(all_groups)  # [B, L, D]
 

@@ -106,7 +106,8 @@ def summary(args, cfg, ds_config, engine, train_ds, valid_ds) -> list[str]:
     lines.append(f"channels: {C} in {args.dchag_groups} group(s) of {min(part.group_sizes)}-{max(part.group_sizes)}; "
                  f"{per_rank}")
     local, total = _parameters(engine.module)
-    lines.append(f"model: {args.task}, aggregation {args.dchag_aggregation} (tree levels {args.dchag_tree_levels}), "
+    streamed = (f", channel stage streamed {cfg.channel_chunk} channels at a time" if cfg.channel_chunk else "")
+    lines.append(f"model: {args.task}, aggregation {args.dchag_aggregation} (tree levels {args.dchag_tree_levels}{streamed}), "
                  f"{args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads; parameters "
                  f"{local:,} on rank 0, {total:,} in total")
     dp = ps.get_data_parallel_world_size()
