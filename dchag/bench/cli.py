@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_ints, default=d.channels, help="C values (comma list)")
     p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=_ints, default=d.tensor_parallel,
                    help="T values (comma list); D-CHAG runs with P = T, TP alone with P = 1; world size = T")
-    p.add_argument("--methods", type=parse_methods, default=d.methods, help="tp, dchag-l, dchag-c (comma list)")
+    p.add_argument("--methods", type=parse_methods, default=d.methods, help="tp, dchag-l, dchag-c, dchag-l-stream, dchag-c-stream (comma list)")
     p.add_argument("--num-layers", type=int, default=m.num_layers)
     p.add_argument("--hidden-size", type=int, default=m.hidden_size)
     p.add_argument("--num-attention-heads", type=int, default=m.num_attention_heads)
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-dim", type=int, default=m.patch_dim)
     p.add_argument("--dchag-groups", type=int, default=m.groups, help="G of D-CHAG")
     p.add_argument("--dchag-tree-levels", type=int, default=m.tree_levels)
+    p.add_argument("--dchag-channel-chunk", type=int, default=m.channel_chunk,
+                   help="K of the streamed methods (dchag-l-stream, dchag-c-stream)")
     p.add_argument("--micro-batch-size", type=int, default=m.micro_batch_size)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--recompute-activations", action="store_true")
@@ -60,7 +62,8 @@ def config_from_args(args) -> BenchConfig:
     model = BenchModel(img_h=args.img_h, img_w=args.img_w, patch_dim=args.patch_dim, hidden_size=args.hidden_size,
                        num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
                        ffn_hidden_size=args.ffn_hidden_size, groups=args.dchag_groups,
-                       tree_levels=args.dchag_tree_levels, micro_batch_size=args.micro_batch_size,
+                       tree_levels=args.dchag_tree_levels, channel_chunk=args.dchag_channel_chunk,
+                       micro_batch_size=args.micro_batch_size,
                        sequence_parallel=args.sequence_parallel, recompute_activations=args.recompute_activations)
     return BenchConfig(model=model, channels=args.channels, tensor_parallel=args.tp, methods=args.methods,
                        warmup=args.warmup, steps=args.steps, rounds=args.rounds, whole_step=not args.channel_stage_only)

@@ -7,6 +7,9 @@ Methods (``--methods``):
               all C channels (P = 1).
     dchag-l   D-CHAG-L: linear partial aggregation to G groups, P = T.
     dchag-c   D-CHAG-C: cross-attention partial aggregation to G groups, P = T.
+    dchag-l-stream, dchag-c-stream
+              the same, with the channel stage streamed over chunks of at most K channels
+              (``--dchag-channel-chunk K``, dchag/model/streaming.py).
 
 The default model is small enough for a 2-core CPU box but keeps the channel stage as heavy
 relative to the backbone as at paper scale: under TP alone at C = 512 the channel stage (tokens,
@@ -28,6 +31,7 @@ class Method:
     label: str
     aggregation: str
     channel_parallel: str  # "1" (TP alone) or "T" (D-CHAG: P = T)
+    streamed: bool = False  # --dchag-channel-chunk (BenchModel.channel_chunk channels at a time)
 
     def channel_parallel_size(self, T: int) -> int:
         return 1 if self.channel_parallel == "1" else T
@@ -37,8 +41,11 @@ METHODS = {
     "tp": Method("tp", "TP alone (flat)", "flat", "1"),
     "dchag-l": Method("dchag-l", "D-CHAG-L (linear)", "linear", "T"),
     "dchag-c": Method("dchag-c", "D-CHAG-C (cross)", "cross", "T"),
+    "dchag-l-stream": Method("dchag-l-stream", "D-CHAG-L streamed", "linear", "T", streamed=True),
+    "dchag-c-stream": Method("dchag-c-stream", "D-CHAG-C streamed", "cross", "T", streamed=True),
 }
-ALIASES = {"flat": "tp", "baseline": "tp", "linear": "dchag-l", "cross": "dchag-c"}
+ALIASES = {"flat": "tp", "baseline": "tp", "linear": "dchag-l", "cross": "dchag-c",
+           "linear-stream": "dchag-l-stream", "cross-stream": "dchag-c-stream"}
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -71,9 +78,12 @@ class BenchModel:
     mask_ratio: float = 0.5
     sequence_parallel: bool = False
     recompute_activations: bool = False
+    channel_chunk: int = 32  # K of the streamed methods
 
-    def dchag_config(self, num_channels: int, aggregation: str) -> DChagConfig:
+    def dchag_config(self, num_channels: int, method: Method) -> DChagConfig:
+        aggregation = method.aggregation
         return DChagConfig(
+            channel_chunk=self.channel_chunk if method.streamed else 0,
             num_channels=num_channels, img_h=self.img_h, img_w=self.img_w, patch_dim=self.patch_dim,
             hidden_size=self.hidden_size, num_layers=self.num_layers,
             num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
@@ -105,7 +115,7 @@ class BenchConfig:
         for T in self.tensor_parallel:
             for C, m in self.cases(T):
                 method = METHODS[m]
-                cfg = self.model.dchag_config(C, method.aggregation)
+                cfg = self.model.dchag_config(C, method)
                 cfg.validate_layout(T, method.channel_parallel_size(T))
         if self.steps < 1 or self.warmup < 0 or self.rounds < 1:
             raise ValueError("--steps and --rounds must be >= 1 and --warmup >= 0")

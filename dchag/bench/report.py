@@ -259,7 +259,8 @@ def plot(path: str, cfg: BenchConfig, rows: list[dict]) -> None:
     else:
         panels += [("channel-stage time (ms)", lambda r: r["channel"]["time_s"] * 1e3)]
     fig, axes = plt.subplots(len(panels), len(Ts), figsize=(4.2 * len(Ts), 3.2 * len(panels)), squeeze=False)
-    styles = {"tp": ("black", "o"), "dchag-l": ("tab:blue", "s"), "dchag-c": ("tab:orange", "^")}
+    styles = {"tp": ("black", "o"), "dchag-l": ("tab:blue", "s"), "dchag-c": ("tab:orange", "^"),
+              "dchag-l-stream": ("tab:cyan", "D"), "dchag-c-stream": ("tab:red", "v")}
     for j, T in enumerate(Ts):
         for i, (title, fn) in enumerate(panels):
             ax = axes[i][j]

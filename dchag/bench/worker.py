@@ -93,7 +93,7 @@ def run_case(T: int, C: int, method_name: str, cfg: BenchConfig, counter: CommCo
     gc.collect()
     rss_lib = rss_bytes()
 
-    dcfg = m.dchag_config(C, method.aggregation)
+    dcfg = m.dchag_config(C, method)
     model = DChagViT(dcfg)
     B = m.micro_batch_size
     images = synthetic_batch(C, model.channels, B, m.img_h, m.img_w, cfg.seed)
