@@ -29,6 +29,9 @@ CASES = [
     (dict(num_channels=12, aggregation="cross", groups=4, tree_levels=2), 2, 2),
     (dict(num_channels=12, aggregation="flat"), 2, 1),
     (dict(num_channels=12, aggregation="cross", groups=4, task="forecast"), 1, 1),
+    # the streamed channel stage: same parameters and collectives
+    (dict(num_channels=13, aggregation="linear", groups=4, channel_chunk=3), 2, 2),
+    (dict(num_channels=12, aggregation="cross", groups=4, tree_levels=2, channel_chunk=2), 2, 2),
 ]
 
 
@@ -152,6 +155,26 @@ def test_activation_formulas_by_hand():
     tp = [estimate_memory(big.with_(aggregation="flat"), LayoutSpec(T, 1)).activations["channel_stage"] for T in (1, 4)]
     dc = [estimate_memory(big, LayoutSpec(T, T)).activations["channel_stage"] for T in (1, 4)]
     assert tp[1] > 0.4 * tp[0] and dc[1] < 0.3 * dc[0]
+
+
+def test_streamed_channel_stage_model():
+    """Streamed: the channel stage's saved activations do not grow with C, its peak grows only with
+    the parameter-sized gradients, the step costs one more forward of tokenizer + first level."""
+    from dchag.planner.flops import forward_flops, step_flops
+    paper = dict(num_layers=24, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512, img_h=32, img_w=32,
+                 patch_dim=4, groups=8)
+    for agg in ("linear", "cross"):
+        est = {(C, K): estimate_memory(ModelSpec(**paper, num_channels=C, aggregation=agg, channel_chunk=K),
+                                       LayoutSpec(4, 4, micro_batch_size=2)) for C in (512, 4096) for K in (0, 16)}
+        saved = {k: e.activations["channel_stage"] for k, e in est.items()}
+        assert saved[(512, 16)] == saved[(4096, 16)] < saved[(512, 0)] < saved[(4096, 0)]
+        assert est[(4096, 16)].channel_stage_peak < est[(512, 0)].channel_stage_peak
+        m = ModelSpec(**paper, num_channels=512, aggregation=agg)
+        f = forward_flops(m, LayoutSpec(4, 4))
+        extra = step_flops(m.with_(channel_chunk=16), LayoutSpec(4, 4)) - step_flops(m, LayoutSpec(4, 4))
+        assert f["tokenizer"] < extra <= f["tokenizer"] + f["partial"]
+    with pytest.raises(PlanError, match="streaming needs linear or cross"):
+        ModelSpec(**TINY, num_channels=8, aggregation="flat", channel_chunk=4)
 
 
 def test_impossible_inputs_have_clear_errors(capsys):

@@ -91,7 +91,7 @@ def test_streamed_equals_unstreamed(streaming_results, case):
 
 
 def test_chunk_plan_matches_brute_force():
-    from dchag.model.streaming import chunk_plan
+    from dchag.model.chunks import chunk_plan
     for sizes in ((4, 3, 3, 3), (1,), (5,), (2, 1, 2, 1, 1), (7, 7)):
         owner = [n for n, s in enumerate(sizes) for _ in range(s)]  # segment of every input token
         for chunks in range(1, sum(sizes) + 1):
@@ -111,18 +111,17 @@ def test_chunk_plan_matches_brute_force():
 
 def test_every_channel_rank_streams_the_same_number_of_chunks():
     """ZeRO-3 requires the same module calls on every rank; no chunk exceeds K when it can be helped."""
-    from dchag.model.streaming import num_chunks
-    from dchag.parallel.partition import ChannelPartition
+    from dchag.parallel.partition import ChannelPartition, LayoutError
     for C, G, P in ((13, 4, 2), (13, 4, 4), (512, 8, 4), (4096, 8, 1), (30, 6, 3)):
         part = ChannelPartition(C, G, P)
         counts = [len(part.rank_channels(r)) for r in range(P)]
         for K in (1, 2, 3, 7, 64, 10_000):
-            n = num_chunks(counts, K)
+            n = part.stream_chunks(K)
             assert 1 <= n <= min(counts)
             if K * min(counts) >= max(counts):  # then every chunk of every rank fits in K
                 assert all(math.ceil(c / n) <= K for c in counts), (C, G, P, K, n)
-    with pytest.raises(ValueError, match="chunk size must be >= 1"):
-        num_chunks([3], 0)
+    with pytest.raises(LayoutError, match="channel-chunk must be >= 1"):
+        ChannelPartition(13, 4, 2).stream_chunks(0)
 
 
 def _stability_worker():

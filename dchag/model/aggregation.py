@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dchag.model.attention import segment_attention, softmax_fp32, token_attention  # noqa: F401 - softmax_fp32 re-exported
+from dchag.model.chunks import Chunk
 from dchag.model.init import init_rows_, mark_channel_sharded, mark_weight_matrix
 from dchag.parallel.partition import ChannelPartition
 
@@ -86,18 +87,6 @@ def _segments(x: torch.Tensor, sizes: tuple[int, ...]):
         return x.reshape(B, n_out, S, L, D), None  # a view: no copy
     index, valid = _segment_index(sizes)
     return x[:, index.to(x.device)], valid.to(x.device)
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """K consecutive input tokens of a reduction level, for the streamed channel stage
-    (dchag/model/streaming.py). ``segments`` are the (rank-local) output segments the chunk
-    touches and ``sizes`` how many of its tokens each gets; the first may have begun in the
-    previous chunk and the last may continue into the next (``continues``)."""
-    inputs: range
-    segments: range
-    sizes: tuple[int, ...]
-    continues: bool
 
 
 class LinearReduce(nn.Module):

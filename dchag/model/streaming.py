@@ -21,63 +21,82 @@ tests/test_equivalence.py); the memory and time cost are in docs/BENCHMARKS.md s
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import math
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dchag.model.aggregation import Chunk
+from dchag.model.chunks import chunk_plan
 
 
-def num_chunks(rank_channels: list[int], chunk_size: int) -> int:
-    """How many chunks every channel rank streams: ceil(largest c_r / K), so no chunk exceeds K
-    channels, but the same count on every rank (ZeRO-3 records the order of module calls and
-    requires it to be identical on all ranks), and at most the smallest c_r (no empty chunk)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
-    return max(1, min(math.ceil(max(rank_channels) / chunk_size), min(rank_channels)))
+class ChunkGradSink:
+    """Collects the gradients of one parameter's per-chunk row slices in a single full-size buffer.
+
+    Slicing a parameter inside autograd (``weight[a:b]``) makes every chunk's backward produce a
+    zero-filled gradient of the *whole* parameter, which the engine adds into another: two
+    parameter-sized tensors at once, for the tokenizer (C D p^2 values) as large as the tokens a
+    chunk saves many times over. Here each chunk's backward adds its rows into one buffer and
+    returns nothing, and the last chunk to finish hands the buffer to autograd (so AccumulateGrad,
+    and DeepSpeed's hooks on it, see one ordinary full-size gradient). Chunks are keyed by their
+    rows: the checkpoint's recomputation slices again with the same keys and registers nothing new.
+    One sink per forward pass."""
+
+    def __init__(self):
+        self.registered: dict[int, set] = {}  # id(param) -> chunk keys sliced in forward
+        self.done: dict[int, set] = {}
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def rows(self, param: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if not param.requires_grad or not torch.is_grad_enabled():
+            return param[start:stop]
+        self.registered.setdefault(id(param), set()).add((start, stop))
+        return _SliceIntoSink.apply(param, start, stop, self)
 
 
-def chunk_plan(sizes: tuple[int, ...], chunks: int) -> list[Chunk]:
-    """Split a level's input (segments of ``sizes`` tokens, in order) into ``chunks`` runs of
-    consecutive tokens of near-equal length; a chunk may span several segments and a segment
-    several chunks."""
-    ends = list(itertools.accumulate(sizes))
-    if not 1 <= chunks <= ends[-1]:
-        raise ValueError(f"cannot split {ends[-1]} tokens into {chunks} non-empty chunks")
-    bounds = [0] + list(itertools.accumulate(ends[-1] // chunks + (i < ends[-1] % chunks) for i in range(chunks)))
-    plan = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        first, last = bisect.bisect_right(ends, a), bisect.bisect_left(ends, b)  # segments touched
-        pieces = tuple(min(ends[n], b) - max(ends[n] - sizes[n], a) for n in range(first, last + 1))
-        plan.append(Chunk(range(a, b), range(first, last + 1), pieces, continues=ends[last] > b))
-    return plan
+class _SliceIntoSink(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, param, start, stop, sink):
+        ctx.start, ctx.stop, ctx.sink, ctx.key = start, stop, sink, id(param)
+        ctx.shape, ctx.dtype, ctx.device = param.shape, param.dtype, param.device
+        return param.narrow(0, start, stop - start)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sink, key = ctx.sink, ctx.key
+        buf = sink.buffers.get(key)
+        if buf is None:
+            buf = sink.buffers[key] = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        buf[ctx.start:ctx.stop] += grad
+        done = sink.done.setdefault(key, set())
+        done.add((ctx.start, ctx.stop))
+        if done != sink.registered[key]:
+            return None, None, None, None
+        del sink.done[key]  # (a second backward through the same graph starts over)
+        return sink.buffers.pop(key), None, None, None  # the last chunk: the whole gradient, once
 
 
 def _split_state(state: tuple, at: int) -> tuple[tuple, tuple]:
     return tuple(t[:, :at] for t in state), tuple(t[:, at:] for t in state)
 
 
-def _chunk_state(tokenizer: nn.Module, level: nn.Module, images: torch.Tensor, chunk: Chunk) -> tuple:
-    return level(tokenizer(images, channels=chunk.inputs), chunk=chunk)
+def _chunk_state(tokenizer: nn.Module, level: nn.Module, images: torch.Tensor, chunk, sink: ChunkGradSink) -> tuple:
+    return level(tokenizer(images, channels=chunk.inputs, grad_sink=sink), chunk=chunk)
 
 
 def streamed_first_level(images: torch.Tensor, tokenizer: nn.Module, level: nn.Module, chunks: int) -> torch.Tensor:
     """images [B, c_r, H, W] -> the first reduction level's output [B, n_out, L, D], in ``chunks``
-    chunks of consecutive channels (:func:`num_chunks`).
+    chunks of consecutive channels (``ChannelPartition.stream_chunks``).
 
     ``level`` is a LinearReduce or CrossReduce: ``level(tokens, chunk=...)`` gives a chunk's state
     (a tuple of tensors [B, segments, ...]), ``level.merge`` combines two states of the same
     segments, ``level(state, finish=True)`` makes the output."""
     finished, carry = [], None  # states of completed segments; the state of a segment still open
+    sink = ChunkGradSink()  # the tokenizer's per-chunk parameter slices
     for chunk in chunk_plan(level.level.sizes, chunks):
         x = images[:, chunk.inputs.start:chunk.inputs.stop]  # a view: the input is kept anyway
         # Non-reentrant checkpoint: autograd keeps x and the returned state only, and reruns
         # the chunk in backward. No RNG inside (the channel stage has no dropout).
-        state = checkpoint(_chunk_state, tokenizer, level, x, chunk, use_reentrant=False, preserve_rng_state=False)
+        state = checkpoint(_chunk_state, tokenizer, level, x, chunk, sink, use_reentrant=False,
+                           preserve_rng_state=False)
         if carry is not None:  # the first segment began in the previous chunk
             head, rest = _split_state(state, 1)
             state = tuple(torch.cat(pair, 1) for pair in zip(level.merge(carry, head), rest))

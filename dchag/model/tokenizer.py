@@ -33,18 +33,23 @@ class ChannelTokenizer(nn.Module):
             mark_channel_sharded(param, channels, num_channels, owner)
         mark_weight_matrix(self.weight)
 
-    def forward(self, x: torch.Tensor, channels: range | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, channels: range | None = None, grad_sink=None) -> torch.Tensor:
         """x [B, c, H, W] -> [B, c, L, D]. ``channels``: which of this rank's channels (local rows)
         x holds, for the streamed channel stage (dchag/model/streaming.py); default all of them.
-        The parameters are sliced here, inside the module's forward, so ZeRO-3 has gathered them."""
+        The parameters are sliced here, inside the module's forward, so ZeRO-3 has gathered them
+        (through ``grad_sink.rows`` when streamed: one full-size gradient for all chunks)."""
         rows = channels if channels is not None else range(len(self.channels))
+        if grad_sink is not None:
+            weight, bias, embed = (grad_sink.rows(t, rows.start, rows.stop)
+                                   for t in (self.weight, self.bias, self.channel_embed))
+        else:
+            weight, bias, embed = (t[rows.start:rows.stop] for t in (self.weight, self.bias, self.channel_embed))
         B, c, H, W = x.shape
         if c != len(rows) or rows.stop > len(self.channels):
             raise ValueError(f"tokenizer owns {len(self.channels)} channels {self.channels}; expected input "
                              f"for its rows {rows}, got {c} channels")
         D, p = self.hidden_size, self.patch_dim
-        weight, bias = self.weight[rows.start:rows.stop], self.bias[rows.start:rows.stop]
         # groups=c: output channels [i*D, (i+1)*D) see input channel i only.
         y = F.conv2d(x.to(weight.dtype), weight.reshape(c * D, 1, p, p), bias.reshape(c * D), stride=p, groups=c)
         y = y.reshape(B, c, D, -1).transpose(2, 3)  # [B, c, L, D]
-        return y + self.channel_embed[rows.start:rows.stop, None, :]
+        return y + embed[:, None, :]

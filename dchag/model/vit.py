@@ -32,7 +32,7 @@ from dchag.model.backbone import (build_backbone, mark_linear_weight_matrices, t
 from dchag.model.config import DChagConfig
 from dchag.model.heads import ChannelReconstructionHead, ForecastHead, sincos_2d
 from dchag.model.init import init_rows_
-from dchag.model.streaming import num_chunks, streamed_partial_aggregation
+from dchag.model.streaming import streamed_partial_aggregation
 from dchag.model.tokenizer import ChannelTokenizer
 from dchag.parallel.comm import gather_from_channel_parallel_region
 from dchag.parallel.grads import allreduce_sequence_parallel_grads
@@ -57,8 +57,7 @@ class DChagViT(nn.Module):
         self.tokenizer = ChannelTokenizer(self.channels, cfg.num_channels, D, cfg.patch_dim, seed, owner)
         attention = resolve_attention_backend(cfg.attention_backend)  # sdpa | unfused
         # --dchag-channel-chunk K: the same number of chunks on every channel rank (dchag/model/streaming.py)
-        self.stream_chunks = cfg.channel_chunk and num_chunks(
-            [len(self.partition.rank_channels(r)) for r in range(P)], cfg.channel_chunk)
+        self.stream_chunks = cfg.channel_chunk and self.partition.stream_chunks(cfg.channel_chunk)
         self.partial = build_partial_aggregation(cfg.aggregation, self.partition, layout.channel_parallel_rank,
                                                  cfg.tree_levels, D, cfg.num_attention_heads, seed, owner, attention)
         self.final = FinalAggregation(without_sequence_parallel(self.config), D, cfg.num_attention_heads,

@@ -61,6 +61,16 @@ class ChannelPartition:
         k = self.groups_per_rank
         return range(rank * k, (rank + 1) * k)
 
+    def stream_chunks(self, chunk_size: int) -> int:
+        """--dchag-channel-chunk K: how many chunks every channel rank streams its channels in
+        (dchag/model/streaming.py). ceil(largest rank's channels / K), so no chunk exceeds K channels,
+        but the same count on every rank (ZeRO-3 records the order of module calls and requires it
+        to be identical on all ranks), and at most the smallest rank's channel count (no empty chunk)."""
+        if chunk_size < 1:
+            raise LayoutError(f"--dchag-channel-chunk must be >= 1 to stream (0 = off), got {chunk_size}.")
+        counts = [len(self.rank_channels(r)) for r in range(self.channel_parallel_size)]
+        return max(1, min(-(-max(counts) // chunk_size), min(counts)))
+
     def rank_channels(self, rank: int) -> range:
         """Global indices of the channels owned by channel-parallel ``rank`` (contiguous)."""
         groups = self.rank_groups(rank)

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dchag-groups", type=_ints, default=None, help="G (comma list allowed); default 8 "
                    "(with --recommend: searched over P, 2P, 4P, 8P)")
     g.add_argument("--dchag-tree-levels", type=int, default=1)
+    g.add_argument("--dchag-channel-chunk", type=int, default=0,
+                   help="K: the streamed channel stage (linear/cross; flat ignores it); 0 = off")
     g.add_argument("--task", choices=("mae", "forecast"), default="mae")
     l = p.add_argument_group("layout")
     l.add_argument("--tensor-model-parallel-size", type=_ints, default=[1], help="T (comma list allowed)")
@@ -187,7 +189,8 @@ def _run(args) -> int:
                     raise PlanError(f"--channel-parallel-size must be a number or T, got {args.channel_parallel_size!r}.")
             for G in ([None] if agg == "flat" else (groups or [8])):
                 model = base.with_(aggregation=agg, groups=G or base.groups,
-                                   tree_levels=1 if agg == "flat" else args.dchag_tree_levels)
+                                   tree_levels=1 if agg == "flat" else args.dchag_tree_levels,
+                                   channel_chunk=0 if agg == "flat" else args.dchag_channel_chunk)
                 layout = LayoutSpec(T, P, DP, args.zero_stage, precision,
                                     args.recompute_activations, args.sequence_parallel, args.micro_batch_size)
                 plans.append(make_plan(model, layout, hw))

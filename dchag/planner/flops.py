@@ -9,7 +9,9 @@ Forward, per rank (B micro batch, L patches, c_r = the rank's channels, N = C fl
     layer         2 B L (4 D^2 + 2 D F)/T + 4 B L^2 D/T
     head          MAE 2 B L D c_r p^2; forecast 2 B L D V p^2
 
-A step is 3 x forward, plus one more backbone forward with recompute.
+A step is 3 x forward, plus one more backbone forward with recompute, plus one more forward of
+the tokenizer and the first partial level when the channel stage is streamed (each chunk is
+recomputed in backward; for cross the first level's K, V, scores and mix, not its projection).
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ def step_flops(model: ModelSpec, layout: LayoutSpec) -> float:
     total = 3.0 * sum(f.values())
     if layout.recompute:
         total += f["backbone"]
+    if model.channel_chunk:
+        s = shapes(model, layout)
+        n_in, n_out, D = s.level_inputs[0], s.level_outputs[0], model.D
+        B, L = layout.micro_batch_size, model.L
+        level0 = (2.0 * B * n_in * L * D if model.aggregation == "linear"
+                  else 4.0 * B * n_in * L * D * D + 4.0 * B * n_in * L * D)
+        total += f["tokenizer"] + level0
     return total
 
 

@@ -47,6 +47,9 @@ from dataclasses import dataclass, field
 from dchag.planner.params import CHANNEL_STAGE, param_counts, shapes
 from dchag.planner.spec import LayoutSpec, ModelSpec, validate
 
+# The streamed stage's working memory in chunk tokens X_k, forward and backward: fitted to RSS
+# measurements of the CPU build within 10 % (docs/BENCHMARKS.md section 8).
+STREAM_COEFFS = {"linear": {"fwd": 2.0, "bwd": 2.3}, "cross": {"fwd": 6.0, "bwd": 6.9}}
 STAT_BYTES = 4  # layer-norm mean / rstd are kept in fp32
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 
@@ -114,13 +117,18 @@ def channel_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int])
     N = model.G
     X_N = N * tok
     stages = []
-    # Tokenizer: conv output, then tokens = conv + channel embedding (the conv output dies).
-    # The tokens are referenced (not saved) until the channel stage returns.
-    # In bf16 the model casts its input [B, c_r, H, W] to bf16 and the convolution saves that copy.
-    cast = B * s.c_r * model.img_h * model.img_w * a if a < 4 else 0.0
-    stages.append(Stage("tokenizer", saved=cast, held=X_r, fwd_extra=2 * X_r + cast, bwd_total=2 * X_r + cast,
-                        grad_params=counts["tokenizer"]))
-    held = X_r  # released when the channel stage returns
+    if model.channel_chunk:
+        stages.append(streamed_stage(model, layout, counts))
+        held = 0.0
+    else:
+        # Tokenizer: conv output, then tokens = conv + channel embedding (the conv output dies).
+        # The tokens are referenced (not saved) until the channel stage returns.
+        # In bf16 the model casts its input [B, c_r, H, W] to bf16 and the convolution saves that copy.
+        cast = B * s.c_r * model.img_h * model.img_w * a if a < 4 else 0.0
+        stages.append(Stage("tokenizer", saved=cast, held=X_r, fwd_extra=2 * X_r + cast, bwd_total=2 * X_r + cast,
+                            grad_params=counts["tokenizer"]))
+        held = X_r  # released when the channel stage returns
+    first = 1 if model.channel_chunk else 0  # streamed: level 0 ran inside the streamed stage
     if model.aggregation == "linear":
         # One einsum per level ("bnsld,ns->bnld"): it permutes the segments into a contiguous
         # [n_out, B L D, S] copy for a batched matmul and saves that copy (X_in), not its input.
@@ -129,6 +137,8 @@ def channel_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int])
         # previous level's output) is freed once the level has run.
         levels = list(zip(s.level_inputs, s.level_outputs, s.level_padded))
         for i, (n_in, n_out, n_pad) in enumerate(levels):
+            if i < first:
+                continue
             X_in, X_pad = n_in * tok, n_pad * tok  # X_pad = X_in unless segments are uneven
             gathered = 0.0 if n_pad == n_in else X_pad
             last = i == len(levels) - 1
@@ -138,6 +148,8 @@ def channel_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int])
     elif model.aggregation == "cross":
         per_level = 3 * D * D + 2 * D
         for i, (n_in, n_out) in enumerate(zip(s.level_inputs, s.level_outputs)):
+            if i < first:
+                continue
             X_in, X_out = n_in * tok, n_out * tok
             scores = B * n_in * L * H * a
             saved = 4 * X_in + scores + X_out
@@ -152,6 +164,38 @@ def channel_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int])
     stages.append(Stage("final", saved=final_saved, fwd_extra=X_N + 4 * X_N / T,
                         bwd_total=X_N * (1 + 5 / T) + probs, grad_params=counts["final"], release_after=held))
     return stages
+
+
+def streamed_stage(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]) -> Stage:
+    """Tokenizer + reduction level 0, streamed over chunks (dchag/model/streaming.py), in units of
+
+        X_k = B k L D a   the largest chunk's tokens (k <= K channels; X_kp: its padded copy)
+        X_1 = B n_1 L D a level 0's output; its chunk states are fp32 (X_1s = X_1 4 / a)
+
+    Nothing of a chunk is saved (checkpointed). Forward: one chunk's working memory, plus the
+    finished chunk states and their concatenation. Backward: one chunk recomputed and
+    differentiated, plus the tokenizer's full-size gradient buffer (``ChunkGradSink``) that every
+    chunk adds its rows into (it becomes the parameters' gradient when the stage is done).
+    linear: chunk tokens (+ conv output, or the reduction's contiguous copy); output held by the next stage.
+    cross:  chunk tokens, keys, values and the projections' copies; saves the fp32 numerator and the
+            normalized mix for the output projection."""
+    B, a = layout.micro_batch_size, layout.act_bytes
+    s = shapes(model, layout)
+    tok = B * model.L * model.D * a
+    X_k, X_kp = s.stream_chunk * tok, s.stream_padded * tok
+    gathered = X_kp if s.stream_padded > s.stream_chunk else 0.0
+    n1 = s.level_outputs[0]
+    X_1, X_1s = n1 * tok, n1 * tok * max(4, a) / a
+    grad_buffer = counts["tokenizer"] * a
+    held = 0.0 if model.tree_levels == 1 else X_1
+    c = STREAM_COEFFS[model.aggregation]
+    if model.aggregation == "linear":
+        return Stage("streamed", saved=0.0, held=held, fwd_extra=c["fwd"] * X_k + gathered + 2 * X_1s,
+                     bwd_total=c["bwd"] * X_kp + grad_buffer, grad_params=counts["tokenizer"] + s.level_inputs[0])
+    per_level = 3 * model.D * model.D + 2 * model.D
+    saved = X_1s + X_1
+    return Stage("streamed", saved=saved, held=held, fwd_extra=saved + c["fwd"] * X_kp + 2 * X_1s,
+                 bwd_total=saved + c["bwd"] * X_kp + grad_buffer, grad_params=counts["tokenizer"] + n1 * per_level)
 
 
 def backbone_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]) -> list[Stage]:

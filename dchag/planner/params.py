@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dchag.model.chunks import chunk_plan
 from dchag.parallel.partition import ChannelPartition
 from dchag.planner.spec import LayoutSpec, ModelSpec, validate
 
@@ -31,6 +32,10 @@ class Shapes:
     # per partial level: n_out x the largest segment (the padded copy uneven segments are gathered
     # into; equal to level_inputs when every segment has the same size), largest over ranks
     level_padded: tuple[int, ...] = ()
+    # streamed channel stage (channel_chunk > 0): the largest chunk's tokens per position, and its
+    # padded copy (pieces x the largest piece, when a chunk's pieces of segments are uneven)
+    stream_chunk: int = 0
+    stream_padded: int = 0
 
 
 def shapes(model: ModelSpec, layout: LayoutSpec) -> Shapes:
@@ -42,6 +47,7 @@ def shapes(model: ModelSpec, layout: LayoutSpec) -> Shapes:
     if model.aggregation == "flat":
         return Shapes(c_r, g_r, (), ())
     ins, outs, padded = [], [], []
+    stream_chunk = stream_padded = 0
     n_in = c_r
     for level in range(1, k + 1):
         fan = 2 ** (k - level)
@@ -52,10 +58,14 @@ def shapes(model: ModelSpec, layout: LayoutSpec) -> Shapes:
             sizes = [[base + (1 if i < extra else 0) for g in part.rank_groups(r)
                       for base, extra in [divmod(part.group_sizes[g], fan)] for i in range(fan)] for r in range(P)]
             padded.append(max(n_out * max(sz) if len(set(sz)) > 1 else n_in for sz in sizes))
+            if model.channel_chunk:  # as dchag.model.streaming streams level 1
+                chunks = [c for sz in sizes for c in chunk_plan(tuple(sz), part.stream_chunks(model.channel_chunk))]
+                stream_chunk = max(len(c.inputs) for c in chunks)
+                stream_padded = max(len(c.sizes) * max(c.sizes) for c in chunks)
         else:
             padded.append(n_in)  # pairs: uniform
         n_in = n_out
-    return Shapes(c_r, g_r, tuple(ins), tuple(outs), tuple(padded))
+    return Shapes(c_r, g_r, tuple(ins), tuple(outs), tuple(padded), stream_chunk, stream_padded)
 
 
 def param_counts(model: ModelSpec, layout: LayoutSpec) -> dict[str, int]:

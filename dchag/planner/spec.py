@@ -27,6 +27,7 @@ class ModelSpec:
     aggregation: str = "linear"
     groups: int = 8  # G (ignored by flat: every channel is its own group)
     tree_levels: int = 1
+    channel_chunk: int = 0  # K of the streamed channel stage (0 = off)
     task: str = "mae"
     out_channels: int | None = None  # forecast: predicted variables (default: all)
 
@@ -54,6 +55,9 @@ class ModelSpec:
                                 "use fewer levels or fewer groups.")
         elif self.tree_levels != 1:
             raise PlanError("tree levels apply to linear/cross aggregation, not flat.")
+        if self.channel_chunk < 0 or (self.channel_chunk and self.aggregation == "flat"):
+            raise PlanError(f"channel chunk {self.channel_chunk}: streaming needs linear or cross aggregation "
+                            "and K >= 1 (0 = off).")
 
     # -- derived sizes
     @property

@@ -27,7 +27,8 @@ def method_name(plan: Plan) -> str:
     if m.aggregation == "flat":
         return "TP alone (flat)"
     tree = f", k={m.tree_levels}" if m.tree_levels > 1 else ""
-    return f"D-CHAG-{'L' if m.aggregation == 'linear' else 'C'} (G={m.G}{tree})"
+    stream = f", streamed K={m.channel_chunk}" if m.channel_chunk else ""
+    return f"D-CHAG-{'L' if m.aggregation == 'linear' else 'C'} (G={m.G}{tree}{stream})"
 
 
 LAYOUT_HEADERS = ["method", "T", "P", "DP", "ZeRO", "recomp", "params+grads+opt GB", "activations GB",
