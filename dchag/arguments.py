@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dchag-aggregation", choices=("flat", "linear", "cross"), default="linear")
     g.add_argument("--dchag-groups", type=int, default=1)
     g.add_argument("--dchag-tree-levels", type=int, default=1)
-    g.add_argument("--dchag-channel-chunk", type=int, default=0)
+    g.add_argument("--dchag-channel-chunk", type=int, default=None)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--recompute-activations", action="store_true")
@@ -123,14 +123,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+# --dchag-channel-chunk when not given: streamed D-CHAG-L (faster and ~10x less channel-stage memory
+# at every C measured), unstreamed D-CHAG-C (streaming costs it ~2x channel-stage time), docs/BENCHMARKS.md section 8
+DEFAULT_CHANNEL_CHUNK = {"linear": 64, "cross": 0, "flat": 0}
+
+
+def channel_chunk(args) -> int:
+    """The streamed channel stage's K: the flag's value, or the aggregation's default. (getattr: the
+    arguments of a checkpoint saved before the flag existed, dchag.checkpointing.)"""
+    given = getattr(args, "dchag_channel_chunk", None)
+    return DEFAULT_CHANNEL_CHUNK[args.dchag_aggregation] if given is None else given
+
+
 def model_config(args, num_channels: int | None = None) -> DChagConfig:
     return DChagConfig(
         num_channels=num_channels or args.num_channels, img_h=args.img_h, img_w=args.img_w,
         patch_dim=args.patch_dim, hidden_size=args.hidden_size, num_layers=args.num_layers,
         num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
         aggregation=args.dchag_aggregation, groups=args.dchag_groups, tree_levels=args.dchag_tree_levels,
-        # getattr: the arguments of a checkpoint saved before the flag existed (dchag.checkpointing)
-        channel_chunk=getattr(args, "dchag_channel_chunk", 0), task=args.task,
+        channel_chunk=channel_chunk(args), task=args.task,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         recompute_activations=args.recompute_activations, sequence_parallel=args.sequence_parallel,
         bf16=bool(args.bf16), init_seed=args.seed, attention_backend=args.attention_backend,

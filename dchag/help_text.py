@@ -38,8 +38,9 @@ HELP = {
     "--dchag-tree-levels": "levels of the partial aggregation inside each group (2: sub-groups first)",
     "--dchag-channel-chunk": "K: stream tokenization and the partial aggregation over K channels at a time, "
                              "recomputing each chunk in backward: the channel stage's memory stops growing with the "
-                             "channel count, for about one more forward of the stage (linear/cross; 0 = off; "
-                             "docs/BENCHMARKS.md section 8)",
+                             "channel count (linear/cross; 0 = off). Default: 64 for linear (it is also faster: "
+                             "the coefficients fold into the convolution), 0 for cross (streaming costs it ~2x "
+                             "channel-stage time); docs/BENCHMARKS.md section 8",
     "--hidden-dropout": "dropout after attention and MLP",
     "--attention-dropout": "dropout of the attention probabilities",
     "--recompute-activations": "recompute each transformer layer in the backward pass (less memory, more compute)",

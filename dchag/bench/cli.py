@@ -107,8 +107,10 @@ def _from_json(path: str, out_dir: str) -> int:
 
 def _summary(out: dict) -> None:
     for k, t in out["targets"].items():
-        if isinstance(t, dict):
+        if isinstance(t, dict) and "measured" in t:
             print(f"[bench] target {k}: measured {t['measured']:.3f}, goal {t['target']}, met: {t['met']}")
+    for name, cost in out["targets"].get("stream_time_cost", {}).items():
+        print(f"[bench] {name} time over unstreamed: " + ", ".join(f"{part} {v:.2f}x" for part, v in cost.items()))
     w = out["planner_worst"]
     print("[bench] planner worst |error|: " + ", ".join(
         f"{k} {100 * v['abs_err']:.1f}%" for k, v in w.items() if isinstance(v, dict))

@@ -8,7 +8,7 @@ import platform
 
 from dchag.bench.config import METHODS, BenchConfig, BenchModel
 from dchag.planner.comm import collectives, summarize
-from dchag.planner.memory import estimate_memory
+from dchag.planner.memory import channel_stage_param_numel, estimate_memory
 from dchag.planner.spec import LayoutSpec, ModelSpec
 
 MB = 2 ** 20
@@ -16,6 +16,7 @@ TARGETS = {  # at C = 512, T = P = 4, D-CHAG-L against TP alone
     "channel_memory_ratio": 0.30,  # channel-stage peak memory per rank <= 30 % of the baseline's
     "step_memory_reduction": 0.60,  # whole-step peak memory per rank >= 60 % lower
     "step_speedup": 2.0,  # step time >= 2x shorter
+    "stream_channel_memory_ratio": 0.06,  # D-CHAG-L streamed: channel-stage memory <= 6 % of the baseline's
 }
 
 
@@ -61,6 +62,9 @@ def planner_check(model: BenchModel, rows: list[dict]) -> list[dict]:
             "param_numel": {"pred": est.param_numel, "meas": row["param_numel"]},
             "channel_saved": {"pred": est.activations["channel_stage"], "meas": ch["saved_bytes"]},
             "channel_peak": {"pred": est.channel_stage_peak, "meas": ch["memory"]["above_step"]},
+            # the plotted channel-stage memory: its parameters + the peak above
+            "channel_memory": {"pred": est.channel_stage_peak + 4 * channel_stage_param_numel(spec, layout),
+                               "meas": channel_memory(row)},
             "channel_comm_exact": _comm_matches(summarize(colls, channel_stage_only=True), ch["comm"]),
         }
         if "step" in row:
@@ -79,7 +83,7 @@ def planner_check(model: BenchModel, rows: list[dict]) -> list[dict]:
 
 
 def worst_errors(check: list[dict]) -> dict:
-    keys = ("channel_saved", "channel_peak", "step_saved", "step_static", "step_peak")
+    keys = ("channel_saved", "channel_peak", "channel_memory", "step_saved", "step_static", "step_peak")
     worst = {}
     for k in keys:
         errs = [(abs(c[k]["err"]), c) for c in check if k in c]
@@ -122,6 +126,14 @@ def targets(rows: list[dict], cfg: BenchConfig) -> dict:
     out["channel_backward_comm_ratio"] = {"measured": comm_ratio, "target": f"~ C/G = {C / cfg.model.groups:g}",
                                           "met": abs(comm_ratio / (C / cfg.model.groups) - 1) < 0.25,
                                           "baseline_mb": b_bwd, "dchag_mb": l_bwd}
+    streamed = _find(rows, T, C, "dchag-l-stream")
+    if streamed is not None:
+        ratio = channel_memory(streamed) / channel_memory(base)
+        goal = TARGETS["stream_channel_memory_ratio"]
+        out["stream_channel_memory_ratio"] = {"measured": ratio, "target": f"<= {goal:.2f}", "met": ratio <= goal,
+                                              "baseline_mb": channel_memory(base) / MB,
+                                              "dchag_mb": channel_memory(streamed) / MB}
+    out["stream_time_cost"] = stream_time_costs(rows, T, C)
     if "step" in base and "step" in lin:
         red = 1 - lin["step"]["memory"]["above_lib"] / base["step"]["memory"]["above_lib"]
         red_abs = 1 - lin["step"]["memory"]["peak"] / base["step"]["memory"]["peak"]
@@ -134,6 +146,18 @@ def targets(rows: list[dict], cfg: BenchConfig) -> dict:
         out["step_speedup"] = {"measured": sp, "target": f">= {TARGETS['step_speedup']:.1f}",
                                "met": sp >= TARGETS["step_speedup"],
                                "baseline_ms": base["step"]["time_s"] * 1e3, "dchag_ms": lin["step"]["time_s"] * 1e3}
+    return out
+
+
+def stream_time_costs(rows: list[dict], T: int, C: int) -> dict:
+    """Time of the streamed methods over their unstreamed twins (channel stage; whole step if run)."""
+    out = {}
+    for plain, streamed in (("dchag-l", "dchag-l-stream"), ("dchag-c", "dchag-c-stream")):
+        a, b = _find(rows, T, C, plain), _find(rows, T, C, streamed)
+        if a is None or b is None:
+            continue
+        out[streamed] = {part: b[part]["time_s"] / a[part]["time_s"] for part in ("channel", "step")
+                         if part in a and part in b}
     return out
 
 
@@ -206,6 +230,7 @@ def markdown(cfg: BenchConfig, rows: list[dict], check: list[dict], tgt: dict, w
         lines += ["", f"## Targets (C = {tgt['C']}, T = P = {tgt['T']}, D-CHAG-L vs TP alone)", "",
                   "| target | measured | goal | met |", "|---|---:|---:|---|"]
         names = {"channel_memory_ratio": "channel-stage memory, D-CHAG-L / TP",
+                 "stream_channel_memory_ratio": "channel-stage memory, D-CHAG-L streamed / TP",
                  "step_memory_reduction": "whole-step peak memory reduction (above libraries)",
                  "step_speedup": "whole-step speed-up",
                  "channel_backward_comm_ratio": "channel-stage backward communication, TP / D-CHAG-L"}
@@ -215,16 +240,23 @@ def markdown(cfg: BenchConfig, rows: list[dict], check: list[dict], tgt: dict, w
                 val = f"{t['measured']:.2f}" + ("x" if k in ("step_speedup", "channel_backward_comm_ratio") else "")
                 if k == "step_memory_reduction":
                     val = f"{100 * t['measured']:.0f}% ({100 * t['including_libraries']:.0f}% incl. libraries)"
-                if k == "channel_memory_ratio":
+                if k in ("channel_memory_ratio", "stream_channel_memory_ratio"):
                     val = f"{100 * t['measured']:.0f}% ({t['dchag_mb']:.1f} / {t['baseline_mb']:.1f} MB)"
                 lines.append(f"| {label} | {val} | {t['target']} | {'yes' if t['met'] else 'no'} |")
+    costs = tgt.get("stream_time_cost") if tgt else None
+    if costs:
+        lines += ["", f"Time of the streamed channel stage (K = {m.channel_chunk}) over the unstreamed, at C = {tgt['C']}, "
+                  f"T = P = {tgt['T']}: " + "; ".join(
+                      f"{METHODS[name].label}: channel stage {c['channel']:.2f}x"
+                      + (f", whole step {c['step']:.2f}x" if "step" in c else "") for name, c in costs.items()) + "."]
     lines += ["", "## Planner vs measurement", "",
               "Predicted by `dchag/planner` for the same model and layout. *saved*: activation bytes autograd "
               "saves (counted with saved-tensor hooks); *ch. peak*: channel stage's peak above the pre-step RSS; "
+              "*channel*: its parameters + that peak (the table's channel MB); "
               "*static*: parameters + optimizer state + input (RSS before a step minus RSS before the model); "
               "*step peak*: VmHWM above libraries. Collective bytes and calls must match exactly.", "",
-              "| T | C | method | params | ch. saved MB | ch. peak MB | step saved MB | static MB | step peak MB | collectives |",
-              "|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+              "| T | C | method | params | ch. saved MB | ch. peak MB | channel MB | step saved MB | static MB | step peak MB | collectives |",
+              "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
 
     def pm(d):
         return f"{d['pred'] / MB:.1f} / {d['meas'] / MB:.1f} ({100 * d['err']:+.1f}%)"
@@ -232,7 +264,8 @@ def markdown(cfg: BenchConfig, rows: list[dict], check: list[dict], tgt: dict, w
     for c in sorted(check, key=lambda c: (c["T"], c["C"], list(METHODS).index(c["method"]))):
         exact = c["param_numel"]["pred"] == c["param_numel"]["meas"]
         cells = [str(c["T"]), str(c["C"]), c["method"], "exact" if exact else
-                 f"{c['param_numel']['pred']} vs {c['param_numel']['meas']}", pm(c["channel_saved"]), pm(c["channel_peak"])]
+                 f"{c['param_numel']['pred']} vs {c['param_numel']['meas']}", pm(c["channel_saved"]), pm(c["channel_peak"]),
+                 pm(c["channel_memory"]) if "channel_memory" in c else "-"]
         if "step_saved" in c:
             cells += [pm(c["step_saved"]), pm(c["step_static"]), pm(c["step_peak"]),
                       "exact" if c["channel_comm_exact"] and c["step_comm_exact"] else "MISMATCH"]
@@ -277,7 +310,11 @@ def plot(path: str, cfg: BenchConfig, rows: list[dict]) -> None:
             ax.set_xticks(sorted({r["C"] for r in rows}))
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.grid(alpha=0.3)
-            ax.set_ylim(bottom=0)
+            values = [fn(r) for r in rows if r["T"] == T]
+            if i == 0 and values and min(values) > 0 and max(values) / min(values) > 10:
+                ax.set_yscale("log")  # from a few MB (streamed) to GBs (TP alone at thousands of channels)
+            else:
+                ax.set_ylim(bottom=0)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8)
     fig.suptitle("D-CHAG vs TP alone (CPU, gloo; per rank)", fontsize=11)

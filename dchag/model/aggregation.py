@@ -101,30 +101,28 @@ class LinearReduce(nn.Module):
         weight = torch.cat([torch.full((n,), 1.0 / n) for n in level.sizes])
         self.weight = mark_channel_sharded(nn.Parameter(weight), level.in_rows, level.global_in, owner)
 
-    def forward(self, x: torch.Tensor, chunk: Chunk | None = None, finish: bool = False):
+    fuses_tokenizer = True  # streamed: the tokenizer applies the coefficients inside its convolution
+
+    def forward(self, x: torch.Tensor | None, chunk: Chunk | None = None, finish: bool = False):
         """x [B, n_in, L, D] -> [B, n_out, L, D].
 
-        Streamed (dchag/model/streaming.py): with ``chunk``, x holds only the chunk's tokens and
-        the result is its partial state ``(sums,)``, sums [B, len(chunk.segments), L, D] (fp32 or wider);
-        ``finish=True`` turns the merged state of all chunks into the output."""
+        Streamed (dchag/model/streaming.py): with ``chunk``, the chunk's coefficients w_i [k] (x is
+        not used: the tokenizer folds them into its convolution, so no token is built);
+        ``finish=True`` turns the merged partial sums ``(sums,)`` of all chunks into the output."""
         if finish:
             return x[0].to(self.weight.dtype)
-        sizes, weight = self.level.sizes, self.weight
         if chunk is not None:
-            sizes, weight = chunk.sizes, weight[chunk.inputs.start:chunk.inputs.stop]
-        seg, valid = _segments(x, sizes)  # [B, n_out, S, L, D]
+            return self.weight[chunk.inputs.start:chunk.inputs.stop].clone()  # (ZeRO-3 may free the original)
+        seg, valid = _segments(x, self.level.sizes)  # [B, n_out, S, L, D]
         if valid is None:
-            w = weight.reshape(seg.shape[1], seg.shape[2])  # [n_out, S]
+            w = self.weight.reshape(seg.shape[1], seg.shape[2])  # [n_out, S]
         else:  # padded slots get weight 0
-            index, _ = _segment_index(sizes)
-            w = weight[index.to(x.device)] * valid
+            index, _ = _segment_index(self.level.sizes)
+            w = self.weight[index.to(x.device)] * valid
         # One contraction: autograd keeps only its inputs. The elementwise form (x * w, then a
         # segment sum) kept a token-sized product too and made the channel stage's peak ~2x
         # larger (docs/BENCHMARKS.md).
-        out = torch.einsum("bnsld,ns->bnld", seg, w.to(x.dtype))
-        if chunk is None:
-            return out
-        return (out.to(torch.promote_types(out.dtype, torch.float32)),)  # sums over chunks: bf16 -> fp32
+        return torch.einsum("bnsld,ns->bnld", seg, w.to(x.dtype))
 
     @staticmethod
     def merge(a: tuple, b: tuple) -> tuple:
@@ -135,6 +133,8 @@ class LinearReduce(nn.Module):
 class CrossReduce(nn.Module):
     """D-CHAG-C: per output segment n, a learned query attends over the segment's tokens,
     with the segment's own key/value/output projections (stacked, [n_out, D, D])."""
+
+    fuses_tokenizer = False  # streamed: attends over the chunk's tokens (online softmax)
 
     def __init__(self, level: SegmentLevel, hidden_size: int, num_heads: int, seed: int, name: str, owner: bool,
                  attention_backend: str = "unfused"):

@@ -79,6 +79,12 @@ def _split_state(state: tuple, at: int) -> tuple[tuple, tuple]:
 
 
 def _chunk_state(tokenizer: nn.Module, level: nn.Module, images: torch.Tensor, chunk, sink: ChunkGradSink) -> tuple:
+    if level.fuses_tokenizer:
+        # D-CHAG-L is linear in the tokens and the tokens in the input: the chunk's share of
+        # sum_i w_i token_i is one convolution per segment piece with kernels w_i W_i, and no
+        # token of the chunk is ever built.
+        coefficients = level(None, chunk=chunk)  # [k]
+        return (tokenizer(images, channels=chunk.inputs, grad_sink=sink, mix=(chunk.sizes, coefficients)),)
     return level(tokenizer(images, channels=chunk.inputs, grad_sink=sink), chunk=chunk)
 
 

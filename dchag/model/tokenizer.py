@@ -33,9 +33,12 @@ class ChannelTokenizer(nn.Module):
             mark_channel_sharded(param, channels, num_channels, owner)
         mark_weight_matrix(self.weight)
 
-    def forward(self, x: torch.Tensor, channels: range | None = None, grad_sink=None) -> torch.Tensor:
-        """x [B, c, H, W] -> [B, c, L, D]. ``channels``: which of this rank's channels (local rows)
-        x holds, for the streamed channel stage (dchag/model/streaming.py); default all of them.
+    def forward(self, x: torch.Tensor, channels: range | None = None, grad_sink=None,
+                mix: tuple | None = None) -> torch.Tensor:
+        """x [B, c, H, W] -> [B, c, L, D]. For the streamed channel stage (dchag/model/streaming.py):
+        ``channels``: which of this rank's channels (local rows) x holds (default all of them);
+        ``mix = (sizes, coefficients)``: return sum_i w_i token_i over consecutive runs of ``sizes``
+        channels instead, [B, len(sizes), L, D] (fp32 or wider), see :meth:`_mixed`.
         The parameters are sliced here, inside the module's forward, so ZeRO-3 has gathered them
         (through ``grad_sink.rows`` when streamed: one full-size gradient for all chunks)."""
         rows = channels if channels is not None else range(len(self.channels))
@@ -48,8 +51,30 @@ class ChannelTokenizer(nn.Module):
         if c != len(rows) or rows.stop > len(self.channels):
             raise ValueError(f"tokenizer owns {len(self.channels)} channels {self.channels}; expected input "
                              f"for its rows {rows}, got {c} channels")
+        if mix is not None:
+            return self._mixed(x, weight, bias + embed, *mix)
         D, p = self.hidden_size, self.patch_dim
         # groups=c: output channels [i*D, (i+1)*D) see input channel i only.
         y = F.conv2d(x.to(weight.dtype), weight.reshape(c * D, 1, p, p), bias.reshape(c * D), stride=p, groups=c)
         y = y.reshape(B, c, D, -1).transpose(2, 3)  # [B, c, L, D]
         return y + embed[:, None, :]
+
+    def _mixed(self, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, sizes: tuple[int, ...],
+               coefficients: torch.Tensor) -> torch.Tensor:
+        """D-CHAG-L's partial sums without building a token: per run of channels,
+
+            sum_i w_i (W_i * x_i + b_i + e_i) = (sum_i w_i W_i) * x_i + sum_i w_i (b_i + e_i),
+
+        one convolution with s input channels and weight [D, s, p, p] = (w_i W_i) transposed.
+        x [B, k, H, W]; weight [k, D, p, p]; shift (b + e) [k, D]; coefficients w [k].
+        Returns [B, len(sizes), L, D], fp32 or wider (summed over chunks)."""
+        out, start = [], 0
+        for s in sizes:
+            rows = slice(start, start + s)
+            w = coefficients[rows].to(weight.dtype)
+            kernel = (weight[rows] * w[:, None, None, None]).transpose(0, 1)  # [D, s, p, p]
+            y = F.conv2d(x[:, rows].to(weight.dtype), kernel, w @ shift[rows], stride=self.patch_dim)  # [B, D, h, w]
+            out.append(y.flatten(2).transpose(1, 2))  # [B, L, D]
+            start += s
+        sums = torch.stack(out, 1)
+        return sums.to(torch.promote_types(sums.dtype, torch.float32))

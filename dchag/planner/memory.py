@@ -47,9 +47,10 @@ from dataclasses import dataclass, field
 from dchag.planner.params import CHANNEL_STAGE, param_counts, shapes
 from dchag.planner.spec import LayoutSpec, ModelSpec, validate
 
-# The streamed stage's working memory in chunk tokens X_k, forward and backward: fitted to RSS
-# measurements of the CPU build within 10 % (docs/BENCHMARKS.md section 8).
-STREAM_COEFFS = {"linear": {"fwd": 2.0, "bwd": 2.3}, "cross": {"fwd": 6.0, "bwd": 6.9}}
+# The streamed stage's working memory (multiples of the chunk's buffers, forward and backward) and
+# of the tokenizer's gradient buffer: fitted to RSS measurements of the CPU build (docs/BENCHMARKS.md
+# section 8, where the fit's residuals are listed).
+STREAM_COEFFS = {"linear": {"fwd": 1.0, "bwd": 1.75, "grads": 1.2}, "cross": {"fwd": 6.0, "bwd": 6.9, "grads": 1.0}}
 STAT_BYTES = 4  # layer-norm mean / rstd are kept in fp32
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 
@@ -176,7 +177,8 @@ def streamed_stage(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int])
     finished chunk states and their concatenation. Backward: one chunk recomputed and
     differentiated, plus the tokenizer's full-size gradient buffer (``ChunkGradSink``) that every
     chunk adds its rows into (it becomes the parameters' gradient when the stage is done).
-    linear: chunk tokens (+ conv output, or the reduction's contiguous copy); output held by the next stage.
+    linear: no tokens (the coefficients are folded into the convolution): buffers of the chunk's
+            kernels and input slice; output held by the next stage.
     cross:  chunk tokens, keys, values and the projections' copies; saves the fp32 numerator and the
             normalized mix for the output projection."""
     B, a = layout.micro_batch_size, layout.act_bytes
@@ -190,12 +192,16 @@ def streamed_stage(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int])
     held = 0.0 if model.tree_levels == 1 else X_1
     c = STREAM_COEFFS[model.aggregation]
     if model.aggregation == "linear":
-        return Stage("streamed", saved=0.0, held=held, fwd_extra=c["fwd"] * X_k + gathered + 2 * X_1s,
-                     bwd_total=c["bwd"] * X_kp + grad_buffer, grad_params=counts["tokenizer"] + s.level_inputs[0])
+        # no token is built: per chunk, kernels w_i W_i and the convolution's buffers, which scale
+        # with the chunk's parameters and input slice, U_k = k (D p^2 + B H W) a
+        U_k = s.stream_chunk * (model.D * model.patch_dim ** 2 + B * model.img_h * model.img_w) * a
+        return Stage("streamed", saved=0.0, held=held, fwd_extra=c["fwd"] * U_k + 2 * X_1s,
+                     bwd_total=c["bwd"] * U_k + c["grads"] * grad_buffer,
+                     grad_params=counts["tokenizer"] + s.level_inputs[0])
     per_level = 3 * model.D * model.D + 2 * model.D
     saved = X_1s + X_1
     return Stage("streamed", saved=saved, held=held, fwd_extra=saved + c["fwd"] * X_kp + 2 * X_1s,
-                 bwd_total=saved + c["bwd"] * X_kp + grad_buffer, grad_params=counts["tokenizer"] + n1 * per_level)
+                 bwd_total=saved + c["bwd"] * X_kp + c["grads"] * grad_buffer, grad_params=counts["tokenizer"] + n1 * per_level)
 
 
 def backbone_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]) -> list[Stage]:
