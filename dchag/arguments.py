@@ -123,8 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-# --dchag-channel-chunk when not given: streamed D-CHAG-L (faster and ~10x less channel-stage memory
-# at every C measured), unstreamed D-CHAG-C (streaming costs it ~2x channel-stage time), docs/BENCHMARKS.md section 8
+# --dchag-channel-chunk when not given: streamed D-CHAG-L (faster and 3-7x less channel-stage memory at
+# every C measured), unstreamed D-CHAG-C (streaming costs it up to ~2x channel-stage time), docs/BENCHMARKS.md section 8
 DEFAULT_CHANNEL_CHUNK = {"linear": 64, "cross": 0, "flat": 0}
 
 

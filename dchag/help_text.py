@@ -39,8 +39,8 @@ HELP = {
     "--dchag-channel-chunk": "K: stream tokenization and the partial aggregation over K channels at a time, "
                              "recomputing each chunk in backward: the channel stage's memory stops growing with the "
                              "channel count (linear/cross; 0 = off). Default: 64 for linear (it is also faster: "
-                             "the coefficients fold into the convolution), 0 for cross (streaming costs it ~2x "
-                             "channel-stage time); docs/BENCHMARKS.md section 8",
+                             "the coefficients fold into the convolution), 0 for cross (streaming costs it "
+                             "up to ~2x channel-stage time); docs/BENCHMARKS.md section 8",
     "--hidden-dropout": "dropout after attention and MLP",
     "--attention-dropout": "dropout of the attention probabilities",
     "--recompute-activations": "recompute each transformer layer in the backward pass (less memory, more compute)",

@@ -311,8 +311,8 @@ def plot(path: str, cfg: BenchConfig, rows: list[dict]) -> None:
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.grid(alpha=0.3)
             values = [fn(r) for r in rows if r["T"] == T]
-            if i == 0 and values and min(values) > 0 and max(values) / min(values) > 10:
-                ax.set_yscale("log")  # from a few MB (streamed) to GBs (TP alone at thousands of channels)
+            if values and min(values) > 0 and max(values) / min(values) > 10:
+                ax.set_yscale("log")  # e.g. from a few MB (streamed) to GBs (TP alone at thousands of channels)
             else:
                 ax.set_ylim(bottom=0)
             if i == 0 and j == 0:
