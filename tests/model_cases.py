@@ -39,3 +39,17 @@ def perturb_(model: torch.nn.Module, seed: int):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def random_batch(cfg: DChagConfig, seed: int = 7, batch: int = 2):
+    """(images [B, C, H, W], MAE patch mask [B, L] or None, forecast lead times [B] or None, loss
+    weights over the output [B, C or V, H, W]) for a loss sum(out * weights) that every output
+    element feeds."""
+    gen = torch.Generator().manual_seed(seed)
+    C = cfg.num_channels
+    images = torch.randn(batch, C, cfg.img_h, cfg.img_w, generator=gen)
+    mask = (torch.rand(batch, cfg.num_patches, generator=gen) < 0.5) if cfg.task == "mae" else None
+    lead = torch.tensor([1.0, 6.0] * (batch // 2)) if cfg.task == "forecast" else None
+    n_out = C if cfg.task == "mae" else len(cfg.predicted_channels)
+    weights = torch.randn(batch, n_out, cfg.img_h, cfg.img_w, generator=gen)
+    return images, mask, lead, weights

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.model_cases import layouts, perturb_, rel_err, setup_layout, tiny_config
+from tests.model_cases import layouts, perturb_, random_batch, rel_err, setup_layout, tiny_config
 
 TOLERANCE = 1e-5
 STREAM_TOLERANCE = 1e-6  # streamed vs unstreamed on the same layout
@@ -38,13 +38,7 @@ def _equivalence_worker(cfg_kwargs, sequence_parallel):
     from dchag.model.vit import DChagViT
     from dchag.parallel.state_dict import full_state_dict, load_full_state_dict
     cfg = tiny_config(**cfg_kwargs)
-    gen = torch.Generator().manual_seed(7)
-    B, C = 2, cfg.num_channels
-    images = torch.randn(B, C, cfg.img_h, cfg.img_w, generator=gen)
-    mask = (torch.rand(B, cfg.num_patches, generator=gen) < 0.5) if cfg.task == "mae" else None
-    lead = torch.tensor([1.0, 6.0]) if cfg.task == "forecast" else None
-    n_out = C if cfg.task == "mae" else len(cfg.predicted_channels)
-    weights = torch.randn(B, n_out, cfg.img_h, cfg.img_w, generator=gen)
+    images, mask, lead, weights = random_batch(cfg)
 
     setup_layout(1, 1)
     serial = DChagViT(cfg)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.model_cases import perturb_, rel_err, setup_layout, tiny_config
+from tests.model_cases import perturb_, random_batch, rel_err, setup_layout, tiny_config
 
 TOLERANCE = 1e-6
 CHUNKS = (1, 3, 5, 64)
@@ -48,13 +48,7 @@ def _streaming_worker():
     results = {}
     for name, kwargs in CASES.items():
         cfg = tiny_config(**kwargs)
-        gen = torch.Generator().manual_seed(7)
-        B, C = 2, cfg.num_channels
-        images = torch.randn(B, C, cfg.img_h, cfg.img_w, generator=gen)
-        mask = (torch.rand(B, cfg.num_patches, generator=gen) < 0.5) if cfg.task == "mae" else None
-        lead = torch.tensor([1.0, 6.0]) if cfg.task == "forecast" else None
-        n_out = C if cfg.task == "mae" else len(cfg.predicted_channels)
-        weights = torch.randn(B, n_out, cfg.img_h, cfg.img_w, generator=gen)
+        images, mask, lead, weights = random_batch(cfg)
         plain = DChagViT(cfg)
         perturb_(plain, seed=11)
         state = plain.state_dict()
