@@ -90,13 +90,17 @@ def run(method: str, args) -> None:
                       num_attention_heads=4, aggregation=method, groups=8, init_seed=args.seed,
                       attention_backend="unfused")
     model = DChagViT(cfg)
+    query_std, kv_std, proj_std = args.query_std, args.final_std, args.final_std
+    if args.legacy_init:  # the initialization before docs/PARITY.md's "Init" (same distributions, other draws)
+        query_std, kv_std, proj_std = 1.0, 0.02, 0.02 / math.sqrt(2 * cfg.num_layers)
     gen_init = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():  # ablations of the initialization (this tool only; not layout-independent)
         for name, p in model.named_parameters():
-            if args.query_std is not None and name.endswith("query"):
-                p.copy_(torch.randn(p.shape, generator=gen_init) * args.query_std)
-            if args.final_std is not None and name.startswith(("final.kv.weight", "final.proj.weight")):
-                p.copy_(torch.randn(p.shape, generator=gen_init) * args.final_std)
+            std = {"final.kv.weight": kv_std, "final.proj.weight": proj_std}.get(name)
+            if name.endswith("query"):
+                std = query_std
+            if std is not None:
+                p.copy_(torch.randn(p.shape, generator=gen_init) * std)
     train, _ = build_datasets("synthetic:num_images=2000", task="mae", img_h=16, img_w=16, num_channels=32,
                               valid_fraction=0.1, seed=1234)
     decay = [p for p in model.parameters() if is_weight_matrix(p)]
@@ -157,6 +161,8 @@ def main() -> int:
     p.add_argument("--final-std", type=float, default=None,
                    help="ablation: redraw the final aggregation's kv and proj weights from N(0, std^2) "
                         "(the old init: 0.02; its proj had 0.01)")
+    p.add_argument("--legacy-init", action="store_true",
+                   help="the old init: queries N(0, 1), final kv N(0, 0.02^2), final proj N(0, (0.02/sqrt(2 layers))^2)")
     args = p.parse_args()
     import torch.distributed as dist
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
