@@ -184,10 +184,41 @@ def _decayed_parameters() -> dict:
     return out
 
 
+def _init_properties() -> dict:
+    """At initialization every aggregation is the (projected) mean of its tokens, and the image
+    is a visible part of the backbone's input beside the position embedding (docs/PARITY.md, "Init")."""
+    from dchag.model.vit import DChagViT
+    setup_layout(1, 1)
+    out = {}
+    for name, kwargs in (("flat", dict(aggregation="flat")), ("linear", dict(aggregation="linear")),
+                         ("cross", dict(aggregation="cross")), ("cross-tree2", dict(aggregation="cross", tree_levels=2))):
+        cfg = tiny_config(**kwargs)
+        model = DChagViT(cfg)
+        images = torch.randn(8, cfg.num_channels, cfg.img_h, cfg.img_w, generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            tokens = model.tokenizer(images)  # [B, C, L, D]
+            # The mean the aggregation should reduce to, level by level, written out from the parameters.
+            x = tokens
+            for level in getattr(model.partial, "levels", []):
+                m = torch.stack([s.mean(1) for s in x.split(list(level.level.sizes), dim=1)], 1)  # [B, n, L, D]
+                if hasattr(level, "value"):
+                    m = torch.einsum("bnld,nde->bnle", torch.einsum("bnld,nde->bnle", m, level.value), level.proj)
+                    m = m + level.proj_bias[None, :, None, :]
+                x = m
+            kv = model.final.kv(x.mean(1).reshape(-1, cfg.hidden_size)[None])[0]  # [1, B L, 2D], heads [H, 2, hd]
+            v = kv.reshape(-1, cfg.num_attention_heads, 2, cfg.hidden_size // cfg.num_attention_heads)[:, :, 1]
+            expected = model.final.proj(v.reshape(1, -1, cfg.hidden_size))[0].reshape(8, cfg.num_patches, -1)
+            content = model.aggregate_channels(images)
+            dev = content - content.mean(0, keepdim=True)  # the image-dependent part
+        out[name] = {"mean_err": rel_err(content, expected),
+                     "content_over_pos": (dev.pow(2).mean().sqrt() / model.pos_embed.detach().pow(2).mean().sqrt()).item()}
+    return out
+
+
 def _worker():
     return {"cases": {name: _compare_case(kwargs) for name, kwargs in CASES.items()},
             "properties": _mae_properties(), "forward_step": _forward_step_ignores_invalid_inputs(),
-            "decay": _decayed_parameters()}
+            "decay": _decayed_parameters(), "init": _init_properties()}
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +263,17 @@ def test_forward_step_ignores_values_behind_invalid_pixels(results, task):
 DECAYED = re.compile(r"^(tokenizer\.weight|partial\.levels\.\d+\.(key|value|proj)|final\.(kv|proj)\.weight"
                      r"|backbone\.layers\.\d+\.(self_attention\.linear_(qkv|proj)|mlp\.linear_fc[12])\.weight"
                      r"|head\.weight|head\.linear\.weight|lead_time_embed\.weight)$")
+
+
+@pytest.mark.parametrize("agg", ["flat", "linear", "cross", "cross-tree2"])
+def test_untrained_aggregation_is_the_mean_and_the_image_is_visible(results, agg):
+    """Zero queries: uniform attention, so the channel stage starts as the projected mean of the
+    tokens (as LinearReduce starts from the group mean). Unit-gain final projections: the image
+    part of the backbone's input is a sizeable fraction of the position embedding (megatron's
+    residual-branch init made it ~0.4 % and left models on the MAE plateau, docs/PARITY.md)."""
+    r = results["init"][agg]
+    assert r["mean_err"] < 1e-5, r
+    assert r["content_over_pos"] > 0.1, r
 
 
 @pytest.mark.parametrize("case", ["cross-tree2", "linear-forecast"])

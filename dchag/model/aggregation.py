@@ -142,8 +142,11 @@ class CrossReduce(nn.Module):
         D, n = hidden_size, len(level.sizes)
         self.level, self.num_heads, self.attention_backend = level, num_heads, attention_backend
         rows, total = level.out_rows, level.global_out
+        # Unit-gain projections and a zero query, as ClimaX's variable aggregation (zeros query,
+        # nn.MultiheadAttention): an untrained segment attends uniformly, i.e. reduces to the
+        # projected mean of its tokens, as LinearReduce starts from the mean (docs/PARITY.md, "Init").
         std = 1.0 / math.sqrt(D)
-        self.query = nn.Parameter(init_rows_(torch.empty(n, D), rows, seed, f"{name}.query", std=1.0))
+        self.query = nn.Parameter(torch.zeros(n, D))
         self.key = nn.Parameter(init_rows_(torch.empty(n, D, D), rows, seed, f"{name}.key", std=std))
         self.value = nn.Parameter(init_rows_(torch.empty(n, D, D), rows, seed, f"{name}.value", std=std))
         self.proj = nn.Parameter(init_rows_(torch.empty(n, D, D), rows, seed, f"{name}.proj", std=std))
@@ -259,14 +262,19 @@ class FinalAggregation(nn.Module):
         D, T = hidden_size, tensor_parallel_size
         self.attention_backend = attention_backend
         self.heads_local, self.head_dim = num_heads // T, D // num_heads
-        self.kv = tensor_parallel.ColumnParallelLinear(D, 2 * D, config=config, init_method=config.init_method,
+        # Its output is the backbone's input token, not a residual branch: unit-gain projections
+        # (std 1/sqrt(D), as CrossReduce's), not megatron's 0.02 and 0.02/sqrt(2 layers), which made
+        # the image ~0.4 % of the token beside the position embedding at init (docs/PARITY.md, "Init").
+        # With use_cpu_initialization the master weight is drawn in full, then sliced: T-independent.
+        from megatron.core.utils import init_method_normal
+        unit_gain = init_method_normal(1.0 / math.sqrt(D))
+        self.kv = tensor_parallel.ColumnParallelLinear(D, 2 * D, config=config, init_method=unit_gain,
                                                        bias=True, gather_output=False)
-        self.proj = tensor_parallel.RowParallelLinear(D, D, config=config, init_method=config.output_layer_init_method,
+        self.proj = tensor_parallel.RowParallelLinear(D, D, config=config, init_method=unit_gain,
                                                       bias=True, input_is_parallel=True, skip_bias_add=False)
-        # The learned query, already in head space: [H, hd] in full, this rank's heads only.
-        full = torch.randn(D, generator=torch.Generator().manual_seed(seed + 7919))
-        shard = full.reshape(T, -1)[tensor_parallel_rank].clone()
-        self.query = nn.Parameter(shard)
+        # The learned query, already in head space: [H, hd] in full, this rank's heads only. Zero,
+        # as ClimaX's: uniform attention at init, the mean of the G tokens.
+        self.query = nn.Parameter(torch.zeros(D // T))
         self.query.tensor_model_parallel, self.query.partition_dim, self.query.partition_stride = True, 0, 1
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
