@@ -42,8 +42,11 @@ def _launch(argv, folder, name):
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
         out, err = (os.path.join(folder, f"{name}.{rank}.{k}") for k in ("out", "err"))
         with open(out, "w") as fo, open(err, "w") as fe:
+            # Ctrl-C's default action even when this test runs as a background job (whose shell
+            # starts it, and so its children, with SIGINT ignored)
             procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_dchag.py")] + argv,
-                                          stdout=fo, stderr=fe, cwd=folder, env=env))
+                                          stdout=fo, stderr=fe, cwd=folder, env=env,
+                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
         logs.append((out, err))
     return procs, logs
 
