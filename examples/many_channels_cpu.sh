@@ -14,8 +14,8 @@
 # Leaves under runs/many_channels: the final checkpoint (iter_0000030, latest), log.txt (the log
 # lines), the TensorBoard log tb/ (peak-memory-mb, iteration-time, loss) and
 # reconstruction_iter_0000030.png (held-out tiles: input | masked input | reconstruction).
-# A rerun keeps runs/many_channels and writes to runs/many_channels-<time>. 1.5 to 4.5 minutes on
-# 2 shared CPU cores (README, "Many channels": measured peak memory and time, streamed vs not).
+# A rerun keeps runs/many_channels and writes to runs/many_channels-<time>. About 20 s streamed and
+# 70 s unstreamed on 2 CPU cores, plus start-up (README, "Many channels": peak memory and time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source examples/common.sh
