@@ -5,13 +5,14 @@ copy of them), although the partial aggregation's output is only [B, G/P, L, D].
 tokenizer and the first reduction level run over chunks of at most K of the rank's channels:
 
     for each chunk [a, b) of the rank's channels            (checkpointed: nothing inside is kept)
-        tokens = tokenizer(images[:, a:b])                    [B, b - a, L, D]
-        state  = level(tokens, chunk)                         the chunk's share of the segments it touches
+        cross:  tokens = tokenizer(images[:, a:b])            [B, b - a, L, D]
+                state  = level(tokens, chunk)                 online-softmax state of the segments it touches
+        linear: state  = tokenizer(images[:, a:b], mix=w)     sum_i w_i token_i without building a token
     a segment split over chunks: level.merge(state, state)    linear: a sum; cross: online softmax
     level(merged, finish=True)                                [B, n_out, L, D]
 
-In backward each chunk is recomputed from its slice of the input (a per-channel convolution and
-the reduction: the compute of one extra forward of the stage), instead of keeping its tokens.
+In backward each chunk is recomputed from its slice of the input (the compute of one extra
+forward of the stage), instead of keeping its tokens.
 The stage then holds the input, its output and one chunk's working memory: its memory stops
 growing with C. Later tree levels reduce the (small) first-level output as usual.
 
@@ -92,9 +93,10 @@ def streamed_first_level(images: torch.Tensor, tokenizer: nn.Module, level: nn.M
     """images [B, c_r, H, W] -> the first reduction level's output [B, n_out, L, D], in ``chunks``
     chunks of consecutive channels (``ChannelPartition.stream_chunks``).
 
-    ``level`` is a LinearReduce or CrossReduce: ``level(tokens, chunk=...)`` gives a chunk's state
-    (a tuple of tensors [B, segments, ...]), ``level.merge`` combines two states of the same
-    segments, ``level(state, finish=True)`` makes the output."""
+    ``level`` is a LinearReduce or CrossReduce. A chunk's state is a tuple of tensors [B, segments, ...]:
+    ``level(tokens, chunk=...)`` (cross), or the tokenizer's ``mix`` of the coefficients
+    ``level(None, chunk=...)`` (linear, ``level.fuses_tokenizer``); ``level.merge`` combines two
+    states of the same segments; ``level(state, finish=True)`` makes the output."""
     finished, carry = [], None  # states of completed segments; the state of a segment still open
     sink = ChunkGradSink()  # the tokenizer's per-chunk parameter slices
     for chunk in chunk_plan(level.level.sizes, chunks):
