@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dchag.model.config import DChagConfig
+from dchag.model.config import DChagConfig, default_channel_chunk
 
 # Arguments that define the model and layout: a checkpoint refuses to load if these differ.
 MODEL_ARGS = ("task", "num_channels", "img_h", "img_w", "patch_dim", "num_layers", "hidden_size",
@@ -123,25 +123,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-# --dchag-channel-chunk when not given: streamed D-CHAG-L (faster and 3-7x less channel-stage memory at
-# every C measured), unstreamed D-CHAG-C (streaming costs it up to ~2x channel-stage time), docs/BENCHMARKS.md section 8
-DEFAULT_CHANNEL_CHUNK = {"linear": 64, "cross": 0, "flat": 0}
-
-
-def channel_chunk(args) -> int:
-    """The streamed channel stage's K: the flag's value, or the aggregation's default. (getattr: the
-    arguments of a checkpoint saved before the flag existed, dchag.checkpointing.)"""
-    given = getattr(args, "dchag_channel_chunk", None)
-    return DEFAULT_CHANNEL_CHUNK[args.dchag_aggregation] if given is None else given
-
-
 def model_config(args, num_channels: int | None = None) -> DChagConfig:
     return DChagConfig(
         num_channels=num_channels or args.num_channels, img_h=args.img_h, img_w=args.img_w,
         patch_dim=args.patch_dim, hidden_size=args.hidden_size, num_layers=args.num_layers,
         num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
         aggregation=args.dchag_aggregation, groups=args.dchag_groups, tree_levels=args.dchag_tree_levels,
-        channel_chunk=channel_chunk(args), task=args.task,
+        # getattr: the arguments of a checkpoint saved before the flag existed (dchag.checkpointing)
+        channel_chunk=default_channel_chunk(args.dchag_aggregation, getattr(args, "dchag_channel_chunk", None)),
+        task=args.task,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         recompute_activations=args.recompute_activations, sequence_parallel=args.sequence_parallel,
         bf16=bool(args.bf16), init_seed=args.seed, attention_backend=args.attention_backend,

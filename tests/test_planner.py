@@ -202,7 +202,10 @@ def test_cli_table_is_readable(capsys):
     assert planner_main(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["method", "T", "P"] and len(out) == 2 + 6
-    assert any(line.strip().startswith("D-CHAG-L (G=4)") for line in out)
+    # D-CHAG-L streams by default, as pretrain_dchag.py does; --dchag-channel-chunk 0 plans it unstreamed
+    assert any(line.strip().startswith("D-CHAG-L (G=4, streamed K=64)") for line in out)
+    assert planner_main(args + ["--dchag-channel-chunk", "0"]) == 0
+    assert any(line.strip().startswith("D-CHAG-L (G=4) ") for line in capsys.readouterr().out.splitlines())
 
 
 def test_recommendation_fits_and_is_fastest():

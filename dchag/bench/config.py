@@ -78,7 +78,7 @@ class BenchModel:
     mask_ratio: float = 0.5
     sequence_parallel: bool = False
     recompute_activations: bool = False
-    channel_chunk: int = 32  # K of the streamed methods
+    channel_chunk: int = 64  # K of the streamed methods (pretrain_dchag.py's default for linear)
 
     def dchag_config(self, num_channels: int, method: Method) -> DChagConfig:
         aggregation = method.aggregation

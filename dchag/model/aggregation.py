@@ -256,7 +256,7 @@ class FinalAggregation(nn.Module):
     """
 
     def __init__(self, config, hidden_size: int, num_heads: int, tensor_parallel_size: int,
-                 tensor_parallel_rank: int, seed: int, attention_backend: str = "unfused"):
+                 attention_backend: str = "unfused"):
         super().__init__()
         from megatron.core import tensor_parallel
         D, T = hidden_size, tensor_parallel_size

@@ -8,6 +8,15 @@ from dchag.parallel.partition import ChannelPartition, LayoutError
 
 AGGREGATIONS = ("flat", "linear", "cross")
 TASKS = ("mae", "forecast")
+# --dchag-channel-chunk when not given (training, planner, simulation): streamed D-CHAG-L (faster and
+# 3-7x less channel-stage memory at every C measured), unstreamed D-CHAG-C (streaming costs it up to
+# ~2x channel-stage time); docs/BENCHMARKS.md section 8
+DEFAULT_CHANNEL_CHUNK = {"linear": 64, "cross": 0, "flat": 0}
+
+
+def default_channel_chunk(aggregation: str, given: int | None = None) -> int:
+    """The streamed channel stage's K: ``given``, or the aggregation's default."""
+    return DEFAULT_CHANNEL_CHUNK[aggregation] if given is None else given
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ class DChagViT(nn.Module):
         self.partial = build_partial_aggregation(cfg.aggregation, self.partition, layout.channel_parallel_rank,
                                                  cfg.tree_levels, D, cfg.num_attention_heads, seed, owner, attention)
         self.final = FinalAggregation(without_sequence_parallel(self.config), D, cfg.num_attention_heads,
-                                      T, layout.tensor_parallel_rank, seed, attention)
+                                      T, attention)
 
         self.pos_embed = nn.Parameter(sincos_2d(D, cfg.grid)[None])  # [1, L, D]
         if cfg.task == "mae":

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 
+from dchag.model.config import default_channel_chunk
 from dchag.planner.plan import GB, Hardware, make_plan
 from dchag.planner.recommend import recommend
 from dchag.planner.spec import LayoutSpec, ModelSpec, PlanError
@@ -50,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dchag-groups", type=_ints, default=None, help="G (comma list allowed); default 8 "
                    "(with --recommend: searched over P, 2P, 4P, 8P)")
     g.add_argument("--dchag-tree-levels", type=int, default=1)
-    g.add_argument("--dchag-channel-chunk", type=int, default=0,
-                   help="K: the streamed channel stage (linear/cross; flat ignores it); 0 = off")
+    g.add_argument("--dchag-channel-chunk", type=int, default=None,
+                   help="K: the streamed channel stage (linear/cross; flat ignores it); 0 = off; default: "
+                        "as pretrain_dchag.py (64 for linear, 0 for cross)")
     g.add_argument("--task", choices=("mae", "forecast"), default="mae")
     l = p.add_argument_group("layout")
     l.add_argument("--tensor-model-parallel-size", type=_ints, default=[1], help="T (comma list allowed)")
@@ -137,7 +139,8 @@ def _run(args) -> int:
         rec = recommend(base, args.num_gpus, hw, aggregations=tuple(aggs), groups=tuple(groups) if groups else None,
                         max_tp=args.max_tp, precision=precision, micro_batch_size=args.micro_batch_size,
                         sequence_parallel=args.sequence_parallel,
-                        channel_parallel="T" if args.paper_layout else "any", tree_levels=args.dchag_tree_levels)
+                        channel_parallel="T" if args.paper_layout else "any", tree_levels=args.dchag_tree_levels,
+                        channel_chunk=args.dchag_channel_chunk)
         if args.json:
             print(json.dumps({"best": _plan_json(rec.best) if rec.best else None,
                               "best_tp_alone": _plan_json(rec.best_tp_alone) if rec.best_tp_alone else None,
@@ -190,7 +193,7 @@ def _run(args) -> int:
             for G in ([None] if agg == "flat" else (groups or [8])):
                 model = base.with_(aggregation=agg, groups=G or base.groups,
                                    tree_levels=1 if agg == "flat" else args.dchag_tree_levels,
-                                   channel_chunk=0 if agg == "flat" else args.dchag_channel_chunk)
+                                   channel_chunk=0 if agg == "flat" else default_channel_chunk(agg, args.dchag_channel_chunk))
                 layout = LayoutSpec(T, P, DP, args.zero_stage, precision,
                                     args.recompute_activations, args.sequence_parallel, args.micro_batch_size)
                 plans.append(make_plan(model, layout, hw))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dchag.model.config import default_channel_chunk
 from dchag.planner.plan import Hardware, Plan, make_plan
 from dchag.planner.spec import LayoutSpec, ModelSpec, PlanError
 
@@ -36,8 +37,9 @@ def recommend(model: ModelSpec, num_gpus: int, hw: Hardware | None = None, *,
               aggregations: tuple[str, ...] = ("flat", "linear", "cross"), groups: tuple[int, ...] | None = None,
               max_tp: int = 64, zero_stages: tuple[int, ...] = (0, 1, 2, 3), recompute: tuple[bool, ...] = (False, True),
               precision: str = "bf16", micro_batch_size: int = 1, sequence_parallel: bool = False,
-              channel_parallel: str = "any", tree_levels: int = 1) -> Recommendation:
-    """``channel_parallel``: "any" (every P | T), or "T" (P = T only, the paper's layout)."""
+              channel_parallel: str = "any", tree_levels: int = 1, channel_chunk: int | None = None) -> Recommendation:
+    """``channel_parallel``: "any" (every P | T), or "T" (P = T only, the paper's layout);
+    ``channel_chunk``: K of the streamed channel stage (None: pretrain_dchag.py's default per aggregation)."""
     hw = hw or Hardware()
     if num_gpus < 1:
         raise PlanError(f"GPU count must be >= 1, got {num_gpus}.")
@@ -57,7 +59,8 @@ def recommend(model: ModelSpec, num_gpus: int, hw: Hardware | None = None, *,
                 for G in Gs:
                     try:
                         m = model.with_(aggregation=agg, groups=G if agg != "flat" else model.groups,
-                                        tree_levels=tree_levels if agg != "flat" else 1)
+                                        tree_levels=tree_levels if agg != "flat" else 1,
+                                        channel_chunk=0 if agg == "flat" else default_channel_chunk(agg, channel_chunk))
                     except PlanError:
                         continue
                     for z in zero_stages:

@@ -38,8 +38,8 @@ def flags(size, C, T, world, method) -> list[str]:
            "--img-h", "256", "--img-w", "256", "--patch-dim", "16", "--num-channels", str(C), "--bf16",
            "--zero-stage", "1", "--micro-batch-size", "4", "--tensor-model-parallel-size", str(T),
            "--dchag-aggregation", agg, "--attention-backend", "unfused"]  # the attention the planner models
-    if agg != "flat":
-        out += ["--dchag-groups", "64", "--channel-parallel-size", str(T)]
+    if agg != "flat":  # the paper's (unstreamed) channel stage
+        out += ["--dchag-groups", "64", "--channel-parallel-size", str(T), "--dchag-channel-chunk", "0"]
     return out
 
 

@@ -14,7 +14,8 @@ def planner_specs(spec: SimSpec) -> tuple[ModelSpec, LayoutSpec]:
     model = ModelSpec(num_layers=c.num_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
                       num_channels=c.num_channels, img_h=c.img_h, img_w=c.img_w, patch_dim=c.patch_dim,
                       ffn_hidden_size=c.ffn_hidden_size, aggregation=c.aggregation,
-                      groups=c.groups if c.aggregation != "flat" else 8, tree_levels=c.tree_levels, task=c.task,
+                      groups=c.groups if c.aggregation != "flat" else 8, tree_levels=c.tree_levels,
+                      channel_chunk=c.channel_chunk, task=c.task,
                       out_channels=len(c.predicted_channels) if c.task == "forecast" else None)
     layout = LayoutSpec(spec.tensor_parallel, spec.channel_parallel, spec.data_parallel, spec.zero_stage,
                         "bf16" if c.bf16 else "fp32", c.recompute_activations, c.sequence_parallel,
@@ -29,7 +30,8 @@ def spec_from_plan(plan, rank: int = 0) -> SimSpec:
     cfg = DChagConfig(num_channels=m.C, img_h=m.img_h, img_w=m.img_w, patch_dim=m.patch_dim, hidden_size=m.D,
                       num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
                       ffn_hidden_size=m.ffn_hidden_size, aggregation=m.aggregation,
-                      groups=m.groups if m.aggregation != "flat" else 1, tree_levels=m.tree_levels, task=m.task,
+                      groups=m.groups if m.aggregation != "flat" else 1, tree_levels=m.tree_levels,
+                      channel_chunk=m.channel_chunk, task=m.task,
                       out_channels=tuple(range(m.out_channels)) if m.task == "forecast" and m.out_channels else None,
                       recompute_activations=lay.recompute, sequence_parallel=lay.sequence_parallel,
                       bf16=lay.precision == "bf16")
