@@ -148,6 +148,10 @@ def write_report(results: dict, output_dir: str) -> list[str]:
         f.write(markdown(results))
     curves_png(results, paths[2])
     if results["pictures"]:
+        # The pictures' arrays, so that studies run apart (tools/parity.py --merge) can be reported together.
+        paths.append(os.path.join(output_dir, "pictures.pt"))
+        import torch
+        torch.save(results["pictures"], paths[-1])
         if results["setup"]["task"] == "mae":
             paths.append(os.path.join(output_dir, "reconstructions.png"))
             reconstructions_png(results, paths[-1])
