@@ -23,7 +23,7 @@ from torch import nn
 
 from dchag.model.attention import segment_attention, softmax_fp32, token_attention  # noqa: F401 - softmax_fp32 re-exported
 from dchag.model.chunks import Chunk
-from dchag.model.init import init_rows_, mark_channel_sharded, mark_weight_matrix
+from dchag.model.init import init_identity_, init_rows_, mark_channel_sharded, mark_weight_matrix
 from dchag.parallel.partition import ChannelPartition
 
 
@@ -142,14 +142,17 @@ class CrossReduce(nn.Module):
         D, n = hidden_size, len(level.sizes)
         self.level, self.num_heads, self.attention_backend = level, num_heads, attention_backend
         rows, total = level.out_rows, level.global_out
-        # Unit-gain projections and a zero query, as ClimaX's variable aggregation (zeros query,
-        # nn.MultiheadAttention): an untrained segment attends uniformly, i.e. reduces to the
-        # projected mean of its tokens, as LinearReduce starts from the mean (docs/PARITY.md, "Init").
-        std = 1.0 / math.sqrt(D)
+        # An untrained segment is the plain mean of its tokens, as LinearReduce starts from the
+        # group mean: a zero query (uniform attention, as ClimaX's variable aggregation) and
+        # identity value and output projections. So D-CHAG-C, like D-CHAG-L, starts as exactly
+        # flat's function (equal groups), and the partial stage adds no random D x D matrices in
+        # series: with random ones, Adam's full-size steps on the plateau's noisy gradient
+        # scrambled the content and 3 of 10 seeds never left the plateau (docs/PARITY.md, "Init").
+        # Keys are unit-gain random: they only matter once the query has learned something.
         self.query = nn.Parameter(torch.zeros(n, D))
-        self.key = nn.Parameter(init_rows_(torch.empty(n, D, D), rows, seed, f"{name}.key", std=std))
-        self.value = nn.Parameter(init_rows_(torch.empty(n, D, D), rows, seed, f"{name}.value", std=std))
-        self.proj = nn.Parameter(init_rows_(torch.empty(n, D, D), rows, seed, f"{name}.proj", std=std))
+        self.key = nn.Parameter(init_rows_(torch.empty(n, D, D), rows, seed, f"{name}.key", std=1.0 / math.sqrt(D)))
+        self.value = nn.Parameter(init_identity_(torch.empty(n, D, D)))
+        self.proj = nn.Parameter(init_identity_(torch.empty(n, D, D)))
         self.proj_bias = nn.Parameter(torch.zeros(n, D))
         for p in (self.query, self.key, self.value, self.proj, self.proj_bias):
             mark_channel_sharded(p, rows, total, owner)

@@ -32,6 +32,15 @@ def init_rows_(param: torch.Tensor, rows: range, seed: int, name: str, std: floa
     return param
 
 
+@torch.no_grad()
+def init_identity_(param: torch.Tensor):
+    """param [n, D, D] <- n identity matrices (the same on every layout: nothing is drawn)."""
+    if param.is_meta or is_fake(param):  # shapes only (meta device, dchag.sim)
+        return param
+    param.copy_(torch.eye(param.shape[-1], dtype=param.dtype).expand_as(param))
+    return param
+
+
 def mark_channel_sharded(param: torch.nn.Parameter, rows: range, global_rows: int, owner: bool):
     """Tag a parameter whose dim 0 is a contiguous slice ``rows`` of ``global_rows`` channel rows.
 

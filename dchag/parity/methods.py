@@ -56,8 +56,9 @@ def parse_methods(text: str) -> list[Method]:
         methods.append(Method(spec, name, **kw))
     if not methods:
         raise LayoutError("--methods is empty; e.g. --methods flat,linear,cross.")
-    if methods[0].aggregation != "flat" or sum(m.aggregation == "flat" for m in methods) != 1:
-        raise LayoutError("--methods must start with flat, once: every gap is measured against it "
+    flats = sum(m.aggregation == "flat" for m in methods)
+    if flats > 1 or (flats and methods[0].aggregation != "flat"):
+        raise LayoutError("--methods names flat more than once or not first: every gap is measured against it "
                           "(e.g. --methods flat,linear,cross).")
     if len({m.spec for m in methods}) != len(methods):
         raise LayoutError(f"--methods names a method twice: {text!r}.")

@@ -13,10 +13,11 @@ from dchag.parity.stats import mean_interval, relative_gaps
 def summarize(results: dict) -> dict:
     """Add to every non-baseline method its paired relative gap to flat (per seed and the 95 % interval)."""
     methods = results["methods"]
-    flat = next(m for m in methods.values() if m["spec"] == "flat")
+    flat = next((m for m in methods.values() if m["spec"] == "flat"), None)  # None: a shard to --merge
     for m in methods.values():
         m["val_loss_mean"] = mean_interval(m["val_loss"])
-        if m is not flat:
+        m.pop("gap_to_flat", None)
+        if flat is not None and m is not flat:
             gaps = relative_gaps(m["val_loss"], flat["val_loss"])
             m["gap_to_flat"] = {"per_seed": gaps, **mean_interval(gaps)}
         if any(m["metrics"]):
@@ -44,7 +45,7 @@ def markdown(results: dict) -> str:
         v = m["val_loss_mean"]
         ci = "" if v["half_width"] != v["half_width"] else f" +- {v['half_width']:.2E}"
         gap = m.get("gap_to_flat")
-        gap_s = "(reference)" if gap is None else (
+        gap_s = ("(reference)" if m["spec"] == "flat" else "(no flat in this study)") if gap is None else (
             f"{_pct(gap['mean'])} [{_pct(gap['low'])}, {_pct(gap['high'])}]" if gap["n"] > 1 else _pct(gap["mean"]))
         lines.append(f"| {m['label']} | {v['mean']:.4E}{ci} | {gap_s} | {np.mean(m['train_loss']):.4E} | "
                      f"{np.mean(m['seconds']):.0f} |")
