@@ -50,7 +50,8 @@ def test_method_specs():
     assert m[0].overrides(args)["channel_parallel_size"] == 1
     assert m[2].overrides(args) == {"dchag_aggregation": "cross", "dchag_groups": 8, "dchag_tree_levels": 2}
     assert m[3].label(8, 1) == "D-CHAG-L G=32"
-    for bad in ("linear,flat", "flat,mean", "flat,cross:q=2", "flat:g=2", "flat,linear,linear", ""):
+    assert [x.spec for x in parse_methods("cross,linear:g=2")] == ["cross", "linear:g=2"]  # a part to --merge
+    for bad in ("linear,flat", "flat,mean", "flat,cross:q=2", "flat:g=2", "flat,linear,linear", "flat,flat", ""):
         with pytest.raises(LayoutError):
             parse_methods(bad)
 
@@ -120,7 +121,66 @@ def test_study_refuses_checkpoints_and_bad_methods(tmp_path):
             "--img-h", "8", "--img-w", "8", "--patch-dim", "2", "--train-iters", "4"]
     proc = subprocess.run(base + ["--methods", "linear,flat"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 1 and "must start with flat" in proc.stderr
+    assert proc.returncode == 1 and "not first" in proc.stderr
+
+
+def _fake_study(methods: dict[str, list[float]], seeds: list[int], data_path="synthetic:num_images=40,seed=1") -> dict:
+    """What run_study returns, with the given final val losses (forecast task: its picture is a map)."""
+    from dchag.parity.methods import NAMES
+    rng = np.random.default_rng(len(methods))
+    return {"seeds": seeds, "baselines": {"persistence": {"val_loss": 1.5, "metrics": {}}},
+            "setup": {"argv": ["--methods", ",".join(methods)], "task": "forecast", "data_path": data_path,
+                      "split": "held-out split", "held_out_samples": 8, "scored_per_evaluation": 8,
+                      "train_iters": 20, "num_channels": 4, "tensor_model_parallel_size": 1,
+                      "channel_parallel_size": 1},
+            "methods": {spec: {"label": NAMES[spec], "spec": spec, "val_loss": vals, "train_loss": vals,
+                               "metrics": [{}] * len(vals), "seconds": [1.0] * len(vals),
+                               "curves": {str(s): {"iterations": [10, 20], "val_loss": [2 * v, v]}
+                                          for s, v in zip(seeds, vals)}}
+                        for spec, vals in methods.items()},
+            "pictures": {spec: {"variable": "t2m", "target": rng.normal(size=(4, 8)),
+                                "prediction": rng.normal(size=(4, 8)), "index": 3} for spec in methods}}
+
+
+def test_merge_pairs_studies_split_by_method_and_by_seed(tmp_path):
+    """Parts written by write_report merge into the report one study would give: the same paired gaps."""
+    from dchag.parity.merge import merge_studies
+    from dchag.parity.report import write_report
+    write_report(_fake_study({"flat": [1.0, 2.0], "linear": [1.1, 1.8]}, [1, 2]), str(tmp_path / "a"))
+    write_report(_fake_study({"cross": [1.3, 2.2]}, [1, 2]), str(tmp_path / "b"))
+    write_report(_fake_study({"flat": [4.0], "linear": [3.0], "cross": [5.0]}, [3]), str(tmp_path / "c"))
+    assert "(no flat in this study)" in (tmp_path / "b" / "parity.md").read_text()
+    merged = merge_studies([str(tmp_path / d) for d in "abc"])
+    assert list(merged["methods"]) == ["flat", "linear", "cross"] and merged["seeds"] == [1, 2, 3]
+    assert set(merged["pictures"]) == {"flat", "linear", "cross"}
+    paths = write_report(merged, str(tmp_path / "all"))
+    assert {os.path.basename(p) for p in paths} >= {"parity.json", "parity.md", "forecast_maps.png"}
+    r = json.loads((tmp_path / "all" / "parity.json").read_text())
+    assert r["methods"]["cross"]["val_loss"] == [1.3, 2.2, 5.0]
+    assert r["methods"]["cross"]["gap_to_flat"]["per_seed"] == pytest.approx([0.3, 0.1, 0.25])
+    assert r["methods"]["linear"]["gap_to_flat"]["mean"] == pytest.approx(np.mean([0.1, -0.1, -0.25]))
+    assert r["methods"]["linear"]["curves"]["3"]["val_loss"] == [6.0, 3.0]
+    md = (tmp_path / "all" / "parity.md").read_text()
+    assert md.count("- merged from") == 3
+
+
+def test_merge_refuses_parts_that_do_not_pair(tmp_path):
+    from dchag.parity.merge import merge_studies
+    from dchag.parity.report import write_report
+    write_report(_fake_study({"flat": [1.0, 2.0]}, [1, 2]), str(tmp_path / "a"))
+    write_report(_fake_study({"linear": [1.0]}, [1]), str(tmp_path / "seed1"))
+    write_report(_fake_study({"linear": [1.0, 2.0]}, [1, 2], data_path="other"), str(tmp_path / "other"))
+    write_report(_fake_study({"flat": [1.0]}, [2]), str(tmp_path / "again"))
+    for parts, message in ((["a", "seed1"], "no run for seed(s) [2]"), (["a", "other"], "differ in data_path"),
+                           (["a", "again"], "seed 2 is in two"), (["a", "missing"], "does not exist")):
+        with pytest.raises(LayoutError, match=re.escape(message)):
+            merge_studies([str(tmp_path / d) for d in parts])
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "tools/parity.py", "--merge", str(tmp_path / "a"), str(tmp_path / "seed1"),
+                           "--output-dir", str(tmp_path / "a")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "would be overwritten" in proc.stderr
+    assert json.loads((tmp_path / "a" / "parity.json").read_text())["methods"]["flat"]["val_loss"] == [1.0, 2.0]
 
 
 def _free_port() -> int:

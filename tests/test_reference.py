@@ -212,6 +212,18 @@ def _init_properties() -> dict:
             dev = content - content.mean(0, keepdim=True)  # the image-dependent part
         out[name] = {"mean_err": rel_err(content, expected),
                      "content_over_pos": (dev.pow(2).mean().sqrt() / model.pos_embed.detach().pow(2).mean().sqrt()).item()}
+    # With equal groups (and sub-groups) the mean of group means is the mean of all channels: every method starts
+    # as exactly flat's function (the same tokenizer and final aggregation draws, the partial
+    # stage the plain mean), so any gap to flat comes from training (docs/PARITY.md, "Init").
+    images = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(5))  # 4 groups of 4 (tree: 2 + 2)
+    content = {}
+    for name, kwargs in (("flat", dict(aggregation="flat")), ("linear", dict(aggregation="linear")),
+                         ("cross", dict(aggregation="cross")), ("cross-tree2", dict(aggregation="cross", tree_levels=2))):
+        setup_layout(1, 1)  # the same seed for every model, as every run of a study gets
+        with torch.no_grad():
+            content[name] = DChagViT(tiny_config(num_channels=16, groups=4, **kwargs)).aggregate_channels(images)
+    for name in out:
+        out[name]["err_to_flat"] = rel_err(content[name], content["flat"])
     return out
 
 
@@ -274,6 +286,13 @@ def test_untrained_aggregation_is_the_mean_and_the_image_is_visible(results, agg
     r = results["init"][agg]
     assert r["mean_err"] < 1e-5, r
     assert r["content_over_pos"] > 0.1, r
+
+
+@pytest.mark.parametrize("agg", ["linear", "cross", "cross-tree2"])
+def test_untrained_dchag_is_flats_function(results, agg):
+    """Equal groups: D-CHAG-L and D-CHAG-C start as exactly the flat model (identity value and output
+    projections in CrossReduce; random ones left D-CHAG-C on the MAE plateau in 3 of 10 seeds)."""
+    assert results["init"][agg]["err_to_flat"] < 1e-6, results["init"][agg]
 
 
 @pytest.mark.parametrize("case", ["cross-tree2", "linear-forecast"])

@@ -7,6 +7,8 @@ Launch it like pretrain_dchag.py, with pretrain_dchag.py's model, data and train
     --seeds N                       seeds --seed .. --seed + N - 1 (paired across methods)
     --output-dir DIR                parity.json, parity.md, parity.png, reconstructions.png or
                                     forecast_maps.png, and one training log per run in DIR/logs
+    --merge DIR [DIR ...]           no training: report studies run apart (split by method, e.g.
+                                    flat,linear and cross, or by --seed) as one, in --output-dir
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 .venv/bin/python -m torch.distributed.run --nproc_per_node 2 \\
         tools/parity.py --methods flat,linear,cross --seeds 4 --output-dir runs/parity \\
@@ -33,9 +35,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False, add_help=False)
-    p.add_argument("--methods", default="flat,linear,cross", help="comma list, flat first (default: %(default)s)")
+    p.add_argument("--methods", default="flat,linear,cross", help="comma list, flat first (default: %(default)s); "
+                   "without flat, a part for --merge")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (default: %(default)s)")
     p.add_argument("--output-dir", default="runs/parity", help="where the report goes (default: %(default)s)")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="report finished studies (their --output-dir) as one, "
+                   "split by method or by seed; trains nothing")
     p.add_argument("-h", "--help", action="store_true")
     ours, rest = p.parse_known_args(argv)
     if ours.help:
@@ -44,6 +49,9 @@ def main(argv=None) -> int:
         from dchag.arguments import build_parser
         build_parser().print_help()
         return 0
+
+    if ours.merge:
+        return merge(ours.merge, ours.output_dir)
 
     import torch.distributed as dist
 
@@ -70,6 +78,23 @@ def main(argv=None) -> int:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    return 0
+
+
+def merge(directories: list[str], output_dir: str) -> int:
+    from dchag.parallel.partition import LayoutError
+    from dchag.parity.merge import merge_studies
+    from dchag.parity.report import write_report
+    try:
+        if any(os.path.realpath(d) == os.path.realpath(output_dir) for d in directories):
+            raise LayoutError(f"--output-dir {output_dir} is one of the --merge directories: its report would be "
+                              "overwritten; choose a new directory.")
+        results = merge_studies(directories)
+    except LayoutError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    for path in write_report(results, output_dir):
+        print(f"> wrote {path}", flush=True)
     return 0
 
 

@@ -38,7 +38,12 @@ def markdown(results: dict) -> str:
              f"{setup['train_iters']} iterations; seeds {', '.join(map(str, results['seeds']))} (paired: a seed fixes "
              "initial weights, data order and masks for every method)",
              f"- layout: T = {setup['tensor_model_parallel_size']}, P = {setup['channel_parallel_size']} for D-CHAG, "
-             "P = 1 for flat", f"- command: `{' '.join(setup['argv'])}`", "",
+             "P = 1 for flat"]
+    if "merged_from" in setup:  # tools/parity.py --merge: one command per part
+        lines += [f"- merged from `{part['directory']}`: `{' '.join(part['argv'])}`" for part in setup["merged_from"]]
+    else:
+        lines.append(f"- command: `{' '.join(setup['argv'])}`")
+    lines += ["",
              "| method | val loss (mean +- 95 % CI) | gap to flat (paired, 95 % CI) | train loss (last 10 %) | s per run |",
              "|---|---:|---:|---:|---:|"]
     for m in results["methods"].values():
