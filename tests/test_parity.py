@@ -188,3 +188,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_aggregation_diagnostics_runs_and_starts_uniform():
+    """tools/aggregation_diagnostics.py (docs/PARITY.md, "Init"): at iteration 0 every attention of
+    D-CHAG-C is uniform (entropy 1) and the image is a visible part of the backbone's input."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    proc = subprocess.run([sys.executable, "tools/aggregation_diagnostics.py", "--methods", "cross", "--iters", "2",
+                           "--every", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"^\s+\d+\s", line)]
+    assert [r[0] for r in rows] == ["0", "1", "2"], proc.stdout
+    it0 = dict(zip(("iter", "loss", "content", "ratio", "h_part", "h_final"), rows[0]))
+    assert float(it0["h_part"]) == pytest.approx(1.0, abs=1e-6) and float(it0["h_final"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(it0["ratio"]) > 0.1

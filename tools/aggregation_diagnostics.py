@@ -47,7 +47,7 @@ def _attention_entropies(model, tokens: torch.Tensor) -> tuple[float | None, flo
     if hasattr(model.partial, "levels"):
         for level in model.partial.levels:
             if isinstance(level, CrossReduce):
-                seg, _ = _segments(x, level.level)  # [B, n, S, L, D]
+                seg, _ = _segments(x, level.level.sizes)  # [B, n, S, L, D]
                 B, n, S, L, D = seg.shape
                 H, hd = level.num_heads, D // level.num_heads
                 k = torch.einsum("bnsld,nde->bnlse", seg, level.key).reshape(B, n, L, S, H, hd)
@@ -91,14 +91,18 @@ def run(method: str, args) -> None:
                       attention_backend="unfused")
     model = DChagViT(cfg)
     query_std, kv_std, proj_std = args.query_std, args.final_std, args.final_std
+    partial_std = args.partial_std
     if args.legacy_init:  # the initialization before docs/PARITY.md's "Init" (same distributions, other draws)
         query_std, kv_std, proj_std = 1.0, 0.02, 0.02 / math.sqrt(2 * cfg.num_layers)
+        partial_std = 1.0 / math.sqrt(cfg.hidden_size)
     gen_init = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():  # ablations of the initialization (this tool only; not layout-independent)
         for name, p in model.named_parameters():
             std = {"final.kv.weight": kv_std, "final.proj.weight": proj_std}.get(name)
             if name.endswith("query"):
                 std = query_std
+            if name.startswith("partial.") and name.endswith((".value", ".proj")):
+                std = partial_std
             if std is not None:
                 p.copy_(torch.randn(p.shape, generator=gen_init) * std)
     train, _ = build_datasets("synthetic:num_images=2000", task="mae", img_h=16, img_w=16, num_channels=32,
@@ -138,7 +142,7 @@ def run(method: str, args) -> None:
         loss = mae_loss(model(images, patch_mask=mask), images, valid, mask, cfg.grid, cfg.patch_dim)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if report:
             g = _grad_norms(model)
             hp = "-" if h_part is None else f"{h_part:.3f}"
@@ -161,8 +165,12 @@ def main() -> int:
     p.add_argument("--final-std", type=float, default=None,
                    help="ablation: redraw the final aggregation's kv and proj weights from N(0, std^2) "
                         "(the old init: 0.02; its proj had 0.01)")
+    p.add_argument("--partial-std", type=float, default=None,
+                   help="ablation: redraw D-CHAG-C's partial value and output projections from N(0, std^2) "
+                        "(before the identity init: 1/sqrt(D) = 0.125)")
     p.add_argument("--legacy-init", action="store_true",
-                   help="the old init: queries N(0, 1), final kv N(0, 0.02^2), final proj N(0, (0.02/sqrt(2 layers))^2)")
+                   help="the first init: queries N(0, 1), final kv N(0, 0.02^2), final proj N(0, (0.02/sqrt(2 layers))^2), "
+                        "partial value and proj N(0, 1/D)")
     args = p.parse_args()
     import torch.distributed as dist
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
