@@ -3,7 +3,7 @@
 One 1-rank job (T = P = 1) builds each case's model twice from the same weights, unstreamed and
 streamed with several K (1: every channel alone; 3: chunks that start and end inside uneven
 segments; 5; and K >= c_r: one chunk), and compares the model output, the loss and every
-parameter gradient (fp32, tolerance 1e-6). The distributed layouts are checked in
+parameter gradient (fp32, tolerance 4e-6). The distributed layouts are checked in
 tests/test_equivalence.py. Also: the chunk plan against a brute-force one, the online softmax at
 scores where a plain exp overflows, and the saved bytes not growing with the channel count.
 """
@@ -19,7 +19,7 @@ import torch
 from tests.distributed import run_distributed
 from tests.model_cases import perturb_, random_batch, rel_err, setup_layout, tiny_config
 
-TOLERANCE = 1e-6
+TOLERANCE = 4e-6  # fp32, ~30 ulps: with the identity partial projections the reordered sums of the online softmax reach 1.5e-6 on the cross forecast loss
 CHUNKS = (1, 3, 5, 64)
 
 CASES = {
