@@ -290,8 +290,9 @@ def test_untrained_aggregation_is_the_mean_and_the_image_is_visible(results, agg
 
 @pytest.mark.parametrize("agg", ["linear", "cross", "cross-tree2"])
 def test_untrained_dchag_is_flats_function(results, agg):
-    """Equal groups: D-CHAG-L and D-CHAG-C start as exactly the flat model (identity value and output
-    projections in CrossReduce; random ones left D-CHAG-C on the MAE plateau in 3 of 10 seeds)."""
+    """Equal groups: D-CHAG-L and D-CHAG-C start as exactly the flat model (D-CHAG-L: the group mean;
+    D-CHAG-C: zero query, identity value and output projections in CrossReduce). Fails with random
+    partial projections."""
     assert results["init"][agg]["err_to_flat"] < 1e-6, results["init"][agg]
 
 

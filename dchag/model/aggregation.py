@@ -145,10 +145,10 @@ class CrossReduce(nn.Module):
         # An untrained segment is the plain mean of its tokens, as LinearReduce starts from the
         # group mean: a zero query (uniform attention, as ClimaX's variable aggregation) and
         # identity value and output projections. So D-CHAG-C, like D-CHAG-L, starts as exactly
-        # flat's function (equal groups), and the partial stage adds no random D x D matrices in
-        # series: with random ones, Adam's full-size steps on the plateau's noisy gradient
-        # scrambled the content and 3 of 10 seeds never left the plateau (docs/PARITY.md, "Init").
-        # Keys are unit-gain random: they only matter once the query has learned something.
+        # flat's function (equal groups): any gap to flat is made by training, not by the draw.
+        # (It does not cure D-CHAG-C's MAE plateau: 3 of 10 seeds stay on it with either start,
+        # docs/PARITY.md, "Init".) Keys are unit-gain random: they only matter once the query
+        # has learned something.
         self.query = nn.Parameter(torch.zeros(n, D))
         self.key = nn.Parameter(init_rows_(torch.empty(n, D, D), rows, seed, f"{name}.key", std=1.0 / math.sqrt(D)))
         self.value = nn.Parameter(init_identity_(torch.empty(n, D, D)))

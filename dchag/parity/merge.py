@@ -43,7 +43,7 @@ def merge_studies(directories: list[str]) -> dict:
             if r["setup"][key] != first["setup"][key]:
                 raise LayoutError(f"--merge: {d} and {first_dir} differ in {key} ({r['setup'][key]!r} vs "
                                   f"{first['setup'][key]!r}); only studies of the same task, data and length merge.")
-    by_method: dict[str, dict] = {}  # spec -> {"entry": ..., "seeds": {seed: index into the part}}
+    by_method: dict[str, dict] = {}  # spec -> {"label", "spec", "runs": {seed: that run's values and curve}}
     pictures: dict = {}
     for d, r, pics in parts:
         for spec, m in r["methods"].items():
