@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (without saving) after this many consecutive iterations with a non-finite loss or "
                         "gradient norm; each such update is skipped on every rank")
     g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--dchag-partial-lr-mult", type=float, default=1.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)

@@ -56,6 +56,10 @@ HELP = {
     "--lr-warmup-iters": "linear warmup iterations",
     "--lr-decay-style": "decay after the warmup",
     "--weight-decay": "AdamW weight decay",
+    "--dchag-partial-lr-mult": "learning-rate multiplier of D-CHAG's partial aggregation (its parameter groups' "
+                               "lr_mult, as megatron's); below 1 that stage learns slower than the rest of the model, "
+                               "0 freezes it (docs/PARITY.md: D-CHAG-C's partial stage at full rate can keep a run "
+                               "on the initial plateau)",
     "--adam-beta1": "AdamW beta1",
     "--adam-beta2": "AdamW beta2",
     "--adam-eps": "AdamW epsilon",

@@ -173,14 +173,18 @@ def _decayed_parameters() -> dict:
     from dchag.model.vit import DChagViT
     from dchag.training.loop import _build_optimizer
     setup_layout(1, 1)
-    args = SimpleNamespace(weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
+    args = SimpleNamespace(weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, dchag_partial_lr_mult=0.5)
     out = {}
     for name, kwargs in (("cross-tree2", dict(aggregation="cross", tree_levels=2)),
                          ("linear-forecast", dict(aggregation="linear", task="forecast"))):
         model = DChagViT(tiny_config(**kwargs))
         opt = _build_optimizer(model, args)
         names = {id(p): n for n, p in model.named_parameters()}
-        out[name] = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups}
+        by_decay, by_lr_mult = {}, {}
+        for g in opt.param_groups:
+            by_decay.setdefault(g["weight_decay"], []).extend(names[id(p)] for p in g["params"])
+            by_lr_mult.setdefault(g["lr_mult"], []).extend(names[id(p)] for p in g["params"])
+        out[name] = {"decay": by_decay, "lr_mult": by_lr_mult}
     return out
 
 
@@ -298,10 +302,22 @@ def test_untrained_dchag_is_flats_function(results, agg):
 
 @pytest.mark.parametrize("case", ["cross-tree2", "linear-forecast"])
 def test_weight_decay_only_for_weight_matrices(results, case):
-    groups = results["decay"][case]
+    groups = results["decay"][case]["decay"]
     assert groups[0.0] and groups[0.1]
     assert [n for n in groups[0.1] if not DECAYED.match(n)] == []
     assert [n for n in groups[0.0] if DECAYED.match(n)] == []
     for role in ("pos_embed", "tokenizer.channel_embed", "tokenizer.bias", "final.query",
                  "backbone.final_layernorm.weight"):
         assert role in groups[0.0]
+
+
+@pytest.mark.parametrize("case", ["cross-tree2", "linear-forecast"])
+def test_partial_lr_mult_reaches_exactly_the_partial_stage(results, case):
+    """--dchag-partial-lr-mult 0.5 puts every partial-aggregation parameter (all tree levels), and
+    nothing else, in groups with lr_mult 0.5."""
+    groups = results["decay"][case]["lr_mult"]
+    assert sorted(groups) == [0.5, 1.0]
+    assert groups[0.5] and all(n.startswith("partial.") for n in groups[0.5])
+    assert not [n for n in groups[1.0] if n.startswith("partial.")]
+    if case == "cross-tree2":
+        assert {n.split(".")[2] for n in groups[0.5]} == {"0", "1"}  # both levels of the tree

@@ -462,6 +462,19 @@ def test_lr_schedules():
     assert cos[:3] == [0.5, 1.0, 1.0] and cos[4] == pytest.approx(0.55) and cos[-1] == pytest.approx(0.1)
 
 
+def test_lr_mult_scales_its_group():
+    """A group's lr_mult (--dchag-partial-lr-mult) scales the schedule's rate for that group only."""
+    from dchag.training.lr import LRScheduler
+
+    class Opt:
+        param_groups = [{"lr": 0.0}, {"lr": 0.0, "lr_mult": 0.1}, {"lr": 0.0, "lr_mult": 0.0}]
+
+    s = LRScheduler(Opt(), 1.0, 0.1, 2, 6, "linear")
+    for _ in range(4):
+        s.step()
+        assert [g["lr"] for g in Opt.param_groups] == pytest.approx([s.get_lr(), 0.1 * s.get_lr(), 0.0])
+
+
 def test_cli_conflict_exits_nonzero(tmp_path):
     """The command line as users launch it: a conflict is one clear message and exit status 1."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),

@@ -44,13 +44,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _build_optimizer(model, args):
+    """AdamW over four groups: weight matrices decay, the rest not; D-CHAG's partial aggregation
+    learns at ``--dchag-partial-lr-mult`` times the schedule's rate (``lr_mult``, applied by the
+    LR scheduler)."""
+    from dchag.model.aggregation import PartialAggregation
     from dchag.model.init import is_weight_matrix
-    decay, no_decay = [], []
+    if args.dchag_partial_lr_mult < 0:
+        raise ConfigError(f"--dchag-partial-lr-mult {args.dchag_partial_lr_mult}: a learning-rate multiplier must be "
+                          ">= 0 (1 = the schedule's rate, 0 = frozen).")
+    partial = {id(p) for m in model.modules() if isinstance(m, PartialAggregation) for p in m.parameters()}
+    groups = {}
     for p in model.parameters():
         if p.requires_grad:  # only weight matrices decay: the model tags them by role where it builds them
-            (decay if is_weight_matrix(p) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+            key = (is_weight_matrix(p), args.dchag_partial_lr_mult if id(p) in partial else 1.0)
+            groups.setdefault(key, []).append(p)
+    groups = [{"params": params, "weight_decay": args.weight_decay if decay else 0.0, "lr_mult": lr_mult}
+              for (decay, lr_mult), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
     # lr 0 until the LR schedule sets it: DeepSpeed's ZeRO-0 bf16 wrapper (FP16_Optimizer) takes
     # one zero-gradient step at setup, which must not decay the weights (see _undo_setup_step).
     return torch.optim.AdamW(groups, lr=0.0, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)

@@ -43,7 +43,7 @@ class LRScheduler:
     def _apply(self) -> None:
         lr = self.get_lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)  # megatron's per-group multiplier
 
     def step(self) -> None:
         self.num_steps += 1
