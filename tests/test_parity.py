@@ -51,7 +51,12 @@ def test_method_specs():
     assert m[2].overrides(args) == {"dchag_aggregation": "cross", "dchag_groups": 8, "dchag_tree_levels": 2}
     assert m[3].label(8, 1) == "D-CHAG-L G=32"
     assert [x.spec for x in parse_methods("cross,linear:g=2")] == ["cross", "linear:g=2"]  # a part to --merge
-    for bad in ("linear,flat", "flat,mean", "flat,cross:q=2", "flat:g=2", "flat,linear,linear", "flat,flat", ""):
+    slow = parse_methods("flat,cross:lrm=0.1:k=2")[1]
+    assert slow.overrides(args) == {"dchag_aggregation": "cross", "dchag_groups": 8, "dchag_tree_levels": 2,
+                                    "dchag_partial_lr_mult": 0.1}
+    assert slow.label(8, 1) == "D-CHAG-C G=8 k=2 partial lr x0.1"
+    for bad in ("linear,flat", "flat,mean", "flat,cross:q=2", "flat:g=2", "flat,linear,linear", "flat,flat", "",
+                "flat,cross:lrm=-1", "flat,cross:lrm=x", "flat:lrm=0.1"):
         with pytest.raises(LayoutError):
             parse_methods(bad)
 

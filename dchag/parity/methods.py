@@ -1,9 +1,10 @@
-"""Method specs of the parity study: ``NAME[:g=G][:k=K]``.
+"""Method specs of the parity study: ``NAME[:g=G][:k=K][:lrm=M]``.
 
 ``flat`` is the baseline (ClimaX/ORBIT aggregation over all C channels) and always runs with
 channel-parallel size 1; ``linear`` (D-CHAG-L) and ``cross`` (D-CHAG-C) run with the study's
 --dchag-groups, --dchag-tree-levels and --channel-parallel-size unless the spec overrides G or k
-(e.g. ``cross:k=2`` is D-CHAG-C with 2 tree levels, ``linear:g=32`` D-CHAG-L with 32 groups).
+(e.g. ``cross:k=2`` is D-CHAG-C with 2 tree levels, ``linear:g=32`` D-CHAG-L with 32 groups);
+``lrm=M`` sets --dchag-partial-lr-mult for that method (``cross:lrm=0.1``).
 """
 
 from __future__ import annotations
@@ -21,20 +22,32 @@ class Method:
     aggregation: str
     groups: int | None = None  # None: the study's --dchag-groups
     tree_levels: int | None = None
+    partial_lr_mult: float | None = None  # None: the study's --dchag-partial-lr-mult
 
     def label(self, default_groups: int, default_levels: int) -> str:
         if self.aggregation == "flat":
             return NAMES["flat"]
         g = self.groups or default_groups
         k = self.tree_levels or default_levels
-        return f"{NAMES[self.aggregation]} G={g}" + (f" k={k}" if k > 1 else "")
+        return (f"{NAMES[self.aggregation]} G={g}" + (f" k={k}" if k > 1 else "")
+                + (f" partial lr x{self.partial_lr_mult:g}" if self.partial_lr_mult is not None else ""))
 
     def overrides(self, args) -> dict:
         """The argument values this method sets on top of the study's flags."""
         if self.aggregation == "flat":
             return {"dchag_aggregation": "flat", "dchag_groups": 1, "dchag_tree_levels": 1, "channel_parallel_size": 1}
-        return {"dchag_aggregation": self.aggregation, "dchag_groups": self.groups or args.dchag_groups,
-                "dchag_tree_levels": self.tree_levels or args.dchag_tree_levels}
+        out = {"dchag_aggregation": self.aggregation, "dchag_groups": self.groups or args.dchag_groups,
+               "dchag_tree_levels": self.tree_levels or args.dchag_tree_levels}
+        if self.partial_lr_mult is not None:
+            out["dchag_partial_lr_mult"] = self.partial_lr_mult
+        return out
+
+
+def _non_negative(value: str) -> bool:
+    try:
+        return float(value) >= 0
+    except ValueError:
+        return False
 
 
 def parse_methods(text: str) -> list[Method]:
@@ -43,16 +56,19 @@ def parse_methods(text: str) -> list[Method]:
         name, *opts = spec.split(":")
         if name not in NAMES:
             raise LayoutError(f"--methods: unknown method {name!r} in {spec!r}; use flat, linear or cross "
-                              "(optionally with :g=G and :k=K, e.g. cross:g=8:k=2).")
+                              "(optionally with :g=G, :k=K and :lrm=M, e.g. cross:g=8:k=2).")
         kw = {}
         for opt in opts:
             key, _, value = opt.partition("=")
-            if key not in ("g", "k") or not value.isdigit() or int(value) < 1:
+            if key == "lrm" and _non_negative(value):
+                kw["partial_lr_mult"] = float(value)
+            elif key not in ("g", "k") or not value.isdigit() or int(value) < 1:
                 raise LayoutError(f"--methods: bad option {opt!r} in {spec!r}; options are g=G and k=K (positive "
-                                  "integers), e.g. linear:g=32 or cross:k=2.")
+                                  "integers) and lrm=M (a number >= 0), e.g. linear:g=32, cross:k=2 or cross:lrm=0.1.")
+            else:
+                kw["groups" if key == "g" else "tree_levels"] = int(value)
             if name == "flat":
-                raise LayoutError(f"--methods: {spec!r}: flat aggregation has no groups or tree levels.")
-            kw["groups" if key == "g" else "tree_levels"] = int(value)
+                raise LayoutError(f"--methods: {spec!r}: flat aggregation has no groups, tree levels or partial stage.")
         methods.append(Method(spec, name, **kw))
     if not methods:
         raise LayoutError("--methods is empty; e.g. --methods flat,linear,cross.")
