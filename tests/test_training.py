@@ -202,6 +202,11 @@ def _four_rank_job(tmp, stages):
     for stage in stages:  # bf16: DeepSpeed's bf16 optimizers (fp32 master weights), same model
         r[f"bf16_{stage}"] = _train(_ds(f"zero{stage}_bf16.json") + MAE + [
             "--channel-parallel-size", "2", "--global-batch-size", "8", "--train-iters", "3"])["losses"]
+    if 3 in stages:  # --dchag-partial-lr-mult 0 through ZeRO 3's partitioned optimizer, against --lr 0 (= the init)
+        short = _ds("zero3_fp32.json") + MAE + ["--channel-parallel-size", "2", "--global-batch-size", "8",
+                                                "--train-iters", "3"]
+        r["lr0_3"] = _train(short + ["--lr", "0", "--min-lr", "0"], full_params=True)["params"]
+        r["partial_frozen_3"] = _train(short + ["--dchag-partial-lr-mult", "0"], full_params=True)["params"]
     if 3 in stages:  # the streamed channel stage under ZeRO 3: its recompute must find the parameters gathered
         for K in (0, 2):  # unstreamed; chunks of 2 channels (several per rank, cutting the uneven groups)
             r[f"chunk{K}_3"] = _train(_ds("zero3_fp32.json") + MAE + DROPOUT + [
@@ -290,6 +295,19 @@ def test_streamed_channel_stage_trains_the_same_model_under_zero3(four):
     assert sorted(streamed_bf16) == sorted(ref_bf16)
     for it, v in streamed_bf16.items():
         assert math.isfinite(v) and abs(v - ref_bf16[it]) <= 1e-2 * ref_bf16[it], (it, v, ref_bf16[it])
+
+
+def test_partial_lr_mult_zero_freezes_only_the_partial_stage_under_zero3(four):
+    """--dchag-partial-lr-mult 0 under ZeRO 3 (P = 2, T = 2): after 3 steps the partial stage is
+    exactly its initial value (a --lr 0 run) and every other weight matrix has moved."""
+    init, frozen = four[0]["lr0_3"], four[0]["partial_frozen_3"]
+    assert init.keys() == frozen.keys()
+    partial = [n for n in init if n.startswith("partial.")]
+    assert partial, sorted(init)
+    for n in partial:
+        assert torch.equal(frozen[n], init[n]), n
+    moved = [n for n in init if not n.startswith("partial.") and init[n].dim() == 2 and torch.equal(frozen[n], init[n])]
+    assert moved == [], f"weight matrices that did not train: {moved}"
 
 
 def test_channel_parallel_size_does_not_change_the_loss(two):
