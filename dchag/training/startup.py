@@ -118,7 +118,9 @@ def summary(args, cfg, ds_config, engine, train_ds, valid_ds) -> list[str]:
     decay = args.lr_decay_iters or args.train_iters
     lines.append(f"training: {args.train_iters} iterations, global batch {args.global_batch_size} (micro {args.micro_batch_size}"
                  f" x accumulation {ds_config['gradient_accumulation_steps']} x DP {dp}); LR {args.lr_decay_style} "
-                 f"{args.lr:g} -> {args.min_lr:g}, warmup {args.lr_warmup_iters}, decay over {decay} iterations")
+                 f"{args.lr:g} -> {args.min_lr:g}, warmup {args.lr_warmup_iters}, decay over {decay} iterations"
+                 + (f"; partial aggregation at {args.dchag_partial_lr_mult:g} x the LR"
+                    if args.dchag_partial_lr_mult != 1 and cfg.aggregation != "flat" else ""))
     for line in lines:
         say(f"> {line}")
     return lines
