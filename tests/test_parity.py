@@ -138,7 +138,7 @@ def _fake_study(methods: dict[str, list[float]], seeds: list[int], data_path="sy
                       "split": "held-out split", "held_out_samples": 8, "scored_per_evaluation": 8,
                       "train_iters": 20, "num_channels": 4, "tensor_model_parallel_size": 1,
                       "channel_parallel_size": 1},
-            "methods": {spec: {"label": NAMES[spec], "spec": spec, "val_loss": vals, "train_loss": vals,
+            "methods": {spec: {"label": NAMES[spec.split(":")[0]], "spec": spec, "val_loss": vals, "train_loss": vals,
                                "metrics": [{}] * len(vals), "seconds": [1.0] * len(vals),
                                "curves": {str(s): {"iterations": [10, 20], "val_loss": [2 * v, v]}
                                           for s, v in zip(seeds, vals)}}
@@ -167,6 +167,28 @@ def test_merge_pairs_studies_split_by_method_and_by_seed(tmp_path):
     assert r["methods"]["linear"]["curves"]["3"]["val_loss"] == [6.0, 3.0]
     md = (tmp_path / "all" / "parity.md").read_text()
     assert md.count("- merged from") == 3
+
+
+def test_merge_keeps_only_the_methods_asked_for(tmp_path):
+    """--merge with --methods drops a variant that ran on fewer seeds instead of refusing the merge."""
+    from dchag.parity.merge import merge_studies
+    from dchag.parity.report import write_report
+    write_report(_fake_study({"flat": [1.0, 2.0], "cross": [1.1, 1.8], "cross:lrm=0.1": [0.9, 2.1]}, [1, 2]),
+                 str(tmp_path / "a"))
+    write_report(_fake_study({"flat": [4.0], "cross": [5.0]}, [3]), str(tmp_path / "b"))
+    parts = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(LayoutError, match=re.escape("cross:lrm=0.1 has no run for seed(s) [3]")):
+        merge_studies(parts)
+    merged = merge_studies(parts, ["flat", "cross"])
+    assert list(merged["methods"]) == ["flat", "cross"] and merged["methods"]["cross"]["val_loss"] == [1.1, 1.8, 5.0]
+    with pytest.raises(LayoutError, match="linear is in none of the directories"):
+        merge_studies(parts, ["flat", "linear"])
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "tools/parity.py", "--merge", *parts, "--methods", "flat,cross",
+                           "--output-dir", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(json.loads((tmp_path / "out" / "parity.json").read_text())["methods"]) == ["flat", "cross"]
 
 
 def test_merge_refuses_parts_that_do_not_pair(tmp_path):

@@ -8,7 +8,8 @@ Launch it like pretrain_dchag.py, with pretrain_dchag.py's model, data and train
     --output-dir DIR                parity.json, parity.md, parity.png, reconstructions.png or
                                     forecast_maps.png, and one training log per run in DIR/logs
     --merge DIR [DIR ...]           no training: report studies run apart (split by method, e.g.
-                                    flat,linear and cross, or by --seed) as one, in --output-dir
+                                    flat,linear and cross, or by --seed) as one, in --output-dir;
+                                    with --methods, only those methods
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 .venv/bin/python -m torch.distributed.run --nproc_per_node 2 \\
         tools/parity.py --methods flat,linear,cross --seeds 4 --output-dir runs/parity \\
@@ -35,8 +36,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False, add_help=False)
-    p.add_argument("--methods", default="flat,linear,cross", help="comma list, flat first (default: %(default)s); "
-                   "without flat, a part for --merge")
+    p.add_argument("--methods", default=None, help="comma list, flat first (default: flat,linear,cross); "
+                   "without flat, a part for --merge; with --merge, the methods to report")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (default: %(default)s)")
     p.add_argument("--output-dir", default="runs/parity", help="where the report goes (default: %(default)s)")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="report finished studies (their --output-dir) as one, "
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
         return 0
 
     if ours.merge:
-        return merge(ours.merge, ours.output_dir)
+        return merge(ours.merge, ours.output_dir, ours.methods)
 
     import torch.distributed as dist
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     try:
         if ours.seeds < 1:
             raise LayoutError(f"--seeds must be >= 1, got {ours.seeds}.")
-        methods = parse_methods(ours.methods)
+        methods = parse_methods(ours.methods or "flat,linear,cross")
         results = run_study(rest, methods, ours.seeds, ours.output_dir, model_provider=pretrain_dchag.model_provider,
                             forward_step=pretrain_dchag.forward_step, datasets_provider=pretrain_dchag.datasets_provider,
                             eval_metrics_func=pretrain_dchag.forecast_metrics)
@@ -81,15 +82,17 @@ def main(argv=None) -> int:
     return 0
 
 
-def merge(directories: list[str], output_dir: str) -> int:
+def merge(directories: list[str], output_dir: str, methods: str | None = None) -> int:
     from dchag.parallel.partition import LayoutError
     from dchag.parity.merge import merge_studies
+    from dchag.parity.methods import parse_methods
     from dchag.parity.report import write_report
     try:
         if any(os.path.realpath(d) == os.path.realpath(output_dir) for d in directories):
             raise LayoutError(f"--output-dir {output_dir} is one of the --merge directories: its report would be "
                               "overwritten; choose a new directory.")
-        results = merge_studies(directories)
+        keep = None if methods is None else [m.spec for m in parse_methods(methods)]
+        results = merge_studies(directories, keep)
     except LayoutError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

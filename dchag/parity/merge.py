@@ -32,8 +32,9 @@ def _load(directory: str) -> tuple[dict, dict]:
     return results, pictures
 
 
-def merge_studies(directories: list[str]) -> dict:
-    """The results of several parity studies as one (the input of ``report.write_report``)."""
+def merge_studies(directories: list[str], methods: list[str] | None = None) -> dict:
+    """The results of several parity studies as one (the input of ``report.write_report``);
+    ``methods``: only these method specs (e.g. leave out a variant that ran on fewer seeds)."""
     if len(directories) < 2:
         raise LayoutError("--merge needs at least two study directories.")
     parts = [(d, *_load(d)) for d in directories]
@@ -47,6 +48,8 @@ def merge_studies(directories: list[str]) -> dict:
     pictures: dict = {}
     for d, r, pics in parts:
         for spec, m in r["methods"].items():
+            if methods is not None and spec not in methods:
+                continue
             slot = by_method.setdefault(spec, {"label": m["label"], "spec": spec, "runs": {}})
             for i, seed in enumerate(r["seeds"]):
                 if seed in slot["runs"]:
@@ -55,6 +58,10 @@ def merge_studies(directories: list[str]) -> dict:
                 slot["runs"][seed] = {**{k: m[k][i] for k in PER_SEED}, "curve": m["curves"][str(seed)]}
             if spec in pics and spec not in pictures:
                 pictures[spec] = pics[spec]
+    absent = [spec for spec in methods or () if spec not in by_method]
+    if absent:
+        raise LayoutError(f"--merge --methods: {', '.join(absent)} is in none of the directories (they hold "
+                          f"{', '.join(sorted({s for _, r, _ in parts for s in r['methods']}))}).")
     seeds = sorted({s for slot in by_method.values() for s in slot["runs"]})
     for spec, slot in by_method.items():
         missing = [s for s in seeds if s not in slot["runs"]]
