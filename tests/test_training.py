@@ -150,6 +150,7 @@ def _two_rank_job(tmp):
     resume = zero1 + MAE + ["--train-iters", str(ITERS), "--load", a, "--save", a]
     r["err_groups"] = _refused(resume + ["--channel-parallel-size", "2", "--dchag-groups", "2"], a)
     r["err_layout"] = _refused(resume + ["--channel-parallel-size", "1"], a)
+    r["err_lr_mult"] = _refused(resume + ["--channel-parallel-size", "2", "--dchag-partial-lr-mult", "0.5"], a)
     r["err_overwrite"] = _refused(zero1 + short + ["--save", a], a)  # fresh run into a used folder
     r["err_missing"] = _refused(zero1 + short + ["--load", os.path.join(tmp, "nothing-here")])
 
@@ -350,6 +351,9 @@ def test_checkpoint_mismatch_is_refused_and_nothing_is_overwritten(two):
         assert unchanged
         kind, msg, unchanged = r["err_layout"]
         assert kind == "CheckpointError" and "--channel-parallel-size 2" in msg, msg
+        assert unchanged
+        kind, msg, unchanged = r["err_lr_mult"]  # not DeepSpeed's parameter-alignment error
+        assert kind == "CheckpointError" and "--dchag-partial-lr-mult 1.0" in msg and "--no-load-optim" in msg, msg
         assert unchanged
         kind, msg, unchanged = r["err_overwrite"]
         assert kind == "CheckpointError" and "iter_0000006" in msg and "overwrite" in msg, msg

@@ -50,8 +50,15 @@ def iteration_of(tag: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+# Arguments that shape the optimizer's parameter groups: its saved state loads only under the same
+# values (DeepSpeed's own error for a changed grouping names parameter alignment, not the flag).
+OPTIMIZER_ARGS = ("dchag_partial_lr_mult",)
+
+
 def model_args(args) -> dict:
-    return {k: getattr(args, k) for k in MODEL_ARGS}
+    """What a checkpoint records of its run (dchag_args.json): the model/layout arguments and the
+    optimizer-grouping ones."""
+    return {k: getattr(args, k) for k in MODEL_ARGS + OPTIMIZER_ARGS}
 
 
 def _flag(key: str) -> str:
@@ -155,6 +162,14 @@ def check_compatible(args, universal: bool = False) -> str | None:
             f"cannot load {args.load}/{tag}: it was saved with {_flag(k)} {saved[k]} but the command line gives "
             f"{_flag(k)} {getattr(args, k)}{' (also ' + others[2:] + ')' if others else ''}. Use the checkpoint's "
             f"value ({hint}).")
+    if universal or not getattr(args, "no_load_optim", False):  # a fresh optimizer takes any grouping
+        for k in OPTIMIZER_ARGS:
+            if k in saved and saved[k] != getattr(args, k):
+                raise CheckpointError(
+                    f"cannot load {args.load}/{tag}: it was saved with {_flag(k)} {saved[k]} but the command line "
+                    f"gives {_flag(k)} {getattr(args, k)}, and its optimizer state is grouped by that value. Resume "
+                    f"with the checkpoint's value, or add --no-load-optim to load its weights with a fresh optimizer "
+                    f"under the new one.")
     return tag
 
 
