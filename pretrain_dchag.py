@@ -14,9 +14,12 @@ def model_provider(cfg):
 
 
 def forward_step(model, batch, args, cfg, iteration: int):
-    """The loss of one micro-batch; at evaluation (iteration -1) of a forecast, also the sums
-    behind the per-variable RMSE and ACC."""
-    from dchag.tasks import forecast_loss, mae_loss, patch_mask
+    """The loss of one micro-batch. At evaluation (iteration -1) also the sums the evaluation
+    pools over every scored sample: ``loss_sums`` (the loss's numerator and weight) and, for a
+    forecast, the per-time sums behind each variable's RMSE and ACC. A forecast's training loss is
+    divided by ``batch["loss_normalizer"]`` when the loop set it (``loss_weight``)."""
+    from dchag.tasks import forecast as fc
+    from dchag.tasks import mae, patch_mask
     from dchag.tasks.weather_metrics import metric_sums
     valid = batch["valid"]
     images = torch.where(valid, batch["images"], torch.zeros_like(batch["images"]))
@@ -24,14 +27,29 @@ def forward_step(model, batch, args, cfg, iteration: int):
         mask = patch_mask(batch["index"].cpu(), cfg.num_patches, args.mask_ratio, args.seed,
                           max(iteration, 0)).to(images.device)
         pred = model(images, patch_mask=mask)
-        return mae_loss(pred, images, valid, mask, cfg.grid, cfg.patch_dim)
+        sums = mae.error_sums(pred, images, valid, mask, cfg.grid, cfg.patch_dim)
+        loss = sums[0] / sums[1].clamp_min(1.0)
+        return loss if iteration >= 0 else (loss, {"loss_sums": sums})
     lead = torch.full((images.shape[0],), float(args.lead_time), device=images.device)
     pred = model(images, lead_time=lead)
-    loss = forecast_loss(pred, batch["target"], batch["target_valid"], batch["lat_weights"])
-    if iteration >= 0 or "climatology" not in batch:
-        return loss
-    return loss, {"forecast": metric_sums(pred, batch["target"], batch["target_valid"], batch["lat_weights"],
-                                          batch["climatology"])}
+    if iteration >= 0:
+        return fc.forecast_loss(pred, batch["target"], batch["target_valid"], batch["lat_weights"],
+                                batch.get("loss_normalizer"))
+    sums = fc.error_sums(pred, batch["target"], batch["target_valid"], batch["lat_weights"])
+    stats = {"loss_sums": sums}
+    if "climatology" in batch:
+        stats["forecast"] = metric_sums(pred, batch["target"], batch["target_valid"], batch["lat_weights"],
+                                        batch["climatology"], batch["time_slot"], int(batch["time_slots"][0]))
+    return sums[0] / sums[1].clamp_min(1e-12), stats
+
+
+def loss_weight(batch, args):
+    """A forecast micro-batch's loss weight (sum of cos(lat) over its valid target pixels): the loop
+    pools the training loss over the global batch with it. None for MAE (mean per micro-batch)."""
+    if args.task != "forecast":
+        return None
+    from dchag.tasks.forecast import loss_weight as forecast_loss_weight
+    return forecast_loss_weight(batch)
 
 
 def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: int):
@@ -81,8 +99,11 @@ def reconstruction_picture(model, valid_factory, args, cfg, iteration: int, writ
 
 
 def forecast_metrics(sums, args, valid_factory) -> dict:
-    """Per output variable: latitude-weighted RMSE (in the variable's units) and ACC."""
+    """Per output variable: latitude-weighted RMSE (in the variable's units) and ACC, as
+    WeatherBench 2 defines them (dchag/tasks/weather_metrics.py)."""
     from dchag.tasks.weather_metrics import metrics_from_sums
+    if "forecast" not in sums:
+        return {}
     ds = valid_factory.dataset
     names = [ds.source.channel_names[c] for c in ds.target_channels]
     std = None if ds.target_stats is None else ds.target_stats.safe_std
@@ -92,7 +113,7 @@ def forecast_metrics(sums, args, valid_factory) -> dict:
 def main(argv=None):
     from dchag.training import pretrain, shutdown
     history = pretrain(model_provider, forward_step, datasets_provider, argv, non_loss_data_func=reconstruction_picture,
-                       eval_metrics_func=forecast_metrics)
+                       eval_metrics_func=forecast_metrics, loss_weight_func=loss_weight)
     shutdown(history)
 
 

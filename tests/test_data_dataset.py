@@ -141,15 +141,17 @@ def test_forecast_rank_input_all_channel_target(tmp_path):
     np.testing.assert_allclose(item["lat_weights"].numpy(), np.cos(lat) / np.cos(lat).mean(), rtol=1e-6)
 
 
-def test_forecast_valid_items_carry_the_series_climatology(tmp_path):
+def test_forecast_valid_items_carry_the_training_period_climatology(tmp_path):
     x = np.random.default_rng(2).normal(3.0, 2.0, (6, 3, 4, 8)).astype(np.float32)
     x[1, 0, 0, 0] = np.nan  # left out of the mean, not counted as zero
+    x[5] += 100.0  # held out: must not reach the climatology
     fields = {f"v{c}": x[:, c] for c in range(3)}
     path = write_netcdf(tmp_path / "f.nc", fields, np.linspace(60, -60, 4), np.arange(8) * 45.0)
     train, valid = build_datasets(path, task="forecast", img_h=4, img_w=4, lead_time=1, valid_fraction=0.4)
     stats = valid.target_stats
     norm = (x - stats.safe_mean[None, :, None, None]) / stats.safe_std[None, :, None, None]
-    expected = np.nanmean(norm, axis=0)  # [V, H, W], over all 6 time steps
+    # 6 steps, 2 held out (steps 4 and 5): the training period is steps 0-3
+    expected = np.nanmean(norm[:4], axis=0)  # [V, H, W]
     item = valid[1]  # tile 1 (columns 4..8)
     np.testing.assert_allclose(item["climatology"].numpy(), expected[:, :, 4:8], rtol=1e-5, atol=1e-6)
     assert "climatology" not in train[0]

@@ -59,3 +59,100 @@ def test_invalid_targets_are_left_out():
     pred, target, valid, lat, clim = _case(seed=3)
     garbage = torch.where(valid, target, torch.full_like(target, 1e6))
     torch.testing.assert_close(metric_sums(pred, garbage, valid, lat, clim), metric_sums(pred, target, valid, lat, clim))
+
+
+# ---- pooled over tiles = the whole globe (WeatherBench 2's definitions, written out in numpy) ----
+
+def _globe(tmp_path):
+    """A 10-step, 2-variable series on a 12 x 8 global grid whose persistence error grows towards
+    the poles; NaN targets at the last step (a target only, never an input or in the climatology)."""
+    rng = np.random.default_rng(7)
+    lat = 90.0 - (np.arange(12) + 0.5) * 15.0
+    x = rng.normal(0.0, 1.0, (10, 2, 12, 8))
+    x += np.cumsum(rng.normal(0.0, 1.0, (10, 2, 12, 8)) * (1.0 + np.abs(lat) / 30.0)[:, None], axis=0)
+    x[9, 1, 0, :3] = np.nan
+    from dchag.data.writers import write_netcdf
+    path = write_netcdf(tmp_path / "globe.nc", {"a": x[:, 0], "b": x[:, 1]}, lat, np.arange(8) * 45.0)
+    return path, x, lat
+
+
+def _numpy_globe_figures(x, lat):
+    """Persistence forecasts from the held-out inputs 6, 7, 8 (10 steps, 4 held out), climatology =
+    the mean of the training period (steps 0-5), weights cos(lat), per time then averaged (WB2)."""
+    w_lat = np.cos(np.deg2rad(lat))[:, None]  # the normalization of the weights cancels in every ratio
+    clim = x[:6].mean(axis=0)
+    rmse, acc = [], []
+    for v in range(2):
+        mse_t, acc_t = [], []
+        for t in (6, 7, 8):
+            pred, obs = x[t, v], x[t + 1, v]
+            w = np.where(np.isfinite(obs), w_lat, 0.0)
+            obs = np.nan_to_num(obs)
+            mse_t.append((w * (pred - obs) ** 2).sum() / w.sum())
+            a, b = pred - clim[v], obs - clim[v]
+            acc_t.append((w * a * b).sum() / np.sqrt((w * a * a).sum() * (w * b * b).sum()))
+        rmse.append(np.sqrt(np.mean(mse_t)))
+        acc.append(np.mean(acc_t))
+    return rmse, acc
+
+
+@pytest.mark.parametrize("tile_h", [1, 2, 3, 4, 6, 12])
+def test_rmse_and_acc_pooled_over_tiles_equal_the_whole_globe(tmp_path, tile_h):
+    """Any tile height, tiles scattered over micro-batches of 5: the figures are the whole globe's."""
+    from torch.utils.data import DataLoader
+
+    from dchag.data import build_datasets
+    path, x, lat = _globe(tmp_path)
+    _, valid = build_datasets(path, task="forecast", img_h=tile_h, img_w=4, lead_time=1, valid_fraction=0.4)
+    sums = 0
+    for batch in DataLoader(valid, batch_size=5):
+        sums = sums + metric_sums(batch["images"], batch["target"], batch["target_valid"], batch["lat_weights"],
+                                  batch["climatology"], batch["time_slot"], int(batch["time_slots"][0]))
+    got = metrics_from_sums(sums, ["a", "b"], valid.target_stats.safe_std)
+    rmse, acc = _numpy_globe_figures(x, lat)
+    for v, name in enumerate("ab"):
+        assert got[f"rmse/{name}"] == pytest.approx(rmse[v], rel=1e-5)
+        assert got[f"acc/{name}"] == pytest.approx(acc[v], rel=1e-5)
+
+
+def test_latitude_weights_are_normalized_over_the_whole_axis():
+    from dchag.data import latitude_weights
+    lat = 90.0 - (np.arange(12) + 0.5) * 15.0
+    cos = np.cos(np.deg2rad(lat))
+    polar, equatorial = latitude_weights(lat, slice(0, 3), 3), latitude_weights(lat, slice(5, 8), 3)
+    np.testing.assert_allclose(polar, cos[0:3] / cos.mean(), rtol=1e-6)
+    np.testing.assert_allclose(equatorial, cos[5:8] / cos.mean(), rtol=1e-6)
+    assert polar.mean() < 0.6 < 1.0 < equatorial.mean()  # per-tile normalization made both 1
+
+
+@pytest.mark.parametrize("tile_h", [2, 3])
+def test_forecast_loss_pooled_over_micro_batches_is_the_whole_globe_mse(tmp_path, tile_h):
+    """Evaluation's pooled sums, and training's per-micro-batch losses over the global batch's mean
+    micro-batch weight averaged as DeepSpeed averages them, both give the whole globe's
+    cos(lat)-weighted MSE, whichever micro-batch holds the polar tiles."""
+    from torch.utils.data import DataLoader
+
+    from dchag.data import build_datasets
+    from dchag.tasks.forecast import error_sums, forecast_loss, loss_weight
+    path, x, lat = _globe(tmp_path)
+    _, valid = build_datasets(path, task="forecast", img_h=tile_h, img_w=8, lead_time=1, valid_fraction=0.4)
+    std = valid.target_stats.safe_std
+    batches = list(DataLoader(valid, batch_size=5))  # persistence; rows of tiles split over micro-batches
+    pooled = sum(error_sums(b["images"].double(), b["target"], b["target_valid"], b["lat_weights"]) for b in batches)
+    normalizer = sum(loss_weight(b) for b in batches) / len(batches)
+    per_micro = [forecast_loss(b["images"].double(), b["target"], b["target_valid"], b["lat_weights"], normalizer)
+                 for b in batches]
+    w_lat = np.cos(np.deg2rad(lat))[:, None]
+    err = w = 0.0
+    for t in (6, 7, 8):
+        for v in range(2):
+            ok = np.isfinite(x[t + 1, v])
+            wt = np.where(ok, w_lat, 0.0)
+            err += (wt * ((x[t, v] - np.nan_to_num(x[t + 1, v])) / std[v]) ** 2).sum()
+            w += wt.sum()
+    assert float(pooled[0] / pooled[1]) == pytest.approx(err / w, rel=1e-6)
+    assert float(sum(per_micro) / len(per_micro)) == pytest.approx(err / w, rel=1e-6)
+    # the issue's failure: the mean of per-micro-batch ratios differs when tiles' latitudes differ
+    ratios = np.mean([float(forecast_loss(b["images"].double(), b["target"], b["target_valid"], b["lat_weights"]))
+                      for b in batches])
+    assert abs(ratios - err / w) > 1e-3 * err / w

@@ -68,7 +68,8 @@ def main(argv=None) -> int:
         methods = parse_methods(ours.methods or "flat,linear,cross")
         results = run_study(rest, methods, ours.seeds, ours.output_dir, model_provider=pretrain_dchag.model_provider,
                             forward_step=pretrain_dchag.forward_step, datasets_provider=pretrain_dchag.datasets_provider,
-                            eval_metrics_func=pretrain_dchag.forecast_metrics)
+                            eval_metrics_func=pretrain_dchag.forecast_metrics,
+                            loss_weight_func=pretrain_dchag.loss_weight)
     except USER_ERRORS as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -8,9 +8,14 @@ Items (tensors; a DataLoader stacks them to [B, ...]):
                "valid":  bool    [c, h, w],
                "target": float32 [V, h, w]  (state at t + lead_time, ALL target channels),
                "target_valid": bool [V, h, w],
-               "lat_weights": float32 [h]   (cos(latitude) of the tile rows, mean 1; ones without latitudes),
-               "climatology": float32 [V, h, w]  (valid split only: the series' time-mean of the
-                              normalized target channels, for the anomaly correlation ACC),
+               "lat_weights": float32 [h]   (cos(latitude) of the tile rows over its mean over the
+                              whole latitude axis, so that tiles keep their latitudes' weight;
+                              ones without latitudes),
+               "climatology": float32 [V, h, w]  (valid split only: the time-mean of the normalized
+                              target channels over the training period, for the anomaly correlation ACC),
+               "time_slot": int64 [], "time_slots": int64 []  (valid split only: the position of the
+                              input time step among the held-out ones, and their number, so that
+                              metrics can be pooled per forecast time over tiles),
                "index": int64 []}
 
 c = len(channels), h x w = img_h x img_w, V = len(target_channels) (default all C).
@@ -34,18 +39,23 @@ from .errors import DataError
 from .readers.base import Source
 from .readers.concat import ConcatSource
 from .stats import ChannelStats
-from .tiles import TileIndex, forecast_split, mae_split
+from .tiles import TileIndex, forecast_split, forecast_train_period, mae_split
 
 TASKS = ("mae", "forecast")
 
 
 def latitude_weights(latitudes: np.ndarray | None, rows: slice, h: int) -> np.ndarray:
-    """cos(lat) of the rows, normalized to mean 1 over the tile: float32 [h]. Ones without lats."""
+    """cos(lat) of the tile's rows divided by the mean of cos(lat) over the source's whole latitude
+    axis (ClimaX, WeatherBench): float32 [h]; ones without latitudes.
+
+    The normalization is global, not per tile, so a tile keeps the weight of its latitudes: a
+    polar tile's rows weigh less than 1, an equatorial tile's more, and over the whole globe the
+    weights average 1. Pooled sums over tiles (the loss, RMSE, ACC) are then the whole globe's."""
     if latitudes is None:
         return np.ones(h, np.float32)
-    w = np.clip(np.cos(np.deg2rad(np.asarray(latitudes[rows], np.float64))), 0.0, None)
+    w = np.clip(np.cos(np.deg2rad(np.asarray(latitudes, np.float64))), 0.0, None)  # [H]
     m = w.mean()
-    return (w / m).astype(np.float32) if m > 0 else np.ones(h, np.float32)
+    return (w[rows] / m).astype(np.float32) if m > 0 else np.ones(h, np.float32)
 
 
 class TileDataset(Dataset):
@@ -76,6 +86,7 @@ class TileDataset(Dataset):
             self.index = TileIndex([(H, W)], self.img_h, self.img_w, self._image_name())
             self.per_time = self.index.num_samples
             self.times = forecast_split(N, self.lead_time, split, valid_fraction)
+            self.train_period = forecast_train_period(N, self.lead_time, valid_fraction)
             self.samples = range(len(self.times) * self.per_time)
 
         self.stats = self.target_stats = None
@@ -128,17 +139,20 @@ class TileDataset(Dataset):
                 "index": torch.tensor(sample, dtype=torch.int64)}
         if self.split == "valid":
             item["climatology"] = torch.from_numpy(np.ascontiguousarray(self.climatology()[:, tile.rows, tile.cols]))
+            item["time_slot"] = torch.tensor(t_pos, dtype=torch.int64)
+            item["time_slots"] = torch.tensor(len(self.times), dtype=torch.int64)
         return item
 
     def climatology(self) -> np.ndarray:
-        """float32 [V, H, W]: the mean over every time step of the series of the normalized target
-        channels (non-finite values left out; 0 = the channel mean where a pixel is never valid).
-        One read of the target channels per time step, once per dataset."""
+        """float32 [V, H, W]: the mean of the normalized target channels over the training period's
+        time steps (``train_period``: none of the held-out ones; non-finite values left out; 0 = the
+        channel mean where a pixel is never valid). One read of the target channels per time step,
+        once per dataset."""
         if self._climatology is None:
-            N, _, H, W = self.source.shape
+            _, _, H, W = self.source.shape
             total = np.zeros((len(self.target_channels), H, W), np.float64)
             count = np.zeros_like(total)
-            for t in range(N):
+            for t in self.train_period:
                 y = self.source.read(t, self.target_channels, slice(0, H), slice(0, W)).astype(np.float64)
                 if self.target_stats is not None:
                     y = (y - self.target_stats.safe_mean[:, None, None]) / self.target_stats.safe_std[:, None, None]

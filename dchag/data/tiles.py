@@ -109,6 +109,15 @@ def mae_split(num_samples: int, split: str, valid_fraction: float) -> range:
     raise DataError(f"split must be 'train', 'valid' or 'all', got {split!r}.")
 
 
+def forecast_train_period(num_times: int, lead_time: int, valid_fraction: float) -> range:
+    """Time steps before the held-out period, [0, b): every training input and target lies in it
+    (all time steps when nothing is held out). The climatology of the anomaly correlation is the
+    mean over these steps only, so no held-out state leaks into a baseline or a metric."""
+    forecast_split(num_times, lead_time, "all", valid_fraction)  # the same checks as the splits
+    nv = valid_count(num_times, valid_fraction)
+    return range(num_times - max(nv, lead_time + 1) if nv else num_times)
+
+
 def forecast_split(num_times: int, lead_time: int, split: str, valid_fraction: float) -> range:
     """Input time indices t of ``split``; the target is t + lead_time."""
     if lead_time < 1:

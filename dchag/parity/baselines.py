@@ -7,17 +7,19 @@ MAE (loss over masked, valid pixels, normalized units):
   pixels in the same tile: a local mean spectrum, what a model gets for free from the input.
 Forecast (latitude-weighted MSE over valid target pixels, normalized units):
 - ``persistence``: the target is the input (the state lead-time steps earlier);
-- ``climatology``: the time-mean of the series.
+- ``climatology``: the time-mean of the training period (no held-out step in it).
 
-Each is scored with the training loss function on exactly the batches, masks and sample
-weighting evaluation uses (mean over micro-batches of the per-batch loss).
+Each is scored with the training loss's sums on exactly the batches and masks evaluation uses,
+pooled the same way: sum of weighted squared errors over the sum of weights, over every scored
+sample (padding carries no weight).
 """
 
 from __future__ import annotations
 
 import torch
 
-from dchag.tasks import forecast_loss, mae_loss, patch_mask
+from dchag.tasks import forecast as fc
+from dchag.tasks import mae, patch_mask
 from dchag.tasks.mae import pixel_mask
 from dchag.tasks.weather_metrics import metric_sums, metrics_from_sums
 
@@ -34,7 +36,7 @@ def baseline_losses(loader, cfg, task: str, mask_ratio: float, seed: int, target
                     target_names=None, target_std=None) -> dict:
     """{"<baseline>": {"val_loss": float, "metrics": {...}}} over every batch of ``loader``
     (a P = 1 evaluation loader over all channels)."""
-    totals, sums, n = {}, {}, 0
+    totals, sums = {}, {}
     for batch in loader:
         valid = batch["valid"]
         images = torch.where(valid, batch["images"], torch.zeros_like(batch["images"]))
@@ -44,19 +46,18 @@ def baseline_losses(loader, cfg, task: str, mask_ratio: float, seed: int, target
             preds = {"channel mean": torch.zeros_like(images),
                      "visible-pixel mean": _visible_mean(images, valid, hidden)}
             for name, pred in preds.items():
-                totals[name] = totals.get(name, 0.0) + float(mae_loss(pred, images, valid, mask, cfg.grid,
-                                                                      cfg.patch_dim))
+                totals[name] = totals.get(name, 0) + mae.error_sums(pred, images, valid, mask, cfg.grid,
+                                                                    cfg.patch_dim).double()
         else:
             preds = {"persistence": images[:, list(target_channels)], "climatology": batch["climatology"]}
             for name, pred in preds.items():
-                totals[name] = totals.get(name, 0.0) + float(
-                    forecast_loss(pred, batch["target"], batch["target_valid"], batch["lat_weights"]))
+                totals[name] = totals.get(name, 0) + fc.error_sums(pred, batch["target"], batch["target_valid"],
+                                                                   batch["lat_weights"]).double()
                 s = metric_sums(pred, batch["target"], batch["target_valid"], batch["lat_weights"],
-                                batch["climatology"])
+                                batch["climatology"], batch["time_slot"], int(batch["time_slots"][0]))
                 sums[name] = sums.get(name, 0) + s
-        n += 1
     out = {}
     for name, total in totals.items():
         metrics = metrics_from_sums(sums[name], target_names, target_std) if name in sums else {}
-        out[name] = {"val_loss": total / max(n, 1), "metrics": metrics}
+        out[name] = {"val_loss": float(total[0] / total[1]) if total[1] > 0 else float("nan"), "metrics": metrics}
     return out

@@ -92,7 +92,7 @@ class PictureCollector:
 
 
 def run_study(argv: list[str], methods: list[Method], num_seeds: int, output_dir: str, *, model_provider,
-              forward_step, datasets_provider, eval_metrics_func=None) -> dict | None:
+              forward_step, datasets_provider, eval_metrics_func=None, loss_weight_func=None) -> dict | None:
     """Train every method x seed; returns the results on rank 0 (None elsewhere)."""
     from dchag.arguments import parse_args
     from dchag.data import build_eval_loader
@@ -142,7 +142,8 @@ def run_study(argv: list[str], methods: list[Method], num_seeds: int, output_dir
             pictures.current = method.spec
             t0 = time.time()
             history = run(args, model_provider, forward_step, datasets_provider,
-                          non_loss_data_func=pictures if i == 0 else None, eval_metrics_func=eval_metrics_func)
+                          non_loss_data_func=pictures if i == 0 else None, eval_metrics_func=eval_metrics_func,
+                          loss_weight_func=loss_weight_func)
             seconds = time.time() - t0
             val = history["val_losses"]
             last = max(val)

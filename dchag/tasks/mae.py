@@ -28,15 +28,21 @@ def pixel_mask(mask: torch.Tensor, grid: tuple[int, int], patch_dim: int) -> tor
     return m.repeat_interleave(patch_dim, 1).repeat_interleave(patch_dim, 2)[:, None]
 
 
-def mae_loss(pred: torch.Tensor, images: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
-             grid: tuple[int, int], patch_dim: int) -> torch.Tensor:
-    """Global mean over masked patches and valid pixels of all channels (this rank holds c_r)."""
+def error_sums(pred: torch.Tensor, images: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
+               grid: tuple[int, int], patch_dim: int) -> torch.Tensor:
+    """[2]: (sum of squared errors, number of terms) over the masked patches' valid pixels of all
+    channels, summed over the channel group (this rank holds c_r channels); fp32 at least."""
     dtype = torch.promote_types(pred.dtype, torch.float32)  # accumulate in fp32 at least (fp64 stays fp64)
     w = (pixel_mask(mask, grid, patch_dim) & valid).to(dtype)
     target = torch.where(valid, images, torch.zeros_like(images)).to(dtype)
     err = (pred.to(dtype) - target) ** 2 * w
-    s = torch.stack([err.sum(), w.sum()])
-    s = reduce_from_channel_parallel_region(s)
+    return reduce_from_channel_parallel_region(torch.stack([err.sum(), w.sum()]))
+
+
+def mae_loss(pred: torch.Tensor, images: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
+             grid: tuple[int, int], patch_dim: int) -> torch.Tensor:
+    """Global mean over masked patches and valid pixels of all channels (this rank holds c_r)."""
+    s = error_sums(pred, images, valid, mask, grid, patch_dim)
     return s[0] / s[1].clamp_min(1.0)
 
 

@@ -76,7 +76,7 @@ def _num_channels(args) -> int:
 
 
 def run(args, model_provider, forward_step, datasets_provider, non_loss_data_func=None,
-        eval_metrics_func=None) -> dict:
+        eval_metrics_func=None, loss_weight_func=None) -> dict:
     """Train; returns {"losses": {iteration: loss}, "val_losses": {...}, "engine": engine} (on
     every rank; losses are the exact float values the log line rounds). Call ``release(history)``
     before training again in the same process. On an exception the engine is released here."""
@@ -84,7 +84,7 @@ def run(args, model_provider, forward_step, datasets_provider, non_loss_data_fun
     progress.update(iteration=0, saved=None)
     try:
         return _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
-                    built)
+                    built, loss_weight_func)
     except BaseException as e:
         if "engine" in built and not isinstance(e, KeyboardInterrupt):  # a peer may be gone: no teardown
             try:
@@ -122,7 +122,7 @@ def shutdown(history: dict) -> None:
 
 
 def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
-         built: dict) -> dict:
+         built: dict, loss_weight_func=None) -> dict:
     import deepspeed
     from megatron.core import parallel_state as ps
 
@@ -201,6 +201,8 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         batches = [to_device(next(train_iter), device) for _ in range(num_micro)]
         empty, samples = empty_samples(batches)
         interval_empty += empty
+        if loss_weight_func is not None and empty < samples:
+            _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, num_micro * dp, device)
         for batch in batches if empty < samples else ():  # an all-empty batch: no update at all
             interval_invalid += (~batch["valid"]).sum()
             loss = forward_step(engine, batch, args, cfg, iteration)
@@ -309,10 +311,29 @@ def _save(engine, args, iteration, consumed, scheduler, normalization=None) -> N
     _print0(f"> saved checkpoint {progress['saved']}", args.log_file)
 
 
+def _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, count: int, device) -> None:
+    """Make the update the gradient of the loss pooled over the global batch (Megatron's
+    per-token loss): each micro-batch's loss becomes its weighted error sum over the mean
+    micro-batch weight W / count of the global batch (W summed over micro-batches and DP ranks,
+    count = micro-batches x DP); DeepSpeed's averaging over both then yields sum / W. Sets
+    ``batch["loss_normalizer"]``; ``loss_weight_func(batch, args)`` -> float64 [] or None (the
+    task does not pool)."""
+    weights = [loss_weight_func(b, args) for b in batches]
+    if any(w is None for w in weights):
+        return
+    total = torch.stack([w.to(torch.float64) for w in weights]).sum().to(device)
+    dist.all_reduce(total, group=dp_group)
+    for b in batches:
+        b["loss_normalizer"] = total / count
+
+
 def evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> tuple[float, dict]:
-    """(mean validation loss, summed evaluation statistics). ``forward_step`` at evaluation
-    (iteration -1) returns a loss, or ``(loss, {name: tensor})`` whose tensors are summed over
-    micro-batches and data-parallel ranks (e.g. the sums behind an RMSE). Leaves every RNG
+    """(validation loss, summed evaluation statistics). ``forward_step`` at evaluation (iteration
+    -1) returns a loss, or ``(loss, {name: tensor})`` whose tensors are summed over micro-batches
+    and data-parallel ranks (e.g. the sums behind an RMSE). With ``loss_sums`` ([2]: the loss's
+    numerator and weight) the validation loss is pooled over every scored sample, sum / weight, so
+    a padded or partial micro-batch weighs what its samples weigh; without, it is the mean of the
+    micro-batch losses. Leaves every RNG
     stream as it found it (the eval loader draws a seed from the global generator), so training
     is the same whatever --eval-interval is."""
     rng = ckpt.rng_state()
@@ -338,7 +359,12 @@ def _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> t
     for name in sorted(sums):  # every rank evaluates the same number of batches, so the same names
         dist.all_reduce(sums[name], group=dp_group)
     engine.train()
-    return total.item() / max(n * dp, 1), {name: v.cpu() for name, v in sums.items()}
+    if "loss_sums" in sums:
+        pooled = sums["loss_sums"]
+        val = float(pooled[0] / pooled[1]) if pooled[1] > 0 else float("nan")
+    else:
+        val = total.item() / max(n * dp, 1)
+    return val, {name: v.cpu() for name, v in sums.items()}
 
 
 def _record_fp32_grad_norm(engine) -> None:
@@ -401,7 +427,7 @@ def _mpu():
 
 
 def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_loss_data_func=None,
-             eval_metrics_func=None) -> dict:
+             eval_metrics_func=None, loss_weight_func=None) -> dict:
     """Entry point: parse the command line, run, turn user errors into a one-line message + exit 1.
 
     Optional callbacks:
@@ -410,11 +436,14 @@ def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_los
       pictures);
     - ``eval_metrics_func(sums, args, valid_factory) -> {name: float}`` turns the summed
       evaluation statistics of ``forward_step`` into figures, printed on the validation line
-      and written to TensorBoard as ``val/<name>``."""
+      and written to TensorBoard as ``val/<name>``;
+    - ``loss_weight_func(batch, args) -> float64 tensor | None``: a micro-batch's loss weight; with
+      it the training loss is pooled over the global batch (see ``_pool_loss_over_global_batch``)."""
     args = parse_args(argv)
     try:
         try:
-            return run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func)
+            return run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
+                       loss_weight_func)
         except USER_ERRORS as e:
             if not dist.is_initialized() or dist.get_rank() == 0:
                 print(f"error: {e}", file=sys.stderr, flush=True)
