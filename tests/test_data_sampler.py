@@ -74,7 +74,7 @@ def test_loaders_batch_items(tmp_path):
     np.testing.assert_array_equal(batch["images"].numpy(), x[want])
     ev = build_eval_loader(ds, 4, num_micro_batches=4)
     seen = [b["index"].tolist() for b in ev]
-    assert seen[:3] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]] and seen[3] == [0, 1, 2, 3]
+    assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]  # 12 samples: no fourth, wrapped-around batch
     assert [b["index"].tolist() for b in ev] == seen  # the same batches at every evaluation
 
 
@@ -89,3 +89,39 @@ def test_worker_processes_give_the_same_batches(tmp_path):
     got = [b["images"] for b in build_train_loader(ds, 2, seed=1, num_micro_batches=6, num_workers=2)]
     for a, b in zip(ref, got):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 5, 6, 7, 12, 13])
+@pytest.mark.parametrize("m,D", [(1, 1), (4, 1), (2, 2), (4, 2), (3, 3)])
+def test_eval_scores_each_held_out_sample_exactly_once_on_any_dp_size(n, m, D):
+    """Written out: positions of step s on rank d are s*m*D + d*m + [0, m); every rank runs the same
+    number of full micro-batches; the real positions are 0..n-1, each once, the rest padding."""
+    from dchag.data.sampler import EvalSampler
+    per_rank = [list(EvalSampler(n, m, data_parallel_rank=d, data_parallel_size=D)) for d in range(D)]
+    steps = -(-n // (m * D))
+    assert all(len(batches) == steps and all(len(b) == m for b in batches) for batches in per_rank)
+    real = sorted(p for batches in per_rank for b in batches for p in b if p < n)
+    assert real == list(range(n))
+
+
+def test_padded_eval_batches_weigh_nothing_and_the_pooled_loss_counts_each_sample_once(tmp_path):
+    """6 held-out tiles, micro-batch 4, DP 2 (one padded micro-batch of 4 and a half-padded one) or
+    DP 1 with --eval-iters capping the score at 4: the pooled MAE error of predicting zeros, every
+    patch hidden, equals numpy's mean of the squared values over each scored sample once."""
+    from dchag.tasks.mae import error_sums
+    x = np.random.default_rng(3).normal(size=(6, 3, 4, 4)).astype(np.float32)
+    x[2, 1, 0, :] = np.nan  # invalid: out of the loss
+    ds = TileDataset(open_source(write_npy(tmp_path / "v.npy", x)), img_h=4, img_w=4, split="all")
+
+    def pooled(loaders):  # 4 patches of 2 x 2 per tile, all hidden
+        s = sum(error_sums(torch.zeros_like(b["images"]), b["images"], b["valid"],
+                           torch.ones(len(b["index"]), 4, dtype=torch.bool), (2, 2), 2)
+                for loader in loaders for b in loader)
+        return float(s[0] / s[1]), int(sum(int(b["scored"].sum()) for loader in loaders for b in loader))
+
+    both_ranks = [build_eval_loader(ds, 4, data_parallel_rank=d, data_parallel_size=2) for d in range(2)]
+    assert pooled(both_ranks) == (pytest.approx(float(np.nanmean(x.astype(np.float64) ** 2)), rel=1e-6), 6)
+    assert pooled([build_eval_loader(ds, 2, num_micro_batches=2)]) == (
+        pytest.approx(float(np.nanmean(x[:4].astype(np.float64) ** 2)), rel=1e-6), 4)
+    padding = [b for loader in both_ranks for b in loader if not b["scored"].all()]
+    assert padding and all(not b["valid"][~b["scored"]].any() for b in padding)

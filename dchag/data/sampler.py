@@ -11,17 +11,22 @@ and data-parallel rank d of D takes [d*m, (d+1)*m) of that (m = micro-batch size
 Ranks of one channel-parallel / tensor-parallel group share their DP rank and therefore get
 the same samples. Changing D (and k, keeping B) only redistributes a global batch.
 
+Evaluation reads the held-out split in storage order and scores each sample exactly once on any
+DP size (``build_eval_loader``): the last micro-batches are padded with copies whose validity
+masks are False, so they weigh nothing (the losses and metrics pool sums of weights).
+
 Resuming: start at ``consumed_samples`` (the number of samples of all finished iterations,
 as Megatron counts it) and the rest of the stream is exactly what the uninterrupted run saw.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import DataError
 
@@ -130,11 +135,66 @@ def build_train_loader(dataset, micro_batch_size: int, *, data_parallel_rank: in
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
+def eval_scored(num_samples: int, micro_batch_size: int, data_parallel_size: int,
+                num_micro_batches: int | None = None) -> int:
+    """How many held-out samples an evaluation scores: all of them, or the first
+    ``num_micro_batches`` x micro-batch x DP of them (--eval-iters global batches) if fewer."""
+    if num_micro_batches is None:
+        return num_samples
+    return min(num_samples, num_micro_batches * micro_batch_size * data_parallel_size)
+
+
+class EvalSampler(Sampler[list[int]]):
+    """This DP rank's evaluation micro-batches: positions in storage order, each of the first
+    ``scored`` samples on exactly one rank, once. Step s gives rank d the positions
+    s*m*D + d*m + [0, m); positions >= ``scored`` are padding (``PaddedEval``), so every rank runs
+    the same number of full-size micro-batches (ZeRO 3 gathers parameters collectively)."""
+
+    def __init__(self, scored: int, micro_batch_size: int, *, data_parallel_rank: int = 0,
+                 data_parallel_size: int = 1):
+        _check_layout(None, micro_batch_size, data_parallel_size, data_parallel_rank)
+        self.scored, self.m, self.d, self.D = int(scored), micro_batch_size, data_parallel_rank, data_parallel_size
+        self.steps = math.ceil(self.scored / (self.m * self.D))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in range(self.steps):
+            start = (s * self.D + self.d) * self.m
+            yield list(range(start, start + self.m))
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+class PaddedEval(Dataset):
+    """The first ``scored`` items of ``dataset``, each with ``scored = True``; a position past them
+    is padding: a copy of item 0 whose validity masks (``valid``, ``target_valid``) are all False,
+    so it weighs nothing in a loss or metric, with ``scored = False``."""
+
+    MASK_KEYS = ("valid", "target_valid")
+
+    def __init__(self, dataset, scored: int):
+        self.dataset, self.scored = dataset, int(scored)
+
+    def __len__(self) -> int:
+        return self.scored
+
+    def __getitem__(self, position: int) -> dict:
+        if position < self.scored:
+            return {**self.dataset[position], "scored": torch.tensor(True)}
+        item = dict(self.dataset[0])
+        for key in self.MASK_KEYS:
+            if key in item:
+                item[key] = torch.zeros_like(item[key])
+        return {**item, "scored": torch.tensor(False)}
+
+
 def build_eval_loader(dataset, micro_batch_size: int, *, data_parallel_rank: int = 0, data_parallel_size: int = 1,
                       num_micro_batches: int | None = None, num_workers: int = 0) -> DataLoader:
-    """The held-out split in storage order (wrapping around), the same batches at every
-    evaluation: build it (or re-iterate it) once per evaluation for ``--eval-iters`` x k steps."""
-    sampler = MicroBatchSampler(len(dataset), micro_batch_size, data_parallel_rank=data_parallel_rank,
-                                data_parallel_size=data_parallel_size, shuffle=False,
-                                num_micro_batches=num_micro_batches)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+    """The held-out split in storage order, each sample scored exactly once on any DP size: all of
+    it, or the first ``num_micro_batches`` x m x DP samples (``--eval-iters`` x k steps); the last
+    micro-batches are padded with masked copies (``scored`` False). The same batches at every
+    evaluation: build it (or re-iterate it) once per evaluation."""
+    scored = eval_scored(len(dataset), micro_batch_size, data_parallel_size, num_micro_batches)
+    sampler = EvalSampler(scored, micro_batch_size, data_parallel_rank=data_parallel_rank,
+                          data_parallel_size=data_parallel_size)
+    return DataLoader(PaddedEval(dataset, scored), batch_sampler=sampler, num_workers=num_workers)

@@ -96,6 +96,7 @@ def run_study(argv: list[str], methods: list[Method], num_seeds: int, output_dir
     """Train every method x seed; returns the results on rank 0 (None elsewhere)."""
     from dchag.arguments import parse_args
     from dchag.data import build_eval_loader
+    from dchag.data.sampler import eval_scored
     from dchag.training import release, run
     from dchag.training.initialize import init_distributed
 
@@ -112,11 +113,11 @@ def run_study(argv: list[str], methods: list[Method], num_seeds: int, output_dir
     valid, cfg = _open_valid(copy.deepcopy(base))
     if base.global_batch_size is None or base.micro_batch_size is None:
         raise LayoutError("tools/parity.py needs --micro-batch-size and --global-batch-size on the command line.")
-    if "--eval-iters" not in argv:  # score every held-out sample (the loader wraps around to fill the last batch)
+    if "--eval-iters" not in argv:  # score every held-out sample, once (the last micro-batch is padded)
         base.eval_iters = max(1, math.ceil(len(valid) / base.global_batch_size))
+    scored = eval_scored(len(valid), base.global_batch_size, 1, base.eval_iters)
     split = describe_split(valid)
-    _print0(f"[parity] {split}; {len(valid)} held-out samples, each evaluation scores "
-            f"{base.eval_iters * base.global_batch_size}")
+    _print0(f"[parity] {split}; {len(valid)} held-out samples, each evaluation scores {scored} of them once")
     seeds = [base.seed + i for i in range(num_seeds)]
     logs = os.path.join(output_dir, "logs")
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -170,7 +171,7 @@ def run_study(argv: list[str], methods: list[Method], num_seeds: int, output_dir
                                            target_std=target_std if base.task == "forecast" else None)
     results["pictures"] = pictures.by_method
     results["setup"] = {"argv": argv, "task": base.task, "data_path": base.data_path, "split": split,
-                        "held_out_samples": len(valid), "scored_per_evaluation": base.eval_iters * base.global_batch_size,
+                        "held_out_samples": len(valid), "scored_per_evaluation": scored,
                         "train_iters": base.train_iters, "num_channels": cfg.num_channels,
                         "tensor_model_parallel_size": base.tensor_model_parallel_size,
                         "channel_parallel_size": base.channel_parallel_size}

@@ -86,7 +86,7 @@ def heldout_reconstructions(model, valid_factory, cfg, mask_ratio: float, seed: 
         batch = to_device(batch, comm_device())
         for i in range(batch["images"].shape[0]):
             index = int(batch["index"][i])
-            if len(tiles) < max_tiles and index not in seen:  # the eval loader wraps around
+            if len(tiles) < max_tiles and bool(batch["scored"][i]) and index not in seen:  # not padding
                 planes, mask = reconstruction_planes(model, batch, cfg, ds.channels, rgb, mask_ratio, seed, sample=i)
                 tiles.append({"index": index, "input": planes[0].numpy(), "reconstruction": planes[1].numpy(),
                               "mask": mask.numpy()})

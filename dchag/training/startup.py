@@ -76,6 +76,13 @@ def _parameters(module) -> tuple[int, int]:
     return local, total
 
 
+def _scored(args, num_valid: int) -> str:
+    """How many held-out samples --eval-iters global batches score (each once)."""
+    from dchag.data.sampler import eval_scored
+    n = eval_scored(num_valid, args.global_batch_size, 1, args.eval_iters)
+    return f"all {n}" if n == num_valid else f"the first {n} (--eval-iters {args.eval_iters})"
+
+
 def _span(names) -> str:
     names = list(names)
     return ", ".join(names) if len(names) <= 4 else f"{names[0]}, {names[1]} ... {names[-1]}"
@@ -93,7 +100,8 @@ def summary(args, cfg, ds_config, engine, train_ds, valid_ds) -> list[str]:
     split = (f"the last {args.valid_fraction:.0%} of the tiles held out" if args.task == "mae"
              else f"the last {args.valid_fraction:.0%} of the time steps held out, lead time {args.lead_time}")
     lines.append(f"tiles: {args.img_h} x {args.img_w}, patch {args.patch_dim} ({cfg.num_patches} patches per tile); "
-                 f"train {len(train_ds)} / valid {len(valid_ds)} samples ({split}, by position, no shuffling)")
+                 f"train {len(train_ds)} / valid {len(valid_ds)} samples ({split}, by position, no shuffling); "
+                 f"each evaluation scores {_scored(args, len(valid_ds))} held-out samples once")
     edge = train_ds.index.edge_report()
     if edge:
         lines.append(f"edges: {edge}")
