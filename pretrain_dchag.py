@@ -84,7 +84,7 @@ def reconstruction_picture(model, valid_factory, args, cfg, iteration: int, writ
 
     import torch.distributed as dist
 
-    from dchag.data.visualize import save_reconstruction_grid
+    from dchag.data.visualize import band_limits, save_reconstruction_grid
     from dchag.tasks.mae import heldout_reconstructions, rgb_label
     out_dir = args.save or args.tensorboard_dir
     if args.task != "mae" or out_dir is None or len(valid_factory.dataset) == 0:
@@ -94,7 +94,8 @@ def reconstruction_picture(model, valid_factory, args, cfg, iteration: int, writ
         return
     path = os.path.join(out_dir, f"reconstruction_iter_{iteration:07d}.png")
     save_reconstruction_grid(path, pics["tiles"], [("reconstruction", [t["reconstruction"] for t in pics["tiles"]])],
-                             f"held-out tiles at iteration {iteration}, RGB = {rgb_label(pics)}")
+                             f"held-out tiles at iteration {iteration}, RGB = {rgb_label(pics)}",
+                             limits=band_limits(range(3)))  # normalized values: the stretch tools/predict.py uses
     print(f"> saved reconstruction of {len(pics['tiles'])} held-out tiles {path}", flush=True)
 
 

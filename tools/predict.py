@@ -6,8 +6,11 @@
   2. Predict:
        python tools/predict.py --load export --data-path cube.hdr --task mae --output recon.npy --picture recon.png
 
---task mae       the model's reconstruction of every pixel, [N, C, H, W] (--mask-ratio hides that share
-                 of each tile's patches from the model first; default 0: it sees everything)
+--task mae       the model's reconstruction of every pixel, [N, C, H, W]: --mask-ratio of each tile's
+                 patches are hidden from the model first (default: the ratio it trained with; 0
+                 hides none, which it never trained on); with --complementary-masks every patch
+                 is predicted from its context, in ceil(1 / ratio) passes whose hidden patches
+                 together cover the tile (what a whole-image reconstruction wants)
 --task forecast  from every time step, the state --lead-time steps ahead, [N, V, H, W]
 --task embed     the backbone's token of every patch as a feature map, [N, D, H/p, W/p]
 
@@ -37,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-format", default="auto", help="as pretrain_dchag.py --data-format (default: detected)")
     p.add_argument("--task", required=True, choices=("mae", "forecast", "embed"))
     p.add_argument("--output", required=True, help="OUT.npy or OUT.zarr (a new path)")
-    p.add_argument("--mask-ratio", type=float, default=0.0, help="mae: share of patches hidden per tile (default 0)")
+    p.add_argument("--mask-ratio", type=float, default=None,
+                   help="mae: share of patches hidden per tile (default: the model's training --mask-ratio)")
+    p.add_argument("--complementary-masks", action="store_true",
+                   help="mae: reconstruct every patch while hidden: ceil(1 / ratio) passes with complementary masks, "
+                        "each patch taken from the pass that hid it")
     p.add_argument("--seed", type=int, default=0, help="mae: seed of the hidden patches")
     p.add_argument("--lead-time", type=float, default=None, help="forecast: steps ahead (default: the training's)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per forward (default 8)")
@@ -56,14 +63,31 @@ def main(argv=None) -> int:
     from dchag.training.checkpoint import CheckpointError
     try:
         model = load_pretrained(args.load, device=args.device)
+        if args.task == "mae":
+            print(mae_plan(args.mask_ratio, model.config.get("mask_ratio"), args.complementary_masks,
+                           model.cfg.num_patches))
         out = predict_file(model, args.data_path, args.task, args.output, data_format=args.data_format,
                            mask_ratio=args.mask_ratio, seed=args.seed, lead_time=args.lead_time,
-                           batch_size=args.batch_size, progress=not args.no_progress, picture=args.picture)
+                           batch_size=args.batch_size, progress=not args.no_progress, picture=args.picture,
+                           complementary=args.complementary_masks)
     except (CheckpointError, DataError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"> wrote {args.output} {tuple(out.shape)}" + (f" and {args.picture}" if args.picture else ""))
     return 0
+
+
+def mae_plan(given, trained, complementary: bool, num_patches: int) -> str:
+    """One line: which share of each tile is hidden, where it comes from, and how many passes."""
+    ratio = float(trained or 0.0) if given is None else given
+    origin = "the model's training --mask-ratio" if given is None else "--mask-ratio"
+    hidden = int(round(ratio * num_patches))
+    if complementary and hidden == 0:
+        raise ValueError(f"--complementary-masks needs a mask ratio that hides at least one of the {num_patches} "
+                         f"patches per tile, got {ratio} ({origin}); give --mask-ratio, e.g. 0.5.")
+    passes = -(-num_patches // hidden) if complementary else 1
+    return (f"> mae: {hidden} of {num_patches} patches hidden per pass ({ratio:g}, {origin}); {passes} pass(es)"
+            + (", complementary masks: every patch predicted while hidden" if complementary else ""))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 """A false-colour picture of an MAE reconstruction: input | masked input | reconstruction.
 
 RGB = the bands nearest 640 / 550 / 460 nm when wavelengths are known and span them, else
-three channels spread over the channel axis (3/4, 1/2, 1/4 of C). All three panels share one
-contrast stretch (2nd-98th percentile of the input, per colour), so they are comparable.
+three channels spread over the channel axis (3/4, 1/2, 1/4 of C).
+
+Contrast stretch: every panel of a picture shares one. Where the data's normalization is known
+(training's and the parity study's pictures, on normalized values; tools/predict.py's, on data
+units with the statistics saved with the model) it is fixed by the statistics: each colour spans
+its band's mean +- ``STRETCH_SIGMAS`` standard deviations (``band_limits``). The same value then
+gets the same colour in every tile and in both tools' pictures. Without statistics it is the
+2nd-98th percentile of the input, per colour.
 """
 
 from __future__ import annotations
@@ -10,6 +16,16 @@ from __future__ import annotations
 import numpy as np
 
 RGB_NM = (640.0, 550.0, 460.0)
+STRETCH_SIGMAS = 2.0  # a colour spans its band's mean +- 2 standard deviations
+
+
+def band_limits(channels, mean=None, std=None) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) [k] of the statistics stretch for ``channels``: mean +- STRETCH_SIGMAS x std;
+    ``mean``/``std`` None: normalized data (mean 0, std 1)."""
+    ch = list(channels)
+    m = np.zeros(len(ch)) if mean is None else np.asarray(mean, np.float64)[ch]
+    s = np.ones(len(ch)) if std is None else np.asarray(std, np.float64)[ch]
+    return m - STRETCH_SIGMAS * s, m + STRETCH_SIGMAS * s
 
 
 def rgb_channels(num_channels: int, wavelengths=None, tolerance_nm: float = 60.0) -> list[int]:
@@ -48,14 +64,18 @@ def masked_from_patches(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray
     return out, m
 
 
-def rgb_renderer(reference: np.ndarray, channels: list[int]):
-    """x [C, H, W] -> RGB [H, W, 3] in [0, 1], with the contrast stretch (2nd-98th percentile per
-    colour) of ``reference``, so that every panel rendered with it is comparable. Hidden or
-    invalid pixels (NaN) are grey."""
+def rgb_renderer(reference: np.ndarray | None, channels: list[int], limits=None):
+    """x [C, H, W] -> RGB [H, W, 3] in [0, 1]: channel ``channels[k]`` mapped linearly from
+    ``limits`` = (low [3], high [3]) (``band_limits``) to [0, 1], else from the 2nd-98th percentile
+    of ``reference``, so that every panel rendered with it is comparable. Hidden or invalid pixels
+    (NaN) are grey."""
     ch = list(channels)
-    ref = np.asarray(reference)[ch].astype(np.float64)  # [3, H, W]
-    lo = np.nanpercentile(ref.reshape(3, -1), 2, axis=1)[:, None, None]
-    hi = np.nanpercentile(ref.reshape(3, -1), 98, axis=1)[:, None, None]
+    if limits is not None:
+        lo, hi = (np.asarray(v, np.float64).reshape(3, 1, 1) for v in limits)
+    else:
+        ref = np.asarray(reference)[ch].astype(np.float64)  # [3, H, W]
+        lo = np.nanpercentile(ref.reshape(3, -1), 2, axis=1)[:, None, None]
+        hi = np.nanpercentile(ref.reshape(3, -1), 98, axis=1)[:, None, None]
     scale = np.where(hi > lo, hi - lo, 1.0)
 
     def render(x):
@@ -68,11 +88,12 @@ def rgb_renderer(reference: np.ndarray, channels: list[int]):
 
 
 def save_reconstruction_png(path, image, mask_or_masked, reconstruction, wavelengths=None, title: str | None = None,
-                            dpi: int = 100, rgb: list[int] | None = None) -> str:
+                            dpi: int = 100, rgb: list[int] | None = None, limits=None) -> str:
     """Write a 3-panel PNG. ``image``/``reconstruction``: [C, H, W] (numpy or torch).
     ``mask_or_masked``: the masked input [C, H, W] (hidden pixels NaN or 0), or a bool mask
     (True = hidden) per pixel [H, W], per patch [H/p, W/p] or flattened [L].
-    ``rgb``: the channels shown as R, G, B (default: ``rgb_channels``)."""
+    ``rgb``: the channels shown as R, G, B (default: ``rgb_channels``); ``limits``: the stretch
+    (``band_limits`` of those channels; default: percentiles of ``image``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -87,7 +108,7 @@ def save_reconstruction_png(path, image, mask_or_masked, reconstruction, wavelen
     else:
         masked = mk.astype(np.float32)
     ch = list(rgb) if rgb is not None else rgb_channels(image.shape[0], wavelengths)
-    rgb = rgb_renderer(image, ch)
+    rgb = rgb_renderer(image, ch, limits)
 
     H, W = image.shape[1:]
     fig_w = 3 * max(2.0, 2.5 * W / max(H, W))
@@ -104,10 +125,12 @@ def save_reconstruction_png(path, image, mask_or_masked, reconstruction, wavelen
     return str(path)
 
 
-def save_reconstruction_grid(path, tiles: list[dict], rows: list[tuple[str, list]], title: str, dpi: int = 110) -> str:
+def save_reconstruction_grid(path, tiles: list[dict], rows: list[tuple[str, list]], title: str, dpi: int = 110,
+                             limits=None) -> str:
     """Columns: tiles (each dict: "index", "input" [3, H, W] in R, G, B order, "mask" per patch [L]);
     rows: input, masked input, then one labelled row of reconstructions [3, H, W] per entry of
-    ``rows`` (label, one array per tile). Every panel of a column shares its input's contrast stretch."""
+    ``rows`` (label, one array per tile). ``limits``: one stretch for every panel (``band_limits``;
+    normalized tiles: ``band_limits(range(3))``); None: each column its input's percentiles."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -117,7 +140,7 @@ def save_reconstruction_grid(path, tiles: list[dict], rows: list[tuple[str, list
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols + 1.4, 1.7 * n_rows + 0.3), squeeze=False)
     for j, tile in enumerate(tiles):
         image = _to_array(tile["input"])
-        render = rgb_renderer(image, [0, 1, 2])
+        render = rgb_renderer(image, [0, 1, 2], limits)
         masked, _ = masked_from_patches(image, tile["mask"])
         panels = [("input", image), ("masked input", masked)] + [(label, _to_array(recs[j])) for label, recs in rows]
         for i, (label, x) in enumerate(panels):

@@ -8,7 +8,9 @@ invalid values (zero-filled like any invalid input) and the padding cropped off 
 
 Outputs (float32):
 
-    mae       [N, C, H, W]    the reconstruction (--mask-ratio of each tile's patches hidden; 0: none)
+    mae       [N, C, H, W]    the reconstruction (--mask-ratio of each tile's patches hidden, default the
+                              training run's; 0: none; --complementary-masks: every patch predicted
+                              from its context, in ceil(1 / ratio) passes)
     forecast  [N, V, H, W]    from every time step t, the state at t + lead time
     embed     [N, D, H/p, W/p]  the backbone's token of every patch, as a feature map
                               (rows/columns beyond the last whole patch have no token)
@@ -66,10 +68,11 @@ class _Output:
 
 
 def predict_file(model, data_path: str, task: str, output: str, *, data_format: str = "auto",
-                 mask_ratio: float = 0.0, seed: int = 0, lead_time: float | None = None, batch_size: int = 8,
-                 progress: bool = True, picture: str | None = None) -> np.ndarray:
+                 mask_ratio: float | None = None, seed: int = 0, lead_time: float | None = None, batch_size: int = 8,
+                 progress: bool = True, picture: str | None = None, complementary: bool = False) -> np.ndarray:
     """Predict over every image of ``data_path`` with ``model`` (a :class:`PretrainedDChag`);
-    writes ``output`` (.npy or .zarr) and returns it (memory-mapped / zarr array)."""
+    writes ``output`` (.npy or .zarr) and returns it (memory-mapped / zarr array). MAE:
+    ``mask_ratio`` None = the training run's; ``complementary`` = every patch predicted while hidden."""
     from tqdm import tqdm
     from dchag.data import open_source
     if task not in TASKS:
@@ -104,7 +107,7 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
             for k, (i, r, c) in enumerate(batch):
                 block = src.read(i, range(C), slice(r, min(r + h, H)), slice(c, min(c + w, W)))
                 x[k, :, :block.shape[1], :block.shape[2]] = block
-            y = _run(model, task, x, np.arange(b0, b0 + len(batch)), mask_ratio, seed, lead_time)
+            y = _run(model, task, x, np.arange(b0, b0 + len(batch)), mask_ratio, seed, lead_time, complementary)
             for k, (i, r, c) in enumerate(batch):
                 if task == "embed":
                     tr, tc = r // p, c // p
@@ -122,11 +125,11 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
     return out.array
 
 
-def _run(model, task: str, x: np.ndarray, index: np.ndarray, mask_ratio: float, seed: int, lead_time):
+def _run(model, task: str, x: np.ndarray, index: np.ndarray, mask_ratio, seed: int, lead_time, complementary=False):
     """[B, C, h, w] raw tiles -> [B, *, h, w] (embed: [B, D, h/p, w/p]), invalid inputs left NaN."""
     cfg = model.cfg
     if task == "mae":
-        return model.reconstruct(x, mask_ratio=mask_ratio, seed=seed, sample_index=index)
+        return model.reconstruct(x, mask_ratio=mask_ratio, seed=seed, sample_index=index, complementary=complementary)
     if task == "forecast":
         y = model.forecast(x, lead_time=lead_time)
         valid = np.isfinite(x)[:, list(cfg.predicted_channels)]
@@ -140,36 +143,35 @@ def _run(model, task: str, x: np.ndarray, index: np.ndarray, mask_ratio: float, 
 
 
 def save_picture(path: str, src, result, task: str, model) -> str:
-    """PNG of the first image: input | output (false colour; embed: its first 3 principal components)."""
+    """PNG of the first image: input | output, false colour. Input and output share the stretch
+    of ``dchag.data.visualize`` that training's picture uses: each colour spans its band's mean
+    +- 2 std of the statistics saved with the model (without them: the input's percentiles); the
+    embedding shows its first 3 principal components, stretched by their percentiles."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from dchag.data.visualize import rgb_channels
+    from dchag.data.visualize import band_limits, rgb_channels, rgb_renderer
     x = src.read(0, range(src.num_channels))
     y = np.asarray(result[0], np.float64)
     ch = rgb_channels(x.shape[0], model.wavelengths)
-
-    def stretch(img, ref=None):
-        """2nd-98th percentile per colour, of ``ref`` (default ``img``): panels of the same
-        channels share the input's stretch, so they are comparable."""
-        img = img.astype(np.float64)
-        flat = (img if ref is None else ref.astype(np.float64)).reshape(img.shape[0], -1)
-        lo, hi = np.nanpercentile(flat, 2, axis=1), np.nanpercentile(flat, 98, axis=1)
-        out = (img - lo[:, None, None]) / np.where(hi > lo, hi - lo, 1.0)[:, None, None]
-        return np.clip(np.nan_to_num(out, nan=0.5), 0, 1).transpose(1, 2, 0)
-
+    stats = model.mean is not None
+    input_rgb = rgb_renderer(x, ch, band_limits(ch, model.mean, model.std) if stats else None)
     if task == "embed":
         D, gh, gw = y.shape
         f = np.nan_to_num(y.reshape(D, -1).T)
         f = f - f.mean(axis=0)
         _, _, vt = np.linalg.svd(f, full_matrices=False)
-        right = stretch((f @ vt[:3].T).T.reshape(3, gh, gw))
-    else:
-        same = y.shape[0] == x.shape[0]
-        pick = ch if same else [min(y.shape[0] - 1, c) for c in (0, y.shape[0] // 2, -1)]
-        right = stretch(y[pick], x[ch] if same else None)
+        pca = (f @ vt[:3].T).T.reshape(3, gh, gw)
+        right = rgb_renderer(pca, [0, 1, 2])(pca)
+    elif y.shape[0] == x.shape[0]:  # a reconstruction, or a forecast of every channel
+        right = input_rgb(y)
+    else:  # a forecast of fewer channels: three of them, with those channels' statistics
+        out_ch = list(model.cfg.predicted_channels)
+        pick = [min(y.shape[0] - 1, c) for c in (0, y.shape[0] // 2, y.shape[0] - 1)]
+        limits = band_limits([out_ch[p] for p in pick], model.mean, model.std) if stats else None
+        right = rgb_renderer(y, pick, limits)(y)
     fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
-    for ax, img, name in zip(axes, (stretch(x[ch]), right), ("input", {"mae": "reconstruction", "forecast": "forecast",
+    for ax, img, name in zip(axes, (input_rgb(x), right), ("input", {"mae": "reconstruction", "forecast": "forecast",
                                                                       "embed": "embedding (PCA)"}[task])):
         ax.imshow(img, interpolation="nearest")
         ax.set_title(name, fontsize=9)

@@ -78,15 +78,29 @@ class PretrainedDChag:
         return patch_mask(index, self.cfg.num_patches, mask_ratio, seed, 0)
 
     def reconstruct(self, x, mask_ratio: float | None = None, seed: int = 0, return_mask: bool = False,
-                    sample_index=None):
+                    sample_index=None, complementary: bool = False):
         """MAE: the model's reconstruction of every pixel, in data units (NaN where the input was
         invalid). ``mask_ratio`` (default: the training run's) of the patches are hidden from the
-        model, chosen by ``seed`` and each row's ``sample_index`` (default its position); 0 hides none."""
+        model, chosen by ``seed`` and each row's ``sample_index`` (default its position); 0 hides none.
+        ``complementary``: every patch predicted from its context, in ceil(1 / ratio) passes with
+        complementary masks (``dchag.tasks.mae.complementary_masks``); the mask returned is [P, B, L]."""
         self._need("mae", "reconstruct")
         images, valid = self.normalize(x)
         ratio = self.config.get("mask_ratio") if mask_ratio is None else mask_ratio
-        m = self.mask(images.shape[0], float(ratio or 0.0), seed, sample_index)
-        out = self.denormalize(self.forward_normalized(images, patch_mask=m if m.any() else None))
+        ratio = float(ratio or 0.0)
+        if complementary:
+            from dchag.tasks.mae import complementary_masks, pixel_mask
+            index = torch.arange(images.shape[0]) if sample_index is None else torch.as_tensor(np.asarray(sample_index))
+            m = complementary_masks(index, self.cfg.num_patches, ratio, seed)
+            y, taken = None, torch.zeros_like(m[0])
+            for hidden in m:  # each patch from the first pass that hid it
+                out = self.forward_normalized(images, patch_mask=hidden).cpu()
+                new = pixel_mask(hidden & ~taken, self.cfg.grid, self.cfg.patch_dim)  # [B, 1, H, W]
+                y, taken = out if y is None else torch.where(new, out, y), taken | hidden
+            out = self.denormalize(y)
+        else:
+            m = self.mask(images.shape[0], ratio, seed, sample_index)
+            out = self.denormalize(self.forward_normalized(images, patch_mask=m if m.any() else None))
         out = torch.where(valid, out, torch.full_like(out, float("nan")))
         return (self._like(out, x), m) if return_mask else self._like(out, x)
 

@@ -105,14 +105,15 @@ def curves_png(results: dict, path: str) -> None:
 
 def reconstructions_png(results: dict, path: str) -> None:
     """Rows: input, masked input, one row per method; columns: held-out tiles (first seed)."""
-    from dchag.data.visualize import save_reconstruction_grid
+    from dchag.data.visualize import band_limits, save_reconstruction_grid
     from dchag.tasks.mae import rgb_label
     pics = results["pictures"]
     methods = [m for m in results["methods"].values() if m["spec"] in pics]
     first = pics[methods[0]["spec"]]
     rows = [(m["label"], [t["reconstruction"] for t in pics[m["spec"]]["tiles"]]) for m in methods]
     save_reconstruction_grid(path, first["tiles"], rows,
-                             f"held-out reconstructions (first seed), RGB = {rgb_label(first)}")
+                             f"held-out reconstructions (first seed), RGB = {rgb_label(first)}",
+                             limits=band_limits(range(3)))
 
 
 def forecast_maps_png(results: dict, path: str) -> None:

@@ -7,18 +7,42 @@ import torch
 from dchag.parallel.comm import reduce_from_channel_parallel_region
 
 
+def _permutation(seed: int, sample: int, iteration: int, num_patches: int) -> torch.Tensor:
+    """The random patch order of one sample: a function of (seed, sample index, iteration) only."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(sample) * 7919 + int(iteration) * 104_729) % (2**63))
+    return torch.randperm(num_patches, generator=g)
+
+
 def patch_mask(index: torch.Tensor, num_patches: int, mask_ratio: float, seed: int, iteration: int) -> torch.Tensor:
     """[B, L] bool (True = masked). Each sample's mask depends only on (seed, sample index,
     iteration): identical on every rank and every layout."""
     n_mask = int(round(mask_ratio * num_patches))
     rows = []
     for i in index.tolist():
-        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(i) * 7919 + int(iteration) * 104_729) % (2**63))
-        perm = torch.randperm(num_patches, generator=g)
         m = torch.zeros(num_patches, dtype=torch.bool)
-        m[perm[:n_mask]] = True
+        m[_permutation(seed, i, iteration, num_patches)[:n_mask]] = True
         rows.append(m)
     return torch.stack(rows)
+
+
+def complementary_masks(index: torch.Tensor, num_patches: int, mask_ratio: float, seed: int) -> torch.Tensor:
+    """[P, B, L] bool: P = ceil(L / n) passes that together hide every patch, each hiding n =
+    round(mask_ratio x L) patches, as in training (P = ceil(1 / mask_ratio) up to the rounding of n).
+    Pass p hides patches perm[p n : (p + 1) n] of the sample's random order (pass 0 is
+    ``patch_mask``'s mask at iteration 0); the last pass hides the last n, so when n does not divide
+    L it repeats a few patches of the pass before."""
+    n = int(round(mask_ratio * num_patches))
+    if not 0 < n <= num_patches:
+        raise ValueError(f"complementary masks need a mask ratio that hides at least one of the {num_patches} "
+                         f"patches, got {mask_ratio}.")
+    passes = -(-num_patches // n)
+    out = torch.zeros(passes, len(index), num_patches, dtype=torch.bool)
+    for b, i in enumerate(index.tolist()):
+        perm = _permutation(seed, i, 0, num_patches)
+        for p in range(passes):
+            start = min(p * n, num_patches - n)
+            out[p, b, perm[start:start + n]] = True
+    return out
 
 
 def pixel_mask(mask: torch.Tensor, grid: tuple[int, int], patch_dim: int) -> torch.Tensor:
