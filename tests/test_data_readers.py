@@ -233,3 +233,69 @@ def test_sources_pickle_for_workers(tmp_path):
         src.read(0, [0])
         clone = pickle.loads(pickle.dumps(src))
         np.testing.assert_array_equal(clone.read(0, [1]), x[0, [1]])
+
+
+# ---- the channel axis of a plain array is never guessed -------------------------------------
+
+def _plain(tmp_path, fmt, data, **attrs):
+    tmp_path.mkdir(exist_ok=True)
+    if fmt == "npy":
+        return write_npy(tmp_path / "cube.npy", data)
+    if fmt == "hdf5":
+        return write_hdf5(tmp_path / "cube.h5", data, **attrs)
+    return write_zarr(tmp_path / "cube.zarr", data, **attrs)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "hdf5", "zarr"])
+def test_plain_array_without_a_channel_count_is_refused_naming_both_readings(tmp_path, fmt):
+    """The issue's cube: 500 bands of 30 x 28 stored channels-last used to train as 30 channels."""
+    from dchag.data.readers.open import check_channel_axis
+    src = open_source(_plain(tmp_path, fmt, np.zeros((30, 28, 500), np.float32)))
+    with pytest.raises(DataError, match=r"\[30, 28, 500\].*30 channels of 28 x 500 pixels.*500 channels of 30 x 28 "
+                                        r"pixels.*--num-channels 30 if the channels come first.*--num-channels 500"):
+        check_channel_axis(src, None)
+    check_channel_axis(src, 30)  # --num-channels 30 confirms channels-first
+    with pytest.raises(DataError, match=r"last axis has 500 entries.*--num-channels 500.*channels-last.*"
+                                        r"np.moveaxis\(a, -1, -3\) \(that is a.transpose\(2, 0, 1\)\)"):
+        open_source(src.path, num_channels=500)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "hdf5", "zarr"])
+def test_num_channels_on_the_last_axis_is_refused_naming_the_transpose(tmp_path, fmt):
+    path = _plain(tmp_path, fmt, np.zeros((2, 9, 7, 5), np.float32))  # [N, H, W, C] with C = 5
+    with pytest.raises(DataError, match=r"channels-last.*a.transpose\(0, 3, 1, 2\)"):
+        open_source(path, num_channels=5)
+    with pytest.raises(DataError, match=r"has 9 channels but --num-channels is 4"):
+        open_source(path, num_channels=4)  # on neither axis: the count does not fit
+    square = _plain(tmp_path / "square", fmt, np.zeros((6, 3, 6), np.float32))
+    with pytest.raises(DataError, match=r"both its first and its last axis have 6 entries"):
+        open_source(square, num_channels=6)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "hdf5", "zarr"])
+def test_the_arrays_own_channel_list_decides_the_axis(tmp_path, fmt):
+    import json
+    from dchag.data.readers.open import check_channel_axis
+    names = [f"b{i}" for i in range(500)]
+    data = np.zeros((30, 28, 500), np.float32)
+    if fmt == "npy":
+        path = write_npy(tmp_path / "cube.npy", data)
+        with open(tmp_path / "cube.channels.json", "w") as f:
+            json.dump({"channel_names": names}, f)
+    else:
+        path = _plain(tmp_path, fmt, data, channel_names=names)
+    with pytest.raises(DataError, match=r"500 channels listed in .*channels-last.*np.moveaxis"):
+        open_source(path)
+    first = _plain(tmp_path / "first", fmt, np.zeros((4, 28, 30), np.float32), wavelengths=[400.0, 500.0, 600.0, 700.0]) \
+        if fmt != "npy" else None
+    if first is not None:  # four wavelengths on the first axis: channels-first, no flag needed
+        check_channel_axis(open_source(first), None)
+
+
+def test_training_refuses_an_unlabelled_array_without_num_channels(tmp_path):
+    from types import SimpleNamespace
+
+    from dchag.training.loop import _num_channels
+    path = write_npy(tmp_path / "cube.npy", np.zeros((30, 28, 500), np.float32))
+    with pytest.raises(DataError, match=r"500 channels of 30 x 28.*--num-channels 30"):
+        _num_channels(SimpleNamespace(num_channels=None, data_path=path, data_format="auto"))

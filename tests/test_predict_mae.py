@@ -85,3 +85,13 @@ def test_training_and_predict_pictures_share_one_stretch():
     want = np.clip((z[ch] + 2.0) / 4.0, 0, 1).transpose(1, 2, 0)
     np.testing.assert_allclose(training, want, atol=1e-12)
     np.testing.assert_allclose(predict, want, atol=1e-9)
+
+
+def test_predict_refuses_a_cube_stored_channels_last(tmp_path):
+    from dchag.data import DataError
+    from dchag.inference.predict import predict_file
+    path = tmp_path / "hwc.npy"
+    np.save(path, np.zeros((1, 8, 12, 3), np.float32))  # [N, H, W, C] with the model's C = 3
+    with pytest.raises(DataError, match=r"the model's 3 channels.*channels-last.*transpose\(0, 3, 1, 2\)"):
+        predict_file(_model(0.5), str(path), "mae", str(tmp_path / "out.npy"), progress=False)
+    assert not (tmp_path / "out.npy").exists()

@@ -81,7 +81,9 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
     if task in ("mae", "forecast") and cfg.task != task:
         raise ValueError(f"--task {task}: this model was trained with --task {cfg.task}; use --task {cfg.task} "
                          "or embed.")
+    from dchag.data.readers.open import check_channel_axis
     src = open_source(data_path, data_format)
+    check_channel_axis(src, cfg.num_channels, f"the model's {cfg.num_channels} channels")  # never a guessed axis
     N, C, H, W = src.shape
     if C != cfg.num_channels:
         raise ValueError(f"{data_path} has {C} channels but the model takes {cfg.num_channels}.")

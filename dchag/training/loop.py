@@ -69,9 +69,9 @@ def _num_channels(args) -> int:
     if args.num_channels is not None:
         return args.num_channels
     from dchag.data import open_source
+    from dchag.data.readers.open import check_channel_axis
     source = open_source(args.data_path, args.data_format)
-    if hasattr(source, "check_channels_first"):  # .npy: [H, W, C] refused, naming the transpose
-        source.check_channels_first()
+    check_channel_axis(source, None)  # a plain array without a channel count: refused, naming both readings
     return source.num_channels
 
 

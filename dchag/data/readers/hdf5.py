@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import DataError
 from .base import Source, as_names, as_wavelengths, default_channel_names, require_file
+from .channel_axis import ChannelsFirstArray
 
 _PREFERRED = ("data", "images", "image", "cube", "reflectance", "radiance")
 _NODATA_ATTRS = ("_FillValue", "nodata", "missing_value", "data ignore value", "no_data_value")
@@ -39,7 +40,7 @@ def _candidates(f) -> list[str]:
     return found
 
 
-class Hdf5Source(Source):
+class Hdf5Source(ChannelsFirstArray, Source):
     format = "hdf5"
     _HANDLE_ATTRS = ("_file",)
 
@@ -72,10 +73,13 @@ class Hdf5Source(Source):
                 if key in parent and parent[key].shape == (c,):
                     wl = parent[key][()]
                     break
-        self.wavelengths = as_wavelengths(wl, c, f"{self.path}::{self.dataset} wavelengths")
         names = channel_names
         if names is None:
             names = next((attrs[k] for k in ("channel_names", "band_names") if k in attrs), None)
+        listed = next((v for v in (names, wl) if v is not None), None)
+        self.declared_channels = None if listed is None else int(np.asarray(listed).size)
+        self.check_metadata_count(f"{self.path}::{self.dataset}'s attributes")
+        self.wavelengths = as_wavelengths(wl, c, f"{self.path}::{self.dataset} wavelengths")
         self.channel_names = as_names(names, c, f"{self.path}::{self.dataset} channel names") \
             or default_channel_names(c, self.wavelengths)
         if nodata is None:
@@ -85,6 +89,15 @@ class Hdf5Source(Source):
             self._multiplier = float(np.asarray(attrs["scale_factor"]).reshape(-1)[0])
         if "add_offset" in attrs:
             self._offset = float(np.asarray(attrs["add_offset"]).reshape(-1)[0])
+
+    def _array_shape(self) -> tuple:
+        return tuple(self._open()[self.dataset].shape)
+
+    def _array_name(self) -> str:
+        return f"{self.path}::{self.dataset}"
+
+    def _label_hint(self) -> str:
+        return "Or give the dataset a 'wavelengths' or 'channel_names' attribute (one entry per channel)."
 
     def _pick_dataset(self, f) -> str:
         cands = _candidates(f)

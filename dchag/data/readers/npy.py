@@ -1,5 +1,8 @@
 """NumPy ``.npy`` files: [C, H, W] (one image) or [N, C, H, W], read through a memory map.
 
+The channels come first; a channel count (--num-channels, or the sidecar below) confirms it
+(``channel_axis``): an array stored channels-last is refused, naming the transpose.
+
 ``np.load(mmap_mode='r')`` maps the file; slicing [n, c0:c1, r0:r1, k0:k1] touches only the
 pages of those channels (for C-ordered data each channel of an image is one contiguous run).
 
@@ -21,9 +24,10 @@ import numpy as np
 
 from ..errors import DataError
 from .base import Source, as_names, as_wavelengths, default_channel_names, require_file
+from .channel_axis import ChannelsFirstArray
 
 
-class NpySource(Source):
+class NpySource(ChannelsFirstArray, Source):
     format = "npy"
     _HANDLE_ATTRS = ("_arr",)
 
@@ -42,38 +46,29 @@ class NpySource(Source):
         self._shape = (n, c, h, w)
         self._raw_itemsize = arr.dtype.itemsize
         self.sidecar = sidecar_path(self.path)
+        where = f"{self.path} (shape {tuple(arr.shape)})"
         if self.sidecar is not None and (wavelengths is None or channel_names is None):
             meta = read_sidecar(self.sidecar)
             where = f"{self.sidecar} (channel sidecar of {self.path}, shape {tuple(arr.shape)})"
             wavelengths = meta.get("wavelengths") if wavelengths is None else wavelengths
             channel_names = meta.get("channel_names") if channel_names is None else channel_names
-            self.wavelengths = as_wavelengths(wavelengths, c, where)
-            self.channel_names = as_names(channel_names, c, where) or default_channel_names(c)
-            self.nodata = self._mask_value = None if nodata is None else float(nodata)
-            return
-        self.wavelengths = as_wavelengths(wavelengths, c, "wavelengths=")
-        self.channel_names = as_names(channel_names, c, "channel_names=") or default_channel_names(c)
+        # The channel count the metadata states decides the channel axis (never the shape alone).
+        listed = next((v for v in (channel_names, wavelengths) if v is not None), None)
+        self.declared_channels = None if listed is None else int(np.asarray(listed).size)
+        self.check_metadata_count(where)
+        self.wavelengths = as_wavelengths(wavelengths, c, where)
+        self.channel_names = as_names(channel_names, c, where) or default_channel_names(c)
         self.nodata = self._mask_value = None if nodata is None else float(nodata)
 
-    def channels_last_hint(self, num_channels: int) -> str:
-        """A fix for an array saved channels-last ([H, W, C] or [N, H, W, C]), or ''."""
-        shape = self._open().shape
-        if shape[-1] == num_channels and shape[-3] != num_channels:
-            return (f" It looks channels-last ({list(shape)}: the last axis has {num_channels}); save it channels-first: "
-                    f"np.save(path, np.moveaxis(a, -1, -3)) (that is a.transpose({'2, 0, 1' if len(shape) == 3 else '0, 3, 1, 2'})).")
-        return ""
+    def _array_shape(self) -> tuple:
+        return tuple(self._open().shape)
 
-    def check_channels_first(self) -> None:
-        """Without --num-channels: refuse an array whose first two image axes are equal and the last
-        differs ([H, H, C] is far more likely channels-last than C = H channels of H x C images)."""
-        shape = self._open().shape
-        if shape[-3] == shape[-2] != shape[-1]:
-            raise DataError(
-                f"{self.path} has shape {list(shape)}, read as {shape[-3]} channels of {shape[-2]} x {shape[-1]} "
-                f"images; it looks channels-last ([H, W, C] with {shape[-1]} channels). Save it channels-first: "
-                f"np.save(path, np.moveaxis(a, -1, -3)) (that is a.transpose("
-                f"{'2, 0, 1' if len(shape) == 3 else '0, 3, 1, 2'})); if it really is channels-first, confirm with "
-                f"--num-channels {shape[-3]}.")
+    def _array_name(self) -> str:
+        return self.path
+
+    def _label_hint(self) -> str:
+        stem = self.path[:-4] if self.path.endswith(".npy") else self.path
+        return f'Or list the channels in a sidecar {stem}.channels.json: {{"channel_names": [...]}} (one per channel).'
 
     def _open(self) -> np.ndarray:
         if self._fresh() or getattr(self, "_arr", None) is None:

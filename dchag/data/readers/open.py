@@ -44,12 +44,22 @@ def open_source(path, data_format: str = "auto", *, num_channels: int | None = N
             src = parts[0] if len(parts) == 1 else ConcatSource(base, parts)
         else:
             src = _open_one(base, fmt, selector, opts)
-    if num_channels is not None and src.num_channels != num_channels:
-        raise DataError(
-            f"{src.describe()} has {src.num_channels} channels but --num-channels is {num_channels}; set "
-            f"--num-channels {src.num_channels} (or select {num_channels} variables/bands of the data)."
-            + (src.channels_last_hint(num_channels) if hasattr(src, "channels_last_hint") else ""))
+    if num_channels is not None:
+        check_channel_axis(src, num_channels)
+        if src.num_channels != num_channels:
+            raise DataError(
+                f"{src.describe()} has {src.num_channels} channels but --num-channels is {num_channels}; set "
+                f"--num-channels {src.num_channels} (or select {num_channels} variables/bands of the data).")
     return src
+
+
+def check_channel_axis(src: Source, num_channels: int | None, counted_by: str | None = None) -> None:
+    """Plain arrays (.npy, HDF5/Zarr arrays; every file of a folder): refuse unless the channel
+    count (``num_channels``; None: the arrays' own metadata) says the channels come first. No
+    guess from the shape (``channel_axis``); other formats name their channels axis themselves."""
+    for part in getattr(src, "parts", [src]):
+        if hasattr(part, "check_channel_axis"):
+            part.check_channel_axis(num_channels, counted_by)
 
 
 def _open_one(path: str, fmt: str, selector: str | None, opts: dict) -> Source:

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import DataError
 from .base import Source, as_names, as_wavelengths, default_channel_names, require_file
+from .channel_axis import ChannelsFirstArray
 from .variables import LAT_NAMES, LON_NAMES, VariableSource
 
 _NODATA_ATTRS = ("_FillValue", "nodata", "missing_value", "data ignore value")
@@ -52,7 +53,7 @@ def _is_gridded(arr) -> bool:
     return bool(low & LAT_NAMES) and bool(low & LON_NAMES)
 
 
-class ZarrArraySource(Source):
+class ZarrArraySource(ChannelsFirstArray, Source):
     format = "zarr"
     _HANDLE_ATTRS = ("_arr",)
 
@@ -70,9 +71,12 @@ class ZarrArraySource(Source):
         attrs = dict(arr.attrs)
         if wavelengths is None:
             wavelengths = attrs.get("wavelengths", attrs.get("wavelength"))
-        self.wavelengths = as_wavelengths(wavelengths, c, f"{self.describe_name()} wavelengths")
         if channel_names is None:
             channel_names = attrs.get("channel_names", attrs.get("band_names"))
+        listed = next((v for v in (channel_names, wavelengths) if v is not None), None)
+        self.declared_channels = None if listed is None else int(np.asarray(listed).size)
+        self.check_metadata_count(f"{self.describe_name()}'s attributes")
+        self.wavelengths = as_wavelengths(wavelengths, c, f"{self.describe_name()} wavelengths")
         self.channel_names = as_names(channel_names, c, f"{self.describe_name()} channel names") \
             or default_channel_names(c, self.wavelengths)
         if nodata is None:
@@ -82,6 +86,15 @@ class ZarrArraySource(Source):
             self._multiplier = float(attrs["scale_factor"])
         if "add_offset" in attrs:
             self._offset = float(attrs["add_offset"])
+
+    def _array_shape(self) -> tuple:
+        return tuple(self._open().shape)
+
+    def _array_name(self) -> str:
+        return self.describe_name()
+
+    def _label_hint(self) -> str:
+        return "Or give the array a 'wavelengths' or 'channel_names' attribute (one entry per channel)."
 
     def describe_name(self) -> str:
         return self.path + (f"::{self.array_name}" if self.array_name else "")
