@@ -230,3 +230,25 @@ def test_aggregation_diagnostics_runs_and_starts_uniform():
     it0 = dict(zip(("iter", "loss", "content", "ratio", "h_part", "h_final"), rows[0]))
     assert float(it0["h_part"]) == pytest.approx(1.0, abs=1e-6) and float(it0["h_final"]) == pytest.approx(1.0, abs=1e-6)
     assert float(it0["ratio"]) > 0.1
+
+
+def test_report_says_plainly_when_a_method_does_not_beat_a_baseline(tmp_path, capsys):
+    """The issue's Sentinel-2 case: flat 0.545 and D-CHAG-L 0.554 against a visible-pixel mean of
+    0.507. parity.md and the merge's log line both say it; a study where every run is below every
+    baseline says that instead."""
+    from dchag.parity.report import write_report
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import parity as parity_tool
+    study = _fake_study({"flat": [0.545, 0.54], "linear": [0.554, 0.50]}, [1, 2])
+    study["baselines"] = {"visible-pixel mean": {"val_loss": 0.507, "metrics": {}}}
+    write_report(study, str(tmp_path / "a"))
+    md = (tmp_path / "a" / "parity.md").read_text()
+    assert "flat (baseline) does not beat the baseline 'visible-pixel mean': val loss 0.5425 against 0.507 " \
+           "(below it in 0 of 2 seeds)" in md
+    assert "D-CHAG-L does not beat the baseline 'visible-pixel mean': val loss 0.527 against 0.507 " \
+           "(below it in 1 of 2 seeds)" in md
+    write_report(_fake_study({"flat": [1.0], "linear": [1.4]}, [3]), str(tmp_path / "b"))
+    assert "Every method beats every baseline in every seed: 'persistence' (1.5)" in \
+           (tmp_path / "b" / "parity.md").read_text()
+    assert parity_tool.merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "ab")) == 0
+    assert "[parity] flat (baseline) does not beat the baseline 'visible-pixel mean'" in capsys.readouterr().out

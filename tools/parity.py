@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     if results is not None:
         for path in write_report(results, ours.output_dir):
             print(f"> wrote {path}", flush=True)
+        _print_verdicts(results)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -99,7 +100,15 @@ def merge(directories: list[str], output_dir: str, methods: str | None = None) -
         return 1
     for path in write_report(results, output_dir):
         print(f"> wrote {path}", flush=True)
+    _print_verdicts(results)
     return 0
+
+
+def _print_verdicts(results: dict) -> None:
+    """The report's plain verdict against the baselines, on the log too."""
+    from dchag.parity.report import baseline_verdicts
+    for line in baseline_verdicts(results):
+        print(f"[parity] {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,30 @@ def summarize(results: dict) -> dict:
     return results
 
 
+def baseline_verdicts(results: dict) -> list[str]:
+    """Plain sentences: which methods do not beat which baseline (validation loss, mean over seeds
+    and per seed), or that every method beats every baseline. A model that does not beat a simple
+    predictor is the first thing a reader must know."""
+    baselines = results.get("baselines") or {}
+    if not baselines:
+        return []
+    lines, beaten_everywhere = [], True
+    for m in results["methods"].values():
+        vals = m["val_loss"]
+        for name, b in baselines.items():
+            below = sum(v < b["val_loss"] for v in vals)
+            if below < len(vals):
+                beaten_everywhere = False
+                mean = sum(vals) / len(vals)
+                verdict = "does not beat" if mean >= b["val_loss"] else "beats on average, but not in every seed,"
+                lines.append(f"{m['label']} {verdict} the baseline '{name}': val loss {mean:.4g} against "
+                             f"{b['val_loss']:.4g} (below it in {below} of {len(vals)} seeds).")
+    if beaten_everywhere:
+        names = ", ".join(f"'{n}' ({b['val_loss']:.4g})" for n, b in baselines.items())
+        lines.append(f"Every method beats every baseline in every seed: {names}.")
+    return lines
+
+
 def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:+.2f} %"
 
@@ -43,6 +67,9 @@ def markdown(results: dict) -> str:
         lines += [f"- merged from `{part['directory']}`: `{' '.join(part['argv'])}`" for part in setup["merged_from"]]
     else:
         lines.append(f"- command: `{' '.join(setup['argv'])}`")
+    verdicts = baseline_verdicts(results)
+    if verdicts:
+        lines += ["", "**Against the baselines:** " + " ".join(verdicts)]
     lines += ["",
              "| method | val loss (mean +- 95 % CI) | gap to flat (paired, 95 % CI) | train loss (last 10 %) | s per run |",
              "|---|---:|---:|---:|---:|"]
