@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from dchag.data.errors import DataError
     from dchag.inference import load_pretrained
     from dchag.inference.predict import predict_file
-    from dchag.training.checkpoint import CheckpointError
+    from dchag.checkpointing.errors import CheckpointError
     try:
         model = load_pretrained(args.load, device=args.device)
         out = predict_file(model, args.data_path, args.task, args.output, data_format=args.data_format,
