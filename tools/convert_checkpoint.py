@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope).*")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from dchag.checkpointing import convert
-    from dchag.training.checkpoint import CheckpointError
+    from dchag.checkpointing.errors import CheckpointError
     try:
         if args.verify:
             bad = 0

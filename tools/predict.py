@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from dchag.data.errors import DataError
     from dchag.inference import load_pretrained
     from dchag.inference.predict import predict_file
-    from dchag.training.checkpoint import CheckpointError
+    from dchag.checkpointing.errors import CheckpointError
     try:
         model = load_pretrained(args.load, device=args.device)
         if args.task == "mae":

@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 from dchag.checkpointing import manifest
-from dchag.training.checkpoint import CheckpointError
+from dchag.checkpointing.errors import CheckpointError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = "dchag-consolidated"

@@ -25,7 +25,8 @@ import sys
 import torch
 
 from dchag.checkpointing import consolidated, manifest, normalization, reader, shards
-from dchag.training.checkpoint import CheckpointError, read_latest, tag_for
+from dchag.checkpointing.errors import CheckpointError
+from dchag.checkpointing.tags import read_latest, saved_iterations, tag_for
 
 
 def _log(msg: str) -> None:
@@ -180,7 +181,6 @@ def is_universal(load_dir: str | None) -> bool:
 def verify(path: str) -> list[tuple[str, list[str]]]:
     """[(folder, problems)] for a checkpoint folder, a consolidated export, or every checkpoint
     of a run folder. A folder without a manifest is a problem."""
-    from dchag.training.checkpoint import saved_iterations
     if os.path.isfile(os.path.join(path, manifest.MANIFEST)) or consolidated.is_consolidated(path) or \
             glob.glob(os.path.join(path, "*model_states.pt")):
         folders = [path]

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 
-from dchag.training.checkpoint import CheckpointError
+from dchag.checkpointing.errors import CheckpointError
 
 MANIFEST = "manifest.json"
 FORMAT = "dchag-checkpoint-manifest"

@@ -22,7 +22,8 @@ import tempfile
 import torch
 
 from dchag.checkpointing import manifest
-from dchag.training.checkpoint import CheckpointError, TAG_RE, read_latest
+from dchag.checkpointing.errors import CheckpointError
+from dchag.checkpointing.tags import TAG_RE, read_latest
 
 _MP_RE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 

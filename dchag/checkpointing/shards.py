@@ -14,7 +14,8 @@ A parameter of the serial model is one of (``dchag.parallel.state_dict.shard_kin
 
 from __future__ import annotations
 
-from dchag.training.checkpoint import CheckpointError
+from dchag.checkpointing.errors import CheckpointError
+from dchag.checkpointing.universal import affine_map
 
 
 def param_specs(model) -> dict[str, dict]:
@@ -46,7 +47,7 @@ def channel_rows(partition, global_rows: int, rank: int) -> range:
 
 
 def rank_descriptions(spec: dict, cfg, T: int, P: int) -> list[dict]:
-    """The per-TP-rank descriptions ``dchag.training.checkpoint._affine_map`` takes."""
+    """The per-TP-rank descriptions ``dchag.checkpointing.universal.affine_map`` takes."""
     kind, shape = spec["kind"], list(spec["shape"])
     if kind == "replicated" or T == 1:
         return [{"kind": "replicated", "shape": shape}] * T
@@ -67,11 +68,10 @@ def rank_descriptions(spec: dict, cfg, T: int, P: int) -> list[dict]:
 
 def target_maps(specs: dict[str, dict], cfg, T: int, P: int) -> dict:
     """{name: ParamAffineMap} for layout (T, P) (layout errors first, as in training)."""
-    from dchag.training.checkpoint import _affine_map
     cfg.validate_layout(T, P)
     maps = {}
     for name, spec in specs.items():
-        amap = _affine_map(rank_descriptions(spec, cfg, T, P))
+        amap = affine_map(rank_descriptions(spec, cfg, T, P))
         amap.validate()
         maps[name] = amap
     return maps

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from dchag.training.checkpoint import CheckpointError
+from dchag.checkpointing.errors import CheckpointError
 
 
 def has_optimizer_state(folder: str) -> bool:

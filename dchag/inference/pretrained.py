@@ -19,7 +19,7 @@ import torch
 
 from dchag.checkpointing import consolidated, normalization
 from dchag.inference.runtime import build_serial_model, default_device
-from dchag.training.checkpoint import CheckpointError
+from dchag.checkpointing.errors import CheckpointError
 
 
 class PretrainedDChag:

@@ -14,7 +14,8 @@ from dchag.arguments import model_config, parse_args
 from dchag.data.errors import DataError
 from dchag.device import DeviceError
 from dchag.parallel.partition import LayoutError
-from dchag.training import checkpoint as ckpt
+from dchag.checkpointing import compat, engine as ckpt, rng, tags, universal as ckpt_universal
+from dchag.checkpointing.errors import CheckpointError
 from dchag.training import startup
 from dchag.training.ds_config import ConfigError, build_ds_config
 from dchag.training.initialize import init_distributed, init_model_parallel
@@ -27,7 +28,7 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive iterations with a non-finite loss or gradient norm."""
 
 
-USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, ckpt.CheckpointError, ScheduleError, DeviceError)
+USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, CheckpointError, ScheduleError, DeviceError)
 
 
 def _print0(msg: str, log_file=None) -> None:
@@ -144,16 +145,16 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     from dchag.checkpointing.convert import is_universal
     if not universal and is_universal(args.load):  # tools/convert_checkpoint.py --format universal output
         ds_config.setdefault("checkpoint", {})["load_universal"] = universal = True
-    load_tag = ckpt.check_compatible(args, universal)
-    start = ckpt.iteration_of(load_tag) if load_tag else 0
-    ckpt.check_save_dir(args, start if start is not None else 0)
+    load_tag = compat.check_compatible(args, universal)
+    start = tags.iteration_of(load_tag) if load_tag else 0
+    compat.check_save_dir(args, start if start is not None else 0)
     init_model_parallel(args)
     dp_rank = ps.get_data_parallel_rank()
     num_micro = ds_config["gradient_accumulation_steps"]
 
     with startup.phase("building the model and the DeepSpeed engine"):
         model = model_provider(cfg)
-        ckpt.prepare_module(model)
+        ckpt_universal.prepare_module(model)
         optimizer = _build_optimizer(model, args)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                        mpu=_mpu(), dist_init_required=False)
@@ -288,7 +289,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         if reason is not None:
             if args.save and not saved:
                 _save(engine, args, iteration, consumed, scheduler, norm)
-            where = f"checkpoint {args.save}/{ckpt.tag_for(iteration)}" if args.save else "no --save: nothing saved"
+            where = f"checkpoint {args.save}/{tags.tag_for(iteration)}" if args.save else "no --save: nothing saved"
             _print0(f"> exiting at iteration {iteration} of {args.train_iters}: {reason}; {where}", args.log_file)
             history["exit_reason"] = reason
             break
@@ -307,7 +308,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
 
 def _save(engine, args, iteration, consumed, scheduler, normalization=None) -> None:
     ckpt.save(engine, args, iteration, consumed, scheduler, normalization)
-    progress["saved"] = f"{args.save}/{ckpt.tag_for(iteration)}"
+    progress["saved"] = f"{args.save}/{tags.tag_for(iteration)}"
     _print0(f"> saved checkpoint {progress['saved']}", args.log_file)
 
 
@@ -336,11 +337,11 @@ def evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> tu
     micro-batch losses. Leaves every RNG
     stream as it found it (the eval loader draws a seed from the global generator), so training
     is the same whatever --eval-interval is."""
-    rng = ckpt.rng_state()
+    state = rng.rng_state()
     try:
         return _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp)
     finally:
-        ckpt.set_rng_state(rng)
+        rng.set_rng_state(state)
 
 
 def _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> tuple[float, dict]:

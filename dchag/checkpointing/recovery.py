@@ -1,7 +1,7 @@
 """Damaged checkpoints: find the last intact one, say how to resume from it, and make that
 command work.
 
-``--load DIR`` whose ``latest`` checkpoint is damaged is refused (``checkpoint.verify_files``);
+``--load DIR`` whose ``latest`` checkpoint is damaged is refused (``dchag.checkpointing.engine.verify_files``);
 the message names the damaged iteration, the last intact earlier one and the command to resume
 from it: the same command with ``--ckpt-step N``. With ``--save DIR`` too, the damaged later
 checkpoint would count as a complete checkpoint beyond the starting iteration (which the run
@@ -23,9 +23,12 @@ import zipfile
 
 import torch.distributed as dist
 
+from dchag.checkpointing.manifest import IntegrityError, verify
+from dchag.checkpointing.tags import saved_iterations, tag_for
+
+
 def _manifest_problem(folder: str) -> str | None:
     """A file that differs from the checkpoint's checksum manifest (dchag.checkpointing.manifest)."""
-    from dchag.checkpointing.manifest import IntegrityError, verify
     try:
         problems = verify(folder, require=False)
     except IntegrityError as e:
@@ -68,7 +71,6 @@ def damage(folder: str) -> str | None:
 
 def last_good(directory: str, before: int) -> int | None:
     """The latest intact checkpoint iteration in ``directory`` below ``before``."""
-    from dchag.training.checkpoint import saved_iterations, tag_for
     for it in reversed([i for i in saved_iterations(directory, complete=True) if i < before]):
         if damage(os.path.join(directory, tag_for(it))) is None:
             return it
@@ -77,7 +79,6 @@ def last_good(directory: str, before: int) -> int | None:
 
 def hint(directory: str, iteration: int | None) -> str:
     """How to go on after the checkpoint of ``iteration`` in ``directory`` was found damaged."""
-    from dchag.training.checkpoint import tag_for
     good = last_good(directory, iteration if iteration is not None else 1 << 62)
     if good is None:
         return (f"There is no intact earlier checkpoint in {directory}: start again with a new --save folder "
@@ -98,7 +99,6 @@ def set_aside_damaged(args, later: list[int]) -> list[int]:
     """``later``: complete checkpoints in --save beyond the starting iteration. With an explicit
     ``--ckpt-step`` (the recovery command), the damaged ones are moved aside by rank 0; returns
     those still in the way (intact ones: the caller refuses). Every rank returns the same."""
-    from dchag.training.checkpoint import tag_for
     if args.ckpt_step is None or not later:
         return later
     problems = [None]

@@ -1,0 +1,126 @@
+"""Save and load a training checkpoint: DeepSpeed's engine state plus what DeepSpeed does not save.
+
+Layout of ``--save DIR``::
+
+    DIR/iter_0000100/mp_rank_00_model_states.pt ...   DeepSpeed (weights, optimizer, ZeRO shards)
+    DIR/iter_0000100/dchag_args.json                   model/layout arguments (checked on --load)
+    DIR/iter_0000100/normalization.json                per-channel statistics the data was normalized with
+    DIR/iter_0000100/manifest.json                     size + SHA-256 of every file (checked on --load)
+    DIR/latest                                         "iter_0000100", replaced atomically
+
+The client state (in DeepSpeed's model-states file) holds the iteration, the consumed samples
+(data position), the LR schedule, every data-parallel rank's RNG states (:mod:`rng`), the
+arguments, and ``universal_checkpoint_info`` (:mod:`universal`).
+
+``latest`` changes only after every rank has finished writing; resuming never overwrites a
+checkpoint that lies beyond the starting point (:mod:`compat`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import zipfile
+
+import torch
+import torch.distributed as dist
+
+from dchag.checkpointing import manifest, normalization as norm, weights_only
+from dchag.checkpointing.compat import model_args
+from dchag.checkpointing.errors import CheckpointError
+from dchag.checkpointing.recovery import hint
+from dchag.checkpointing.rng import gather_over_data_parallel, rng_state, set_rng_state
+from dchag.checkpointing.tags import iteration_of, tag_for
+from dchag.checkpointing.universal import universal_checkpoint_info
+from dchag.device import run_device
+
+
+def verify_files(args, tag: str, universal: bool = False) -> None:
+    """Cheap integrity check before DeepSpeed reads anything (every rank agrees on the outcome,
+    so a damaged file is an error on all ranks, not a hang): this rank's model-states file
+    exists (a universal checkpoint: its zero/ folder), and every ``.pt`` file directly in the
+    checkpoint folder has an intact zip directory."""
+    from megatron.core import parallel_state as ps
+    folder = os.path.join(args.load, tag)
+    problem = ""
+    mp = ps.get_tensor_model_parallel_rank()
+    if universal and not os.path.isdir(os.path.join(folder, "zero")):
+        problem = "it has no zero/ folder, so it is not ds_to_universal output (or load_universal is set by mistake)"
+    elif not universal and not glob.glob(os.path.join(folder, f"*mp_rank_{mp:02d}*model_states.pt")):
+        problem = f"it has no model-states file for model-parallel rank {mp} (saved with another layout?)"
+    else:
+        for path in sorted(glob.glob(os.path.join(folder, "*.pt"))):
+            try:
+                with zipfile.ZipFile(path) as z:
+                    z.namelist()
+            except (OSError, zipfile.BadZipFile) as e:
+                problem = f"{os.path.basename(path)} is damaged ({e})"
+                break
+    bad = torch.tensor([1 if problem else 0], device=run_device())
+    dist.all_reduce(bad)
+    if problem or bad.item():
+        what = problem or "another rank found a damaged or missing file (see its message)"
+        how = hint(args.load, iteration_of(tag)) if dist.get_rank() == 0 else "See rank 0's message."
+        raise CheckpointError(f"cannot load {folder} (iteration {iteration_of(tag)}): {what}. {how}")
+
+
+def save(engine, args, iteration: int, consumed_samples: int, scheduler, normalization: dict | None = None) -> str:
+    """Every rank's DeepSpeed files, then (rank 0) the arguments, the normalization statistics
+    and the manifest (size + SHA-256 of every file, hashed by all ranks), then ``latest``."""
+    tag = tag_for(iteration)
+    client_state = {
+        "iteration": iteration, "consumed_samples": consumed_samples, "args": model_args(args),
+        "all_args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "rng_states": gather_over_data_parallel(rng_state()),
+        "lr_scheduler": scheduler.state_dict(),
+        "universal_checkpoint_info": universal_checkpoint_info(engine.module),
+    }
+    engine.save_checkpoint(args.save, tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()  # every rank's files are written
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.save, tag, "dchag_args.json"), "w") as f:
+            json.dump(model_args(args), f, indent=1)
+        if normalization is not None:
+            norm.write(os.path.join(args.save, tag), normalization)
+    dist.barrier()
+    manifest.write_manifest_distributed(os.path.join(args.save, tag))
+    if dist.get_rank() == 0:
+        tmp = os.path.join(args.save, "latest.tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(args.save, "latest"))
+    dist.barrier()
+    return tag
+
+
+def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+    universal_checkpoint_info(engine.module)  # restore maps on the parameters (universal loading)
+
+    def how():  # names the last intact checkpoint and the command that resumes from it
+        return hint(args.load, iteration_of(tag)) if dist.get_rank() == 0 else "See rank 0's message."
+    if not manifest.verify_distributed(os.path.join(args.load, tag), how) and dist.get_rank() == 0:
+        print(f"warning: {args.load}/{tag} has no manifest (saved by an older version): its files are not "
+              "checksummed.", flush=True)
+    verify_files(args, tag, universal)
+    if getattr(args, "no_load_optim", False) and not universal:  # weights only; fresh optimizer moments
+        client_state = weights_only.load_weights_only(engine, os.path.join(args.load, tag))
+    else:
+        if not universal:
+            weights_only.refuse_without_optimizer_state(os.path.join(args.load, tag))
+        path, client_state = engine.load_checkpoint(args.load, tag=tag, load_lr_scheduler_states=False)
+        if path is None or client_state is None:
+            raise CheckpointError(f"DeepSpeed could not load {args.load}/{tag}.")
+    changed = scheduler.load_state_dict(client_state["lr_scheduler"], args.use_checkpoint_opt_param_scheduler,
+                                        args.override_opt_param_scheduler)
+    if changed and dist.get_rank() == 0:
+        kept = "the checkpoint's" if args.use_checkpoint_opt_param_scheduler else "the command line's"
+        print(f"> LR schedule differs from the checkpoint ({', '.join(changed)}): using {kept}", flush=True)
+    states = client_state.get("rng_states")  # absent in a converted checkpoint: the run's seeds stand
+    dp_rank = ps.get_data_parallel_rank()
+    if states:
+        set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
+    return int(client_state["iteration"]), int(client_state["consumed_samples"])
