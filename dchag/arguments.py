@@ -9,7 +9,7 @@ from dchag.model.config import DChagConfig, default_channel_chunk
 # Arguments that define the model and layout: a checkpoint refuses to load if these differ.
 MODEL_ARGS = ("task", "num_channels", "img_h", "img_w", "patch_dim", "num_layers", "hidden_size",
               "num_attention_heads", "ffn_hidden_size", "dchag_aggregation", "dchag_groups", "dchag_tree_levels",
-              "tensor_model_parallel_size", "channel_parallel_size", "bf16")
+              "tensor_model_parallel_size", "channel_parallel_size", "bf16", "channel_embedding")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dchag-groups", type=int, default=1)
     g.add_argument("--dchag-tree-levels", type=int, default=1)
     g.add_argument("--dchag-channel-chunk", type=int, default=None)
+    g.add_argument("--channel-embedding", choices=("learned", "wavelength"), default="learned")
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--recompute-activations", action="store_true")
@@ -136,4 +137,7 @@ def model_config(args, num_channels: int | None = None) -> DChagConfig:
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         recompute_activations=args.recompute_activations, sequence_parallel=args.sequence_parallel,
         bf16=bool(args.bf16), init_seed=args.seed, attention_backend=args.attention_backend,
-        transformer_impl=args.transformer_impl, use_cpu_initialization=args.use_cpu_initialization)
+        transformer_impl=args.transformer_impl, use_cpu_initialization=args.use_cpu_initialization,
+        # getattr: set from the data by the training loop; absent in checkpoints saved before they were recorded
+        channel_names=getattr(args, "channel_names", None), wavelengths=getattr(args, "wavelengths", None),
+        channel_embedding=getattr(args, "channel_embedding", "learned"))

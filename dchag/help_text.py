@@ -41,6 +41,10 @@ HELP = {
                              "channel count (linear/cross; 0 = off). Default: 64 for linear (it is also faster: "
                              "the coefficients fold into the convolution), 0 for cross (streaming costs it "
                              "up to ~2x channel-stage time); docs/BENCHMARKS.md section 8",
+    "--channel-embedding": "what tells the aggregation which channel a token came from: learned (one learned vector "
+                           "per channel) or wavelength (the same plus a fixed sin-cos embedding of the channel's "
+                           "wavelength in nm, Panopticon's; an unseen band then starts near its spectral neighbours; "
+                           "needs wavelengths in the data). With --finetune: default the pretrained model's",
     "--hidden-dropout": "dropout after attention and MLP",
     "--attention-dropout": "dropout of the attention probabilities",
     "--recompute-activations": "recompute each transformer layer in the backward pass (less memory, more compute)",

@@ -19,12 +19,14 @@ from dchag.checkpointing.tags import read_latest, saved_iterations, tag_for
 # values (DeepSpeed's own error for a changed grouping names parameter alignment, not the flag).
 OPTIMIZER_ARGS = ("dchag_partial_lr_mult",)
 LAYOUT_ARGS = ("tensor_model_parallel_size", "channel_parallel_size")
+# Recorded, not compared: the channels' identity (from the data).
+IDENTITY_ARGS = ("channel_names", "wavelengths")
 
 
 def model_args(args) -> dict:
-    """What a checkpoint records of its run (dchag_args.json): the model/layout arguments and the
-    optimizer-grouping ones."""
-    return {k: getattr(args, k) for k in MODEL_ARGS + OPTIMIZER_ARGS}
+    """What a checkpoint records of its run (dchag_args.json): the model/layout arguments, the
+    optimizer-grouping ones and the channel identity."""
+    return {k: getattr(args, k, None) for k in MODEL_ARGS + OPTIMIZER_ARGS + IDENTITY_ARGS}
 
 
 def _flag(key: str) -> str:

@@ -54,7 +54,8 @@ class DChagViT(nn.Module):
         self.sequence_parallel = self.config.sequence_parallel
 
         # Channel stage: this rank's channels and groups only.
-        self.tokenizer = ChannelTokenizer(self.channels, cfg.num_channels, D, cfg.patch_dim, seed, owner)
+        wavelengths = [cfg.wavelengths[c] for c in self.channels] if cfg.channel_embedding == "wavelength" else None
+        self.tokenizer = ChannelTokenizer(self.channels, cfg.num_channels, D, cfg.patch_dim, seed, owner, wavelengths)
         attention = resolve_attention_backend(cfg.attention_backend)  # sdpa | unfused
         # --dchag-channel-chunk K: the same number of chunks on every channel rank (dchag/model/streaming.py)
         self.stream_chunks = cfg.channel_chunk and self.partition.stream_chunks(cfg.channel_chunk)

@@ -66,14 +66,20 @@ def _build_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=0.0, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
 
 
-def _num_channels(args) -> int:
-    if args.num_channels is not None:
-        return args.num_channels
-    from dchag.data import open_source
-    from dchag.data.readers.open import check_channel_axis
-    source = open_source(args.data_path, args.data_format)
-    check_channel_axis(source, None)  # a plain array without a channel count: refused, naming both readings
-    return source.num_channels
+def read_channel_identity(args) -> None:
+    """``args.num_channels`` (when not given), ``args.channel_names`` and ``args.wavelengths`` (nm, None
+    where a channel has none) from the data's metadata: the model and every checkpoint record them."""
+    from dchag.data.build import open_data_source
+    source = open_data_source(args.data_path, args.data_format, task=args.task, img_h=args.img_h, img_w=args.img_w,
+                              num_channels=args.num_channels, seed=args.seed)
+    if args.num_channels is None:
+        from dchag.data.readers.open import check_channel_axis
+        check_channel_axis(source, None)  # a plain array without a channel count: refused, naming both readings
+    args.num_channels = source.num_channels
+    args.channel_names = [str(n) for n in source.channel_names]
+    wavelengths = source.wavelengths
+    args.wavelengths = None if wavelengths is None else \
+        [float(w) if math.isfinite(float(w)) else None for w in wavelengths]
 
 
 def run(args, model_provider, forward_step, datasets_provider, non_loss_data_func=None,
@@ -137,7 +143,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     validate_layout(world, args.tensor_model_parallel_size, args.channel_parallel_size)
     dp = world // args.tensor_model_parallel_size
     ds_config = build_ds_config(args, dp)  # resolves batch sizes, --bf16, --clip-grad against the JSON
-    args.num_channels = _num_channels(args)
+    read_channel_identity(args)
     cfg = model_config(args)
     cfg.validate_layout(args.tensor_model_parallel_size, args.channel_parallel_size)
     # Checkpoint errors come before anything is built or written (every rank raises the same).
