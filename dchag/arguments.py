@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", default=None, help="default: the JSON's bf16.enabled, else fp32")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--zero-stage", type=int, default=None, help="override zero_optimization.stage of the JSON")
+    g = p.add_argument_group("fine-tuning (dchag/transfer)")
+    g.add_argument("--finetune", action="store_true")
+    g.add_argument("--pretrained-checkpoint", default=None)
+    g.add_argument("--freeze-encoder", action="store_true")
+    g.add_argument("--new-params-lr-mult", type=float, default=1.0)
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
@@ -122,7 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse; batch size, --bf16 and --clip-grad stay None when not given (resolved against the
     DeepSpeed JSON by ``dchag.training.ds_config.build_ds_config``)."""
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.finetune:  # flags not given take the pretrained model's values (dchag.transfer.prepare)
+        args.given = given_on_command_line(argv)
+    return args
+
+
+def given_on_command_line(argv=None) -> frozenset[str]:
+    """The dests the command line gives (parsed a second time with every default suppressed)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return frozenset(vars(parser.parse_known_args(argv)[0]))
 
 
 def model_config(args, num_channels: int | None = None) -> DChagConfig:

@@ -85,6 +85,11 @@ class DChagViT(nn.Module):
         if self.sequence_parallel:
             allreduce_sequence_parallel_grads(self.backbone)
 
+    def task_parameter_names(self) -> list[str]:
+        """The task's head and its input conditioning (MAE's mask token, forecast's lead-time
+        embedding): what a linear probe trains (--freeze-encoder); the rest is the encoder."""
+        return [n for n, _ in self.named_parameters() if n.split(".")[0] in ("head", "mask_token", "lead_time_embed")]
+
     def aggregate_channels(self, images: torch.Tensor) -> torch.Tensor:
         """The channel stage: [B, c_r, H, W] -> [B, L, D]."""
         if self.stream_chunks:  # <= K channels at a time, recomputed in backward
