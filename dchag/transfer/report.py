@@ -48,6 +48,9 @@ def format_table(plan: TransferPlan, where: str, shapes: dict, new_shapes: dict,
     if old.grid != cfg.grid:
         lines.append(f"  tile: {old.img_h} x {old.img_w} -> {cfg.img_h} x {cfg.img_w} pixels: position embedding "
                      f"interpolated (bicubic, {old.grid[0]} x {old.grid[1]} -> {cfg.grid[0]} x {cfg.grid[1]} patches)")
+    if old.channel_embedding != cfg.channel_embedding:
+        lines.append(f"  channel embedding: {old.channel_embedding} -> {cfg.channel_embedding} (--channel-embedding; "
+                     "the fixed wavelength part has no weight)")
     if old.task != cfg.task:
         lines.append(f"  task: {old.task} -> {cfg.task}: the head and the task's conditioning start new")
     lines.append(f"  {'parameters':<14}{'tensors':>8}{'values':>14}")
