@@ -10,10 +10,10 @@ One job on 2 gloo ranks through the real entry point (pretrain_dchag.py's provid
 * pretrain a tiny D-CHAG-L MAE (16 synthetic bands, 400-900 nm, G = 4, 8 x 8 tiles) at T = P = 2,
   export it (tools/convert_checkpoint.py's consolidated export);
 * fine-tune onto 3 bands (400, 650, 900 nm: one interpolated), 12 x 12 tiles, the forecast task:
-  the transferred weights (no training) checked against the export with numpy; a frozen encoder
-  (--freeze-encoder) through 3 iterations; T = P = 2 and T = P = 1 from the export, T = P = 1 from
-  the DeepSpeed folder, the same first losses; a resume with --load continues the fine-tune
-  exactly; a foreign checkpoint refused.
+  a frozen encoder (--freeze-encoder) through 3 iterations, each rank's shards compared with what
+  its first forward saw; T = P = 2 and T = P = 1 from the export (the T = P = 1 run's transferred
+  weights checked against the export with numpy), T = P = 1 from the DeepSpeed folder, the same
+  first losses; a resume with --load continues the fine-tune exactly; a foreign checkpoint refused.
 """
 
 from __future__ import annotations
@@ -244,17 +244,30 @@ def test_new_params_lr_mult_groups_whole_tensors_and_multiplies_the_partial_mult
 # ----------------------------------------------------------------------------------------------
 
 
-def _train(argv, params=False):
+def _train(argv, snapshot=False):
+    """One run of the real entry point. ``snapshot``: also this rank's parameters as the first forward
+    saw them (after the transfer, before any update) and at the end, what trains and what the
+    optimizer holds."""
     import pretrain_dchag
-    from dchag.parallel.state_dict import full_state_dict
     from dchag.training import pretrain, release
-    history = pretrain(pretrain_dchag.model_provider, pretrain_dchag.forward_step, pretrain_dchag.datasets_provider,
-                       argv)
+    first = {}
+
+    def keep_first(module, inputs):  # returns None: the inputs pass unchanged
+        if not first:
+            first.update({n: p.detach().clone() for n, p in module.named_parameters()})
+
+    def model_provider(cfg):
+        model = pretrain_dchag.model_provider(cfg)
+        if snapshot:
+            model.register_forward_pre_hook(keep_first)
+        return model
+    history = pretrain(model_provider, pretrain_dchag.forward_step, pretrain_dchag.datasets_provider, argv)
     out = {"losses": history["losses"]}
-    if params:
+    if snapshot:
         module, opt = history["engine"].module, history["engine"].optimizer
         names = {id(p): n for n, p in module.named_parameters()}
-        out["params"] = full_state_dict(module)
+        out["first"] = first
+        out["last"] = {n: p.detach().clone() for n, p in module.named_parameters()}
         out["trainable"] = sorted(n for n, p in module.named_parameters() if p.requires_grad)
         out["in_optimizer"] = sorted(names[id(p)] for g in getattr(opt, "bit16_groups", []) for p in g)
     release(history)
@@ -284,13 +297,13 @@ def _job(tmp):
         _foreign_copy(export, os.path.join(tmp, "foreign"))
     dist.barrier()
     ft = zero1 + FINETUNE + ["--finetune", "--pretrained-checkpoint", export]
-    r = {}
-    r["start"] = _train(ft + TP2 + ["--train-iters", "0", "--log-file", os.path.join(tmp, "start.log")], params=True)
-    r["frozen"] = _train(ft + TP2 + ["--train-iters", "3", "--freeze-encoder"], params=True)
-    # The same model on two layouts (G given: the rule for fewer channels than G depends on P).
+    r = {"frozen": _train(ft + TP2 + ["--train-iters", "3", "--freeze-encoder", "--log-file",
+                                      os.path.join(tmp, "frozen.log")], snapshot=True)}
+    # The same model on two layouts (G given: the rule for fewer channels than G depends on P). At T = P = 1
+    # every rank holds every parameter whole: its snapshot is the transferred model.
     same = ["--dchag-groups", "2", "--new-params-lr-mult", "2", "--train-iters", "3"]
     r["t2"] = _train(ft + TP2 + same + ["--save", os.path.join(tmp, "ft"), "--save-interval", "2"])
-    r["t1"] = _train(ft + TP1 + same)
+    r["t1"] = _train(ft + TP1 + same, snapshot=True)
     from_folder = zero1 + FINETUNE + ["--finetune", "--pretrained-checkpoint", pre]
     r["t1_folder"] = _train(from_folder + TP1 + same[:-1] + ["1"])
     # The auto-resume idiom: --load holds the fine-tune's checkpoint, so PATH's weights are not applied again.
@@ -304,12 +317,14 @@ def _job(tmp):
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("transfer"))
-    r = run_distributed(_job, 2, tmp)[0]
+    ranks = run_distributed(_job, 2, tmp)
+    r = ranks[0]
+    r["frozen_ranks"] = [x["frozen"] for x in ranks]
     from safetensors.torch import load_file
     r["export"] = {k: v.double().numpy() for k, v in load_file(os.path.join(tmp, "export", "model.safetensors")).items()}
     with open(os.path.join(tmp, "export", "config.json")) as f:
         r["export_config"] = json.load(f)
-    with open(os.path.join(tmp, "start.log")) as f:
+    with open(os.path.join(tmp, "frozen.log")) as f:
         r["start_log"] = f.read()
     return r
 
@@ -321,10 +336,11 @@ def test_export_records_the_channel_identity(job):
 
 
 def test_transferred_weights_match_the_export(job):
-    """At T = P = 2, before training: 400 and 900 nm copied, 650 nm halfway between the pretrained
-    633.3 and 666.7 nm bands (7 and 8), the coefficients rescaled to the new groups (2 + 1 channels
-    vs 4 + 4 + 4 + 4), the position embedding resized bicubically, the backbone copied."""
-    old, new = job["export"], {k: v.double().numpy() for k, v in job["start"]["params"].items()}
+    """Before training (the T = P = 1 run's first forward): 400 and 900 nm copied, 650 nm halfway
+    between the pretrained 633.3 and 666.7 nm bands (7 and 8), the coefficients rescaled to the new
+    groups (2 + 1 channels vs 4 + 4 + 4 + 4), the position embedding resized bicubically, the
+    backbone copied."""
+    old, new = job["export"], {k: v.double().numpy() for k, v in job["t1"]["first"].items()}
     rows = lambda a: [a[0], 0.5 * a[7] + 0.5 * a[8], a[15]]  # noqa: E731
     for name in ("tokenizer.weight", "tokenizer.bias", "tokenizer.channel_embed"):
         np.testing.assert_allclose(new[name], np.stack(rows(old[name])), rtol=0, atol=1e-7)
@@ -353,16 +369,16 @@ def test_startup_table(job):
 
 
 def test_frozen_encoder_stays_bit_equal_while_the_head_trains(job):
-    start, frozen = job["start"], job["frozen"]
     head = {"head.linear.weight", "head.linear.bias", "lead_time_embed.weight", "lead_time_embed.bias"}
-    assert set(frozen["trainable"]) == head and set(frozen["in_optimizer"]) == head
-    assert len(frozen["losses"]) == 3 and all(math.isfinite(v) for v in frozen["losses"].values())
-    for name, value in frozen["params"].items():
-        if name in head:
-            assert not torch.equal(value, start["params"][name]), f"{name} did not train"
-        else:
-            assert torch.equal(value, start["params"][name]), f"{name} changed under --freeze-encoder"
-    assert set(start["trainable"]) == set(frozen["params"])  # without the flag everything trains
+    for frozen in job["frozen_ranks"]:  # each rank's own shards
+        assert set(frozen["trainable"]) == head and set(frozen["in_optimizer"]) == head
+        assert len(frozen["losses"]) == 3 and all(math.isfinite(v) for v in frozen["losses"].values())
+        for name, last in frozen["last"].items():
+            if name in head:
+                assert not torch.equal(last, frozen["first"][name]), f"{name} did not train"
+            else:
+                assert torch.equal(last, frozen["first"][name]), f"{name} changed under --freeze-encoder"
+    assert set(job["t1"]["trainable"]) == set(job["t1"]["last"])  # without the flag everything trains
 
 
 def test_finetunes_on_two_layouts_and_from_either_format_give_the_same_losses(job):
