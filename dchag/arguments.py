@@ -9,7 +9,7 @@ from dchag.model.config import DChagConfig, default_channel_chunk
 # Arguments that define the model and layout: a checkpoint refuses to load if these differ.
 MODEL_ARGS = ("task", "num_channels", "img_h", "img_w", "patch_dim", "num_layers", "hidden_size",
               "num_attention_heads", "ffn_hidden_size", "dchag_aggregation", "dchag_groups", "dchag_tree_levels",
-              "tensor_model_parallel_size", "channel_parallel_size", "bf16")
+              "tensor_model_parallel_size", "channel_parallel_size", "bf16", "channel_embedding")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dchag-groups", type=int, default=1)
     g.add_argument("--dchag-tree-levels", type=int, default=1)
     g.add_argument("--dchag-channel-chunk", type=int, default=None)
+    g.add_argument("--channel-embedding", choices=("learned", "wavelength"), default="learned")
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--recompute-activations", action="store_true")
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", default=None, help="default: the JSON's bf16.enabled, else fp32")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--zero-stage", type=int, default=None, help="override zero_optimization.stage of the JSON")
+    g = p.add_argument_group("fine-tuning (dchag/transfer)")
+    g.add_argument("--finetune", action="store_true")
+    g.add_argument("--pretrained-checkpoint", default=None)
+    g.add_argument("--freeze-encoder", action="store_true")
+    g.add_argument("--new-params-lr-mult", type=float, default=1.0)
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
@@ -121,7 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse; batch size, --bf16 and --clip-grad stay None when not given (resolved against the
     DeepSpeed JSON by ``dchag.training.ds_config.build_ds_config``)."""
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.finetune:  # flags not given take the pretrained model's values (dchag.transfer.prepare)
+        args.given = given_on_command_line(argv)
+    return args
+
+
+def given_on_command_line(argv=None) -> frozenset[str]:
+    """The dests the command line gives (parsed a second time with every default suppressed)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return frozenset(vars(parser.parse_known_args(argv)[0]))
 
 
 def model_config(args, num_channels: int | None = None) -> DChagConfig:
@@ -136,4 +153,7 @@ def model_config(args, num_channels: int | None = None) -> DChagConfig:
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         recompute_activations=args.recompute_activations, sequence_parallel=args.sequence_parallel,
         bf16=bool(args.bf16), init_seed=args.seed, attention_backend=args.attention_backend,
-        transformer_impl=args.transformer_impl, use_cpu_initialization=args.use_cpu_initialization)
+        transformer_impl=args.transformer_impl, use_cpu_initialization=args.use_cpu_initialization,
+        # getattr: set from the data by the training loop; absent in checkpoints saved before they were recorded
+        channel_names=getattr(args, "channel_names", None), wavelengths=getattr(args, "wavelengths", None),
+        channel_embedding=getattr(args, "channel_embedding", "learned"))

@@ -41,6 +41,10 @@ HELP = {
                              "channel count (linear/cross; 0 = off). Default: 64 for linear (it is also faster: "
                              "the coefficients fold into the convolution), 0 for cross (streaming costs it "
                              "up to ~2x channel-stage time); docs/BENCHMARKS.md section 8",
+    "--channel-embedding": "what tells the aggregation which channel a token came from: learned (one learned vector "
+                           "per channel) or wavelength (the same plus a fixed sin-cos embedding of the channel's "
+                           "wavelength in nm, Panopticon's; an unseen band then starts near its spectral neighbours; "
+                           "needs wavelengths in the data). With --finetune: default the pretrained model's",
     "--hidden-dropout": "dropout after attention and MLP",
     "--attention-dropout": "dropout of the attention probabilities",
     "--recompute-activations": "recompute each transformer layer in the backward pass (less memory, more compute)",
@@ -65,6 +69,24 @@ HELP = {
     "--adam-beta2": "AdamW beta2",
     "--adam-eps": "AdamW epsilon",
     "--seed": "seed of the weights, MAE masks, dropout and data order (the same for every layout)",
+    # fine-tuning
+    "--finetune": "start from --pretrained-checkpoint's weights only: iteration 0, a fresh optimizer and LR schedule, "
+                  "this run's layout, channels, tile size and task (README, 'Fine-tune a pretrained model'). The "
+                  "architecture flags not given take the pretrained model's values. With --load DIR holding a "
+                  "checkpoint the run resumes from DIR instead (--load DIR --save DIR works across restarts)",
+    "--pretrained-checkpoint": "with --finetune: the pretrained model, a consolidated export "
+                               "(tools/convert_checkpoint.py --format consolidated) or a checkpoint folder --save "
+                               "wrote (or one of its iter_NNNNNNN folders), of any T and P. Channels are matched by "
+                               "name, then wavelength (interpolated between the two nearest pretrained bands); the "
+                               "rest start new; a start-up table lists what was loaded, interpolated, new and dropped",
+    "--freeze-encoder": "with --finetune: a linear probe: only the task head (and forecast's lead-time embedding, "
+                        "MAE's mask token) train; the channel stage, the aggregation and the backbone stay as loaded, "
+                        "and the optimizer holds only what trains",
+    "--new-params-lr-mult": "with --finetune: the new and interpolated parameters train at this multiple of the "
+                            "schedule's rate (megatron-style lr_mult groups). The unit is the tensor: a tensor with "
+                            "any new or interpolated row (e.g. the tokenizer when one band is new) gets it whole, "
+                            "because AdamW's step does not scale with a per-row gradient factor. Multiplies "
+                            "--dchag-partial-lr-mult",
     # checkpointing and logging
     "--save": "folder for checkpoints (DIR/iter_NNNNNNN, DIR/latest); never overwrites a complete checkpoint "
               "beyond the starting iteration",

@@ -7,7 +7,7 @@ the page. ``DChagViT`` at T = P = 1 must equal it in output, loss and every grad
 (tests/test_reference.py); the distributed-vs-serial suite then ties every layout to it.
 
     x [B, C, H, W]
-      per-channel patch embedding     tok[b, c, l] = W_c . patch_l(x[b, c]) + b_c + e_c        [B, C, L, D]
+      per-channel patch embedding     tok[b, c, l] = W_c . patch_l(x[b, c]) + b_c + e_c (+ s(lambda_c))  [B, C, L, D]
       partial aggregation (per group) linear: sum_i w_i tok_i    cross: learned-query attention  [B, G, L, D]
          tree of k levels: level 1 reduces each of the 2^(k-1) sub-groups of a group, later levels pairs
       final aggregation               learned-query multi-head cross-attention over the G tokens [B, L, D]
@@ -54,6 +54,7 @@ class ReferenceConfig:
     task: str  # mae | forecast
     out_vars: tuple[int, ...]
     eps: float = 1e-5
+    wavelengths: tuple | None = None  # --channel-embedding wavelength: each channel's wavelength (nm) or None
 
 
 def near_equal_sizes(n: int, parts: int) -> list[int]:
@@ -111,8 +112,22 @@ class ReferenceDChag(nn.Module):
         tokens = []
         for c in range(self.cfg.num_channels):
             w = self.p("embed.w")[c].reshape(self.cfg.dim, -1)  # [D, p*p]
-            tokens.append(patches[:, c] @ w.T + self.p("embed.b")[c] + self.p("embed.channel")[c])
+            tokens.append(patches[:, c] @ w.T + self.p("embed.b")[c] + self.p("embed.channel")[c]
+                          + self.spectral_embedding(c))
         return torch.stack(tokens, dim=1)  # [B, C, L, D]
+
+    def spectral_embedding(self, c: int) -> torch.Tensor:
+        """Panopticon's fixed embedding of channel c's wavelength lambda (nm), [D]: feature k < D/2 is
+        sin(lambda / 10000^(2k/D)), feature D/2 + k its cosine; zero without a wavelength (or without
+        --channel-embedding wavelength)."""
+        D = self.cfg.dim
+        out = torch.zeros(D, dtype=torch.float64)
+        lam = self.cfg.wavelengths[c] if self.cfg.wavelengths is not None else None
+        if lam is not None:
+            for k in range(D // 2):
+                angle = lam / 10000 ** (2 * k / D)
+                out[k], out[D // 2 + k] = math.sin(angle), math.cos(angle)
+        return out
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Multi-head attention of one learned query per position over N tokens.

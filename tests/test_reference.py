@@ -21,6 +21,7 @@ from tests.reference_model import (ReferenceConfig, ReferenceDChag, latitude_wei
 
 TOLERANCE = 1e-10  # float64 throughout; observed errors are ~1e-15 (see the note in the worker's output)
 
+WAVELENGTHS = tuple(None if c == 5 else 400.0 + 37.5 * c for c in range(13))  # nm; channel 5 has none
 CASES = {
     "flat": dict(aggregation="flat"),
     "linear": dict(aggregation="linear"),
@@ -38,6 +39,10 @@ CASES = {
     "linear-streamed": dict(aggregation="linear", channel_chunk=3),
     "cross-streamed": dict(aggregation="cross", channel_chunk=3),
     "cross-tree3-streamed": dict(aggregation="cross", groups=2, tree_levels=3, channel_chunk=3),
+    # --channel-embedding wavelength (a channel without a wavelength included), unstreamed and streamed.
+    "linear-wavelength": dict(aggregation="linear", channel_embedding="wavelength", wavelengths=WAVELENGTHS),
+    "cross-streamed-wavelength": dict(aggregation="cross", channel_chunk=3, channel_embedding="wavelength",
+                                      wavelengths=WAVELENGTHS),
 }
 
 
@@ -46,7 +51,8 @@ def reference_config(cfg) -> ReferenceConfig:
                            dim=cfg.hidden_size, depth=cfg.num_layers, heads=cfg.num_attention_heads,
                            mlp_dim=cfg.ffn_size, aggregation=cfg.aggregation, groups=cfg.num_groups,
                            tree_levels=cfg.tree_levels, task=cfg.task, out_vars=cfg.predicted_channels,
-                           eps=cfg.layernorm_epsilon)
+                           eps=cfg.layernorm_epsilon,
+                           wavelengths=cfg.wavelengths if cfg.channel_embedding == "wavelength" else None)
 
 
 def _batch(cfg, gen):

@@ -17,14 +17,16 @@ from dchag.checkpointing.tags import read_latest, saved_iterations, tag_for
 
 # Arguments that shape the optimizer's parameter groups: its saved state loads only under the same
 # values (DeepSpeed's own error for a changed grouping names parameter alignment, not the flag).
-OPTIMIZER_ARGS = ("dchag_partial_lr_mult",)
+OPTIMIZER_ARGS = ("dchag_partial_lr_mult", "new_params_lr_mult", "freeze_encoder")
 LAYOUT_ARGS = ("tensor_model_parallel_size", "channel_parallel_size")
+# Recorded, not compared: the channels' identity (from the data; dchag/transfer matches by it) and provenance.
+IDENTITY_ARGS = ("channel_names", "wavelengths", "pretrained_checkpoint")
 
 
 def model_args(args) -> dict:
-    """What a checkpoint records of its run (dchag_args.json): the model/layout arguments and the
-    optimizer-grouping ones."""
-    return {k: getattr(args, k) for k in MODEL_ARGS + OPTIMIZER_ARGS}
+    """What a checkpoint records of its run (dchag_args.json): the model/layout arguments, the
+    optimizer-grouping ones and the channel identity."""
+    return {k: getattr(args, k, None) for k in MODEL_ARGS + OPTIMIZER_ARGS + IDENTITY_ARGS}
 
 
 def _flag(key: str) -> str:

@@ -30,8 +30,9 @@ FORMAT = "dchag-consolidated"
 def config_to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)
     d.pop("extra", None)
-    if d.get("out_channels") is not None:
-        d["out_channels"] = list(d["out_channels"])
+    for key in ("out_channels", "channel_names", "wavelengths"):
+        if d.get(key) is not None:
+            d[key] = list(d[key])
     return d
 
 

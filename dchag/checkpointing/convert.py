@@ -33,8 +33,12 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _config_of_run(ns: argparse.Namespace):
+def config_of_run(ns: argparse.Namespace, norm: dict | None = None):
+    """The DChagConfig of a training run from its arguments (``reader.run_args``) and, for checkpoints
+    saved before the arguments recorded the channel identity, its normalization.json."""
     from dchag.arguments import model_config
+    if getattr(ns, "channel_names", None) is None and norm:  # saved before the arguments recorded the identity
+        ns.channel_names, ns.wavelengths = norm.get("channel_names"), norm.get("wavelengths")
     return model_config(ns)
 
 
@@ -46,7 +50,8 @@ def export_consolidated(load_dir: str, save_dir: str) -> dict:
         _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
     consolidated.check_output(save_dir)  # refuse early, before the work
     ns = reader.run_args(folder)
-    cfg = _config_of_run(ns)
+    norm = normalization.read(folder)
+    cfg = config_of_run(ns, norm)
     serial = dataclasses.replace(cfg, bf16=False, sequence_parallel=False, recompute_activations=False)
     specs = shards.param_specs(build_serial_model(serial))
     tensors, state = reader.read_full_state_dict(folder, list(specs))
@@ -54,12 +59,12 @@ def export_consolidated(load_dir: str, save_dir: str) -> dict:
         if list(tensors[name].shape) != spec["shape"]:
             raise CheckpointError(f"{folder}: merged {name} has shape {list(tensors[name].shape)}, the model "
                                   f"{spec['shape']}.")
-    norm = normalization.read(folder)
     T, P = int(ns.tensor_model_parallel_size), int(ns.channel_parallel_size)
     config = {
         "model": consolidated.config_to_dict(cfg),
         "task": cfg.task, "aggregation": cfg.aggregation, "groups": cfg.num_groups,
-        "channel_names": (norm or {}).get("channel_names"), "wavelengths": (norm or {}).get("wavelengths"),
+        "channel_names": cfg.channel_names and list(cfg.channel_names),
+        "wavelengths": cfg.wavelengths and list(cfg.wavelengths),
         "normalization": norm,
         "iteration": int(state.get("iteration", 0)), "consumed_samples": int(state.get("consumed_samples", 0)),
         "lr_scheduler": state.get("lr_scheduler"),

@@ -93,12 +93,18 @@ def client_state(folder: str) -> dict:
     return _load(_model_state_files(folder)[0][0])
 
 
-def run_args(folder: str) -> argparse.Namespace:
-    """Every scalar argument of the run that saved ``folder`` (model, layout, schedule, data)."""
-    state = client_state(folder)
+def run_args(folder: str, state: dict | None = None) -> argparse.Namespace:
+    """Every scalar argument of the run that saved ``folder`` (model, layout, schedule, data);
+    ``state``: its :func:`client_state`, when already read."""
+    state = client_state(folder) if state is None else state
     args = dict(state.get("all_args") or {})
     args.update(state.get("args") or {})
     return argparse.Namespace(**args)
+
+
+def param_name(pattern: str) -> str:
+    """The parameter name of an affine-map key ("^" + re.escape(name) + "$")."""
+    return re.sub(r"\\(.)", r"\1", pattern[1:-1])
 
 
 def read_full_state_dict(folder: str, names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -118,7 +124,7 @@ def read_full_state_dict(folder: str, names: list[str] | None = None) -> tuple[d
     shards = {mp: _fp32_weights_of_rank(folder, mp) for mp in range(T)}
     out = {}
     for pattern, entry in maps.items():
-        name = re.sub(r"\\(.)", r"\1", pattern[1:-1])  # "^" + re.escape(name) + "$"
+        name = param_name(pattern)
         if names is not None and name not in names:
             continue
         missing = [mp for mp in range(T) if name not in shards[mp]]

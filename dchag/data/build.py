@@ -8,6 +8,22 @@ from .readers import open_source
 from .stats import resolve_stats
 
 
+def open_data_source(data_path, data_format: str = "auto", *, task: str, img_h: int, img_w: int,
+                     num_channels: int | None = None, seed: int = 0, source_opts: dict | None = None):
+    """The Source training reads (metadata only until read): synthetic data takes its C/H/W from
+    num_channels/img_h/img_w and its seed from ``seed`` unless the path or ``source_opts`` say otherwise."""
+    opts = dict(source_opts or {})
+    if data_format == "synthetic" or str(data_path).startswith("synthetic"):
+        if num_channels is None:
+            raise DataError("synthetic data needs --num-channels.")
+        opts.setdefault("height", img_h)
+        opts.setdefault("width", img_w)
+        opts.setdefault("seed", seed)
+        if task == "forecast":
+            opts.setdefault("global_grid", True)
+    return open_source(data_path, data_format, num_channels=num_channels, **opts)
+
+
 def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: int, img_w: int,
                    channels: range | None = None, num_channels: int | None = None, lead_time: int = 1,
                    valid_fraction: float = 0.1, stats_path: str | None = None, normalize: bool = True,
@@ -21,17 +37,8 @@ def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: in
     - statistics come from ``stats_path`` or the stats file beside the data, else are computed
       on the fly for the channels this rank needs (its own; all target channels for forecast).
     """
-    opts = dict(source_opts or {})
-    fmt = data_format
-    if fmt == "synthetic" or str(data_path).startswith("synthetic"):
-        if num_channels is None:
-            raise DataError("synthetic data needs --num-channels.")
-        opts.setdefault("height", img_h)
-        opts.setdefault("width", img_w)
-        opts.setdefault("seed", seed)
-        if task == "forecast":
-            opts.setdefault("global_grid", True)
-    source = open_source(data_path, fmt, num_channels=num_channels, **opts)
+    source = open_data_source(data_path, data_format, task=task, img_h=img_h, img_w=img_w, num_channels=num_channels,
+                              seed=seed, source_opts=source_opts)
     C = source.num_channels
     channels = range(C) if channels is None else channels
     stats = None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from dchag.parallel.partition import ChannelPartition, LayoutError
 
 AGGREGATIONS = ("flat", "linear", "cross")
 TASKS = ("mae", "forecast")
+CHANNEL_EMBEDDINGS = ("learned", "wavelength")
 # --dchag-channel-chunk when not given (training, planner, simulation): streamed D-CHAG-L (faster and
 # 3-7x less channel-stage memory at every C measured), unstreamed D-CHAG-C (streaming costs it up to
 # ~2x channel-stage time); docs/BENCHMARKS.md section 8
@@ -46,6 +48,11 @@ class DChagConfig:
     attention_backend: str = "auto"  # auto (= sdpa) | sdpa | unfused
     transformer_impl: str = "local"  # local | transformer_engine (only where TE is installed)
     use_cpu_initialization: bool | None = None  # None: on (README, "GPU")
+    # A channel is an identity, not a position (DESIGN.md section 2): each channel's name and wavelength
+    # (nm; None where it has none), from the data. Per-channel weights belong to it (dchag/transfer).
+    channel_names: tuple[str, ...] | None = None
+    wavelengths: tuple[float | None, ...] | None = None
+    channel_embedding: str = "learned"  # learned | wavelength (+ a fixed sin-cos of the wavelength, tokenizer.py)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -58,6 +65,7 @@ class DChagConfig:
         if self.transformer_impl == "transformer_engine":
             from dchag.model.te import require_transformer_engine
             require_transformer_engine()
+        self._check_channel_identity()
         if self.task not in TASKS:
             raise LayoutError(f"--task must be one of {TASKS}, got {self.task!r}.")
         for name, size in (("--img-h", self.img_h), ("--img-w", self.img_w)):
@@ -84,6 +92,23 @@ class DChagConfig:
                 f"sub-groups, but the smallest group has {smallest_group} channel(s) "
                 f"(C={self.num_channels}, G={self.num_groups}); use fewer levels or fewer groups.")
         ChannelPartition(self.num_channels, self.num_groups)  # validates G against C
+
+    def _check_channel_identity(self):
+        # Lists (from JSON) become tuples; a non-finite wavelength is no wavelength.
+        if self.channel_names is not None:
+            object.__setattr__(self, "channel_names", tuple(str(n) for n in self.channel_names))
+        if self.wavelengths is not None:
+            object.__setattr__(self, "wavelengths", tuple(
+                float(w) if w is not None and math.isfinite(float(w)) else None for w in self.wavelengths))
+        for what, values in (("channel names", self.channel_names), ("wavelengths", self.wavelengths)):
+            if values is not None and len(values) != self.num_channels:
+                raise LayoutError(f"{len(values)} {what} for {self.num_channels} channels: give one per channel.")
+        if self.channel_embedding not in CHANNEL_EMBEDDINGS:
+            raise LayoutError(f"--channel-embedding must be one of {CHANNEL_EMBEDDINGS}, got {self.channel_embedding!r}.")
+        if self.channel_embedding == "wavelength" and not any(w is not None for w in self.wavelengths or ()):
+            raise LayoutError("--channel-embedding wavelength needs the channels' wavelengths, and the data has none "
+                              "(ENVI 'wavelength', an HDF5/Zarr 'wavelengths' attribute, a wavelength coordinate); "
+                              "use --channel-embedding learned.")
 
     @property
     def num_groups(self) -> int:

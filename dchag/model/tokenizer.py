@@ -17,11 +17,18 @@ class ChannelTokenizer(nn.Module):
     Every channel has its own patch-embedding weights, stored stacked as ``weight`` [c, D, p, p]
     (+ ``bias`` [c, D]) and applied as one grouped convolution, plus a learned channel
     embedding [c, D] that tells the aggregation which channel a token came from.
+    ``wavelengths`` (--channel-embedding wavelength: the c channels' wavelengths in nm, None for a
+    channel without one) adds a fixed buffer ``wavelength_embed`` [c, D] (:func:`wavelength_sincos`)
+    to the learned embedding, so a band the model never saw starts near its spectral neighbours.
     """
 
     def __init__(self, channels: range, num_channels: int, hidden_size: int, patch_dim: int,
-                 seed: int, owner: bool = True):
+                 seed: int, owner: bool = True, wavelengths: list[float | None] | None = None):
         super().__init__()
+        if wavelengths is not None:  # derived from the config, so not saved (persistent=False)
+            self.register_buffer("wavelength_embed", wavelength_sincos(wavelengths, hidden_size), persistent=False)
+        else:
+            self.wavelength_embed = None
         c, D, p = len(channels), hidden_size, patch_dim
         self.channels, self.hidden_size, self.patch_dim = channels, D, p
         self.weight = nn.Parameter(torch.empty(c, D, p, p))
@@ -47,6 +54,8 @@ class ChannelTokenizer(nn.Module):
                                    for t in (self.weight, self.bias, self.channel_embed))
         else:
             weight, bias, embed = (t[rows.start:rows.stop] for t in (self.weight, self.bias, self.channel_embed))
+        if self.wavelength_embed is not None:
+            embed = embed + self.wavelength_embed[rows.start:rows.stop].to(embed.dtype)
         B, c, H, W = x.shape
         if c != len(rows) or rows.stop > len(self.channels):
             raise ValueError(f"tokenizer owns {len(self.channels)} channels {self.channels}; expected input "
@@ -78,3 +87,21 @@ class ChannelTokenizer(nn.Module):
             start += s
         sums = torch.stack(out, 1)
         return sums.to(torch.promote_types(sums.dtype, torch.float32))
+
+
+def wavelength_sincos(wavelengths: list[float | None], hidden_size: int) -> torch.Tensor:
+    """The fixed spectral embedding of --channel-embedding wavelength (Panopticon's / DOFA's), [c, D]:
+
+        e(lambda)[k] = sin(lambda w_k),  e(lambda)[D/2 + k] = cos(lambda w_k),  w_k = 1 / 10000^(2k / D),
+
+    k = 0 .. D/2 - 1, lambda in nm; a zero row for a channel without a wavelength (and a zero last
+    column when D is odd). Close wavelengths get close rows: the learned channel embedding is added to it.
+    Kept in float64 (cast where it is added), so the float64 reference comparison sees no float32 rounding."""
+    half = hidden_size // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) * 2 / hidden_size)  # [D/2]
+    out = torch.zeros(len(wavelengths), hidden_size, dtype=torch.float64)
+    for i, lam in enumerate(wavelengths):
+        if lam is not None:
+            angles = float(lam) * omega
+            out[i, :half], out[i, half:2 * half] = angles.sin(), angles.cos()
+    return out

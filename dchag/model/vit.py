@@ -54,7 +54,8 @@ class DChagViT(nn.Module):
         self.sequence_parallel = self.config.sequence_parallel
 
         # Channel stage: this rank's channels and groups only.
-        self.tokenizer = ChannelTokenizer(self.channels, cfg.num_channels, D, cfg.patch_dim, seed, owner)
+        wavelengths = [cfg.wavelengths[c] for c in self.channels] if cfg.channel_embedding == "wavelength" else None
+        self.tokenizer = ChannelTokenizer(self.channels, cfg.num_channels, D, cfg.patch_dim, seed, owner, wavelengths)
         attention = resolve_attention_backend(cfg.attention_backend)  # sdpa | unfused
         # --dchag-channel-chunk K: the same number of chunks on every channel rank (dchag/model/streaming.py)
         self.stream_chunks = cfg.channel_chunk and self.partition.stream_chunks(cfg.channel_chunk)
@@ -83,6 +84,11 @@ class DChagViT(nn.Module):
                     t.data = t.data.to(torch.bfloat16)
         if self.sequence_parallel:
             allreduce_sequence_parallel_grads(self.backbone)
+
+    def task_parameter_names(self) -> list[str]:
+        """The task's head and its input conditioning (MAE's mask token, forecast's lead-time
+        embedding): what a linear probe trains (--freeze-encoder); the rest is the encoder."""
+        return [n for n, _ in self.named_parameters() if n.split(".")[0] in ("head", "mask_token", "lead_time_embed")]
 
     def aggregate_channels(self, images: torch.Tensor) -> torch.Tensor:
         """The channel stage: [B, c_r, H, W] -> [B, L, D]."""

@@ -42,8 +42,8 @@ def pin_synthetic_seed(data_path: str, seed: int) -> str:
 def _open_valid(args):
     """The held-out split at P = 1 (all channels): its dataset, description and config."""
     from dchag.data import build_datasets
-    from dchag.training.loop import _num_channels
-    args.num_channels = _num_channels(args)
+    from dchag.training.loop import read_channel_identity
+    read_channel_identity(args)
     cfg = model_config(args)
     _, valid = build_datasets(args.data_path, args.data_format, task=args.task, img_h=args.img_h, img_w=args.img_w,
                               channels=None, num_channels=args.num_channels, lead_time=args.lead_time,

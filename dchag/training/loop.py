@@ -23,12 +23,14 @@ from dchag.training.logging_utils import invalid_input_values, comm_device, log_
 from dchag.training.batch_checks import empty_samples
 from dchag.training.lr import LRScheduler, ScheduleError
 from dchag.training.signals import ExitRequest, exit_interrupted, progress
+from dchag.transfer.errors import FinetuneError
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive iterations with a non-finite loss or gradient norm."""
 
 
-USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, CheckpointError, ScheduleError, DeviceError)
+USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, CheckpointError, ScheduleError, DeviceError,
+               FinetuneError)
 
 
 def _print0(msg: str, log_file=None) -> None:
@@ -45,20 +47,25 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _build_optimizer(model, args):
-    """AdamW over four groups: weight matrices decay, the rest not; D-CHAG's partial aggregation
-    learns at ``--dchag-partial-lr-mult`` times the schedule's rate (``lr_mult``, applied by the
-    LR scheduler)."""
+    """AdamW over the trainable parameters (--freeze-encoder leaves the encoder out), in groups:
+    weight matrices decay, the rest not; each group's ``lr_mult`` (megatron's, applied by the LR
+    scheduler) is the product of ``--dchag-partial-lr-mult`` for D-CHAG's partial aggregation and
+    ``--new-params-lr-mult`` for a fine-tune's new or interpolated parameters (dchag.transfer)."""
     from dchag.model.aggregation import PartialAggregation
     from dchag.model.init import is_weight_matrix
-    if args.dchag_partial_lr_mult < 0:
-        raise ConfigError(f"--dchag-partial-lr-mult {args.dchag_partial_lr_mult}: a learning-rate multiplier must be "
-                          ">= 0 (1 = the schedule's rate, 0 = frozen).")
+    from dchag.transfer import is_new_parameter
+    for flag, value in (("--dchag-partial-lr-mult", args.dchag_partial_lr_mult),
+                        ("--new-params-lr-mult", getattr(args, "new_params_lr_mult", 1.0))):
+        if value < 0:
+            raise ConfigError(f"{flag} {value}: a learning-rate multiplier must be >= 0 (1 = the schedule's rate, "
+                              "0 = frozen).")
     partial = {id(p) for m in model.modules() if isinstance(m, PartialAggregation) for p in m.parameters()}
     groups = {}
     for p in model.parameters():
         if p.requires_grad:  # only weight matrices decay: the model tags them by role where it builds them
-            key = (is_weight_matrix(p), args.dchag_partial_lr_mult if id(p) in partial else 1.0)
-            groups.setdefault(key, []).append(p)
+            lr_mult = (args.dchag_partial_lr_mult if id(p) in partial else 1.0) * \
+                (getattr(args, "new_params_lr_mult", 1.0) if is_new_parameter(p) else 1.0)
+            groups.setdefault((is_weight_matrix(p), lr_mult), []).append(p)
     groups = [{"params": params, "weight_decay": args.weight_decay if decay else 0.0, "lr_mult": lr_mult}
               for (decay, lr_mult), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
     # lr 0 until the LR schedule sets it: DeepSpeed's ZeRO-0 bf16 wrapper (FP16_Optimizer) takes
@@ -66,14 +73,20 @@ def _build_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=0.0, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
 
 
-def _num_channels(args) -> int:
-    if args.num_channels is not None:
-        return args.num_channels
-    from dchag.data import open_source
-    from dchag.data.readers.open import check_channel_axis
-    source = open_source(args.data_path, args.data_format)
-    check_channel_axis(source, None)  # a plain array without a channel count: refused, naming both readings
-    return source.num_channels
+def read_channel_identity(args) -> None:
+    """``args.num_channels`` (when not given), ``args.channel_names`` and ``args.wavelengths`` (nm, None
+    where a channel has none) from the data's metadata: the model and every checkpoint record them."""
+    from dchag.data.build import open_data_source
+    source = open_data_source(args.data_path, args.data_format, task=args.task, img_h=args.img_h, img_w=args.img_w,
+                              num_channels=args.num_channels, seed=args.seed)
+    if args.num_channels is None:
+        from dchag.data.readers.open import check_channel_axis
+        check_channel_axis(source, None)  # a plain array without a channel count: refused, naming both readings
+    args.num_channels = source.num_channels
+    args.channel_names = [str(n) for n in source.channel_names]
+    wavelengths = source.wavelengths
+    args.wavelengths = None if wavelengths is None else \
+        [float(w) if math.isfinite(float(w)) else None for w in wavelengths]
 
 
 def run(args, model_provider, forward_step, datasets_provider, non_loss_data_func=None,
@@ -131,13 +144,18 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         print(f"> dchag: starting {os.environ.get('WORLD_SIZE', '1')} rank(s): initializing torch.distributed ...",
               flush=True)
     init_distributed()
+    from dchag import transfer
+    # --finetune: the pretrained model readable, its architecture taken, conflicts refused (no process group needed)
+    pretrained = transfer.prepare(args)
     from megatron_patches.channel_parallel import validate_layout
     world = dist.get_world_size()
     # Layout errors before any process group or weight is built (every rank raises the same).
     validate_layout(world, args.tensor_model_parallel_size, args.channel_parallel_size)
     dp = world // args.tensor_model_parallel_size
     ds_config = build_ds_config(args, dp)  # resolves batch sizes, --bf16, --clip-grad against the JSON
-    args.num_channels = _num_channels(args)
+    read_channel_identity(args)
+    if pretrained is not None:
+        transfer.resolve_groups(args, pretrained)
     cfg = model_config(args)
     cfg.validate_layout(args.tensor_model_parallel_size, args.channel_parallel_size)
     # Checkpoint errors come before anything is built or written (every rank raises the same).
@@ -155,6 +173,8 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     with startup.phase("building the model and the DeepSpeed engine"):
         model = model_provider(cfg)
         ckpt_universal.prepare_module(model)
+        if pretrained is not None:  # a resume (load_tag) takes its weights from --load, but the same groups
+            transfer.apply(model, pretrained, args, load_weights=not load_tag, log=lambda m: _print0(m, args.log_file))
         optimizer = _build_optimizer(model, args)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                        mpu=_mpu(), dist_init_required=False)

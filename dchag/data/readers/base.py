@@ -20,6 +20,7 @@ Conventions shared by all readers:
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -221,10 +222,22 @@ def require_file(path: str, what: str = "data file", flag: str = "--data-path") 
 
 
 def default_channel_names(num_channels: int, wavelengths: Iterable[float] | None = None) -> list[str]:
+    """Names for data that has none: ``NNN.NNnm`` from the wavelengths, else ``chNNN`` (see
+    :func:`is_generated_name`)."""
     if wavelengths is not None:
         return [f"{w:.2f}nm" for w in wavelengths]
     width = max(3, len(str(num_channels - 1)))
     return [f"ch{c:0{width}d}" for c in range(num_channels)]
+
+
+_GENERATED_NAME = re.compile(r"ch\d{3,}|-?\d+\.\d{2}nm")
+
+
+def is_generated_name(name: str) -> bool:
+    """A name :func:`default_channel_names` made: it says where a channel sits (its position or
+    wavelength), not what it is, so it never identifies a channel across data sets (dchag/transfer
+    matches such channels by wavelength instead)."""
+    return _GENERATED_NAME.fullmatch(str(name)) is not None
 
 
 def as_wavelengths(values, num_channels: int, where: str) -> np.ndarray | None:

@@ -1,0 +1,50 @@
+"""The plan applied to this rank's parameters: weights, marks for --new-params-lr-mult, --freeze-encoder."""
+
+from __future__ import annotations
+
+import torch
+
+from dchag.transfer.plan import TransferPlan
+from dchag.transfer.pos_embed import interpolate_pos_embed
+
+
+@torch.no_grad()
+def copy_into(model, plan: TransferPlan, tensors: dict[str, torch.Tensor]) -> None:
+    """Every parameter's loaded or interpolated part from the full pretrained ``tensors``: a
+    per-row parameter computes only the rows this rank holds, every other one takes its shard of
+    the full (possibly resized) tensor; "new" parts keep this run's (layout-free) initialization."""
+    from dchag.parallel.state_dict import shard_of
+    for name, param in model.named_parameters():
+        p = plan.params[name]
+        if p.category == "new":
+            continue
+        old = tensors[p.source]
+        if p.rows is not None:
+            start, stop = getattr(param, "channel_rows", (0, param.shape[0]))
+            for local, sources in enumerate(p.rows[start:stop]):
+                if sources:  # in float64: a copied row (weight 1) stays bit-exact
+                    row = sum(w * old[i].double() for i, w in sources)
+                    param[local].copy_(row.to(param.dtype))
+        else:
+            full = interpolate_pos_embed(old, *p.resize) if p.resize else old
+            param.copy_(shard_of(param, full).to(param.dtype))
+
+
+def mark_new_parameters(model, plan: TransferPlan) -> None:
+    """Tag every parameter with a new or interpolated part (``--new-params-lr-mult``; the unit is
+    the tensor: AdamW normalizes each value's step, so a per-row rate cannot be had by scaling)."""
+    for name, param in model.named_parameters():
+        param.transfer_new = plan.params[name].category != "loaded"
+
+
+def is_new_parameter(param) -> bool:
+    return getattr(param, "transfer_new", False)
+
+
+def freeze_encoder(model) -> list[str]:
+    """--freeze-encoder (a linear probe): only the task's head and conditioning train; returns their names."""
+    keep = set(model.task_parameter_names())
+    for name, param in model.named_parameters():
+        if name not in keep:
+            param.requires_grad_(False)
+    return sorted(keep)
