@@ -21,7 +21,21 @@ def init_distributed() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "cpu":
+        _skip_deepspeed_shm_op()
     deepspeed.init_distributed(dist_backend=comm_backend(), verbose=False)
+
+
+def _skip_deepspeed_shm_op() -> None:
+    """On the CPU, DeepSpeed's communication backend JIT-builds a shared-memory all-reduce op when
+    it starts (deepspeed/comm/torch.py ``build_shm_op``). Only DeepSpeed's inference all-reduce uses
+    it, which dchag never calls. The build takes 25 s to minutes, and a process killed during the
+    build leaves torch's build lock behind: every later start on the machine then waits on that lock
+    forever (a CI run hung 30 min in tests/test_checkpoint_convert.py). Marking the op incompatible
+    makes DeepSpeed skip it (``build_shm_op`` returns None, its own path for an op that
+    cannot build), so a CPU start builds nothing."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def init_model_parallel(args) -> None:
