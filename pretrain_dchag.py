@@ -92,6 +92,7 @@ def reconstruction_picture(model, valid_factory, args, cfg, iteration: int, writ
     pics = heldout_reconstructions(model, valid_factory, cfg, args.mask_ratio, args.seed, max_tiles=8)
     if dist.get_rank() != 0:
         return
+    os.makedirs(out_dir, exist_ok=True)  # --load FINISHED --save NEW: nothing was saved into NEW yet
     path = os.path.join(out_dir, f"reconstruction_iter_{iteration:07d}.png")
     save_reconstruction_grid(path, pics["tiles"], [("reconstruction", [t["reconstruction"] for t in pics["tiles"]])],
                              f"held-out tiles at iteration {iteration}, RGB = {rgb_label(pics)}",

@@ -183,7 +183,7 @@ def _ops_job(tmp):
         ds = _ds(f"zero{stage}_fp32.json") + MAE + ["--channel-parallel-size", "2"]
         r[f"nan{stage}"] = _history(ds + ["--train-iters", "5", "--log-interval", "1",
                                           "--tensorboard-dir", p(f"tb{stage}")], {2, 3}, params=True)
-    # Consecutive non-finite iterations beyond the limit: stop, nothing saved after the streak.
+    # Consecutive non-finite iterations beyond the limit: stop; nothing saved during the streak.
     r["streak"] = _error_of(base + ["--train-iters", "20", "--max-consecutive-nan-iters", "3", "--save", p("c"),
                                     "--save-interval", "2"], set(range(3, 21)))
     # Damaged checkpoint: iteration 6's rank-1 model states cut short.
@@ -279,14 +279,17 @@ def test_non_finite_loss_skips_the_update(ops, stage):
 
 
 def test_too_many_non_finite_iterations_stop_the_run(ops):
+    """Non-finite from iteration 3 on, saves due every 2: iteration 4 falls in the streak and is not
+    saved; the stop message names iteration 2's checkpoint, from before the streak."""
     tmp, ranks = ops
     for r in ranks:
         kind, msg = r["streak"]
         assert kind == "NonFiniteError", msg
         assert msg.startswith("3 consecutive iterations (up to 5) had a non-finite loss")
-        assert f"the last checkpoint {tmp}/c/iter_0000004" in msg and "--max-consecutive-nan-iters" in msg
+        assert f"the last checkpoint before it is {tmp}/c/iter_0000002" in msg and "began at iteration 3" in msg, msg
+        assert "--max-consecutive-nan-iters" in msg
     saved = [n for n in os.listdir(os.path.join(tmp, "c")) if n.startswith("iter_")]
-    assert sorted(saved) == ["iter_0000002", "iter_0000004"], saved
+    assert sorted(saved) == ["iter_0000002"], saved
 
 
 def test_damaged_checkpoint_names_a_command_that_resumes(ops):

@@ -8,12 +8,14 @@ import json
 import os
 import zipfile
 
-import torch
-
 from dchag.arguments import MODEL_ARGS
+from dchag.checkpointing import pickles
 from dchag.checkpointing.errors import CheckpointError
-from dchag.checkpointing.recovery import set_aside_damaged
-from dchag.checkpointing.tags import read_latest, saved_iterations, tag_for
+from dchag.checkpointing.manifest import MANIFEST
+from dchag.checkpointing.ranks import say
+from dchag.checkpointing.recovery import hint, move_aside, set_aside_damaged
+from dchag.checkpointing.tags import (interrupted_iterations, is_complete, is_universal_folder, iteration_of,
+                                      resume_point, saved_iterations, tag_for)
 
 # Arguments that shape the optimizer's parameter groups: its saved state loads only under the same
 # values (DeepSpeed's own error for a changed grouping names parameter alignment, not the flag).
@@ -34,71 +36,107 @@ def _flag(key: str) -> str:
 
 
 def load_tag(args, universal: bool = False) -> str | None:
-    """The tag ``--load`` refers to, or None for a fresh start. ``--load DIR`` equal to ``--save``
-    with no checkpoint in it yet is a fresh start (Megatron's auto-resume idiom); any other
-    ``--load`` without a checkpoint is an error. ``universal``: DIR holds ds_to_universal output
-    (its pointer file is ``latest_universal``)."""
+    """The tag ``--load`` refers to, or None for a fresh start.
+
+    Contract: a pure file-system check. It needs no process group (call it before
+    torch.distributed starts, on every rank: every rank gets the same answer) and writes nothing (the
+    first rank prints a note when it resumes from another checkpoint than ``latest`` names).
+
+    - ``--ckpt-step N``: ``iter_N``, which must be complete (it has its manifest; or it is
+      ds_to_universal output);
+    - otherwise the newest complete checkpoint: the one ``latest`` names, or a newer complete one
+      (a save that crashed after its manifest, before ``latest``). ``latest`` naming an
+      interrupted save is passed over in the same way;
+    - ``--load DIR`` equal to ``--save`` with no complete checkpoint yet (or not created yet) is a
+      fresh start (Megatron's auto-resume idiom); any other ``--load`` without one is an error.
+
+    ``universal``: DIR holds ds_to_universal output (its pointer file is ``latest_universal``).
+    A damaged ``latest`` (binary, empty, foreign, or a tag leading out of DIR) is refused."""
     if not args.load:
         return None
-    same_as_save = args.save and os.path.realpath(args.load) == os.path.realpath(args.save)
+    load = args.load
+    same_as_save = bool(args.save) and os.path.realpath(load) == os.path.realpath(args.save)
+    if not os.path.isdir(load):
+        if same_as_save and not os.path.exists(load):
+            return None
+        what = "is not a folder" if os.path.exists(load) else "folder does not exist"
+        raise CheckpointError(f"--load {load}: {what}; check the path (to start a new run that saves there and resumes "
+                              f"by itself, give the same folder to --save).")
+    complete = saved_iterations(load, complete=True)
+    have = ", ".join(tag_for(i) for i in complete[-5:]) or "none"
     if args.ckpt_step is not None:
         tag = tag_for(args.ckpt_step)
-        if not os.path.isdir(os.path.join(args.load, tag)):
-            have = ", ".join(tag_for(i) for i in saved_iterations(args.load)) or "none"
-            raise CheckpointError(f"--load {args.load} --ckpt-step {args.ckpt_step}: there is no {tag} there "
-                                  f"(checkpoints: {have}).")
+        folder = os.path.join(load, tag)
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"--load {load} --ckpt-step {args.ckpt_step}: there is no {tag} there "
+                                  f"(complete checkpoints: {have}).")
+        if not is_complete(folder) and not is_universal_folder(folder):
+            raise CheckpointError(f"--load {load} --ckpt-step {args.ckpt_step}: {tag} is an interrupted save (it has no "
+                                  f"{MANIFEST}: the save did not finish), so it cannot be loaded (complete checkpoints: "
+                                  f"{have}).")
         return tag
-    tag = read_latest(args.load) or (read_latest(args.load, "latest_universal") if universal else None)
-    if tag is None:
-        if same_as_save and not saved_iterations(args.load):
-            return None
-        raise CheckpointError(f"--load {args.load}: no 'latest' file there, so no complete checkpoint was saved in "
-                              "that folder; check the path (or pass --ckpt-step N to pick one).")
-    if not os.path.isdir(os.path.join(args.load, tag)):
-        raise CheckpointError(f"--load {args.load}: 'latest' names {tag!r}, which is not a folder there; the "
-                              "checkpoint is damaged or was moved (pass --ckpt-step N to pick another).")
-    return tag
+    tag, note = resume_point(load, universal)
+    if tag is not None:
+        if note:
+            say(f"{note}: resuming from {tag}")
+        return tag
+    if same_as_save:
+        return None
+    interrupted = interrupted_iterations(load)
+    raise CheckpointError(f"--load {load}: there is no complete checkpoint there"
+                          + (f" ({', '.join(tag_for(i) for i in interrupted)}: interrupted save(s), without "
+                             f"{MANIFEST})" if interrupted else "") + "; check the path.")
 
 
-def saved_args(folder: str) -> dict:
+def saved_args(folder: str, how=None) -> dict:
     """The model/layout arguments a checkpoint was saved with: ``dchag_args.json``, or (for
-    ds_to_universal output, which does not copy it) the client state of the model-states file."""
+    ds_to_universal output, which does not copy it) the client state of the model-states file.
+    A damaged file is refused by name (``how``: a callable saying how to go on, called only then)."""
     path = os.path.join(folder, "dchag_args.json")
+    files = sorted(glob.glob(os.path.join(folder, "mp_rank_*_model_states.pt")))
+    source = path if os.path.exists(path) or not files else files[0]
     try:
-        if os.path.exists(path):
+        if source == path and os.path.exists(path):
             with open(path) as f:
-                return json.load(f)
-        files = sorted(glob.glob(os.path.join(folder, "mp_rank_*_model_states.pt")))
+                doc = json.load(f)
+            if not isinstance(doc, dict):
+                raise ValueError(f"it holds a JSON {type(doc).__name__}, not the arguments")
+            return doc
         if files:
-            state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+            state = pickles.load(files[0], mmap=True)
             if isinstance(state, dict) and isinstance(state.get("args"), dict):
                 return state["args"]
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"cannot load {folder}: its arguments are unreadable ({e}).") from e
+    except pickles.UnsafeCheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointError(f"cannot load {folder}: {source} is damaged ({e}). {how() if how else ''}".rstrip()) from e
     raise CheckpointError(f"cannot load {folder}: it has no dchag_args.json (nor arguments in a model-states file), "
-                          "so it is incomplete or not a checkpoint of pretrain_dchag.py.")
+                          "so it is not a checkpoint of pretrain_dchag.py.")
 
 
 def check_compatible(args, universal: bool = False) -> str | None:
-    """The tag to load (None: fresh start); refuses (on every rank, before anything is built
-    or written) when the checkpoint's model/layout arguments differ from the command line.
+    """The tag to load (None: fresh start, see :func:`load_tag`); refuses when the checkpoint's
+    model/layout arguments differ from the command line.
+
+    Contract: as :func:`load_tag`, a pure file-system check needing no process group, writing
+    nothing; every rank raises the same error, before anything is built or written.
     A universal checkpoint (ds_to_universal output, loaded with ``checkpoint.load_universal``)
     may change the layout (--tensor-model-parallel-size, --channel-parallel-size)."""
     tag = load_tag(args, universal)
     if tag is None:
         return None
-    saved = saved_args(os.path.join(args.load, tag))
+    saved = saved_args(os.path.join(args.load, tag), lambda: hint(args.load, iteration_of(tag)))
     keys = [k for k in MODEL_ARGS if not (universal and k in LAYOUT_ARGS)]
     diffs = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
     if diffs:
         k = diffs[0]
         others = "".join(f", {_flag(o)} ({saved[o]} vs {getattr(args, o)})" for o in diffs[1:])
-        hint = ("convert it with ds_to_universal and load that with \"checkpoint\": {\"load_universal\": true} "
+        fix = ("convert it with ds_to_universal and load that with \"checkpoint\": {\"load_universal\": true} "
                 "to change the layout" if k in LAYOUT_ARGS else "a model argument cannot change on resume")
         raise CheckpointError(
             f"cannot load {args.load}/{tag}: it was saved with {_flag(k)} {saved[k]} but the command line gives "
             f"{_flag(k)} {getattr(args, k)}{' (also ' + others[2:] + ')' if others else ''}. Use the checkpoint's "
-            f"value ({hint}).")
+            f"value ({fix}).")
     if universal or not getattr(args, "no_load_optim", False):  # a fresh optimizer takes any grouping
         for k in OPTIMIZER_ARGS:
             if k in saved and saved[k] != getattr(args, k):
@@ -111,16 +149,33 @@ def check_compatible(args, universal: bool = False) -> str | None:
 
 
 def check_save_dir(args, start_iteration: int) -> None:
-    """Refuse to start when --save already holds complete checkpoints beyond the starting
-    iteration: this run would overwrite them (or move ``latest`` back). An incomplete one (a
-    save interrupted by a crash; ``latest`` never named it) is rewritten."""
+    """Make ``--save`` safe to write to, or refuse.
+
+    Contract: callable before any process group exists, on every rank; every rank reaches the same
+    verdict. Its side effects are renames only (nothing is deleted), done by the first rank
+    (RANK 0 from the environment when torch.distributed is not initialized), each named in a
+    message:
+
+    - interrupted saves (no manifest) beyond ``start_iteration`` are moved aside to
+      ``iter_NNNNNNN.interrupted`` (this run would write into them);
+    - with ``--ckpt-step``, damaged complete checkpoints beyond it are moved aside to
+      ``iter_NNNNNNN.damaged`` (:mod:`recovery`).
+
+    Refuses (:class:`CheckpointError`) when intact complete checkpoints lie beyond the start: this
+    run would overwrite them (or move ``latest`` back). Call it after taking the folder's lock
+    (:func:`dchag.checkpointing.lock.acquire_for_run`): a folder another job is still writing has
+    no manifest yet either, and must not be moved aside."""
     if not args.save:
         return
+    for it in interrupted_iterations(args.save):
+        if it > start_iteration:
+            move_aside(os.path.join(args.save, tag_for(it)), "interrupted",
+                       f"an interrupted save: it has no {MANIFEST}, so the save did not finish")
     later = [i for i in saved_iterations(args.save, complete=True) if i > start_iteration]
     later = set_aside_damaged(args, later)  # with --ckpt-step: damaged ones do not count (moved aside)
     if later:
         raise CheckpointError(
             f"--save {args.save} already holds {tag_for(later[-1])}"
             f"{f' (and {len(later) - 1} more)' if len(later) > 1 else ''} beyond this run's starting iteration "
-            f"{start_iteration}; saving there would overwrite it. Resume from it (--load {args.save}), or choose "
-            "another --save folder (or remove the old checkpoints yourself).")
+            f"{start_iteration}; saving there would overwrite it. Resume from the newest (--load {args.save} without "
+            "--ckpt-step), or choose another --save folder (or remove the old checkpoints yourself).")

@@ -20,8 +20,9 @@ import tempfile
 
 import torch
 
-from dchag.checkpointing import manifest
+from dchag.checkpointing import manifest, sizes
 from dchag.checkpointing.errors import CheckpointError
+from dchag.checkpointing.write_errors import cause_of, os_code
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = "dchag-consolidated"
@@ -64,6 +65,15 @@ def check_output(save_dir: str) -> None:
                               "was written).")
 
 
+def _readable(folder: str) -> None:
+    """Every file 0644 under the usual umask, as training writes them (safetensors creates 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def staged_output(save_dir: str):
     """Write a new output folder atomically: yields a fresh sibling temp folder; on success it
@@ -75,12 +85,18 @@ def staged_output(save_dir: str):
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(save_dir)) + "-", dir=parent)
     try:
         yield tmp
+        _readable(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if os.path.isdir(save_dir):
             os.rmdir(save_dir)  # empty (checked above)
         os.replace(tmp, save_dir)
-    except BaseException:
+    except BaseException as e:
+        failed_os = isinstance(e, Exception) and not isinstance(e, CheckpointError) and os_code(e, tmp) is not None
+        cause = cause_of(e, tmp) if failed_os else None  # before the partial files go
         shutil.rmtree(tmp, ignore_errors=True)
+        if cause:
+            raise CheckpointError(f"cannot write {save_dir}: {cause}; nothing was written (the partial output was "
+                                  "removed).") from e
         raise
 
 
@@ -112,8 +128,19 @@ def read_config(path: str) -> dict:
     return config
 
 
-def read(path: str, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, config); checks the manifest first (a damaged file is refused by name)."""
+def model_shapes(model: dict) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the serial model a config's ``model`` describes, built on the ``meta``
+    device: shapes only, nothing allocated, so a config claiming a huge model costs nothing."""
+    from dchag.inference.runtime import build_serial_model
+    cfg = config_from_dict(model, bf16=False, sequence_parallel=False, recompute_activations=False)
+    with torch.device("meta"):
+        return {n: tuple(p.shape) for n, p in build_serial_model(cfg).named_parameters()}
+
+
+def read(path: str, verify: bool = True, check_model: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config). Before reading a tensor: the manifest (a damaged file is refused by
+    name); the safetensors header against the parameter table of config.json and (``check_model``)
+    against the model config.json describes; the memory the tensors and that model need."""
     from safetensors.torch import load_file
     if not is_consolidated(path):
         raise CheckpointError(f"{path} holds no {CONFIG} + {WEIGHTS}; export one with tools/convert_checkpoint.py "
@@ -122,8 +149,25 @@ def read(path: str, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]
         manifest.raise_problems(path, manifest.verify(path, require=False),
                                 "Export it again from the training checkpoint.")
     config = read_config(path)
+    weights, config_path = os.path.join(path, WEIGHTS), os.path.join(path, CONFIG)
+    held = sizes.header_shapes(weights)
+    declared = {n: tuple(spec["shape"]) for n, spec in (config.get("parameters") or {}).items()}
+    if declared:
+        sizes.compare(declared, held, f"the parameter table of {config_path}", f"the tensors of {weights}")
+    need = os.path.getsize(weights)
+    if check_model:
+        if not isinstance(config.get("model"), dict):
+            raise CheckpointError(f"{config_path} has no model description; export it again.")
+        try:
+            implied = model_shapes(config["model"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{config_path} describes no buildable model ({e}); export it again.") from e
+        sizes.compare(implied, held, f"the model {config_path} describes ({sizes.config_summary(config['model'])})",
+                      f"the tensors it declares ({weights})")
+        need += sizes.nbytes(implied)
+    sizes.check_memory(need, f"loading {path}")
     try:
-        tensors = load_file(os.path.join(path, WEIGHTS))
+        tensors = load_file(weights)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read {os.path.join(path, WEIGHTS)} ({e}); the file is damaged.") from e
+        raise CheckpointError(f"cannot read {weights} ({e}); the file is damaged.") from e
     return tensors, config

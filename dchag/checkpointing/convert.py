@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from dchag.checkpointing import consolidated, manifest, normalization, reader, shards
+from dchag.checkpointing import consolidated, manifest, normalization, pickles, reader, shards, sizes
 from dchag.checkpointing.errors import CheckpointError
 from dchag.checkpointing.tags import read_latest, saved_iterations, tag_for
 
@@ -53,7 +53,11 @@ def export_consolidated(load_dir: str, save_dir: str) -> dict:
     norm = normalization.read(folder)
     cfg = config_of_run(ns, norm)
     serial = dataclasses.replace(cfg, bf16=False, sequence_parallel=False, recompute_activations=False)
-    specs = shards.param_specs(build_serial_model(serial))
+    with torch.device("meta"):  # shapes only: the arguments may claim any size
+        specs = shards.param_specs(build_serial_model(serial))
+    # the merged fp32 tensors, and one model-parallel rank's shards while they are merged
+    sizes.check_memory(2 * sizes.nbytes({n: spec["shape"] for n, spec in specs.items()}),
+                       f"converting {folder} (a model of {sizes.config_summary(vars(ns))})")
     tensors, state = reader.read_full_state_dict(folder, list(specs))
     for name, spec in specs.items():
         if list(tensors[name].shape) != spec["shape"]:
@@ -98,7 +102,6 @@ def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channe
     (iteration, consumed samples, LR schedule, arguments with the new layout, affine maps), no
     optimizer state. Returns the checkpoint folder."""
     import tempfile
-    import deepspeed
     from dchag.arguments import MODEL_ARGS
     T, P = int(tensor_parallel_size), int(channel_parallel_size)
     if not consolidated.is_consolidated(load_dir):  # a training checkpoint: consolidate it first
@@ -106,7 +109,8 @@ def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channe
         with tempfile.TemporaryDirectory(prefix="dchag_consolidated_") as tmp:
             export_consolidated(load_dir, os.path.join(tmp, "c"))
             return to_deepspeed(os.path.join(tmp, "c"), save_dir, T, P)
-    tensors, config = consolidated.read(load_dir)
+    tensors, config = consolidated.read(load_dir)  # its sizes checked before anything is allocated
+    import deepspeed
     cfg = consolidated.config_from_dict(config["model"])
     from dchag.parallel.partition import LayoutError
     try:  # layout errors before anything is written
@@ -155,6 +159,7 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
     folder = reader.resolve_folder(load_dir)
     if not reader.check_integrity(folder):
         _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
+    pickles.vet(folder)  # ds_to_universal loads with weights_only=False
     if not glob.glob(os.path.join(folder, "*optim_states.pt")):
         raise CheckpointError(f"{folder} was saved without ZeRO (stage 0): DeepSpeed's universal format needs ZeRO "
                               "optimizer shards. Use --format consolidated, then --format deepspeed for the new "

@@ -21,18 +21,20 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import zipfile
 
 import torch
 import torch.distributed as dist
 
-from dchag.checkpointing import manifest, normalization as norm, weights_only
+from dchag.checkpointing import ds_io, durable, manifest, normalization as norm, pickles, weights_only
 from dchag.checkpointing.compat import model_args
 from dchag.checkpointing.errors import CheckpointError
 from dchag.checkpointing.recovery import hint
 from dchag.checkpointing.rng import gather_over_data_parallel, rng_state, set_rng_state
-from dchag.checkpointing.tags import iteration_of, tag_for
+from dchag.checkpointing.tags import iteration_of, saved_iterations, tag_for
 from dchag.checkpointing.universal import universal_checkpoint_info
+from dchag.checkpointing.write_errors import cause_of
 from dchag.device import run_device
 
 
@@ -65,10 +67,53 @@ def verify_files(args, tag: str, universal: bool = False) -> None:
         raise CheckpointError(f"cannot load {folder} (iteration {iteration_of(tag)}): {what}. {how}")
 
 
+def _attempt(write, path: str) -> list[tuple[str, BaseException]]:
+    try:
+        write()
+    except OSError as e:
+        return [(getattr(e, "filename", None) or path, e)]
+    return []
+
+
+def _agree(failures: list[tuple[str, BaseException]], args, tag: str) -> None:
+    """Collective: every rank learns every rank's failed writes. On any, rank 0 removes the
+    partial checkpoint folder (it has no manifest, so it is not complete, but it takes space) and
+    every rank raises the same error, naming the cause, the path and the last complete checkpoint."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = [(rank, path, cause_of(e, path)) for path, e in failures]
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    found = [f for part in every for f in part]
+    if not found:
+        return
+    folder = os.path.join(args.save, tag)
+    if rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        durable.fsync_dir(args.save)
+    dist.barrier()
+    r, path, cause = found[0]
+    more = f" (and {len(found) - 1} more failed write(s), e.g. rank {found[1][0]}: {found[1][2]})" if len(found) > 1 \
+        else ""
+    complete = saved_iterations(args.save, complete=True)
+    last = (f"the last complete checkpoint is {os.path.join(args.save, tag_for(complete[-1]))}, and the same command "
+            "resumes from it" if complete else f"no complete checkpoint is in {args.save} yet")
+    raise CheckpointError(f"cannot save checkpoint {folder}: writing {path} failed on rank {r}: {cause}{more}. The "
+                          f"partial {tag} was removed; {last} once the cause is fixed.")
+
+
 def save(engine, args, iteration: int, consumed_samples: int, scheduler, normalization: dict | None = None) -> str:
-    """Every rank's DeepSpeed files, then (rank 0) the arguments, the normalization statistics
-    and the manifest (size + SHA-256 of every file, hashed by all ranks), then ``latest``."""
+    """Collective. The order makes every crash point safe: every rank's DeepSpeed files (fsynced),
+    then (rank 0) ``dchag_args.json`` and ``normalization.json``, then the manifest (size + SHA-256
+    of every file, hashed by all ranks; written last of the folder's files: it makes the
+    checkpoint complete), then ``latest``. A crash before the manifest leaves a folder without one
+    (an interrupted save, set aside by the next start); a crash after it leaves a complete
+    checkpoint the next start resumes from, whatever ``latest`` says. A failed write (any rank)
+    raises :class:`CheckpointError` on every rank, naming the cause, after removing the folder."""
     tag = tag_for(iteration)
+    folder = os.path.join(args.save, tag)
+    files = ds_io.install(engine)
+    if files is not None:
+        files.failures.clear()
     client_state = {
         "iteration": iteration, "consumed_samples": consumed_samples, "args": model_args(args),
         "all_args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
@@ -77,23 +122,41 @@ def save(engine, args, iteration: int, consumed_samples: int, scheduler, normali
         "universal_checkpoint_info": universal_checkpoint_info(engine.module),
     }
     engine.save_checkpoint(args.save, tag=tag, client_state=client_state, save_latest=False)
-    dist.barrier()  # every rank's files are written
+    failures = list(files.failures) if files is not None else []
+    if dist.get_rank() == 0 and not failures:
+        failures = _attempt(lambda: durable.write_text(os.path.join(folder, "dchag_args.json"),
+                                                json.dumps(model_args(args), indent=1)), folder)
+        if normalization is not None and not failures:
+            failures = _attempt(lambda: norm.write(folder, normalization), folder)
+    _agree(failures, args, tag)  # every rank's files are written
+    _agree(manifest.write_manifest_distributed(folder), args, tag)
+    failures = []
     if dist.get_rank() == 0:
-        with open(os.path.join(args.save, tag, "dchag_args.json"), "w") as f:
-            json.dump(model_args(args), f, indent=1)
-        if normalization is not None:
-            norm.write(os.path.join(args.save, tag), normalization)
-    dist.barrier()
-    manifest.write_manifest_distributed(os.path.join(args.save, tag))
-    if dist.get_rank() == 0:
-        tmp = os.path.join(args.save, "latest.tmp")
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(args.save, "latest"))
-    dist.barrier()
+        failures = _attempt(lambda: durable.write_text(os.path.join(args.save, "latest"), tag), args.save)
+    _agree(failures, args, tag)
     return tag
+
+
+def _vet(folder: str) -> None:
+    """Collective: every ``.pt`` file of ``folder`` loaded the restricted way (split over the
+    ranks) before DeepSpeed loads any; a refused file is an error on every rank."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    paths = sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True))
+    problem = None
+    for path in paths[rank::world]:
+        try:
+            pickles.load(path, mmap=True)
+        except CheckpointError as e:
+            problem = str(e)
+            break
+        except Exception as e:  # noqa: BLE001 - a raise on one rank alone would leave the others waiting
+            problem = f"cannot read {path} ({type(e).__name__}: {e}); the file is damaged."
+            break
+    every = [None] * world
+    dist.all_gather_object(every, problem)
+    found = [p for p in every if p]
+    if found:
+        raise (pickles.UnsafeCheckpointError if "refused to load" in found[0] else CheckpointError)(found[0])
 
 
 def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[int, int]:
@@ -103,9 +166,11 @@ def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[in
     def how():  # names the last intact checkpoint and the command that resumes from it
         return hint(args.load, iteration_of(tag)) if dist.get_rank() == 0 else "See rank 0's message."
     if not manifest.verify_distributed(os.path.join(args.load, tag), how) and dist.get_rank() == 0:
-        print(f"warning: {args.load}/{tag} has no manifest (saved by an older version): its files are not "
-              "checksummed.", flush=True)
+        print(f"warning: {args.load}/{tag} has no manifest (ds_to_universal output, not written by dchag): its "
+              "files are not checksummed.", flush=True)
     verify_files(args, tag, universal)
+    _vet(os.path.join(args.load, tag))  # DeepSpeed's universal loader and zero_to_fp32 load any pickle
+    ds_io.install(engine)  # the rest of DeepSpeed's loads: restricted
     if getattr(args, "no_load_optim", False) and not universal:  # weights only; fresh optimizer moments
         client_state = weights_only.load_weights_only(engine, os.path.join(args.load, tag))
     else:

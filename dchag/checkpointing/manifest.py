@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 
+from dchag.checkpointing import durable
 from dchag.checkpointing.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -58,15 +59,7 @@ def write_manifest(folder: str, entries: dict | None = None) -> str:
     """Write ``folder/manifest.json`` atomically (``entries`` default: hash every file now)."""
     entries = describe(folder, list_files(folder)) if entries is None else entries
     doc = {"format": FORMAT, "version": 1, "algorithm": "sha256", "files": dict(sorted(entries.items()))}
-    path = os.path.join(folder, MANIFEST)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return durable.write_text(os.path.join(folder, MANIFEST), json.dumps(doc, indent=1) + "\n")
 
 
 def read_manifest(folder: str) -> dict | None:
@@ -124,21 +117,32 @@ def raise_problems(folder: str, problems: list[str], hint: str = "") -> None:
 # ----------------------------------------------------------------------------------------------
 # Collective versions, for the training loop (every rank calls them).
 
-def write_manifest_distributed(folder: str) -> None:
-    """Every rank hashes a share of the files; rank 0 writes the manifest. Call after every
-    rank's files are written (and before ``latest`` is replaced)."""
+def write_manifest_distributed(folder: str) -> list[tuple[str, BaseException]]:
+    """Every rank hashes a share of the files; rank 0 writes the manifest, only when every file
+    was hashed. Call after every rank's files are written (and before ``latest`` is replaced).
+    Returns this rank's failures (path, error) instead of raising: a raise on one rank would
+    leave the others waiting, so the caller agrees on them (``dchag.checkpointing.engine``)."""
     import torch.distributed as dist
     rank, world = dist.get_rank(), dist.get_world_size()
     files = [list_files(folder) if rank == 0 else None]
     dist.broadcast_object_list(files, src=0)
-    mine = describe(folder, files[0][rank::world])
+    failures = []
+    try:
+        mine = describe(folder, files[0][rank::world])
+    except OSError as e:
+        mine, failures = {}, [(getattr(e, "filename", None) or folder, e)]
     every = [None] * world if rank == 0 else None
     dist.gather_object(mine, every, dst=0)
     if rank == 0:
         entries = {}
         for part in every:
             entries.update(part)
-        write_manifest(folder, entries)
+        if set(entries) == set(files[0]):  # otherwise a rank failed: no manifest, the save is not complete
+            try:
+                write_manifest(folder, entries)
+            except OSError as e:
+                failures.append((os.path.join(folder, MANIFEST), e))
+    return failures
 
 
 def verify_distributed(folder: str, hint: str | None = None) -> bool:

@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from dchag.checkpointing import durable
+
 FILE = "normalization.json"
 FORMAT = "dchag-normalization"
 
@@ -80,13 +82,7 @@ def gather(dataset) -> dict | None:
 
 
 def write(folder: str, doc: dict) -> str:
-    path = os.path.join(folder, FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return durable.write_text(os.path.join(folder, FILE), json.dumps(doc, indent=1) + "\n")
 
 
 def read(folder: str) -> dict | None:

@@ -21,30 +21,33 @@ import tempfile
 
 import torch
 
-from dchag.checkpointing import manifest
+from dchag.checkpointing import manifest, pickles
 from dchag.checkpointing.errors import CheckpointError
-from dchag.checkpointing.tags import TAG_RE, read_latest
+from dchag.checkpointing.tags import TAG_RE, is_complete, is_universal_folder, resume_point
 
 _MP_RE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 
 
 def resolve_folder(path: str) -> str:
-    """``RUN`` (its ``latest``) or ``RUN/iter_NNNNNNN`` -> the checkpoint folder."""
+    """``RUN`` (its newest complete checkpoint, as a resume would pick) or ``RUN/iter_NNNNNNN`` ->
+    the checkpoint folder. An interrupted save (no manifest) is refused."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a folder: give a run folder (with a 'latest' file) or one of its "
                               "iter_NNNNNNN folders.")
     if glob.glob(os.path.join(path, "*model_states.pt")):
+        if not is_complete(path) and not is_universal_folder(path):
+            raise CheckpointError(f"{path} is an interrupted save (it has no {manifest.MANIFEST}: the save did not "
+                                  "finish); convert a complete checkpoint of that run.")
         return path
-    tag = read_latest(path)
+    tag, note = resume_point(path)
     if tag is None:
         tags = sorted(n for n in os.listdir(path) if TAG_RE.match(n))
-        raise CheckpointError(f"{path} holds no model-states files and no 'latest' file"
-                              + (f"; pick one of its checkpoints, e.g. {os.path.join(path, tags[-1])}" if tags
+        raise CheckpointError(f"{path} holds no model-states files and no complete checkpoint"
+                              + (f"; its folders ({', '.join(tags[-3:])}) are interrupted saves" if tags
                                  else "; it is not a checkpoint of pretrain_dchag.py") + ".")
-    folder = os.path.join(path, tag)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{path}/latest names {tag!r}, which is not a folder there.")
-    return folder
+    if note:
+        print(f"{note}: converting {tag}", flush=True)
+    return os.path.join(path, tag)
 
 
 def check_integrity(folder: str, require: bool = False) -> bool:
@@ -68,7 +71,9 @@ def _model_state_files(folder: str) -> dict[int, list[str]]:
 
 def _load(path: str) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return pickles.load(path)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); the file is damaged.") from e
 
@@ -80,6 +85,8 @@ def _fp32_weights_of_rank(folder: str, mp: int) -> dict[str, torch.Tensor]:
         files = [f for f in _model_state_files(folder)[mp] if os.path.basename(f).startswith("mp_rank")]
         return {k: v.float() for k, v in _load(files[0])["module"].items() if torch.is_tensor(v) and v.numel()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    for path in optim + _model_state_files(folder)[mp]:  # zero_to_fp32 loads with weights_only=False
+        pickles.load(path, mmap=True)
     with tempfile.TemporaryDirectory(prefix="dchag_mp_rank_") as tmp:
         os.makedirs(os.path.join(tmp, "t"))
         for path in optim + _model_state_files(folder)[mp]:

@@ -1,17 +1,19 @@
-"""Damaged checkpoints: find the last intact one, say how to resume from it, and make that
-command work.
+"""Damaged and interrupted checkpoints: find the last intact one, say how to resume from it, and
+make that command work. Nothing is ever deleted: a folder in the way is moved aside.
 
-``--load DIR`` whose ``latest`` checkpoint is damaged is refused (``dchag.checkpointing.engine.verify_files``);
-the message names the damaged iteration, the last intact earlier one and the command to resume
-from it: the same command with ``--ckpt-step N``. With ``--save DIR`` too, the damaged later
+``--load DIR`` whose checkpoint is damaged is refused (``dchag.checkpointing.engine``); the
+message names the damaged iteration, the last intact earlier one and the command to resume from
+it: the same command with ``--ckpt-step N``. With ``--save DIR`` too, the damaged later
 checkpoint would count as a complete checkpoint beyond the starting iteration (which the run
 refuses to overwrite); when ``--ckpt-step`` is given and every such later checkpoint is damaged,
-rank 0 moves them aside to ``iter_NNNNNNN.damaged`` (nothing is deleted) and the run goes on.
+the first rank moves them aside to ``iter_NNNNNNN.damaged`` and the run goes on. Interrupted
+saves (no manifest) beyond the start are moved aside to ``iter_NNNNNNN.interrupted`` by
+``compat.check_save_dir``.
 
-Damage is judged by the files themselves: ``dchag_args.json`` present (written after every rank
-finished), every ``.pt`` a readable zip whose records match their CRC-32 (``zipfile.testzip``;
-torch checkpoints are zip files, so a flipped bit in a tensor is seen). ``EXTRA_CHECKS``
-(callables ``folder -> problem | None``) add the checksum manifest's verdict.
+Damage is judged by the files themselves: the manifest present (a checkpoint is complete only
+with it), every ``.pt`` a readable zip whose records match their CRC-32 (``zipfile.testzip``;
+torch checkpoints are zip files, so a flipped bit in a tensor is seen), and every file matching
+the manifest's size and SHA-256.
 """
 
 from __future__ import annotations
@@ -23,26 +25,22 @@ import zipfile
 
 import torch.distributed as dist
 
-from dchag.checkpointing.manifest import IntegrityError, verify
+from dchag.checkpointing.manifest import MANIFEST, IntegrityError, verify
+from dchag.checkpointing.ranks import is_first_rank
 from dchag.checkpointing.tags import saved_iterations, tag_for
-
-
-def _manifest_problem(folder: str) -> str | None:
-    """A file that differs from the checkpoint's checksum manifest (dchag.checkpointing.manifest)."""
-    try:
-        problems = verify(folder, require=False)
-    except IntegrityError as e:
-        return str(e)
-    return problems[0] if problems else None
-
-
-EXTRA_CHECKS: list = [_manifest_problem]
 
 
 def damage(folder: str) -> str | None:
     """What is wrong with the checkpoint ``folder`` (None: intact). Reads every file once."""
-    if not os.path.exists(os.path.join(folder, "dchag_args.json")):
-        return "it is incomplete (no dchag_args.json: a save did not finish)"
+    try:
+        return _damage(folder)
+    except FileNotFoundError as e:  # moved aside meanwhile (by the first rank): not in the way any more
+        return f"it went away while being checked ({e.filename})"
+
+
+def _damage(folder: str) -> str | None:
+    if not os.path.exists(os.path.join(folder, MANIFEST)):
+        return f"it is an interrupted save (no {MANIFEST}: the save did not finish)"
     files = sorted(glob.glob(os.path.join(folder, "*.pt")))
     if not files:
         return "it holds no .pt files"
@@ -62,11 +60,11 @@ def damage(folder: str) -> str | None:
             return f"{os.path.basename(path)} is damaged ({e})"
         if bad is not None:
             return f"{os.path.basename(path)} is damaged (record {bad} fails its CRC check)"
-    for check in EXTRA_CHECKS:
-        problem = check(folder)
-        if problem:
-            return problem
-    return None
+    try:
+        problems = verify(folder, require=True)
+    except IntegrityError as e:
+        return str(e)
+    return problems[0] if problems else None
 
 
 def last_good(directory: str, before: int) -> int | None:
@@ -88,17 +86,29 @@ def hint(directory: str, iteration: int | None) -> str:
             f"checkpoints beyond it are moved aside to iter_NNNNNNN.damaged, nothing is deleted).")
 
 
-def _aside_name(folder: str) -> str:
-    out, k = folder + ".damaged", 1
+def aside_name(folder: str, kind: str) -> str:
+    out, k = f"{folder}.{kind}", 1
     while os.path.exists(out):
-        out, k = f"{folder}.damaged.{k}", k + 1
+        out, k = f"{folder}.{kind}.{k}", k + 1
     return out
+
+
+def move_aside(folder: str, kind: str, why: str) -> None:
+    """The first rank renames ``folder`` to ``folder.<kind>`` (a free name), saying why; the
+    other ranks leave it (they reach the same verdict from the same files)."""
+    if not is_first_rank():
+        return
+    dst = aside_name(folder, kind)
+    os.rename(folder, dst)
+    print(f"> moved {folder} aside to {dst}: {why}; nothing was deleted", flush=True)
 
 
 def set_aside_damaged(args, later: list[int]) -> list[int]:
     """``later``: complete checkpoints in --save beyond the starting iteration. With an explicit
-    ``--ckpt-step`` (the recovery command), the damaged ones are moved aside by rank 0; returns
-    those still in the way (intact ones: the caller refuses). Every rank returns the same."""
+    ``--ckpt-step`` (the recovery command), the damaged ones are moved aside by the first rank;
+    returns those still in the way (intact ones: the caller refuses). Every rank returns the same
+    (with a process group, the first rank's verdict is broadcast; without, every rank judges the
+    same files, and a folder moved aside meanwhile counts as damaged)."""
     if args.ckpt_step is None or not later:
         return later
     problems = [None]
@@ -111,12 +121,10 @@ def set_aside_damaged(args, later: list[int]) -> list[int]:
         return [it for it, p in problems.items() if p is None]
     if dist.is_initialized():
         dist.barrier()  # every rank has finished looking at the folder
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        for it, problem in problems.items():
-            src = os.path.join(args.save, tag_for(it))
-            dst = _aside_name(src)
-            os.rename(src, dst)
-            print(f"> moved damaged checkpoint {src} aside to {dst} ({problem})", flush=True)
+    for it, problem in problems.items():
+        folder = os.path.join(args.save, tag_for(it))
+        if os.path.isdir(folder):
+            move_aside(folder, "damaged", problem)
     if dist.is_initialized():
         dist.barrier()
     return []

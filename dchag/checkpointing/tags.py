@@ -1,7 +1,11 @@
-"""Checkpoint folders and the pointer file that names one.
+"""Checkpoint folders, when one is complete, and the pointer file that names one.
 
 ``--save DIR`` holds ``DIR/iter_NNNNNNN/`` per saved iteration and ``DIR/latest`` (a text file
 holding one such tag; ds_to_universal output: ``latest_universal``).
+
+**A checkpoint is complete when its manifest is written** (``manifest.json``, the last file of
+the folder a save writes, after every rank finished). A folder without one is an interrupted
+save. Resume, the overwrite check, recovery and the converter all judge it this way.
 """
 
 from __future__ import annotations
@@ -9,7 +13,11 @@ from __future__ import annotations
 import os
 import re
 
+from dchag.checkpointing.errors import CheckpointError
+from dchag.checkpointing.manifest import MANIFEST
+
 TAG_RE = re.compile(r"^iter_(\d{7,})$")
+_POINTER_MAX = 4096  # a tag is ~12 bytes; a bigger pointer file is something else
 
 
 def tag_for(iteration: int) -> str:
@@ -21,18 +29,19 @@ def iteration_of(tag: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def read_latest(directory: str, name: str = "latest") -> str | None:
-    """The tag a pointer file names (``latest``; ds_to_universal output: ``latest_universal``)."""
-    path = os.path.join(directory, name)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return f.read().strip()
+def is_complete(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MANIFEST))
+
+
+def is_universal_folder(folder: str) -> bool:
+    """ds_to_universal output (a zero/ folder of per-parameter files): another tool's folder,
+    complete without a manifest of ours."""
+    return os.path.isdir(os.path.join(folder, "zero"))
 
 
 def saved_iterations(directory: str | None, complete: bool = False) -> list[int]:
-    """Iterations of the checkpoint folders under ``directory``; with ``complete``, only those
-    every rank finished (``dchag_args.json`` is written after that, just before ``latest``)."""
+    """Iterations of the checkpoint folders under ``directory``; with ``complete``, only the
+    complete ones (with a manifest)."""
     if not directory or not os.path.isdir(directory):
         return []
     out = []
@@ -40,7 +49,86 @@ def saved_iterations(directory: str | None, complete: bool = False) -> list[int]
         it = iteration_of(name)
         if it is None or not os.path.isdir(os.path.join(directory, name)):
             continue
-        if complete and not os.path.exists(os.path.join(directory, name, "dchag_args.json")):
+        if complete and not is_complete(os.path.join(directory, name)):
             continue
         out.append(it)
     return sorted(out)
+
+
+def interrupted_iterations(directory: str | None) -> list[int]:
+    """Iterations whose folder has no manifest (and is not ds_to_universal output): saves that
+    did not finish."""
+    complete = set(saved_iterations(directory, complete=True))
+    return [i for i in saved_iterations(directory)
+            if i not in complete and not is_universal_folder(os.path.join(directory, tag_for(i)))]
+
+
+def _describe(raw: bytes) -> str | None:
+    """What is wrong with a pointer file's bytes, or None when they are one line of text."""
+    if not raw.strip():
+        return f"is empty ({len(raw)} bytes)"
+    if len(raw) > _POINTER_MAX:
+        return f"holds more than {_POINTER_MAX} bytes ({raw[:16].hex(' ')} ...), not a checkpoint tag"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or any(not c.isprintable() for c in text.strip()):
+        return f"holds {len(raw)} bytes of binary data (starting {raw[:16].hex(' ')}), not a checkpoint tag"
+    return None
+
+
+def read_latest(directory: str, name: str = "latest") -> str | None:
+    """The tag a pointer file names (``latest``; ds_to_universal output: ``latest_universal``), or
+    None when there is no such file. Refuses (:class:`CheckpointError`, the content described)
+    an empty, binary or foreign pointer, and a tag that leads out of ``directory``."""
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_POINTER_MAX + 1)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e}).") from e
+    problem = _describe(raw)
+    tag = None if problem else raw.decode("utf-8").strip()
+    if tag is not None:
+        if "/" in tag or "\\" in tag or tag in (".", "..") or os.path.isabs(tag):
+            problem = f"names {tag!r}, a folder outside {directory} (a pointer names one of the folder's own checkpoints)"
+        elif name == "latest" and not TAG_RE.match(tag):  # ds_to_universal names its output folder freely
+            problem = f"holds {tag[:80]!r}, not a checkpoint tag of pretrain_dchag.py (iter_NNNNNNN)"
+    if problem:
+        complete = saved_iterations(directory, complete=True)
+        have = (f"complete checkpoints there: {', '.join(tag_for(i) for i in complete[-3:])}; pass --ckpt-step N to "
+                f"load one (e.g. --ckpt-step {complete[-1]})" if complete else "there is no complete checkpoint there")
+        raise CheckpointError(f"{path} {problem}: it is damaged or was written by something else; {have}.")
+    return tag
+
+
+def resume_point(directory: str, universal: bool = False) -> tuple[str | None, str | None]:
+    """(tag, note): the checkpoint a resume from ``directory`` continues from, and a note when it
+    is not the one the pointer names. That is the newest complete checkpoint: the pointer's, or a
+    newer complete one (a save stopped after its manifest, before the pointer), or the newest
+    complete one when the pointer is missing or names an interrupted save. (None, None): there is
+    no complete checkpoint. ``universal``: ``latest_universal`` is a pointer too (ds_to_universal
+    output, whose folder has no manifest of ours). Raises on a damaged pointer."""
+    pointer = read_latest(directory) or (read_latest(directory, "latest_universal") if universal else None)
+    complete = saved_iterations(directory, complete=True)
+    newest = tag_for(complete[-1]) if complete else None
+    if pointer is None:
+        note = f"> {directory} has no 'latest' file, but {newest} is complete (a save was stopped before writing it)"
+        return (newest, note) if newest else (None, None)
+    folder = os.path.join(directory, pointer)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{os.path.join(directory, 'latest')} names {pointer!r}, which is not a folder there: the "
+                              f"checkpoint was moved or deleted (complete checkpoints: "
+                              f"{', '.join(tag_for(i) for i in complete[-5:]) or 'none'}; pass --ckpt-step N to pick one).")
+    usable = is_complete(folder) or is_universal_folder(folder)
+    it = iteration_of(pointer)
+    if usable and (newest is None or it is None or complete[-1] <= it):
+        return pointer, None
+    if newest is None:
+        return None, None
+    why = ("a save wrote it completely but was stopped before updating latest" if usable else
+           f"{pointer} is an interrupted save, without {MANIFEST}")
+    return newest, f"> {directory}/latest names {pointer}, but the newest complete checkpoint is {newest} ({why})"

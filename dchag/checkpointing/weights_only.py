@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from dchag.checkpointing import pickles
 from dchag.checkpointing.errors import CheckpointError
 
 
@@ -25,7 +26,7 @@ def has_optimizer_state(folder: str) -> bool:
     files = sorted(glob.glob(os.path.join(folder, "mp_rank_*_model_states.pt")))
     if not files:
         return False
-    state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    state = pickles.load(files[0], mmap=True)
     return state.get("optimizer") is not None
 
 
@@ -40,7 +41,7 @@ def _own_client_state(folder: str, mp: int) -> dict:
     files = sorted(glob.glob(os.path.join(folder, f"*mp_rank_{mp:02d}_model_states.pt")))
     if not files:
         raise CheckpointError(f"{folder} has no model-states file for model-parallel rank {mp}.")
-    return torch.load(files[0], map_location="cpu", weights_only=False)
+    return pickles.load(files[0])
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from dchag.arguments import model_config, parse_args
 from dchag.data.errors import DataError
 from dchag.device import DeviceError
 from dchag.parallel.partition import LayoutError
-from dchag.checkpointing import compat, engine as ckpt, rng, tags, universal as ckpt_universal
+from dchag.checkpointing import compat, engine as ckpt, lock as save_lock, rng, tags, universal as ckpt_universal
 from dchag.checkpointing.errors import CheckpointError
 from dchag.training import startup
 from dchag.training.ds_config import ConfigError, build_ds_config
@@ -22,12 +22,9 @@ from dchag.training.initialize import init_distributed, init_model_parallel
 from dchag.training.logging_utils import invalid_input_values, comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
 from dchag.training.batch_checks import empty_samples
 from dchag.training.lr import LRScheduler, ScheduleError
+from dchag.training.nonfinite import NonFiniteError, Streak, is_nonfinite
 from dchag.training.signals import ExitRequest, exit_interrupted, progress
 from dchag.transfer.errors import FinetuneError
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive iterations with a non-finite loss or gradient norm."""
-
 
 USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, CheckpointError, ScheduleError, DeviceError,
                FinetuneError)
@@ -108,6 +105,8 @@ def run(args, model_provider, forward_step, datasets_provider, non_loss_data_fun
         raise
     finally:
         built["exit_request"].restore()
+        if built.get("save_lock") is not None:
+            built["save_lock"].release()
 
 
 def release(history_or_engine) -> None:
@@ -163,6 +162,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     from dchag.checkpointing.convert import is_universal
     if not universal and is_universal(args.load):  # tools/convert_checkpoint.py --format universal output
         ds_config.setdefault("checkpoint", {})["load_universal"] = universal = True
+    built["save_lock"] = save_lock.acquire_for_run(args.save)  # one job per --save folder
     load_tag = compat.check_compatible(args, universal)
     start = tags.iteration_of(load_tag) if load_tag else 0
     compat.check_save_dir(args, start if start is not None else 0)
@@ -209,7 +209,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}, "summary": history_summary}
     dp_group = ps.get_data_parallel_group()
     device = comm_device()  # the engine's device: batches and loss sums go there
-    skipped = nans = consecutive_bad = interval_empty = 0  # per log interval (Megatron); the current streak
+    _refuse_data_without_values(getattr(train_loader, "dataset", None), args)
+    skipped = nans = interval_empty = 0  # per log interval (Megatron)
+    streak = Streak(args.max_consecutive_nan_iters, f"{args.load}/{load_tag}" if load_tag else None)
     history["lrs"], history["skipped"] = {}, []
     interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
     interval_invalid = torch.zeros((), dtype=torch.int64, device=device)
@@ -242,21 +244,12 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         # A non-finite grad norm (the consequence of a non-finite loss) makes DeepSpeed's optimizer
         # skip the update on every rank (the norm is global; see guard_nonfinite_step for ZeRO 0);
         # the LR schedule does not advance either (Megatron: only on a successful update).
-        if empty == samples:  # nothing to learn from: skipped, not a NaN
-            skipped += 1
+        if empty == samples or is_nonfinite(loss_value, gn):  # nothing to learn from, or a NaN: skipped
+            skipped, nans = skipped + 1, nans + (empty < samples)
             history["skipped"].append(iteration)
-        elif not math.isfinite(loss_value) or (gn is not None and not math.isfinite(gn)):
-            skipped, nans, consecutive_bad = skipped + 1, nans + 1, consecutive_bad + 1
-            history["skipped"].append(iteration)
-            if args.max_consecutive_nan_iters and consecutive_bad >= args.max_consecutive_nan_iters:
-                raise NonFiniteError(
-                    f"{consecutive_bad} consecutive iterations (up to {iteration}) had a non-finite loss or gradient "
-                    f"norm (loss {loss_value}, grad norm {gn}); every one of those updates was skipped. Stopping "
-                    f"without saving: {'the last checkpoint ' + progress['saved'] if progress['saved'] else 'nothing was saved by this run'} "
-                    "holds the last good weights. Lower --lr or --lr-warmup-iters, check the data (--data-strict), or "
-                    "raise --max-consecutive-nan-iters.")
+            streak.skip(iteration, empty == samples, loss_value, gn)  # raises at --max-consecutive-nan-iters
         else:
-            consecutive_bad = 0
+            streak.update()
             scheduler.step()
         history["lrs"][iteration] = lr_used
         history["losses"][iteration] = loss_value
@@ -300,22 +293,22 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
                 writer.flush()
         saved = False
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            _save(engine, args, iteration, consumed, scheduler, norm)
-            saved = True
+            saved = _save(engine, args, iteration, consumed, scheduler, norm, streak)
         progress["iteration"] = iteration
         reason = built["exit_request"].check()  # every rank agrees (one tiny all-reduce)
         if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
             reason = f"--exit-interval {args.exit_interval}"
         if reason is not None:
             if args.save and not saved:
-                _save(engine, args, iteration, consumed, scheduler, norm)
-            where = f"checkpoint {args.save}/{tags.tag_for(iteration)}" if args.save else "no --save: nothing saved"
+                saved = _save(engine, args, iteration, consumed, scheduler, norm, streak)
+            where = (f"checkpoint {args.save}/{tags.tag_for(iteration)}" if saved else streak.not_saved(iteration)
+                     if args.save else "no --save: nothing saved")
             _print0(f"> exiting at iteration {iteration} of {args.train_iters}: {reason}; {where}", args.log_file)
             history["exit_reason"] = reason
             break
     else:
         if args.save and iteration > start_iteration and not (args.save_interval and iteration % args.save_interval == 0):
-            _save(engine, args, iteration, consumed, scheduler, norm)
+            _save(engine, args, iteration, consumed, scheduler, norm, streak)
     if non_loss_data_func is not None and "exit_reason" not in history:  # pictures etc. of the trained model, on every rank
         engine.eval()
         non_loss_data_func(engine, valid_factory, args, cfg, iteration, writer)
@@ -326,10 +319,32 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     return history
 
 
-def _save(engine, args, iteration, consumed, scheduler, normalization=None) -> None:
+def _save(engine, args, iteration, consumed, scheduler, normalization, streak) -> bool:
+    """Save, unless the iterations since the last update include a non-finite one; True if saved."""
+    if streak.blocks_saving:
+        _print0(f"> checkpoint at iteration {iteration} {streak.not_saved(iteration)}", args.log_file)
+        return False
     ckpt.save(engine, args, iteration, consumed, scheduler, normalization)
     progress["saved"] = f"{args.save}/{tags.tag_for(iteration)}"
+    streak.saved(progress["saved"])
     _print0(f"> saved checkpoint {progress['saved']}", args.log_file)
+    return True
+
+
+def _refuse_data_without_values(dataset, args) -> None:
+    """Data with no valid value at all (every value NaN, Inf or no-data) is refused before
+    training: every batch would be skipped. Judged by the statistics' valid-value counts, summed
+    over the channel-parallel ranks (each holds its own channels'); the same verdict on every rank."""
+    from megatron.core import parallel_state as ps
+    stats = getattr(dataset, "stats", None)
+    if stats is None:  # raw values: the streak limit catches it (empty batches count)
+        return
+    count = torch.tensor([int(stats.count.sum())], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(count, group=ps.get_channel_parallel_group())
+    if count.item() == 0:
+        raise DataError(f"{args.data_path} has no valid value at all (every value is NaN, Inf or the no-data value), "
+                        "so there is nothing to train on; check the file, --data-format and the no-data value of the "
+                        "data.")
 
 
 def _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, count: int, device) -> None:

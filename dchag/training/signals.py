@@ -40,12 +40,18 @@ class ExitRequest:
         return self
 
     def restore(self) -> None:
+        """Put the previous handler back, unless the signal came: then the process is stopping, and
+        a repeat (a second Ctrl-C; SLURM signals every process of a step) must not break the
+        teardown with a KeyboardInterrupt. It is noted and ignored."""
         if self._previous is not None:
-            signal.signal(getattr(signal, self.signame), self._previous)
+            signal.signal(getattr(signal, self.signame), self._on_repeat if self.received else self._previous)
             self._previous = None
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.received = True
+
+    def _on_repeat(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        print(f"received {self.signame} again while stopping: the stop goes on", file=sys.stderr, flush=True)
 
     def check(self) -> str | None:
         """Why every rank stops now (None: go on). Collective when a handler or a duration is set."""
@@ -75,7 +81,9 @@ def exit_interrupted() -> None:
     """End the process after an unhandled SIGINT: one line, status 130, no teardown (a peer may
     already be gone, and tearing down gloo groups against a dead peer can hang or abort)."""
     import os
+    from dchag.checkpointing.lock import release_held
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not print a traceback either
+    release_held()  # the --save lock (os._exit skips atexit)
     print(interrupted_line(), file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(130)

@@ -1,0 +1,31 @@
+"""Small files written so that a crash leaves either the old file or the new one, on disk."""
+
+from __future__ import annotations
+
+import os
+
+
+def fsync_dir(folder: str) -> None:
+    """Make a rename or a new file in ``folder`` durable (where the file system supports it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # not every file system syncs a directory
+    finally:
+        os.close(fd)
+
+
+def write_text(path: str, text: str) -> str:
+    """Write ``path`` atomically: a temporary sibling (``.tmp``), fsynced, renamed over it."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+    return path
