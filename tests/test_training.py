@@ -75,7 +75,7 @@ def _train(argv, full_params=False):
     from dchag.parallel.state_dict import full_state_dict
     from dchag.training import pretrain, release
     history = pretrain(pretrain_dchag.model_provider, pretrain_dchag.forward_step, pretrain_dchag.datasets_provider,
-                       argv, eval_metrics_func=pretrain_dchag.forecast_metrics)
+                       argv, eval_metrics_func=pretrain_dchag.task_metrics)
     out = {k: history[k] for k in ("losses", "val_losses", "val_metrics", "grad_norms")}
     if full_params:
         out["params"] = full_state_dict(history["engine"].module)
