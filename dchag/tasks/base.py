@@ -118,3 +118,9 @@ def heldout_dataset(loader):
     """The TileDataset behind an evaluation loader (``build_eval_loader`` wraps it in ``PaddedEval``)."""
     ds = loader.dataset
     return getattr(ds, "dataset", ds)
+
+
+def pictured_methods(results: dict) -> list[dict]:
+    """The methods of a parity study whose first seed left pictures (``results["pictures"]``)."""
+    pics = results["pictures"]
+    return [m for m in results["methods"].values() if m["spec"] in pics]

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 
-from dchag.tasks.base import Task, heldout_dataset, valid_images
+from dchag.tasks.base import Task, heldout_dataset, pictured_methods, valid_images
 
 PICTURE_TARGETS = 3  # regress pictures show the first 3 targets
 
@@ -137,8 +137,7 @@ class DenseTask(Task):
         return path
 
     def report_picture(self, results: dict, output_dir: str) -> str | None:
-        pics = results["pictures"]
-        methods = [m for m in results["methods"].values() if m["spec"] in pics]
+        pics, methods = results["pictures"], pictured_methods(results)
         if not methods:
             return None
         path = os.path.join(output_dir, self.picture_file)
@@ -173,7 +172,7 @@ def save_dense_grid(path: str, pics: dict, rows: list[tuple[str, list]], title: 
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from dchag.data.visualize import rgb_renderer
+    from dchag.data.visualize import band_limits, grid_cell, rgb_renderer, save_grid
     tiles, kind, names = pics["tiles"], pics["kind"], pics["names"]
     shown = list(range(min(PICTURE_TARGETS, len(names)))) if kind == "regress" else [None]
     panel_rows = [("input", "rgb", None, [t["input"] for t in tiles])]
@@ -195,22 +194,12 @@ def save_dense_grid(path: str, pics: dict, rows: list[tuple[str, list]], title: 
                              squeeze=False)
     for i, (label, style, k, images) in enumerate(panel_rows):
         for j, img in enumerate(images):
-            ax = axes[i, j]
+            kw = dict(row_label=label if j == 0 else None, tile_index=tiles[j]["index"] if i == 0 else None, fontsize=7)
             if style == "rgb":
-                ax.imshow(rgb_renderer(img, [0, 1, 2])(img), interpolation="nearest")
+                grid_cell(axes[i, j], rgb_renderer(img, [0, 1, 2], band_limits(range(3)))(img), **kw)
             else:
-                ax.imshow(np.ma.masked_invalid(img), interpolation="nearest", **scales[k])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(label, fontsize=7)
-            if i == 0:
-                ax.set_title(f"tile {tiles[j]['index']}", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+                grid_cell(axes[i, j], np.ma.masked_invalid(img), **kw, **scales[k])
+    return save_grid(fig, path, title, dpi)
 
 
 def _with_grey(name: str, n: int | None = None):

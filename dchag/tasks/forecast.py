@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from dchag.tasks.base import Task, heldout_dataset, valid_images
+from dchag.tasks.base import Task, heldout_dataset, pictured_methods, valid_images
 from dchag.tasks.weather_metrics import metric_sums, metrics_from_sums
 
 
@@ -139,8 +139,7 @@ class ForecastTask(Task):
         import numpy as np
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
-        pics = results["pictures"]
-        methods = [m for m in results["methods"].values() if m["spec"] in pics]
+        pics, methods = results["pictures"], pictured_methods(results)
         if not methods:
             return None
         path = os.path.join(output_dir, self.picture_file)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dchag.parallel.comm import reduce_from_channel_parallel_region
-from dchag.tasks.base import Task, valid_images
+from dchag.tasks.base import Task, pictured_methods, valid_images
 
 
 def _permutation(seed: int, sample: int, iteration: int, num_patches: int) -> torch.Tensor:
@@ -216,8 +216,7 @@ class MAETask(Task):
         import os
 
         from dchag.data.visualize import band_limits, save_reconstruction_grid
-        pics = results["pictures"]
-        methods = [m for m in results["methods"].values() if m["spec"] in pics]
+        pics, methods = results["pictures"], pictured_methods(results)
         if not methods:
             return None
         path = os.path.join(output_dir, self.picture_file)
