@@ -395,3 +395,33 @@ def test_predict_segment_on_a_file_gives_the_logged_accuracy(trained):
     np.testing.assert_allclose(prob.sum(1)[ok], 1.0, rtol=1e-5)
     np.testing.assert_array_equal(prob.argmax(1)[ok], np.nan_to_num(pred[:2, 0])[ok])
     assert math.isfinite(r["segment"]["first_loss"])
+
+
+def test_parity_report_of_a_dense_task(tmp_path):
+    """tools/parity.py's report for --task regress: the metric table under the task's caption
+    (the mean over seeds, the baseline beside it; more than 8 targets collapse to their mean),
+    the verdict against the baseline, and the picture of target and predictions per method."""
+    from dchag.parity.report import write_report
+    rng = np.random.default_rng(5)
+    names = [f"t{k}" for k in range(10)]
+    tiles = [{"index": i, "input": rng.normal(size=(3, 4, 4)), "target": rng.random((10, 4, 4)),
+              "prediction": rng.random((10, 4, 4))} for i in range(2)]
+    metrics = lambda r2: {**{f"r2/{n}": r2 for n in names}, **{f"rmse/{n}": 1 - r2 for n in names}}  # noqa: E731
+    method = lambda spec, label, vals, r2s: {"label": label, "spec": spec, "val_loss": vals, "train_loss": vals,  # noqa: E731
+                                             "seconds": [1, 1], "metrics": [metrics(r) for r in r2s],
+                                             "curves": {str(s): {"iterations": [5], "val_loss": [v]}
+                                                        for s, v in zip((1, 2), vals)}}
+    results = {"seeds": [1, 2], "methods": {"flat": method("flat", "flat (baseline)", [0.3, 0.5], [0.6, 0.8]),
+                                            "linear": method("linear", "D-CHAG-L G=4", [0.4, 1.2], [0.5, 0.1])},
+               "baselines": {"training mean": {"val_loss": 1.0, "metrics": metrics(0.0)}},
+               "pictures": {"flat": {"tiles": tiles, "names": names, "rgb": [0, 1, 2]}},
+               "setup": {"argv": ["--task", "regress"], "task": "regress", "data_path": "synthetic", "split": "s",
+                         "held_out_samples": 2, "scored_per_evaluation": 2, "train_iters": 5, "num_channels": 8,
+                         "tensor_model_parallel_size": 2, "channel_parallel_size": 2}}
+    paths = write_report(results, str(tmp_path))
+    md = (tmp_path / "parity.md").read_text()
+    assert "Held-out R^2 and RMSE per target" in md
+    assert "| method | r2 (mean of 10 variables) | rmse (mean of 10 variables) |" in md
+    assert "| flat (baseline) | 0.7 | 0.3 |" in md and "| *training mean* | 0 | 1 |" in md
+    assert "D-CHAG-L G=4 beats on average, but not in every seed, the baseline 'training mean'" in md
+    assert str(tmp_path / "dense_maps.png") in paths and (tmp_path / "dense_maps.png").stat().st_size > 1000

@@ -12,8 +12,6 @@ import torch
 
 from dchag.tasks.base import Task, heldout_dataset, pictured_methods, valid_images
 
-PICTURE_TARGETS = 3  # regress pictures show the first 3 targets
-
 
 class DenseTask(Task):
     needs_target_path = True
@@ -44,14 +42,22 @@ class DenseTask(Task):
     def display_target(self, batch: dict, targets) -> np.ndarray:
         raise NotImplementedError
 
+    def picture_planes(self, names: list[str]) -> list[int | None]:
+        """Which planes of a target/prediction a picture shows (None: the whole [H, W] map)."""
+        raise NotImplementedError
+
+    def colour_scale(self, tiles: list[dict], plane: int | None, names: list[str]) -> dict:
+        """imshow's cmap / vmin / vmax for one shown plane (invalid pixels grey)."""
+        raise NotImplementedError
+
     # ---- arguments ------------------------------------------------------------------------
     def prepare_args(self, args) -> None:
         """The target file must exist and fit the input (image count and sizes); K = its maps
         (regress) or --num-classes (segment). Values are checked when the datasets are built."""
         from dchag.data.build import open_data_source
         from dchag.data.targets import open_targets
-        data = open_data_source(args.data_path, args.data_format, task=self.name, img_h=args.img_h, img_w=args.img_w,
-                                num_channels=args.num_channels, seed=args.seed)
+        data = open_data_source(args.data_path, args.data_format, task=self.name, img_h=args.img_h,
+                                img_w=args.img_w, num_channels=args.num_channels, seed=args.seed)
         targets = open_targets(args.target_path, data, kind=self.name, num_classes=getattr(args, "num_classes", None),
                                ignore_index=getattr(args, "ignore_index", 255))
         args.num_outputs = self.num_outputs(args, targets)
@@ -92,7 +98,7 @@ class DenseTask(Task):
     @torch.no_grad()
     def picture_arrays(self, model, valid_factory, args, cfg, max_tiles: int) -> dict:
         """Up to ``max_tiles`` distinct held-out tiles, whole on every rank: {"tiles": [{"index",
-        "input" [3, H, W] false colour, "target", "prediction"}], "names", "kind", "rgb"}; target
+        "input" [3, H, W] false colour, "target", "prediction"}], "names", "rgb"}; target
         and prediction in target units (regress [K, H, W]) or classes (segment [H, W]), NaN where
         invalid. Collective: every rank of the model calls it."""
         from dchag.data.visualize import rgb_channels
@@ -120,7 +126,7 @@ class DenseTask(Task):
                     seen.add(index)
             if len(tiles) >= max_tiles:
                 break
-        return {"tiles": tiles, "names": list(ds.targets.names), "kind": self.name, "rgb": rgb}
+        return {"tiles": tiles, "names": list(ds.targets.names), "rgb": rgb}
 
     def picture(self, model, valid_factory, args, cfg, iteration: int, out_dir: str | None) -> str | None:
         import torch.distributed as dist
@@ -131,8 +137,8 @@ class DenseTask(Task):
             return None
         os.makedirs(out_dir, exist_ok=True)  # --load FINISHED --save NEW: nothing was saved into NEW yet
         path = os.path.join(out_dir, f"{self.name}_iter_{iteration:07d}.png")
-        save_dense_grid(path, pics, [("prediction", [t["prediction"] for t in pics["tiles"]])],
-                        f"{self.name}: held-out tiles at iteration {iteration}")
+        self.save_grid(path, pics, [("prediction", [t["prediction"] for t in pics["tiles"]])],
+                       f"{self.name}: held-out tiles at iteration {iteration}")
         print(f"> saved target and prediction of {len(pics['tiles'])} held-out tiles {path}", flush=True)
         return path
 
@@ -142,7 +148,7 @@ class DenseTask(Task):
             return None
         path = os.path.join(output_dir, self.picture_file)
         rows = [(m["label"], [t["prediction"] for t in pics[m["spec"]]["tiles"]]) for m in methods]
-        save_dense_grid(path, pics[methods[0]["spec"]], rows, f"{self.name}: held-out tiles (first seed)")
+        self.save_grid(path, pics[methods[0]["spec"]], rows, f"{self.name}: held-out tiles (first seed)")
         return path
 
     # ---- export and inference -------------------------------------------------------------
@@ -151,6 +157,35 @@ class DenseTask(Task):
 
     def predict_tiles(self, model, x, index, options: dict):
         return self.predict(model, x)
+
+    # ---- pictures -------------------------------------------------------------------------
+    def save_grid(self, path: str, pics: dict, rows: list[tuple[str, list]], title: str, dpi: int = 110) -> str:
+        """Columns: held-out tiles; rows: the input in false colour, then per shown plane (regress:
+        the first 3 targets; segment: the class map) the target and one labelled row per entry of
+        ``rows`` (label, one prediction per tile), in the plane's colour scale."""
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        from dchag.data.visualize import band_limits, grid_cell, rgb_renderer, save_grid
+        tiles, names = pics["tiles"], pics["names"]
+        panel_rows = [("input", None, [t["input"] for t in tiles])]
+        for k in self.picture_planes(names):
+            pick = (lambda a, k=k: a[k]) if k is not None else (lambda a: a)
+            label = f": {names[k]}" if k is not None else ""
+            scale = self.colour_scale(tiles, k, names)
+            panel_rows.append((f"target{label}", scale, [pick(t["target"]) for t in tiles]))
+            panel_rows += [(f"{name}{label}", scale, [pick(p) for p in preds]) for name, preds in rows]
+        fig, axes = plt.subplots(len(panel_rows), len(tiles), squeeze=False,
+                                 figsize=(1.7 * len(tiles) + 1.6, 1.7 * len(panel_rows) + 0.3))
+        for i, (label, scale, images) in enumerate(panel_rows):
+            for j, img in enumerate(images):
+                kw = dict(row_label=label if j == 0 else None, tile_index=tiles[j]["index"] if i == 0 else None,
+                          fontsize=7)
+                if scale is None:  # the input: normalized values, the statistics stretch of MAE's pictures
+                    grid_cell(axes[i, j], rgb_renderer(img, [0, 1, 2], band_limits(range(3)))(img), **kw)
+                else:
+                    grid_cell(axes[i, j], np.ma.masked_invalid(img), **kw, **scale)
+        return save_grid(fig, path, title, dpi)
 
 
 def mask_no_data(out: torch.Tensor, x, fill=float("nan")) -> torch.Tensor:
@@ -161,49 +196,8 @@ def mask_no_data(out: torch.Tensor, x, fill=float("nan")) -> torch.Tensor:
     return out.masked_fill(empty[:, None] if out.ndim == 4 else empty, fill)
 
 
-# ---- pictures ----------------------------------------------------------------------------
-
-
-def save_dense_grid(path: str, pics: dict, rows: list[tuple[str, list]], title: str, dpi: int = 110) -> str:
-    """Columns: held-out tiles; rows: the input in false colour, then per shown target (regress:
-    the first 3; segment: the class map) the target and one labelled row per entry of ``rows``
-    (label, one prediction per tile). Regress panels of a target share one colour scale (2nd-98th
-    percentile of its targets); classes have one colour each; invalid pixels are grey."""
+def with_grey(name: str, n: int | None = None):
+    """The colormap ``name`` (resampled to ``n`` colours) with invalid values grey."""
     import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from dchag.data.visualize import band_limits, grid_cell, rgb_renderer, save_grid
-    tiles, kind, names = pics["tiles"], pics["kind"], pics["names"]
-    shown = list(range(min(PICTURE_TARGETS, len(names)))) if kind == "regress" else [None]
-    panel_rows = [("input", "rgb", None, [t["input"] for t in tiles])]
-    for k in shown:
-        pick = (lambda a, k=k: a[k]) if k is not None else (lambda a: a)
-        label = f": {names[k]}" if k is not None else ""
-        panel_rows.append((f"target{label}", "map", k, [pick(t["target"]) for t in tiles]))
-        panel_rows += [(f"{name}{label}", "map", k, [pick(p) for p in preds]) for name, preds in rows]
-    scales = {}
-    for k in shown:
-        if kind == "regress":
-            ref = np.concatenate([np.ravel(t["target"][k]) for t in tiles])
-            lo, hi = np.nanpercentile(ref, [2, 98]) if np.isfinite(ref).any() else (0.0, 1.0)
-            scales[k] = dict(cmap=_with_grey("viridis"), vmin=lo, vmax=hi if hi > lo else lo + 1)
-        else:
-            K = len(names)
-            scales[k] = dict(cmap=_with_grey("tab20" if K > 10 else "tab10", K), vmin=-0.5, vmax=K - 0.5)
-    fig, axes = plt.subplots(len(panel_rows), len(tiles), figsize=(1.7 * len(tiles) + 1.6, 1.7 * len(panel_rows) + 0.3),
-                             squeeze=False)
-    for i, (label, style, k, images) in enumerate(panel_rows):
-        for j, img in enumerate(images):
-            kw = dict(row_label=label if j == 0 else None, tile_index=tiles[j]["index"] if i == 0 else None, fontsize=7)
-            if style == "rgb":
-                grid_cell(axes[i, j], rgb_renderer(img, [0, 1, 2], band_limits(range(3)))(img), **kw)
-            else:
-                grid_cell(axes[i, j], np.ma.masked_invalid(img), **kw, **scales[k])
-    return save_grid(fig, path, title, dpi)
-
-
-def _with_grey(name: str, n: int | None = None):
-    import matplotlib
-    cmap = matplotlib.colormaps[name].resampled(n) if n else matplotlib.colormaps[name].copy()
-    cmap.set_bad("0.6")
-    return cmap
+    cmap = matplotlib.colormaps[name]
+    return (cmap.resampled(n) if n else cmap).with_extremes(bad="0.6")

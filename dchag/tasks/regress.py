@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from dchag.tasks.dense import DenseTask
+from dchag.tasks.dense import DenseTask, with_grey
 
 NUM_SUMS = 4
 
@@ -84,6 +84,15 @@ class RegressTask(DenseTask):
 
     def display(self, pred, targets) -> np.ndarray:
         return denormalize(pred, targets.stats.safe_mean, targets.stats.safe_std).cpu().numpy()
+
+    def picture_planes(self, names):
+        return list(range(min(3, len(names))))  # the first 3 targets
+
+    def colour_scale(self, tiles, plane, names) -> dict:
+        """viridis over the 2nd-98th percentile of the shown tiles' targets."""
+        ref = np.concatenate([np.ravel(t["target"][plane]) for t in tiles])
+        lo, hi = np.nanpercentile(ref, [2, 98]) if np.isfinite(ref).any() else (0.0, 1.0)
+        return dict(cmap=with_grey("viridis"), vmin=lo, vmax=hi if hi > lo else lo + 1)
 
     def display_target(self, batch, targets) -> np.ndarray:
         y = self.display(batch["target"].float(), targets)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dchag.tasks.dense import DenseTask
+from dchag.tasks.dense import DenseTask, with_grey
 
 
 def error_sums(logits: torch.Tensor, target: torch.Tensor, target_valid: torch.Tensor) -> torch.Tensor:
@@ -90,6 +90,13 @@ class SegmentTask(DenseTask):
     def display(self, pred, targets) -> np.ndarray:
         return pred.argmax(dim=1).float().cpu().numpy()
 
+    def picture_planes(self, names):
+        return [None]  # the class map
+
+    def colour_scale(self, tiles, plane, names) -> dict:
+        K = len(names)
+        return dict(cmap=class_colours(K), vmin=-0.5, vmax=K - 0.5)
+
     def display_target(self, batch, targets) -> np.ndarray:
         return np.where(batch["target_valid"].cpu().numpy(), batch["target"].cpu().numpy(), np.nan)
 
@@ -100,13 +107,9 @@ class SegmentTask(DenseTask):
     prediction_title = "classes"
 
     def prediction_rgb(self, y, model, input_rgb):
-        """Each class its colour (tab10 / tab20), pixels without a class grey."""
-        import matplotlib
+        """Each class its colour (as in the training pictures), pixels without a class grey."""
         K = model.cfg.num_outputs
-        idx = np.nan_to_num(np.asarray(y[0], np.float64), nan=-1).astype(np.int64)  # [H, W]
-        rgb = matplotlib.colormaps["tab20" if K > 10 else "tab10"].resampled(K)(np.clip(idx, 0, K - 1))[..., :3]
-        rgb[idx < 0] = 0.6
-        return rgb
+        return class_colours(K)(np.ma.masked_invalid(np.asarray(y[0], np.float64)).astype(np.int64))[..., :3]
 
     def predict(self, model, x):
         """[B, 1, h, w] float32: the class index, NaN where the input pixel holds no valid value."""
@@ -114,3 +117,8 @@ class SegmentTask(DenseTask):
         t = torch.as_tensor(np.asarray(classes) if not torch.is_tensor(classes) else classes).float()
         t = torch.where(t < 0, torch.nan, t)[:, None]
         return t if torch.is_tensor(x) else t.numpy()
+
+
+def class_colours(num_classes: int):
+    """One colour per class (tab10, tab20 beyond 10 classes), NaN / masked grey."""
+    return with_grey("tab20" if num_classes > 10 else "tab10", num_classes)
