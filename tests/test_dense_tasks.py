@@ -165,6 +165,8 @@ def test_regress_targets_shapes_statistics_and_invalid_values(tmp_path):
         build_datasets(data, **{**kw, "target_path": _npy(tmp_path, "y1b.npy", y[0])})
     with pytest.raises(DataError, match="image 0 of the targets is 8 x 6 but the input image is 8 x 8"):
         build_datasets(data, **{**kw, "target_path": _npy(tmp_path, "y2.npy", y[..., :6])})
+    with pytest.raises(DataError, match=r"It looks channels-last \(\[H, W, K\]\)"):
+        build_datasets(data, **{**kw, "target_path": _npy(tmp_path, "y3.npy", np.moveaxis(y, 1, -1))})
     with pytest.raises(DataError, match="needs --target-path"):
         build_datasets(data, **{**kw, "target_path": None})
 

@@ -87,10 +87,14 @@ class TargetMaps:
         N = data.num_images
         for i in range(N):
             got = source.image_hw(0 if planes_are_images else i)
-            if tuple(got) != tuple(data.image_hw(i)):
+            want = tuple(data.image_hw(i))
+            if tuple(got) != want:
+                # [H, W, K] read channels-first: K planes of W x K' -- say so
+                last = " It looks channels-last ([H, W, K]): store it as [K, H, W] (np.moveaxis(a, -1, -3))." \
+                    if (source.num_channels, got[0]) == want else ""
                 raise DataError(f"--target-path {path}: image {i} of the targets is {got[0]} x {got[1]} but the input "
-                                f"image is {data.image_hw(i)[0]} x {data.image_hw(i)[1]}; targets must be pixel-aligned "
-                                "with --data-path (the same H x W for every image).")
+                                f"image is {want[0]} x {want[1]}; targets must be pixel-aligned with --data-path (the "
+                                f"same H x W for every image).{last}")
 
     def read(self, image: int, rows: slice, cols: slice) -> np.ndarray:
         if self.planes_are_images:
