@@ -210,13 +210,13 @@ def test_class_values_outside_the_classes_are_refused_by_value_and_flag(tmp_path
 def test_flags_are_checked_by_the_task():
     from dchag.arguments import parse_args
     from dchag.tasks import get_task
-    from dchag.training.ds_config import ConfigError
+    from dchag.data import DataError
     base = ["--img-h", "8", "--img-w", "8", "--patch-dim", "2", "--train-iters", "1", "--num-channels", "6"]
-    with pytest.raises(ConfigError, match="--target-path is read by --task regress and segment only"):
+    with pytest.raises(DataError, match="--target-path is read by --task regress and segment only"):
         get_task("mae").prepare_args(parse_args(base + ["--target-path", "y.npy"]))
-    with pytest.raises(ConfigError, match="needs --num-classes"):
+    with pytest.raises(DataError, match="needs --num-classes"):
         get_task("segment").prepare_args(parse_args(base + ["--task", "segment", "--target-path", "synthetic"]))
-    with pytest.raises(ConfigError, match="--ignore-index 2 is one of the --num-classes 4"):
+    with pytest.raises(DataError, match="--ignore-index 2 is one of the --num-classes 4"):
         get_task("segment").prepare_args(parse_args(base + ["--task", "segment", "--target-path", "synthetic",
                                                             "--num-classes", "4", "--ignore-index", "2"]))
     args = parse_args(base + ["--task", "regress", "--target-path", "synthetic", "--data-path", "synthetic:k=3"])

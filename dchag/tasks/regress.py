@@ -66,8 +66,8 @@ class RegressTask(DenseTask):
 
     def num_outputs(self, args, targets) -> int:
         if getattr(args, "num_classes", None):
-            from dchag.training.ds_config import ConfigError
-            raise ConfigError("--num-classes is read by --task segment only; drop it for --task regress.")
+            from dchag.data.errors import DataError
+            raise DataError("--num-classes is read by --task segment only; drop it for --task regress.")
         return targets.num_planes
 
     def error_sums(self, pred, batch):

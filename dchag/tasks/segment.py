@@ -62,13 +62,13 @@ class SegmentTask(DenseTask):
         return targets.num_classes
 
     def prepare_args(self, args) -> None:
-        from dchag.training.ds_config import ConfigError
+        from dchag.data.errors import DataError
         K, ignore = getattr(args, "num_classes", None), getattr(args, "ignore_index", 255)
         if not K or K < 2:
-            raise ConfigError(f"--task segment needs --num-classes K >= 2 (the classes of the map at --target-path), "
+            raise DataError(f"--task segment needs --num-classes K >= 2 (the classes of the map at --target-path), "
                               f"got {K}.")
         if ignore is not None and 0 <= ignore < K:
-            raise ConfigError(f"--ignore-index {ignore} is one of the --num-classes {K} classes [0, {K}); choose a "
+            raise DataError(f"--ignore-index {ignore} is one of the --num-classes {K} classes [0, {K}); choose a "
                               "value outside them (the common 255, or -1).")
         super().prepare_args(args)
 
