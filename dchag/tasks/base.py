@@ -33,9 +33,9 @@ import torch
 class Task:
     name = "?"
     needs_target_path = False
-    temporal = False  # held out by time (forecast) rather than by tile
     picture_file: str | None = None  # tools/parity.py's picture of the held-out predictions
     metrics_caption = "Held-out metrics (mean over seeds):"  # tools/parity.py's heading of the metric table
+    prediction_title = "prediction"  # tools/predict.py --picture: the output panel's title
 
     # ---- arguments ------------------------------------------------------------------------
     def prepare_args(self, args) -> None:
@@ -46,8 +46,8 @@ class Task:
                                               ("--num-classes", getattr(args, "num_classes", None))) if value]
             if given:
                 raise DataError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} read by --task regress "
-                                  f"and segment only, not by --task {self.name}; drop {' and '.join(given)} or change "
-                                  "--task.")
+                                f"and segment only, not by --task {self.name}; drop {' and '.join(given)} or change "
+                                "--task.")
         args.num_outputs = None
 
     # ---- training and evaluation ----------------------------------------------------------
@@ -91,8 +91,6 @@ class Task:
     def predict_plan(self, model, options: dict) -> str | None:
         """tools/predict.py: one line saying how the prediction will be made, or None."""
         return None
-
-    prediction_title = "prediction"  # tools/predict.py --picture: the output panel's title
 
     def prediction_rgb(self, y, model, input_rgb):
         """tools/predict.py --picture: one image's output [planes, H, W] as RGB [H, W, 3];

@@ -55,7 +55,6 @@ class ForecastTask(Task):
     channels, lead-time conditioning); latitude-weighted MSE, RMSE and ACC per variable."""
 
     name = "forecast"
-    temporal = True
     picture_file = "forecast_maps.png"
     prediction_title = "forecast"
     metrics_caption = "Forecast skill on the held-out period (mean over seeds; RMSE in the variable's units, " \

@@ -26,9 +26,6 @@ import torch
 
 from dchag.tasks.dense import DenseTask, with_grey
 
-NUM_SUMS = 4
-
-
 def error_sums(pred: torch.Tensor, target: torch.Tensor, target_valid: torch.Tensor) -> torch.Tensor:
     """[2]: (sum v (pred - t)^2, sum v) over a micro-batch's valid target values, fp32 at least.
     pred, target [B, K, H, W]; target_valid bool [B, K, H, W]."""

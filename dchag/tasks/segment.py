@@ -56,6 +56,7 @@ def segment_metrics(confusion: torch.Tensor) -> dict[str, float]:
 
 class SegmentTask(DenseTask):
     name = "segment"
+    prediction_title = "classes"
     metrics_caption = "Held-out overall accuracy and mean IoU (mean over seeds):"
 
     def num_outputs(self, args, targets) -> int:
@@ -66,10 +67,10 @@ class SegmentTask(DenseTask):
         K, ignore = getattr(args, "num_classes", None), getattr(args, "ignore_index", 255)
         if not K or K < 2:
             raise DataError(f"--task segment needs --num-classes K >= 2 (the classes of the map at --target-path), "
-                              f"got {K}.")
+                            f"got {K}.")
         if ignore is not None and 0 <= ignore < K:
             raise DataError(f"--ignore-index {ignore} is one of the --num-classes {K} classes [0, {K}); choose a "
-                              "value outside them (the common 255, or -1).")
+                            "value outside them (the common 255, or -1).")
         super().prepare_args(args)
 
     def error_sums(self, pred, batch):
@@ -103,8 +104,6 @@ class SegmentTask(DenseTask):
     # ---- inference --------------------------------------------------------------------------
     def output_planes(self, cfg) -> int:
         return 1
-
-    prediction_title = "classes"
 
     def prediction_rgb(self, y, model, input_rgb):
         """Each class its colour (as in the training pictures), pixels without a class grey."""
