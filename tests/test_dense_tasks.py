@@ -222,9 +222,11 @@ def test_flags_are_checked_by_the_task():
     args = parse_args(base + ["--task", "regress", "--target-path", "synthetic", "--data-path", "synthetic:k=3"])
     get_task("regress").prepare_args(args)
     assert args.num_outputs == 3  # the generator's endmembers
+    from dchag.model.config import TASKS
     from dchag.tasks.registry import UnknownTaskError
     with pytest.raises(UnknownTaskError, match="the tasks are mae, forecast, regress, segment"):
         get_task("classify")
+    assert all(get_task(name).name == name for name in TASKS)  # the model's task table and the registry agree
 
 
 def test_synthetic_targets_are_the_generators_abundances():
