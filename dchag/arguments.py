@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from dchag.model.config import DChagConfig, default_channel_chunk
+from dchag.model.config import TASKS, DChagConfig, default_channel_chunk
 
 # Arguments that define the model and layout: a checkpoint refuses to load if these differ.
 MODEL_ARGS = ("task", "num_channels", "img_h", "img_w", "patch_dim", "num_layers", "hidden_size",
               "num_attention_heads", "ffn_hidden_size", "dchag_aggregation", "dchag_groups", "dchag_tree_levels",
-              "tensor_model_parallel_size", "channel_parallel_size", "bf16", "channel_embedding")
+              "tensor_model_parallel_size", "channel_parallel_size", "bf16", "channel_embedding", "num_outputs")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="D-CHAG ViT pretraining (megatron-core + DeepSpeed)", allow_abbrev=False)
     g = p.add_argument_group("data")
-    g.add_argument("--task", choices=("mae", "forecast"), default="mae")
+    g.add_argument("--task", choices=TASKS, default="mae")
+    g.add_argument("--target-path", default=None)
+    g.add_argument("--num-classes", type=int, default=None)
+    g.add_argument("--ignore-index", type=int, default=255)
+    p.set_defaults(num_outputs=None)  # the dense head's planes: set from the targets at start-up (dchag/tasks)
     g.add_argument("--data-path", default="synthetic")
     g.add_argument("--data-format", default="auto",
                    choices=("auto", "npy", "envi", "hdf5", "zarr", "netcdf", "synthetic"))
@@ -149,7 +153,7 @@ def model_config(args, num_channels: int | None = None) -> DChagConfig:
         aggregation=args.dchag_aggregation, groups=args.dchag_groups, tree_levels=args.dchag_tree_levels,
         # getattr: the arguments of a checkpoint saved before the flag existed (dchag.checkpointing)
         channel_chunk=default_channel_chunk(args.dchag_aggregation, getattr(args, "dchag_channel_chunk", None)),
-        task=args.task,
+        task=args.task, num_outputs=getattr(args, "num_outputs", None),
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         recompute_activations=args.recompute_activations, sequence_parallel=args.sequence_parallel,
         bf16=bool(args.bf16), init_seed=args.seed, attention_backend=args.attention_backend,

@@ -8,8 +8,17 @@ import argparse
 
 HELP = {
     # data
-    "--task": "what to train: mae (masked autoencoder: reconstruct the masked patches of every channel) or "
-              "forecast (the state --lead-time steps ahead)",
+    "--task": "what to train: mae (masked autoencoder: reconstruct the masked patches of every channel), "
+              "forecast (the state --lead-time steps ahead), regress (K per-pixel target maps from --target-path; "
+              "MSE, R^2 per target) or segment (a per-pixel class map from --target-path; cross-entropy, accuracy, "
+              "mean IoU)",
+    "--target-path": "regress/segment: the per-pixel targets, pixel-aligned with --data-path, in any format the "
+                     "data may have (docs/DATA.md): regress [K, H, W] or [N, K, H, W] (non-finite/no-data values "
+                     "ignored), segment an integer class map [H, W], [N, H, W] or [N, 1, H, W]; 'synthetic' with "
+                     "synthetic data: the generator's endmember abundances (regress) or their argmax (segment)",
+    "--num-classes": "segment: K, the number of classes (class values 0 .. K-1; any other value except "
+                     "--ignore-index is an error at start-up)",
+    "--ignore-index": "segment: the class-map value of pixels left out of the loss and the metrics (NaN too)",
     "--data-path": "a file or a folder of files ([C, H, W] or [N, C, H, W]; for forecast a time series "
                    "[T, C, H, W]), or 'synthetic[:k=v,...]' for generated data",
     "--data-format": "the reader; auto detects it from the file name or contents",

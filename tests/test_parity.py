@@ -65,14 +65,15 @@ def test_baselines_against_direct_formulas():
     """Channel-mean and visible-mean MAE baselines, computed again with numpy from their definitions,
     pooled over the hidden pixels of each of the 6 held-out tiles once (micro-batches of 4: the
     second is half padding)."""
+    from types import SimpleNamespace
+
     from dchag.data import build_datasets, build_eval_loader
     from dchag.model.config import DChagConfig
-    from dchag.parity.baselines import baseline_losses
-    from dchag.tasks import patch_mask
+    from dchag.tasks import get_task, patch_mask
     _, valid = build_datasets("synthetic:num_images=12,seed=3", task="mae", img_h=8, img_w=8, num_channels=6,
                               valid_fraction=0.5)
     cfg = DChagConfig(num_channels=6, img_h=8, img_w=8, patch_dim=2, groups=2)
-    got = baseline_losses(build_eval_loader(valid, 4), cfg, "mae", 0.5, seed=9)
+    got = get_task("mae").baselines(build_eval_loader(valid, 4), cfg, SimpleNamespace(mask_ratio=0.5, seed=9))
     errors = {"channel mean": [], "visible-pixel mean": []}
     for i in range(len(valid)):
         item = valid[i]

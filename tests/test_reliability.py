@@ -71,7 +71,7 @@ def _train(argv, picture=False):
     import pretrain_dchag
     from dchag.training import pretrain, release
     history = pretrain(pretrain_dchag.model_provider, pretrain_dchag.forward_step, pretrain_dchag.datasets_provider,
-                       argv, non_loss_data_func=pretrain_dchag.reconstruction_picture if picture else None)
+                       argv, non_loss_data_func=pretrain_dchag.task_picture if picture else None)
     out = {"losses": history["losses"]}
     release(history)
     return out

@@ -13,7 +13,9 @@ One job on 2 gloo ranks through the real entry point (pretrain_dchag.py's provid
   a frozen encoder (--freeze-encoder) through 3 iterations, each rank's shards compared with what
   its first forward saw; T = P = 2 and T = P = 1 from the export (the T = P = 1 run's transferred
   weights checked against the export with numpy), T = P = 1 from the DeepSpeed folder, the same
-  first losses; a resume with --load continues the fine-tune exactly; a foreign checkpoint refused.
+  first losses; a resume with --load continues the fine-tune exactly; a foreign checkpoint refused;
+* fine-tune onto the dense tasks (regress, segment) on the pretraining's own bands and tiles at
+  T = P = 1: the encoder arrives bit-equal to the export, the dense head is new, the MAE head dropped.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ PRETRAIN = ["--task", "mae", "--data-path", "synthetic:num_images=24", "--num-ch
 # The architecture flags are left out: they come from the pretrained model.
 FINETUNE = ["--task", "forecast", "--data-path", "synthetic:num_images=24", "--num-channels", str(FT_BANDS),
             "--img-h", "12", "--img-w", "12", "--patch-dim", "2"] + COMMON
+# The pretraining's own bands and tiles, the generator's abundances (regress: 4 maps) or their argmax.
+DENSE = ["--data-path", "synthetic:num_images=24", "--num-channels", str(PRE_BANDS), "--target-path", "synthetic",
+         "--img-h", "8", "--img-w", "8", "--patch-dim", "2"] + COMMON
+DENSE_TASKS = {"regress": [], "segment": ["--num-classes", "4"]}
 TP2, TP1 = ["--tensor-model-parallel-size", "2", "--channel-parallel-size", "2"], \
     ["--tensor-model-parallel-size", "1", "--channel-parallel-size", "1"]
 
@@ -309,6 +315,11 @@ def _job(tmp):
     # The auto-resume idiom: --load holds the fine-tune's checkpoint, so PATH's weights are not applied again.
     r["resumed"] = _train(ft + TP2 + same + ["--load", os.path.join(tmp, "ft"), "--ckpt-step", "2",
                                              "--save", os.path.join(tmp, "ft2")])
+    # MAE -> the dense tasks on the pretraining's own bands and tiles: every encoder tensor arrives as exported.
+    dense = zero1 + DENSE + TP1 + ["--finetune", "--pretrained-checkpoint", export, "--train-iters", "2"]
+    for task, extra in DENSE_TASKS.items():
+        r[task] = _train(dense + ["--task", task, "--log-file", os.path.join(tmp, f"{task}.log")] + extra,
+                         snapshot=True)
     r["foreign"] = _refused(zero1 + FINETUNE + TP2 + ["--finetune", "--pretrained-checkpoint",
                                                       os.path.join(tmp, "foreign"), "--train-iters", "1"])
     return r
@@ -326,6 +337,9 @@ def job(tmp_path_factory):
         r["export_config"] = json.load(f)
     with open(os.path.join(tmp, "frozen.log")) as f:
         r["start_log"] = f.read()
+    for task in DENSE_TASKS:
+        with open(os.path.join(tmp, f"{task}.log")) as f:
+            r[task]["start_log"] = f.read()
     return r
 
 
@@ -398,3 +412,26 @@ def test_resume_of_a_finetune_continues_exactly(job):
 def test_foreign_checkpoint_is_refused(job):
     kind, msg, _ = job["foreign"]
     assert kind == "FinetuneError" and "shares nothing with this model" in msg and "net.backbone" in msg, msg
+
+
+@pytest.mark.parametrize("task, planes", [("regress", 4), ("segment", 4)])
+def test_mae_finetunes_to_a_dense_task(job, task, planes):
+    """MAE -> regress / segment (same bands and tiles, T = P = 1): at the first forward every encoder
+    tensor equals the export bit for bit, the dense head is new (K planes of p x p pixels), the MAE
+    head and mask token are dropped, and the fine-tune trains."""
+    run, old = job[task], job["export"]
+    new = {k: v.double().numpy() for k, v in run["first"].items()}
+    head = {"head.linear.weight", "head.linear.bias"}
+    assert set(new) == (set(old) - {"mask_token", "head.weight", "head.bias"}) | head
+    for name in set(new) - head:
+        assert np.array_equal(new[name], old[name]), name
+    assert new["head.linear.weight"].shape == (planes * 2 * 2, 16)
+    log = run["start_log"]
+    for line in (f"task: mae -> {task}", "channels: the pretrained model's own 16", "  interpolated: -"):
+        assert line in log, log
+    listed = {x.split(":")[0].strip(): set(x.split(": ", 1)[1].split(", ")) for x in log.splitlines()
+              if x.startswith(("  new:", "  dropped:"))}
+    assert listed == {"new": head, "dropped": {"mask_token", "head.weight", "head.bias"}}, log
+    assert len(run["losses"]) == 2 and all(math.isfinite(v) for v in run["losses"].values())
+    for name in head:
+        assert not torch.equal(run["last"][name], run["first"][name]), f"{name} did not train"

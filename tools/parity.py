@@ -5,8 +5,9 @@ Launch it like pretrain_dchag.py, with pretrain_dchag.py's model, data and train
 
     --methods flat,linear,cross     flat first; variants as NAME:g=G:k=K (e.g. cross:k=2, linear:g=32)
     --seeds N                       seeds --seed .. --seed + N - 1 (paired across methods)
-    --output-dir DIR                parity.json, parity.md, parity.png, reconstructions.png or
-                                    forecast_maps.png, and one training log per run in DIR/logs
+    --output-dir DIR                parity.json, parity.md, parity.png, the task's picture
+                                    (reconstructions.png, forecast_maps.png or dense_maps.png),
+                                    and one training log per run in DIR/logs
     --merge DIR [DIR ...]           no training: report studies run apart (split by method, e.g.
                                     flat,linear and cross, or by --seed) as one, in --output-dir;
                                     with --methods, only those methods
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         methods = parse_methods(ours.methods or "flat,linear,cross")
         results = run_study(rest, methods, ours.seeds, ours.output_dir, model_provider=pretrain_dchag.model_provider,
                             forward_step=pretrain_dchag.forward_step, datasets_provider=pretrain_dchag.datasets_provider,
-                            eval_metrics_func=pretrain_dchag.forecast_metrics,
+                            eval_metrics_func=pretrain_dchag.task_metrics,
                             loss_weight_func=pretrain_dchag.loss_weight)
     except USER_ERRORS as e:
         if not dist.is_initialized() or dist.get_rank() == 0:

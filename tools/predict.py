@@ -12,12 +12,15 @@
                  is predicted from its context, in ceil(1 / ratio) passes whose hidden patches
                  together cover the tile (what a whole-image reconstruction wants)
 --task forecast  from every time step, the state --lead-time steps ahead, [N, V, H, W]
---task embed     the backbone's token of every patch as a feature map, [N, D, H/p, W/p]
+--task regress   the K target maps in the targets' units, [N, K, H, W]
+--task segment   the class index of every pixel, [N, 1, H, W] (float32)
+--task embed     the backbone's token of every patch as a feature map, [N, D, H/p, W/p] (a model of any task)
 
 The file may be any format the training reads (npy, ENVI, HDF5, Zarr, NetCDF) and larger than the
 model's tile: it is cut into tiles (the last ones shifted back to the edge, so no pixel is
 dropped) and the outputs stitched back. Values are normalized with the statistics saved at
-training and returned in data units; invalid input values (NaN, no-data) stay NaN in the output.
+training and returned in data units (regress: the targets' units); invalid input values (NaN,
+no-data) stay NaN in the output (regress, segment: where no channel of the pixel is valid).
 The output (.npy or .zarr) must not exist yet.
 """
 
@@ -32,13 +35,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dchag.inference.predict import TASKS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--load", required=True,
                    help="a consolidated export (tools/convert_checkpoint.py --format consolidated)")
     p.add_argument("--data-path", required=True, help="the data file (or folder / selector, as for training)")
     p.add_argument("--data-format", default="auto", help="as pretrain_dchag.py --data-format (default: detected)")
-    p.add_argument("--task", required=True, choices=("mae", "forecast", "embed"))
+    p.add_argument("--task", required=True, choices=TASKS,
+                   help="the model's own task (mae, forecast, regress, segment), or embed (any model)")
     p.add_argument("--output", required=True, help="OUT.npy or OUT.zarr (a new path)")
     p.add_argument("--mask-ratio", type=float, default=None,
                    help="mae: share of patches hidden per tile (default: the model's training --mask-ratio)")
@@ -59,13 +64,13 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope).*")
     from dchag.data.errors import DataError
     from dchag.inference import load_pretrained
-    from dchag.inference.predict import predict_file
+    from dchag.inference.predict import predict_file, predict_plan
     from dchag.checkpointing.errors import CheckpointError
     try:
         model = load_pretrained(args.load, device=args.device)
-        if args.task == "mae":
-            print(mae_plan(args.mask_ratio, model.config.get("mask_ratio"), args.complementary_masks,
-                           model.cfg.num_patches))
+        plan = predict_plan(model, args.task, {"mask_ratio": args.mask_ratio, "complementary": args.complementary_masks})
+        if plan:
+            print(plan)
         out = predict_file(model, args.data_path, args.task, args.output, data_format=args.data_format,
                            mask_ratio=args.mask_ratio, seed=args.seed, lead_time=args.lead_time,
                            batch_size=args.batch_size, progress=not args.no_progress, picture=args.picture,
@@ -75,19 +80,6 @@ def main(argv=None) -> int:
         return 1
     print(f"> wrote {args.output} {tuple(out.shape)}" + (f" and {args.picture}" if args.picture else ""))
     return 0
-
-
-def mae_plan(given, trained, complementary: bool, num_patches: int) -> str:
-    """One line: which share of each tile is hidden, where it comes from, and how many passes."""
-    ratio = float(trained or 0.0) if given is None else given
-    origin = "the model's training --mask-ratio" if given is None else "--mask-ratio"
-    hidden = int(round(ratio * num_patches))
-    if complementary and hidden == 0:
-        raise ValueError(f"--complementary-masks needs a mask ratio that hides at least one of the {num_patches} "
-                         f"patches per tile, got {ratio} ({origin}); give --mask-ratio, e.g. 0.5.")
-    passes = -(-num_patches // hidden) if complementary else 1
-    return (f"> mae: {hidden} of {num_patches} patches hidden per pass ({ratio:g}, {origin}); {passes} pass(es)"
-            + (", complementary masks: every patch predicted while hidden" if complementary else ""))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ def model_args(args) -> dict:
 
 
 def _flag(key: str) -> str:
+    if key == "num_outputs":  # no flag of its own: --num-classes, or the target maps of --target-path
+        return "output maps (--num-classes, or the maps of --target-path)"
     return "--" + key.replace("_", "-")
 
 

@@ -27,6 +27,7 @@ import torch
 from dchag.checkpointing import consolidated, manifest, normalization, pickles, reader, shards, sizes
 from dchag.checkpointing.errors import CheckpointError
 from dchag.checkpointing.tags import read_latest, saved_iterations, tag_for
+from dchag.tasks import get_task
 
 
 def _log(msg: str) -> None:
@@ -72,7 +73,7 @@ def export_consolidated(load_dir: str, save_dir: str) -> dict:
         "normalization": norm,
         "iteration": int(state.get("iteration", 0)), "consumed_samples": int(state.get("consumed_samples", 0)),
         "lr_scheduler": state.get("lr_scheduler"),
-        "mask_ratio": getattr(ns, "mask_ratio", None), "lead_time": getattr(ns, "lead_time", None),
+        **get_task(cfg.task).export_fields(ns, norm),  # mask ratio, lead time, targets: what the task needs
         "training_args": dict(vars(ns)),
         "source": {"path": os.path.abspath(folder), "tensor_model_parallel_size": T, "channel_parallel_size": P,
                    "data_parallel_size": int(state.get("dp_world_size", 1)),

@@ -6,7 +6,10 @@
      "channel_names": [...C], "wavelengths": [...C] | null,
      "mean": [...C], "std": [...C],          # as applied: x_model = (x - mean) / std
      "count": [...C],                        # valid values behind the statistics
-     "data_path": "...", "data_format": "...", "nodata": raw no-data value | null}
+     "data_path": "...", "data_format": "...", "nodata": raw no-data value | null,
+     "targets": regress/segment only: the per-pixel targets' description (dchag/data/targets.py
+                ``describe``): names and the training tiles' per-target mean/std (regress), or
+                the class count, --ignore-index and the training class counts (segment)}
 
 Training on P channel ranks holds each rank's channels' statistics only (that is what it
 normalizes); :func:`gather` assembles all C over the channel-parallel group, once per run.
@@ -39,6 +42,8 @@ def describe_dataset(dataset) -> dict:
          "wavelengths": None if src.wavelengths is None else _floats(np.asarray(src.wavelengths)),
          "data_path": src.path, "data_format": src.format,
          "nodata": None if src.nodata is None else float(src.nodata), "normalized": stats is not None}
+    if getattr(dataset, "targets", None) is not None:
+        d["targets"] = dataset.targets.describe()
     for s in ([stats, getattr(dataset, "target_stats", None)] if stats is not None else []):
         if s is None:
             continue

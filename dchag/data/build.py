@@ -6,6 +6,7 @@ from .dataset import TileDataset
 from .errors import DataError
 from .readers import open_source
 from .stats import resolve_stats
+from .targets import KINDS as TARGET_KINDS, attach_targets
 
 
 def open_data_source(data_path, data_format: str = "auto", *, task: str, img_h: int, img_w: int,
@@ -27,7 +28,8 @@ def open_data_source(data_path, data_format: str = "auto", *, task: str, img_h: 
 def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: int, img_w: int,
                    channels: range | None = None, num_channels: int | None = None, lead_time: int = 1,
                    valid_fraction: float = 0.1, stats_path: str | None = None, normalize: bool = True,
-                   strict: bool = False, seed: int = 0, source_opts: dict | None = None
+                   strict: bool = False, seed: int = 0, source_opts: dict | None = None,
+                   target_path: str | None = None, num_classes: int | None = None, ignore_index: int | None = 255
                    ) -> tuple[TileDataset, TileDataset]:
     """(train, valid) datasets of this rank's ``channels`` over one shared source.
 
@@ -36,6 +38,8 @@ def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: in
       unless ``data_path`` ('synthetic:k=v,...') or ``source_opts`` say otherwise.
     - statistics come from ``stats_path`` or the stats file beside the data, else are computed
       on the fly for the channels this rank needs (its own; all target channels for forecast).
+    - regress/segment: the targets at ``target_path`` (dchag/data/targets.py), fitted on the
+      training tiles, shared by both splits.
     """
     source = open_data_source(data_path, data_format, task=task, img_h=img_h, img_w=img_w, num_channels=num_channels,
                               seed=seed, source_opts=source_opts)
@@ -47,4 +51,7 @@ def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: in
         stats = resolve_stats(source, need, data_path=str(data_path), stats_path=stats_path)
     common = dict(task=task, img_h=img_h, img_w=img_w, channels=channels, stats=stats,
                   valid_fraction=valid_fraction, lead_time=lead_time, strict=strict)
-    return TileDataset(source, split="train", **common), TileDataset(source, split="valid", **common)
+    train, valid = TileDataset(source, split="train", **common), TileDataset(source, split="valid", **common)
+    if task in TARGET_KINDS:
+        attach_targets(train, valid, target_path, kind=task, num_classes=num_classes, ignore_index=ignore_index)
+    return train, valid

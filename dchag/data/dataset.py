@@ -4,6 +4,7 @@ that this channel-parallel rank owns (``channels``, from ``ChannelPartition.rank
 Items (tensors; a DataLoader stacks them to [B, ...]):
 
     mae:      {"images": float32 [c, h, w], "valid": bool [c, h, w], "index": int64 []}
+    regress, segment: as mae, plus "target" and "target_valid" of the tile (dchag/data/targets.py)
     forecast: {"images": float32 [c, h, w]  (state at t, the rank's channels),
                "valid":  bool    [c, h, w],
                "target": float32 [V, h, w]  (state at t + lead_time, ALL target channels),
@@ -41,7 +42,7 @@ from .readers.concat import ConcatSource
 from .stats import ChannelStats
 from .tiles import TileIndex, forecast_split, forecast_train_period, mae_split
 
-TASKS = ("mae", "forecast")
+TASKS = ("mae", "forecast", "regress", "segment")  # every task but forecast tiles space (as mae)
 
 
 def latitude_weights(latitudes: np.ndarray | None, rows: slice, h: int) -> np.ndarray:
@@ -74,7 +75,7 @@ class TileDataset(Dataset):
                             f"{source.describe()}; check --num-channels against the data.")
         self.target_channels = range(C) if target_channels is None else target_channels
 
-        if task == "mae":
+        if task != "forecast":
             sizes = [source.image_hw(i) for i in range(source.num_images)]
             self.index = TileIndex(sizes, self.img_h, self.img_w, self._image_name())
             self.samples = mae_split(self.index.num_samples, split, valid_fraction)
@@ -95,6 +96,7 @@ class TileDataset(Dataset):
             if task == "forecast":
                 self.target_stats = stats.select(self.target_channels)
         self._climatology = None  # forecast, valid split: [V, H, W], computed on first use
+        self.targets = None  # regress, segment: per-pixel targets (dchag.data.targets.attach_targets)
         self.invalid_count = 0  # values zero-filled (inputs and targets)
         self.invalid_samples = 0  # items with at least one invalid value
 
@@ -119,12 +121,15 @@ class TileDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} outside [0, {len(self)}) of the {self.split} split")
-        if self.task == "mae":
+        if self.task != "forecast":
             tile = self.index.tile(self.samples[i])
             x, valid, bad = self._load(tile.image, self.channels, tile.rows, tile.cols, self.stats)
             self._tally(bad)
-            return {"images": torch.from_numpy(x), "valid": torch.from_numpy(valid),
+            item = {"images": torch.from_numpy(x), "valid": torch.from_numpy(valid),
                     "index": torch.tensor(tile.sample, dtype=torch.int64)}
+            if self.targets is not None:
+                item.update(self.targets.item(tile.image, tile.rows, tile.cols))
+            return item
         t_pos, j = divmod(i, self.per_time)
         t = self.times[t_pos]
         tile = self.index.tile(j)

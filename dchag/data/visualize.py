@@ -144,14 +144,25 @@ def save_reconstruction_grid(path, tiles: list[dict], rows: list[tuple[str, list
         masked, _ = masked_from_patches(image, tile["mask"])
         panels = [("input", image), ("masked input", masked)] + [(label, _to_array(recs[j])) for label, recs in rows]
         for i, (label, x) in enumerate(panels):
-            ax = axes[i, j]
-            ax.imshow(render(x), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(label, fontsize=8)
-            if i == 0:
-                ax.set_title(f"tile {tile['index']}", fontsize=8)
+            grid_cell(axes[i, j], render(x), label if j == 0 else None, tile["index"] if i == 0 else None)
+    return save_grid(fig, path, title, dpi)
+
+
+def grid_cell(ax, image, row_label: str | None = None, tile_index: int | None = None, fontsize: float = 8,
+              **imshow) -> None:
+    """One panel of a grid of held-out tiles: the image without ticks; the row's label in the
+    first column, the tile's index in the first row."""
+    ax.imshow(image, interpolation="nearest", **imshow)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if row_label is not None:
+        ax.set_ylabel(row_label, fontsize=fontsize)
+    if tile_index is not None:
+        ax.set_title(f"tile {tile_index}", fontsize=8)
+
+
+def save_grid(fig, path, title: str, dpi: int) -> str:
+    import matplotlib.pyplot as plt
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)

@@ -12,11 +12,17 @@ Outputs (float32):
                               training run's; 0: none; --complementary-masks: every patch predicted
                               from its context, in ceil(1 / ratio) passes)
     forecast  [N, V, H, W]    from every time step t, the state at t + lead time
+    regress   [N, K, H, W]    the K target maps, in the targets' units
+    segment   [N, 1, H, W]    the class index of every pixel (as float32)
     embed     [N, D, H/p, W/p]  the backbone's token of every patch, as a feature map
                               (rows/columns beyond the last whole patch have no token)
 
 Input values that are invalid (NaN/Inf, the format's no-data value) stay invalid: NaN at the same
-place in a reconstruction or forecast, and NaN for a token whose patch holds no valid value.
+place in a reconstruction or forecast, NaN in a regression or class map where no channel of the
+pixel is valid, and NaN for a token whose patch holds no valid value.
+
+Each task's prediction is its task object's (``dchag.tasks``: ``output_planes``, ``predict_tiles``);
+``embed`` serves a model of any task.
 """
 
 from __future__ import annotations
@@ -26,7 +32,11 @@ import os
 import numpy as np
 import torch
 
-TASKS = ("mae", "forecast", "embed")
+from dchag.tasks import get_task
+
+from dchag.model.config import TASKS as MODEL_TASKS
+
+TASKS = MODEL_TASKS + ("embed",)
 
 
 def tile_starts(size: int, tile: int, step: int | None = None) -> list[int]:
@@ -78,7 +88,7 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
     if task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}.")
     cfg = model.cfg
-    if task in ("mae", "forecast") and cfg.task != task:
+    if task != "embed" and cfg.task != task:
         raise ValueError(f"--task {task}: this model was trained with --task {cfg.task}; use --task {cfg.task} "
                          "or embed.")
     from dchag.data.readers.open import check_channel_axis
@@ -98,7 +108,7 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
         shape = (N, cfg.hidden_size, gh, gw)
     else:
         rows, cols = tile_starts(H, h), tile_starts(W, w)
-        shape = (N, len(cfg.predicted_channels) if task == "forecast" else C, H, W)
+        shape = (N, get_task(task).output_planes(cfg), H, W)
     out = _Output(output, shape, {"task": task, "source": str(data_path)})
     tiles = [(i, r, c) for i in range(N) for r in rows for c in cols]
     bar = tqdm(total=len(tiles), desc=f"predict {task}", unit="tile", disable=not progress)
@@ -127,15 +137,17 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
     return out.array
 
 
+def predict_plan(model, task: str, options: dict) -> str | None:
+    """One line on how ``task`` will predict (MAE: the share of patches hidden and the passes), or None."""
+    return None if task == "embed" else get_task(task).predict_plan(model, options)
+
+
 def _run(model, task: str, x: np.ndarray, index: np.ndarray, mask_ratio, seed: int, lead_time, complementary=False):
     """[B, C, h, w] raw tiles -> [B, *, h, w] (embed: [B, D, h/p, w/p]), invalid inputs left NaN."""
     cfg = model.cfg
-    if task == "mae":
-        return model.reconstruct(x, mask_ratio=mask_ratio, seed=seed, sample_index=index, complementary=complementary)
-    if task == "forecast":
-        y = model.forecast(x, lead_time=lead_time)
-        valid = np.isfinite(x)[:, list(cfg.predicted_channels)]
-        return np.where(valid, y, np.nan)
+    if task != "embed":
+        return get_task(task).predict_tiles(model, x, index, {"mask_ratio": mask_ratio, "seed": seed,
+                                                              "lead_time": lead_time, "complementary": complementary})
     tokens = model.embed(x)  # [B, L, D]
     gh, gw = cfg.grid
     fmap = tokens.reshape(len(x), gh, gw, -1).transpose(0, 3, 1, 2)  # [B, D, gh, gw]
@@ -165,16 +177,11 @@ def save_picture(path: str, src, result, task: str, model) -> str:
         _, _, vt = np.linalg.svd(f, full_matrices=False)
         pca = (f @ vt[:3].T).T.reshape(3, gh, gw)
         right = rgb_renderer(pca, [0, 1, 2])(pca)
-    elif y.shape[0] == x.shape[0]:  # a reconstruction, or a forecast of every channel
-        right = input_rgb(y)
-    else:  # a forecast of fewer channels: three of them, with those channels' statistics
-        out_ch = list(model.cfg.predicted_channels)
-        pick = [min(y.shape[0] - 1, c) for c in (0, y.shape[0] // 2, y.shape[0] - 1)]
-        limits = band_limits([out_ch[p] for p in pick], model.mean, model.std) if stats else None
-        right = rgb_renderer(y, pick, limits)(y)
+    else:  # the task's own rendering (a reconstruction shares the input's stretch)
+        right = get_task(task).prediction_rgb(y, model, input_rgb)
+    title = "embedding (PCA)" if task == "embed" else get_task(task).prediction_title
     fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
-    for ax, img, name in zip(axes, (input_rgb(x), right), ("input", {"mae": "reconstruction", "forecast": "forecast",
-                                                                      "embed": "embedding (PCA)"}[task])):
+    for ax, img, name in zip(axes, (input_rgb(x), right), ("input", title)):
         ax.imshow(img, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()

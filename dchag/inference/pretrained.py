@@ -4,12 +4,15 @@ training normalization attached, run on raw arrays.
     model = dchag.load_pretrained("export/", device="cpu")
     recon = model.reconstruct(x, mask_ratio=0.75, seed=0)   # x [B, C, H, W] in data units -> [B, C, H, W]
     future = model.forecast(x, lead_time=1)                  # forecast models: [B, V, H, W]
-    tokens = model.embed(x)                                  # [B, L, D] after the backbone (final norm)
+    maps = model.regress(x)                                  # regress models: [B, K, H, W] in target units
+    classes = model.segment(x)                               # segment models: [B, H, W] class indices
+    tokens = model.embed(x)                                  # [B, L, D] after the backbone (final norm), any task
 
 Inputs are numpy arrays or tensors in the units the data files hold (what the readers return);
 they are normalized with the saved statistics, invalid values (NaN/Inf) zero-filled as in
 training, and outputs are returned in data units, the same kind as the input (numpy in, numpy
-out). Pixels invalid in the input are NaN in a reconstruction (nothing was there to rebuild).
+out). Pixels invalid in the input are NaN in a reconstruction (nothing was there to rebuild);
+pixels where no input channel is valid are NaN in a regression and -1 in a class map.
 """
 
 from __future__ import annotations
@@ -112,15 +115,40 @@ class PretrainedDChag:
         out = self.forward_normalized(images, lead_time=torch.full((images.shape[0],), lead))
         return self._like(self.denormalize(out, self.cfg.predicted_channels), x)
 
+    def regress(self, x):
+        """Regress: the K target maps [B, K, H, W] in the targets' units (the training tiles'
+        statistics undone); NaN where no input channel of the pixel is valid."""
+        from dchag.tasks.dense import mask_no_data
+        from dchag.tasks.regress import denormalize
+        self._need("regress", "regress")
+        images, _ = self.normalize(x)
+        out = self.forward_normalized(images).to(torch.float32).cpu()
+        targets = self.config.get("targets") or {}
+        if targets.get("mean") is not None:
+            out = denormalize(out, targets["mean"], targets["std"])
+        return self._like(mask_no_data(out, x), x)
+
+    def segment(self, x, return_probabilities: bool = False):
+        """Segment: the class of every pixel, int64 [B, H, W] (-1 where no input channel of the
+        pixel is valid); ``return_probabilities``: the class probabilities [B, K, H, W] instead (NaN there)."""
+        from dchag.tasks.dense import mask_no_data
+        self._need("segment", "segment")
+        images, _ = self.normalize(x)
+        logits = self.forward_normalized(images).to(torch.float32).cpu()
+        out = mask_no_data(logits.softmax(dim=1), x) if return_probabilities else \
+            mask_no_data(logits.argmax(dim=1), x, fill=-1)
+        return self._like(out, x)
+
     @torch.no_grad()
     def embed(self, x, lead_time: float | None = None):
-        """[B, L, D]: the tokens after the backbone (and its final norm), before the head."""
+        """[B, L, D]: the tokens after the backbone (and its final norm), before the head; the
+        model's own task conditioning (forecast: the lead time) applies, MAE hides nothing."""
         images, _ = self.normalize(x)
         captured = {}
         hook = self.model.backbone.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
         try:
             lead = None
-            if self.cfg.task == "forecast":
+            if self.cfg.task_model.conditioning == "lead_time":
                 lead = torch.full((images.shape[0],), float(self.config.get("lead_time") or 1)
                                   if lead_time is None else float(lead_time))
             self.forward_normalized(images, lead_time=lead)

@@ -8,7 +8,24 @@ from dataclasses import dataclass, field
 from dchag.parallel.partition import ChannelPartition, LayoutError
 
 AGGREGATIONS = ("flat", "linear", "cross")
-TASKS = ("mae", "forecast")
+
+
+@dataclass(frozen=True)
+class TaskModel:
+    """What the model builds for a task (everything else about a task lives in dchag/tasks)."""
+    head: str  # "channels": per-channel reconstruction, channel-sharded | "dense": per-patch planes, replicated
+    conditioning: str | None  # "mask_token" (MAE) | "lead_time" (forecast) | None
+    planes: str | None = None  # a dense head's output count: "predicted_channels" | "num_outputs"
+
+
+# The task table: the only task knowledge the model has (DChagConfig.dense_planes).
+TASK_MODELS = {
+    "mae": TaskModel(head="channels", conditioning="mask_token"),
+    "forecast": TaskModel(head="dense", conditioning="lead_time", planes="predicted_channels"),
+    "regress": TaskModel(head="dense", conditioning=None, planes="num_outputs"),  # K target maps
+    "segment": TaskModel(head="dense", conditioning=None, planes="num_outputs"),  # K class logits
+}
+TASKS = tuple(TASK_MODELS)
 CHANNEL_EMBEDDINGS = ("learned", "wavelength")
 # --dchag-channel-chunk when not given (training, planner, simulation): streamed D-CHAG-L (faster and
 # 3-7x less channel-stage memory at every C measured), unstreamed D-CHAG-C (streaming costs it up to
@@ -37,6 +54,7 @@ class DChagConfig:
     channel_chunk: int = 0  # K: stream the channel stage K channels at a time (0 = off; dchag/model/streaming.py)
     task: str = "mae"
     out_channels: tuple[int, ...] | None = None  # forecast: predicted channels (default: all)
+    num_outputs: int | None = None  # regress: K target maps; segment: K classes
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     recompute_activations: bool = False
@@ -68,6 +86,9 @@ class DChagConfig:
         self._check_channel_identity()
         if self.task not in TASKS:
             raise LayoutError(f"--task must be one of {TASKS}, got {self.task!r}.")
+        if self.task_model.planes == "num_outputs" and not (self.num_outputs or 0) >= 1:
+            raise LayoutError(f"--task {self.task} needs the number of its output maps (num_outputs >= 1), got "
+                              f"{self.num_outputs!r}: give --target-path (regress) or --num-classes (segment).")
         for name, size in (("--img-h", self.img_h), ("--img-w", self.img_w)):
             if size % self.patch_dim != 0:
                 raise LayoutError(
@@ -130,6 +151,17 @@ class DChagConfig:
     @property
     def predicted_channels(self) -> tuple[int, ...]:
         return self.out_channels if self.out_channels is not None else tuple(range(self.num_channels))
+
+    @property
+    def task_model(self) -> TaskModel:
+        return TASK_MODELS[self.task]
+
+    @property
+    def dense_planes(self) -> int:
+        """K, the output planes of a dense head: forecast's predicted channels, else num_outputs."""
+        if self.task_model.planes == "predicted_channels":
+            return len(self.predicted_channels)
+        return int(self.num_outputs)
 
     def partition(self, channel_parallel_size: int = 1) -> ChannelPartition:
         return ChannelPartition(self.num_channels, self.num_groups, channel_parallel_size)

@@ -45,8 +45,13 @@ class ChannelReconstructionHead(nn.Module):
         return unpatchify(pred, self.grid, self.patch)
 
 
-class ForecastHead(nn.Module):
-    """Forecast head, replicated on every rank: [B, L, D] -> [B, V, H, W] for the V output variables."""
+class DenseHead(nn.Module):
+    """Dense per-pixel head, replicated on every rank: [B, L, D] -> [B, K, H, W].
+
+    One linear map per patch token, D -> K p^2 (weight [K p^2, D], output feature k p^2 + q is
+    plane k, pixel q of the patch). K = the forecast's output variables, regress's target maps,
+    or segment's class logits. The parameter names (``head.linear.*``) are those of the forecast
+    head it generalizes, so earlier checkpoints and exports load unchanged."""
 
     def __init__(self, hidden_size: int, num_outputs: int, patch_dim: int, grid: tuple[int, int]):
         super().__init__()
@@ -55,7 +60,7 @@ class ForecastHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
-        pred = self.linear(x).reshape(B, L, self.num_outputs, -1).transpose(1, 2)  # [B, V, L, p*p]
+        pred = self.linear(x).reshape(B, L, self.num_outputs, -1).transpose(1, 2)  # [B, K, L, p*p]
         return unpatchify(pred, self.grid, self.patch)
 
 

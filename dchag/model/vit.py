@@ -11,7 +11,12 @@
       (+ lead-time embedding for forecast)
       backbone (TP, SP)          [L, B, D]            megatron TransformerBlock, final norm
       head                       MAE: [B, c_r, H, W]  (sharded by channel)
-                                 forecast: [B, V, H, W] (replicated)
+                                 dense: [B, K, H, W]  (replicated; forecast V variables, regress K
+                                                      targets, segment K class logits)
+
+Which head and which conditioning a task gets is the task table ``TASK_MODELS`` of
+dchag/model/config.py; the model knows nothing else about tasks. The head is always ``self.head``,
+the conditioning ``self.mask_token`` (MAE) or ``self.lead_time_embed`` (forecast).
 
 The position embedding is a *learned* parameter initialized to the fixed 2-D sine-cosine
 embedding (as ClimaX does; MAE keeps it fixed); like the mask token, it takes no weight decay.
@@ -30,7 +35,7 @@ from dchag.model.attention import resolve_attention_backend
 from dchag.model.backbone import (build_backbone, mark_linear_weight_matrices, transformer_config,
                                   without_sequence_parallel)
 from dchag.model.config import DChagConfig
-from dchag.model.heads import ChannelReconstructionHead, ForecastHead, sincos_2d
+from dchag.model.heads import ChannelReconstructionHead, DenseHead, sincos_2d
 from dchag.model.init import init_rows_
 from dchag.model.streaming import streamed_partial_aggregation
 from dchag.model.tokenizer import ChannelTokenizer
@@ -65,16 +70,19 @@ class DChagViT(nn.Module):
                                       T, attention)
 
         self.pos_embed = nn.Parameter(sincos_2d(D, cfg.grid)[None])  # [1, L, D]
-        if cfg.task == "mae":
+        spec = cfg.task_model
+        # Built in this order (conditioning, backbone, head): the lead-time embedding and the dense
+        # head draw their initial values from the global RNG.
+        if spec.conditioning == "mask_token":
             self.mask_token = nn.Parameter(init_rows_(torch.empty(1, D), range(1), seed, "mask_token", std=0.02))
-        else:
+        elif spec.conditioning == "lead_time":
             self.lead_time_embed = nn.Linear(1, D)
         self.backbone = build_backbone(self.config, attention, cfg.transformer_impl)
-        if cfg.task == "mae":
+        if spec.head == "channels":
             self.head = ChannelReconstructionHead(self.channels, cfg.num_channels, D, cfg.patch_dim, cfg.grid,
                                                   seed, owner)
         else:
-            self.head = ForecastHead(D, len(cfg.predicted_channels), cfg.patch_dim, cfg.grid)
+            self.head = DenseHead(D, cfg.dense_planes, cfg.patch_dim, cfg.grid)
         mark_linear_weight_matrices(self)
         if cfg.bf16:
             # In place (``.data``), which is what Module.to does for real tensors; Module.to would

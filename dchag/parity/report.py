@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from dchag.parity.stats import mean_interval, relative_gaps
+from dchag.tasks import get_task
 
 
 def summarize(results: dict) -> dict:
@@ -87,14 +88,16 @@ def markdown(results: dict) -> str:
     metric_rows += [(f"*{n}*", b["metrics"]) for n, b in results["baselines"].items() if b["metrics"]]
     if metric_rows:
         names = sorted(metric_rows[0][1])
-        variables = sorted({n.split("/", 1)[1] for n in names})
-        if len(variables) > 8:  # too wide for a table: the mean over variables (every value is in parity.json)
-            metric_rows = [(label, {f"{k} (mean of {len(variables)} variables)": float(np.nanmean(
-                [vals.get(f"{k}/{v}", float("nan")) for v in variables])) for k in ("rmse", "acc")})
-                for label, vals in metric_rows]
+        per_name = [n for n in names if "/" in n]  # "rmse/<variable>", "r2/<target>"; else one figure ("miou")
+        things = sorted({n.split("/", 1)[1] for n in per_name})
+        if len(things) > 8:  # too wide for a table: the mean over variables (every value is in parity.json)
+            kinds = sorted({n.split("/", 1)[0] for n in per_name})
+            metric_rows = [(label, {**{n: vals[n] for n in names if "/" not in n and n in vals},
+                                    **{f"{k} (mean of {len(things)} variables)": float(np.nanmean(
+                                        [vals.get(f"{k}/{v}", float("nan")) for v in things])) for k in kinds}})
+                           for label, vals in metric_rows]
             names = sorted(metric_rows[0][1])
-        lines += ["", "Forecast skill on the held-out period (mean over seeds; RMSE in the variable's units, "
-                  "latitude-weighted):", "", "| method | " + " | ".join(names) + " |",
+        lines += ["", get_task(setup["task"]).metrics_caption, "", "| method | " + " | ".join(names) + " |",
                   "|---|" + "---:|" * len(names)]
         lines += [f"| {label} | " + " | ".join(f"{vals.get(n, float('nan')):.4g}" for n in names) + " |"
                   for label, vals in metric_rows]
@@ -130,47 +133,6 @@ def curves_png(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def reconstructions_png(results: dict, path: str) -> None:
-    """Rows: input, masked input, one row per method; columns: held-out tiles (first seed)."""
-    from dchag.data.visualize import band_limits, save_reconstruction_grid
-    from dchag.tasks.mae import rgb_label
-    pics = results["pictures"]
-    methods = [m for m in results["methods"].values() if m["spec"] in pics]
-    first = pics[methods[0]["spec"]]
-    rows = [(m["label"], [t["reconstruction"] for t in pics[m["spec"]]["tiles"]]) for m in methods]
-    save_reconstruction_grid(path, first["tiles"], rows,
-                             f"held-out reconstructions (first seed), RGB = {rgb_label(first)}",
-                             limits=band_limits(range(3)))
-
-
-def forecast_maps_png(results: dict, path: str) -> None:
-    """Rows: methods; columns: target | prediction | error, one variable, first held-out sample."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    pics = results["pictures"]
-    methods = [m for m in results["methods"].values() if m["spec"] in pics]
-    first = pics[methods[0]["spec"]]
-    lo, hi = np.nanpercentile(first["target"], [2, 98])
-    err_max = max(np.nanmax(np.abs(pics[m["spec"]]["prediction"] - pics[m["spec"]]["target"])) for m in methods)
-    fig, axes = plt.subplots(len(methods), 3, figsize=(9, 2.2 * len(methods) + 0.4), squeeze=False)
-    for i, m in enumerate(methods):
-        p = pics[m["spec"]]
-        for j, (name, x, kw) in enumerate((("target", p["target"], dict(vmin=lo, vmax=hi, cmap="viridis")),
-                                           ("prediction", p["prediction"], dict(vmin=lo, vmax=hi, cmap="viridis")),
-                                           ("error", p["prediction"] - p["target"],
-                                            dict(vmin=-err_max, vmax=err_max, cmap="RdBu_r")))):
-            im = axes[i, j].imshow(x, interpolation="nearest", **kw)
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            axes[i, j].set_title(f"{m['label']}: {name}" if j else f"{m['label']}: {name}", fontsize=8)
-            fig.colorbar(im, ax=axes[i, j], fraction=0.03)
-    fig.suptitle(f"{first['variable']} (normalized), held-out sample {first['index']}, first seed", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_report(results: dict, output_dir: str) -> list[str]:
     results = summarize(results)
     os.makedirs(output_dir, exist_ok=True)
@@ -186,10 +148,7 @@ def write_report(results: dict, output_dir: str) -> list[str]:
         paths.append(os.path.join(output_dir, "pictures.pt"))
         import torch
         torch.save(results["pictures"], paths[-1])
-        if results["setup"]["task"] == "mae":
-            paths.append(os.path.join(output_dir, "reconstructions.png"))
-            reconstructions_png(results, paths[-1])
-        else:
-            paths.append(os.path.join(output_dir, "forecast_maps.png"))
-            forecast_maps_png(results, paths[-1])
+        picture = get_task(results["setup"]["task"]).report_picture(results, output_dir)
+        if picture:
+            paths.append(picture)
     return paths

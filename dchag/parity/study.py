@@ -14,15 +14,14 @@ import math
 import os
 import time
 
-import torch
 import torch.distributed as dist
 
 from dchag.arguments import model_config
 from dchag.parallel.partition import LayoutError
-from dchag.parity.baselines import baseline_losses
 from dchag.parity.methods import Method
+from dchag.tasks import get_task
 
-PICTURE_TILES = 4  # held-out MAE tiles shown per method
+PICTURE_TILES = 4  # held-out tiles shown per method
 
 
 def _print0(msg: str) -> None:
@@ -44,22 +43,18 @@ def _open_valid(args):
     from dchag.data import build_datasets
     from dchag.training.loop import read_channel_identity
     read_channel_identity(args)
+    get_task(args.task).prepare_args(args)
     cfg = model_config(args)
     _, valid = build_datasets(args.data_path, args.data_format, task=args.task, img_h=args.img_h, img_w=args.img_w,
                               channels=None, num_channels=args.num_channels, lead_time=args.lead_time,
-                              valid_fraction=args.valid_fraction, strict=args.data_strict, seed=args.seed)
+                              valid_fraction=args.valid_fraction, strict=args.data_strict, seed=args.seed,
+                              target_path=args.target_path, num_classes=args.num_classes,
+                              ignore_index=args.ignore_index)
     return valid, cfg
 
 
 def describe_split(valid) -> str:
-    if valid.task == "mae":
-        s = valid.samples
-        return (f"held-out split (spatial): the last {len(s)} of {s.stop} tiles in storage order (samples "
-                f"{s.start}..{s.stop - 1}; image-major, then tile row, then tile column), none seen in training")
-    t = valid.times
-    return (f"held-out split (later in time): inputs at time steps {t.start}..{t.stop - 1} of "
-            f"{valid.source.shape[0]} (targets {valid.lead_time} step(s) later); every training target "
-            "precedes them")
+    return get_task(valid.task).describe_split(valid)
 
 
 class PictureCollector:
@@ -70,25 +65,8 @@ class PictureCollector:
         self.current: str | None = None
 
     def __call__(self, model, valid_factory, args, cfg, iteration, writer) -> None:
-        from dchag.tasks.mae import heldout_reconstructions
-        from dchag.training.logging_utils import comm_device
-        from dchag.training.loop import to_device
-        ds = valid_factory.dataset
-        out = {}
-        if args.task == "mae":
-            out = heldout_reconstructions(model, valid_factory, cfg, args.mask_ratio, args.seed, PICTURE_TILES)
-        else:
-            batch = to_device(next(iter(valid_factory())), comm_device())
-            valid = batch["valid"]
-            images = torch.where(valid, batch["images"], torch.zeros_like(batch["images"]))
-            lead = torch.full((images.shape[0],), float(args.lead_time), device=images.device)
-            with torch.no_grad():
-                pred = model(images, lead_time=lead)[0, 0].float().cpu()
-            target = torch.where(batch["target_valid"][0, 0], batch["target"][0, 0], torch.nan).float().cpu()
-            names = ds.source.channel_names
-            out = {"variable": names[ds.target_channels[0]], "target": target.numpy(), "prediction": pred.numpy(),
-                   "index": int(batch["index"][0])}
-        self.by_method[self.current] = out
+        self.by_method[self.current] = get_task(args.task).picture_arrays(model, valid_factory, args, cfg,
+                                                                          PICTURE_TILES)
 
 
 def run_study(argv: list[str], methods: list[Method], num_seeds: int, output_dir: str, *, model_provider,
@@ -164,11 +142,7 @@ def run_study(argv: list[str], methods: list[Method], num_seeds: int, output_dir
         return None
     loader = build_eval_loader(valid, base.micro_batch_size, num_micro_batches=base.eval_iters * (
         base.global_batch_size // base.micro_batch_size))
-    target_names = [valid.source.channel_names[c] for c in valid.target_channels] if base.task == "forecast" else None
-    target_std = None if valid.target_stats is None else valid.target_stats.safe_std
-    results["baselines"] = baseline_losses(loader, cfg, base.task, base.mask_ratio, base.seed,
-                                           target_channels=valid.target_channels, target_names=target_names,
-                                           target_std=target_std if base.task == "forecast" else None)
+    results["baselines"] = get_task(base.task).baselines(loader, cfg, base)
     results["pictures"] = pictures.by_method
     results["setup"] = {"argv": argv, "task": base.task, "data_path": base.data_path, "split": split,
                         "held_out_samples": len(valid), "scored_per_evaluation": scored,

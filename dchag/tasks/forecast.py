@@ -7,11 +7,18 @@ counts less than one of equatorial tiles. Training gets there by dividing each m
 weighted error sum by the mean micro-batch weight of the global batch (``normalizer``, from
 ``loss_weight`` summed over micro-batches and data-parallel ranks before the forward; DeepSpeed
 then averages over both), evaluation by adding the sums (``error_sums``).
+
+``ForecastTask`` (below) is the task object: forward step, the weather metrics
+(weather_metrics.py), the persistence and climatology baselines, the forecast maps, export and
+prediction.
 """
 
 from __future__ import annotations
 
 import torch
+
+from dchag.tasks.base import Task, heldout_dataset, pictured_methods, valid_images
+from dchag.tasks.weather_metrics import metric_sums, metrics_from_sums
 
 
 def _weights(target_valid: torch.Tensor, lat_weights: torch.Tensor, dtype) -> torch.Tensor:
@@ -41,3 +48,149 @@ def forecast_loss(pred: torch.Tensor, target: torch.Tensor, target_valid: torch.
 def loss_weight(batch: dict) -> torch.Tensor:
     """float64 []: a micro-batch's total loss weight, sum w over its valid target pixels."""
     return _weights(batch["target_valid"], batch["lat_weights"], torch.float64).sum()
+
+
+class ForecastTask(Task):
+    """The state --lead-time steps ahead from the state now (dense head over the predicted
+    channels, lead-time conditioning); latitude-weighted MSE, RMSE and ACC per variable."""
+
+    name = "forecast"
+    picture_file = "forecast_maps.png"
+    prediction_title = "forecast"
+    metrics_caption = "Forecast skill on the held-out period (mean over seeds; RMSE in the variable's units, " \
+                      "latitude-weighted):"
+
+    def forward_step(self, model, batch, args, cfg, iteration: int):
+        """The loss of one micro-batch, divided by ``batch["loss_normalizer"]`` when the loop set it
+        (``loss_weight``). At evaluation (iteration -1) also the sums the evaluation pools over every
+        scored sample: ``loss_sums`` (the loss's numerator and weight) and the per-time sums behind
+        each variable's RMSE and ACC."""
+        images = valid_images(batch)
+        lead = torch.full((images.shape[0],), float(args.lead_time), device=images.device)
+        pred = model(images, lead_time=lead)
+        if iteration >= 0:
+            return forecast_loss(pred, batch["target"], batch["target_valid"], batch["lat_weights"],
+                                 batch.get("loss_normalizer"))
+        sums = error_sums(pred, batch["target"], batch["target_valid"], batch["lat_weights"])
+        stats = {"loss_sums": sums}
+        if "climatology" in batch:
+            stats["forecast"] = metric_sums(pred, batch["target"], batch["target_valid"], batch["lat_weights"],
+                                            batch["climatology"], batch["time_slot"], int(batch["time_slots"][0]))
+        return sums[0] / sums[1].clamp_min(1e-12), stats
+
+    def loss_weight(self, batch: dict) -> torch.Tensor:
+        return loss_weight(batch)
+
+    def metrics(self, sums: dict, args, valid_factory) -> dict:
+        """Per output variable: latitude-weighted RMSE (in the variable's units) and ACC, as
+        WeatherBench 2 defines them (dchag/tasks/weather_metrics.py)."""
+        if "forecast" not in sums:
+            return {}
+        ds = valid_factory.dataset
+        names = [ds.source.channel_names[c] for c in ds.target_channels]
+        std = None if ds.target_stats is None else ds.target_stats.safe_std
+        return metrics_from_sums(sums["forecast"], names, std)
+
+    @torch.no_grad()
+    def baselines(self, loader, cfg, args) -> dict:
+        """- ``persistence``: the target is the input (the state lead-time steps earlier);
+        - ``climatology``: the time-mean of the training period (no held-out step in it).
+        Scored with the training loss's sums (and the metrics) on exactly the batches evaluation
+        uses, pooled the same way (padding carries no weight)."""
+        valid = heldout_dataset(loader)
+        target_channels = valid.target_channels
+        target_names = [valid.source.channel_names[c] for c in target_channels]
+        target_std = None if valid.target_stats is None else valid.target_stats.safe_std
+        totals, sums = {}, {}
+        for batch in loader:
+            images = valid_images(batch)
+            preds = {"persistence": images[:, list(target_channels)], "climatology": batch["climatology"]}
+            for name, pred in preds.items():
+                totals[name] = totals.get(name, 0) + error_sums(pred, batch["target"], batch["target_valid"],
+                                                                batch["lat_weights"]).double()
+                s = metric_sums(pred, batch["target"], batch["target_valid"], batch["lat_weights"],
+                                batch["climatology"], batch["time_slot"], int(batch["time_slots"][0]))
+                sums[name] = sums.get(name, 0) + s
+        return {name: {"val_loss": float(total[0] / total[1]) if total[1] > 0 else float("nan"),
+                       "metrics": metrics_from_sums(sums[name], target_names, target_std)}
+                for name, total in totals.items()}
+
+    def picture_arrays(self, model, valid_factory, args, cfg, max_tiles: int) -> dict:
+        """The first held-out sample's first target variable: target and prediction (normalized)."""
+        from dchag.training.logging_utils import comm_device
+        from dchag.training.loop import to_device
+        ds = valid_factory.dataset
+        batch = to_device(next(iter(valid_factory())), comm_device())
+        images = valid_images(batch)
+        lead = torch.full((images.shape[0],), float(args.lead_time), device=images.device)
+        with torch.no_grad():
+            pred = model(images, lead_time=lead)[0, 0].float().cpu()
+        target = torch.where(batch["target_valid"][0, 0], batch["target"][0, 0], torch.nan).float().cpu()
+        names = ds.source.channel_names
+        return {"variable": names[ds.target_channels[0]], "target": target.numpy(), "prediction": pred.numpy(),
+                "index": int(batch["index"][0])}
+
+    def report_picture(self, results: dict, output_dir: str) -> str | None:
+        """Rows: methods; columns: target | prediction | error, one variable, first held-out sample."""
+        import os
+
+        import matplotlib
+        import numpy as np
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        pics, methods = results["pictures"], pictured_methods(results)
+        if not methods:
+            return None
+        path = os.path.join(output_dir, self.picture_file)
+        first = pics[methods[0]["spec"]]
+        lo, hi = np.nanpercentile(first["target"], [2, 98])
+        err_max = max(np.nanmax(np.abs(pics[m["spec"]]["prediction"] - pics[m["spec"]]["target"])) for m in methods)
+        fig, axes = plt.subplots(len(methods), 3, figsize=(9, 2.2 * len(methods) + 0.4), squeeze=False)
+        for i, m in enumerate(methods):
+            p = pics[m["spec"]]
+            for j, (name, x, kw) in enumerate((("target", p["target"], dict(vmin=lo, vmax=hi, cmap="viridis")),
+                                               ("prediction", p["prediction"], dict(vmin=lo, vmax=hi, cmap="viridis")),
+                                               ("error", p["prediction"] - p["target"],
+                                                dict(vmin=-err_max, vmax=err_max, cmap="RdBu_r")))):
+                im = axes[i, j].imshow(x, interpolation="nearest", **kw)
+                axes[i, j].set_xticks([])
+                axes[i, j].set_yticks([])
+                axes[i, j].set_title(f"{m['label']}: {name}" if j else f"{m['label']}: {name}", fontsize=8)
+                fig.colorbar(im, ax=axes[i, j], fraction=0.03)
+        fig.suptitle(f"{first['variable']} (normalized), held-out sample {first['index']}, first seed", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def export_fields(self, args, normalization) -> dict:
+        return {"lead_time": getattr(args, "lead_time", None)}
+
+    def output_planes(self, cfg) -> int:
+        return len(cfg.predicted_channels)
+
+    def predict_tiles(self, model, x, index, options: dict):
+        import numpy as np
+        y = model.forecast(x, lead_time=options.get("lead_time"))
+        valid = np.isfinite(x)[:, list(model.cfg.predicted_channels)]
+        return np.where(valid, y, np.nan)
+
+    def prediction_rgb(self, y, model, input_rgb):
+        """Every channel forecast: the input's colours and stretch; fewer: three of them, with those
+        channels' statistics."""
+        from dchag.data.visualize import band_limits, rgb_renderer
+        if y.shape[0] == model.cfg.num_channels:
+            return input_rgb(y)
+        out_ch = list(model.cfg.predicted_channels)
+        pick = [min(y.shape[0] - 1, c) for c in (0, y.shape[0] // 2, y.shape[0] - 1)]
+        limits = band_limits([out_ch[p] for p in pick], model.mean, model.std) if model.mean is not None else None
+        return rgb_renderer(y, pick, limits)(y)
+
+    def held_out(self, args) -> str:
+        return f"the last {args.valid_fraction:.0%} of the time steps held out, lead time {args.lead_time}"
+
+    def describe_split(self, valid) -> str:
+        t = valid.times
+        return (f"held-out split (later in time): inputs at time steps {t.start}..{t.stop - 1} of "
+                f"{valid.source.shape[0]} (targets {valid.lead_time} step(s) later); every training target "
+                "precedes them")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dchag.parallel.comm import reduce_from_channel_parallel_region
+from dchag.tasks.base import Task, pictured_methods, valid_images
 
 
 def _permutation(seed: int, sample: int, iteration: int, num_patches: int) -> torch.Tensor:
@@ -124,3 +125,121 @@ def heldout_reconstructions(model, valid_factory, cfg, mask_ratio: float, seed: 
 def rgb_label(pictures: dict) -> str:
     nm = pictures["rgb_nm"]
     return ", ".join(f"{w:.0f} nm" for w in nm) if nm else f"channels {pictures['rgb']}"
+
+
+def mae_plan(given, trained, complementary: bool, num_patches: int) -> str:
+    """One line: which share of each tile is hidden, where it comes from, and how many passes."""
+    ratio = float(trained or 0.0) if given is None else given
+    origin = "the model's training --mask-ratio" if given is None else "--mask-ratio"
+    hidden = int(round(ratio * num_patches))
+    if complementary and hidden == 0:
+        raise ValueError(f"--complementary-masks needs a mask ratio that hides at least one of the {num_patches} "
+                         f"patches per tile, got {ratio} ({origin}); give --mask-ratio, e.g. 0.5.")
+    passes = -(-num_patches // hidden) if complementary else 1
+    return (f"> mae: {hidden} of {num_patches} patches hidden per pass ({ratio:g}, {origin}); {passes} pass(es)"
+            + (", complementary masks: every patch predicted while hidden" if complementary else ""))
+
+
+def _visible_mean(images, valid, hidden):
+    """[B, C, H, W] -> per-sample, per-channel mean of visible valid pixels, broadcast to [B, C, H, W]."""
+    w = (valid & ~hidden).to(images.dtype)
+    mean = (images * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1.0)
+    return mean[:, :, None, None].expand_as(images)
+
+
+class MAETask(Task):
+    """Masked autoencoding: hide --mask-ratio of each tile's patches, reconstruct every channel
+    there; the loss is the masked-patch MSE over valid pixels (channel-sharded head and loss)."""
+
+    name = "mae"
+    prediction_title = "reconstruction"
+    picture_file = "reconstructions.png"
+
+    def forward_step(self, model, batch, args, cfg, iteration: int):
+        """The masked-patch MSE of one micro-batch; at evaluation also its ``loss_sums``."""
+        images, valid = valid_images(batch), batch["valid"]
+        mask = patch_mask(batch["index"].cpu(), cfg.num_patches, args.mask_ratio, args.seed,
+                          max(iteration, 0)).to(images.device)
+        pred = model(images, patch_mask=mask)
+        sums = error_sums(pred, images, valid, mask, cfg.grid, cfg.patch_dim)
+        loss = sums[0] / sums[1].clamp_min(1.0)
+        return loss if iteration >= 0 else (loss, {"loss_sums": sums})
+
+    @torch.no_grad()
+    def baselines(self, loader, cfg, args) -> dict:
+        """- ``channel mean``: predict every hidden pixel as its channel's mean over the data (0
+        after normalization): the loss of knowing nothing about the tile;
+        - ``visible-pixel mean``: predict a hidden pixel as the mean of its channel's visible,
+        valid pixels in the same tile: a local mean spectrum, what a model gets for free from the input.
+        Scored with the training loss's sums on exactly the batches and masks evaluation uses,
+        pooled the same way: sum of squared errors over the number of terms, over every scored
+        sample (padding carries no weight)."""
+        totals = {}
+        for batch in loader:
+            valid = batch["valid"]
+            images = torch.where(valid, batch["images"], torch.zeros_like(batch["images"]))
+            mask = patch_mask(batch["index"], cfg.num_patches, args.mask_ratio, args.seed, 0)  # evaluation's masks
+            hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim).expand_as(images)
+            preds = {"channel mean": torch.zeros_like(images),
+                     "visible-pixel mean": _visible_mean(images, valid, hidden)}
+            for name, pred in preds.items():
+                totals[name] = totals.get(name, 0) + error_sums(pred, images, valid, mask, cfg.grid,
+                                                                cfg.patch_dim).double()
+        return {name: {"val_loss": float(total[0] / total[1]) if total[1] > 0 else float("nan"), "metrics": {}}
+                for name, total in totals.items()}
+
+    def picture(self, model, valid_factory, args, cfg, iteration: int, out_dir: str | None) -> str | None:
+        """A PNG of up to 8 held-out tiles (input | masked input | reconstruction)."""
+        import os
+
+        import torch.distributed as dist
+
+        from dchag.data.visualize import band_limits, save_reconstruction_grid
+        if out_dir is None or len(valid_factory.dataset) == 0:
+            return None
+        pics = heldout_reconstructions(model, valid_factory, cfg, args.mask_ratio, args.seed, max_tiles=8)
+        if dist.get_rank() != 0:
+            return None
+        os.makedirs(out_dir, exist_ok=True)  # --load FINISHED --save NEW: nothing was saved into NEW yet
+        path = os.path.join(out_dir, f"reconstruction_iter_{iteration:07d}.png")
+        save_reconstruction_grid(path, pics["tiles"], [("reconstruction", [t["reconstruction"] for t in pics["tiles"]])],
+                                 f"held-out tiles at iteration {iteration}, RGB = {rgb_label(pics)}",
+                                 limits=band_limits(range(3)))  # normalized values: the stretch tools/predict.py uses
+        print(f"> saved reconstruction of {len(pics['tiles'])} held-out tiles {path}", flush=True)
+        return path
+
+    def picture_arrays(self, model, valid_factory, args, cfg, max_tiles: int) -> dict:
+        return heldout_reconstructions(model, valid_factory, cfg, args.mask_ratio, args.seed, max_tiles)
+
+    def report_picture(self, results: dict, output_dir: str) -> str | None:
+        """Rows: input, masked input, one row per method; columns: held-out tiles (first seed)."""
+        import os
+
+        from dchag.data.visualize import band_limits, save_reconstruction_grid
+        pics, methods = results["pictures"], pictured_methods(results)
+        if not methods:
+            return None
+        path = os.path.join(output_dir, self.picture_file)
+        first = pics[methods[0]["spec"]]
+        rows = [(m["label"], [t["reconstruction"] for t in pics[m["spec"]]["tiles"]]) for m in methods]
+        save_reconstruction_grid(path, first["tiles"], rows,
+                                 f"held-out reconstructions (first seed), RGB = {rgb_label(first)}",
+                                 limits=band_limits(range(3)))
+        return path
+
+    def export_fields(self, args, normalization) -> dict:
+        return {"mask_ratio": getattr(args, "mask_ratio", None)}
+
+    def predict_plan(self, model, options: dict) -> str:
+        return mae_plan(options.get("mask_ratio"), model.config.get("mask_ratio"), options.get("complementary", False),
+                        model.cfg.num_patches)
+
+    def output_planes(self, cfg) -> int:
+        return cfg.num_channels
+
+    def prediction_rgb(self, y, model, input_rgb):
+        return input_rgb(y)  # the input's channels, colours and stretch
+
+    def predict_tiles(self, model, x, index, options: dict):
+        return model.reconstruct(x, mask_ratio=options.get("mask_ratio"), seed=options.get("seed", 0),
+                                 sample_index=index, complementary=options.get("complementary", False))

@@ -16,6 +16,7 @@ from dchag.device import DeviceError
 from dchag.parallel.partition import LayoutError
 from dchag.checkpointing import compat, engine as ckpt, lock as save_lock, rng, tags, universal as ckpt_universal
 from dchag.checkpointing.errors import CheckpointError
+from dchag.tasks import get_task
 from dchag.training import startup
 from dchag.training.ds_config import ConfigError, build_ds_config
 from dchag.training.initialize import init_distributed, init_model_parallel
@@ -153,6 +154,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     dp = world // args.tensor_model_parallel_size
     ds_config = build_ds_config(args, dp)  # resolves batch sizes, --bf16, --clip-grad against the JSON
     read_channel_identity(args)
+    get_task(args.task).prepare_args(args)  # its flags checked; args.num_outputs (regress, segment)
     if pretrained is not None:
         transfer.resolve_groups(args, pretrained)
     cfg = model_config(args)

@@ -97,14 +97,16 @@ def summary(args, cfg, ds_config, engine, train_ds, valid_ds) -> list[str]:
     lines = [f"data: {src.describe()}: {N} image(s) of {C} channels, {size}; channels {_span(src.channel_names)}"
              + ("" if src.wavelengths is None else
                 f" ({float(src.wavelengths[0]):g}-{float(src.wavelengths[-1]):g} nm)")]
-    split = (f"the last {args.valid_fraction:.0%} of the tiles held out" if args.task == "mae"
-             else f"the last {args.valid_fraction:.0%} of the time steps held out, lead time {args.lead_time}")
+    from dchag.tasks import get_task
+    split = get_task(args.task).held_out(args)
     lines.append(f"tiles: {args.img_h} x {args.img_w}, patch {args.patch_dim} ({cfg.num_patches} patches per tile); "
                  f"train {len(train_ds)} / valid {len(valid_ds)} samples ({split}, by position, no shuffling); "
                  f"each evaluation scores {_scored(args, len(valid_ds))} held-out samples once")
     edge = train_ds.index.edge_report()
     if edge:
         lines.append(f"edges: {edge}")
+    if getattr(train_ds, "targets", None) is not None:
+        lines.append(f"targets: {train_ds.targets.summary()}")
     stats = train_ds.stats
     lines.append("statistics: " + ("none (not normalized)" if stats is None else getattr(stats, "origin", "given")))
     P, T = args.channel_parallel_size, args.tensor_model_parallel_size

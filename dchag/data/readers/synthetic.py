@@ -14,6 +14,10 @@ A linear mixing model, the standard picture of a hyperspectral scene:
   channel is bit-identical however the image is split across ranks, without generating the rest.
 
 All parameters derive from ``seed``. Values are roughly in [0, 1.5] (reflectance-like).
+
+The abundances are also a per-pixel target (``SyntheticTargetSource``, ``--target-path
+synthetic``): regress them from the spectra (spectral unmixing), or segment their argmax (the
+dominant endmember of each pixel), from the same seed and window as the input.
 """
 
 from __future__ import annotations
@@ -117,6 +121,34 @@ class SyntheticSource(Source):
         if self.noise:
             x += self.noise * hashed_normal(self.seed, index, ch, rows, cols)
         return x.astype(np.float32)
+
+
+class SyntheticTargetSource(Source):
+    """The abundances of a :class:`SyntheticSource` as targets, pixel-aligned with it:
+    ``kind="regress"``: [N, K, H, W] (each pixel's abundances sum to 1); ``kind="segment"``:
+    [N, 1, H, W], the index of the largest abundance (the dominant endmember)."""
+
+    format = "synthetic"
+
+    def __init__(self, data: SyntheticSource, kind: str = "regress"):
+        super().__init__(f"{data.path} (abundances)")
+        if kind not in ("regress", "segment"):
+            raise DataError(f"synthetic targets are 'regress' or 'segment', got {kind!r}.")
+        self.data, self.kind = data, kind
+        N, _, H, W = data.shape
+        K = data._fy.shape[0]
+        self._shape = (N, K if kind == "regress" else 1, H, W)
+        self.channel_names = [f"abundance{k}" for k in range(K)] if kind == "regress" else ["endmember"]
+
+    def describe(self) -> str:
+        what = "endmember abundances" if self.kind == "regress" else "dominant endmember (class map)"
+        return f"synthetic {what} of {self.data.describe()}"
+
+    def _read_block(self, index, c0, c1, r0, r1, k0, k1):
+        A = self.data.abundances(index, np.arange(r0, r1), np.arange(k0, k1))  # [K, h, w]
+        if self.kind == "segment":
+            return A.argmax(axis=0)[None].astype(np.float32)
+        return A[c0:c1].astype(np.float32)
 
 
 def parse_spec(spec: str | None) -> dict:

@@ -1,0 +1,124 @@
+"""The interface every task implements, and what tasks share.
+
+A task is a stateless object (``dchag.tasks.get_task(name)``); its callers:
+
+    prepare_args(args)                    the run's loop, before the model is built: check the task's
+                                          flags, set ``args.num_outputs`` (the dense head's planes)
+    forward_step(model, batch, args, cfg, iteration)
+                                          pretrain_dchag.py: the loss of one micro-batch; at evaluation
+                                          (iteration -1) (loss, {"loss_sums": [error, weight], name: sums}),
+                                          additive over micro-batches and DP ranks
+    loss_weight(batch)                    the micro-batch's weight in a loss pooled over the global batch
+    metrics(sums, args, valid_factory)    the figures behind the validation line (rmse/..., r2/..., miou)
+    baselines(loader, cfg, args)          tools/parity.py: what a model must beat on the held-out batches
+    picture(model, valid_factory, args, cfg, iteration, out_dir)
+                                          after training: a PNG of held-out tiles (collective; rank 0 writes)
+    picture_arrays(...) / report_picture(results, output_dir)
+                                          tools/parity.py: the same pictures, one row per method
+    export_fields(args, normalization)    what the export's config.json needs (mask ratio, lead time, targets)
+    output_planes(cfg) / predict_tiles(model, x, index, options)
+                                          tools/predict.py: [B, planes, h, w] in data or target units
+    predict_plan(model, options)          tools/predict.py: a line on how it predicts (MAE: the masks)
+    prediction_title / prediction_rgb(y, model, input_rgb)
+                                          tools/predict.py --picture: the output panel
+    held_out(args) / describe_split(valid)
+                                          the start-up summary's and the parity report's split sentence
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Task:
+    name = "?"
+    needs_target_path = False
+    picture_file: str | None = None  # tools/parity.py's picture of the held-out predictions
+    metrics_caption = "Held-out metrics (mean over seeds):"  # tools/parity.py's heading of the metric table
+    prediction_title = "prediction"  # tools/predict.py --picture: the output panel's title
+
+    # ---- arguments ------------------------------------------------------------------------
+    def prepare_args(self, args) -> None:
+        """Refuse flags this task does not read; set ``args.num_outputs``."""
+        from dchag.data.errors import DataError
+        if not self.needs_target_path:
+            given = [flag for flag, value in (("--target-path", getattr(args, "target_path", None)),
+                                              ("--num-classes", getattr(args, "num_classes", None))) if value]
+            if given:
+                raise DataError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} read by --task regress "
+                                f"and segment only, not by --task {self.name}; drop {' and '.join(given)} or change "
+                                "--task.")
+        args.num_outputs = None
+
+    # ---- training and evaluation ----------------------------------------------------------
+    def forward_step(self, model, batch, args, cfg, iteration: int):
+        raise NotImplementedError
+
+    def loss_weight(self, batch: dict):
+        """float64 []: a micro-batch's loss weight, with which the loop pools the training loss over
+        the global batch (``batch["loss_normalizer"]``); None: the loss is the micro-batch's mean."""
+        return None
+
+    def metrics(self, sums: dict, args, valid_factory) -> dict:
+        return {}
+
+    def baselines(self, loader, cfg, args) -> dict:
+        """{"<baseline>": {"val_loss": float, "metrics": {...}}} over every batch of ``loader``
+        (a P = 1 evaluation loader over all channels; ``loader.dataset`` is the held-out split)."""
+        return {}
+
+    # ---- pictures -------------------------------------------------------------------------
+    def picture(self, model, valid_factory, args, cfg, iteration: int, out_dir: str | None) -> str | None:
+        return None
+
+    def picture_arrays(self, model, valid_factory, args, cfg, max_tiles: int) -> dict:
+        return {}
+
+    def report_picture(self, results: dict, output_dir: str) -> str | None:
+        return None
+
+    # ---- export and inference -------------------------------------------------------------
+    def export_fields(self, args, normalization: dict | None) -> dict:
+        return {}
+
+    def output_planes(self, cfg) -> int:
+        raise NotImplementedError
+
+    def predict_tiles(self, model, x, index, options: dict):
+        """[B, C, h, w] raw tiles -> [B, output_planes, h, w] (a :class:`PretrainedDChag` ``model``)."""
+        raise NotImplementedError
+
+    def predict_plan(self, model, options: dict) -> str | None:
+        """tools/predict.py: one line saying how the prediction will be made, or None."""
+        return None
+
+    def prediction_rgb(self, y, model, input_rgb):
+        """tools/predict.py --picture: one image's output [planes, H, W] as RGB [H, W, 3];
+        ``input_rgb`` renders C channels with the input panel's colours and stretch."""
+        raise NotImplementedError
+
+    # ---- descriptions ---------------------------------------------------------------------
+    def held_out(self, args) -> str:
+        return f"the last {args.valid_fraction:.0%} of the tiles held out"
+
+    def describe_split(self, valid) -> str:
+        s = valid.samples
+        return (f"held-out split (spatial): the last {len(s)} of {s.stop} tiles in storage order (samples "
+                f"{s.start}..{s.stop - 1}; image-major, then tile row, then tile column), none seen in training")
+
+
+def valid_images(batch: dict) -> torch.Tensor:
+    """The batch's images with invalid values zero-filled (= the channel mean after normalization)."""
+    return torch.where(batch["valid"], batch["images"], torch.zeros_like(batch["images"]))
+
+
+def heldout_dataset(loader):
+    """The TileDataset behind an evaluation loader (``build_eval_loader`` wraps it in ``PaddedEval``)."""
+    ds = loader.dataset
+    return getattr(ds, "dataset", ds)
+
+
+def pictured_methods(results: dict) -> list[dict]:
+    """The methods of a parity study whose first seed left pictures (``results["pictures"]``)."""
+    pics = results["pictures"]
+    return [m for m in results["methods"].values() if m["spec"] in pics]
