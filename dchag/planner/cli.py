@@ -111,16 +111,19 @@ def _plan_json(plan) -> dict:
             "flops_per_step": plan.flops, "step_time_s": plan.step_time_s, "samples_per_s": plan.samples_per_s}
 
 
-def main(argv=None) -> int:
+def main(argv=None, check_recommendation=None) -> int:
+    """``check_recommendation(rec, hw, tries) -> bool``: what ``--simulate`` runs. The planner lies
+    below the simulation (which compares itself with the planner), so the caller hands it in:
+    tools/estimate_memory.py passes ``dchag.sim.check.check_recommendation``."""
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        return _run(args, check_recommendation)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _run(args) -> int:
+def _run(args, check_recommendation=None) -> int:
     hw = Hardware(memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops, efficiency=args.efficiency,
                   gpus_per_node=args.gpus_per_node, intra_node_gbs=args.intra_node_gbs,
                   inter_node_gbs=args.inter_node_gbs, reserve_gb=args.reserve_gb,
@@ -157,7 +160,8 @@ def _run(args) -> int:
         print(layouts_table(rec.fitting[:args.top], args.markdown))
         print(f"\nRecommended:\n\n{detail(rec.best, args.markdown)}")
         if args.simulate:
-            from dchag.sim.check import check_recommendation
+            if check_recommendation is None:
+                raise PlanError("--simulate runs the scale simulation: use tools/estimate_memory.py --simulate.")
             if not check_recommendation(rec, hw, args.simulate_tries):
                 return 1
         if not groups and rec.best.model.aggregation != "flat":
