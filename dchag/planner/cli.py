@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K: the streamed channel stage (linear/cross; flat ignores it); 0 = off; default: "
                         "as pretrain_dchag.py (64 for linear, 0 for cross)")
     g.add_argument("--task", choices=("mae", "forecast"), default="mae")
+    g.add_argument("--attention-backend", choices=("auto", "sdpa", "unfused"), default="auto",
+                   help="as pretrain_dchag.py: sdpa (= auto, the default) saves no score matrix; unfused "
+                        "(megatron's explicit softmax) saves the probabilities of every layer")
     l = p.add_argument_group("layout")
     l.add_argument("--tensor-model-parallel-size", type=_ints, default=[1], help="T (comma list allowed)")
     l.add_argument("--channel-parallel-size", default="T", help="P: a number, or T (D-CHAG default; flat uses 1)")
@@ -134,7 +137,7 @@ def _run(args, check_recommendation=None) -> int:
                      num_attention_heads=args.num_attention_heads, num_channels=args.num_channels,
                      img_h=args.img_h, img_w=args.img_w, patch_dim=args.patch_dim,
                      ffn_hidden_size=args.ffn_hidden_size, aggregation="flat", groups=(groups or [8])[0],
-                     tree_levels=1, task=args.task)
+                     tree_levels=1, task=args.task, attention_backend=args.attention_backend)
     precision = "bf16" if args.bf16 else "fp32"
     if args.recommend:
         if not args.num_gpus:
