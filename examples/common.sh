@@ -6,6 +6,9 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(cd "$(dirname "${BASH_SOUR
 # torchrun's --max-restarts on gloo: each restart needs a TCP store of its own (pytorch#135712); without
 # this, restart 1 is refused and restart 2 hangs.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# Exit status: 0 after a finished run, --exit-interval, or a stop signal handled with
+# --exit-signal-handler on every rank; torchrun itself exits 1 after a SIGTERM it received too (its
+# SignalException), although the ranks saved and exited 0: check "> exiting at iteration" or DIR/latest.
 
 # run_dir DEFAULT: $RUN_DIR or DEFAULT; when it already holds a run, DEFAULT-<time> instead.
 run_dir() {
