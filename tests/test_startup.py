@@ -62,6 +62,62 @@ def test_a_wrong_command_fails_before_torch_distributed_with_every_problem(tmp_p
     assert not set(HEAVY) & _imported(proc.stderr), sorted(set(HEAVY) & _imported(proc.stderr))
 
 
+def test_a_finetune_is_checked_by_the_preflight_with_the_other_problems(tmp_path):
+    """--finetune's problems (no --pretrained-checkpoint, a path that does not exist, an architecture
+    that differs from the pretrained model's) are found by the pre-flight (which runs before any
+    process group: the first test), listed with the others; with good input the flags not given
+    come from the pretrained model. (The export is built here, in this process, which starts a
+    one-rank group of its own.)"""
+    from dchag.arguments import parse_args
+    from dchag.checkpointing import consolidated
+    from dchag.inference.runtime import build_serial_model
+    from dchag.model.config import DChagConfig
+    from dchag.training import entry, preflight
+    cfg = DChagConfig(num_channels=3, img_h=8, img_w=8, patch_dim=2, hidden_size=16, num_layers=1,
+                      num_attention_heads=2, aggregation="linear", groups=1)
+    export = str(tmp_path / "export")
+    consolidated.write(export, dict(build_serial_model(cfg).named_parameters()), {"model": consolidated.config_to_dict(cfg)})
+    base = ["--task", "mae", "--img-h", "8", "--img-w", "8", "--patch-dim", "2", "--train-iters", "2", "--num-channels", "3"]
+    missing = ["--data-path", str(tmp_path / "missing.npy")]
+    for extra, words in ((["--finetune"], "--finetune needs --pretrained-checkpoint"),
+                         (["--finetune", "--pretrained-checkpoint", str(tmp_path / "nowhere")], "does not exist"),
+                         (["--finetune", "--pretrained-checkpoint", export, "--hidden-size", "32"],
+                          "--hidden-size 32 (pretrained: 16)")):
+        with pytest.raises(preflight.PreflightError) as e:
+            preflight.run(parse_args(base + missing + extra), world=1)
+        assert words in str(e.value) and "missing.npy" in str(e.value), (words, str(e.value))
+    np.save(tmp_path / "cube.npy", np.zeros((3, 8, 8), np.float32))
+    data = ["--data-path", str(tmp_path / "cube.npy")]
+    with pytest.raises(entry._user_errors(), match="--finetune needs --pretrained-checkpoint"):  # one problem: exit 1
+        preflight.run(parse_args(base + data + ["--finetune"]), world=1)
+    found = preflight.run(parse_args(base + data + ["--finetune", "--pretrained-checkpoint", export]), world=1)
+    assert found.pretrained is not None and (found.cfg.hidden_size, found.cfg.num_layers) == (16, 1)  # not given
+
+
+def test_the_preflight_checks_save_without_taking_the_lock_or_moving_anything(tmp_path):
+    """The pre-flight refuses a --save another live job holds, but takes no lock and moves no
+    interrupted save aside: both are the run's, after the pre-flight (a folder another job is
+    still writing has no manifest either)."""
+    import json as _json
+
+    from dchag.arguments import parse_args
+    from dchag.checkpointing import lock
+    from dchag.checkpointing.errors import CheckpointError
+    from dchag.training import preflight
+    save = tmp_path / "run"
+    (save / "iter_0000005").mkdir(parents=True)  # an interrupted save: no manifest
+    np.save(tmp_path / "cube.npy", np.zeros((3, 8, 8), np.float32))
+    argv = ["--task", "mae", "--img-h", "8", "--img-w", "8", "--patch-dim", "2", "--train-iters", "2",
+            "--num-channels", "3", "--data-path", str(tmp_path / "cube.npy"), "--save", str(save)]
+    owner = dict(lock.owner_record(), pid=os.getppid(), proc_start=lock._proc_start(os.getppid()), job={})
+    (save / lock.LOCK).write_text(_json.dumps(owner))  # a live process of another job
+    with pytest.raises(CheckpointError, match="in use by another job"):
+        preflight.run(parse_args(argv), world=1)
+    (save / lock.LOCK).unlink()
+    preflight.run(parse_args(argv), world=1)
+    assert sorted(os.listdir(save)) == ["iter_0000005"]  # no lock taken, nothing moved aside
+
+
 def test_deepspeed_json_lists_every_problem_at_once():
     from dchag.training.ds_validate import ConfigError, validate
     cfg = {"zero_optimisation": {}, "zero_optimization": {"stgae": 1, "offload_optimizer": {"devcie": "cpu"},
