@@ -118,6 +118,23 @@ def test_the_preflight_checks_save_without_taking_the_lock_or_moving_anything(tm
     assert sorted(os.listdir(save)) == ["iter_0000005"]  # no lock taken, nothing moved aside
 
 
+def test_a_dense_task_is_checked_by_the_preflight(tmp_path):
+    """--task regress / segment: the task's own check (its targets, --num-classes) runs in the
+    pre-flight, listed with the others, and no model problem follows from a head size it could not
+    read; --target-path given to a task that reads none is refused there too."""
+    from dchag.arguments import parse_args
+    from dchag.training import preflight
+    np.save(tmp_path / "cube.npy", np.zeros((3, 8, 8), np.float32))
+    base = ["--img-h", "8", "--img-w", "8", "--patch-dim", "2", "--train-iters", "2", "--num-channels", "3",
+            "--data-path", str(tmp_path / "cube.npy"), "--tensor-model-parallel-size", "4"]
+    with pytest.raises(preflight.PreflightError) as e:
+        preflight.run(parse_args(base + ["--task", "regress"]), world=2)
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 2 and "--task regress needs --target-path" in str(e.value) and "world size 2" in str(e.value), lines
+    with pytest.raises(preflight.PreflightError, match="read by --task regress and segment only"):
+        preflight.run(parse_args(base + ["--task", "mae", "--target-path", str(tmp_path / "t.npy")]), world=2)
+
+
 def test_deepspeed_json_lists_every_problem_at_once():
     from dchag.training.ds_validate import ConfigError, validate
     cfg = {"zero_optimisation": {}, "zero_optimization": {"stgae": 1, "offload_optimizer": {"devcie": "cpu"},
