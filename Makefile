@@ -5,6 +5,10 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# DeepSpeed's JIT-built ops (the CPU communication op: ~25 s to build) cached in this environment,
+# not in ~/.cache/torch_extensions, where environments with other DeepSpeed sources rebuild each
+# other's op on every start (the runs set the same default: dchag/training/launch.py).
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)

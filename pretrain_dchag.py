@@ -70,9 +70,10 @@ def task_metrics(sums, args, valid_factory) -> dict:
 
 
 def main(argv=None):
-    from dchag.training import pretrain, shutdown
+    from dchag.training import pretrain
     history = pretrain(model_provider, forward_step, datasets_provider, argv, non_loss_data_func=task_picture,
                        eval_metrics_func=task_metrics, loss_weight_func=loss_weight)
+    from dchag.training import shutdown  # the loop's module: imported once the pre-flight has passed
     shutdown(history)
 
 

@@ -63,3 +63,8 @@ def run_device() -> torch.device:
 def comm_backend() -> str:
     """gloo on the CPU; 'nccl' on GPUs (torch's name for NCCL, and for RCCL on ROCm)."""
     return "gloo" if runs_on_cpu() else "nccl"
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on ``device`` (no copy on the CPU)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

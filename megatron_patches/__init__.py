@@ -6,13 +6,15 @@ upstream line it works around):
   ``dchag.device`` decides: ``DS_ACCELERATOR=cpu``, or no GPU present);
 - ``torch_norm``: sequence parallel with torch norms (applied on every device: any host without
   apex builds torch norms);
-- ``deepspeed_mpu``: the ``mpu`` adapter DeepSpeed needs.
+- ``deepspeed_mpu``: the ``mpu`` adapter DeepSpeed needs;
+- ``jit``: megatron-core imported without its ``torch.compile`` fuser on the CPU (start-up time).
 
 Call ``apply()`` once per process before building models.
 """
 
 from __future__ import annotations
 
+from megatron_patches.jit import import_megatron
 from megatron_patches.version import require_megatron
 
 _applied = False
@@ -24,6 +26,7 @@ def apply() -> None:
     global _applied
     if _applied:
         return
+    import_megatron()
     require_megatron()
     from dchag.device import runs_on_cpu
     from megatron_patches import channel_parallel

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from dchag.parallel.partition import LayoutError
+from dchag.parallel.partition import LayoutError, validate_layout  # noqa: F401 - re-exported
 from megatron_patches.version import require_megatron
 
 _CHANNEL_PARALLEL_GROUP = None
@@ -56,21 +56,6 @@ def get_channel_parallel_rank() -> int:
 def get_channel_parallel_replica_rank() -> int:
     """Which of the T/P replicas of the channel stage inside the TP group this rank holds."""
     return ps.get_tensor_model_parallel_rank() // get_channel_parallel_world_size()
-
-
-def validate_layout(world_size: int, tensor_model_parallel_size: int, channel_parallel_size: int):
-    """Raise LayoutError naming the fix if (world, T, P) cannot be laid out."""
-    T, P = tensor_model_parallel_size, channel_parallel_size
-    if T < 1 or P < 1:
-        raise LayoutError(f"--tensor-model-parallel-size ({T}) and --channel-parallel-size ({P}) must be >= 1.")
-    if world_size % T != 0:
-        raise LayoutError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size {T}: "
-            f"world = T x DP; launch a multiple of {T} processes or change T.")
-    if T % P != 0:
-        raise LayoutError(
-            f"--channel-parallel-size {P} must divide --tensor-model-parallel-size {T}: the channel "
-            f"group lies inside the TP group (P = T is the paper's layout).")
 
 
 def initialize_model_parallel_with_channels(tensor_model_parallel_size: int = 1,

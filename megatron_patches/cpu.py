@@ -79,7 +79,7 @@ import types
 
 import torch
 
-SUPPORTED_MEGATRON_CORE = (0, 16)  # major, minor the patches were written against
+from megatron_patches.version import require_megatron
 
 _APPLIED = False
 
@@ -141,21 +141,7 @@ def patches_applied() -> bool:
 
 
 def _check_version() -> None:
-    import megatron.core
-
-    version = getattr(megatron.core, "__version__", "unknown")
-    try:
-        major_minor = tuple(int(p) for p in version.split(".")[:2])
-    except ValueError:
-        major_minor = None
-    if major_minor != SUPPORTED_MEGATRON_CORE:
-        raise RuntimeError(
-            f"megatron_patches/cpu.py was written for megatron-core "
-            f"{SUPPORTED_MEGATRON_CORE[0]}.{SUPPORTED_MEGATRON_CORE[1]}.x, but megatron-core "
-            f"{version} is installed. Re-check every patched upstream line listed in "
-            f"megatron_patches/cpu.py against this version before raising "
-            f"SUPPORTED_MEGATRON_CORE."
-        )
+    require_megatron("megatron_patches/cpu.py")
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import functools
 
+from megatron_patches.version import require_megatron
+
 
 # --------------------------------------------------------------------------------------------
 # sequence parallel with torch LayerNorm/RMSNorm (megatron/core/transformer/torch_norm.py)
@@ -52,8 +54,7 @@ def _wrap_torch_norm_new(original_new):
 def patch_torch_norm_sequence_parallel() -> None:
     """Idempotent; see the module docstring."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    from megatron_patches.cpu import _check_version
-    _check_version()
+    require_megatron("megatron_patches/torch_norm.py")
 
     current = WrappedTorchNorm.__dict__["__new__"]
     current = current.__func__ if isinstance(current, staticmethod) else current

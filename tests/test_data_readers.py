@@ -295,7 +295,7 @@ def test_the_arrays_own_channel_list_decides_the_axis(tmp_path, fmt):
 def test_training_refuses_an_unlabelled_array_without_num_channels(tmp_path):
     from types import SimpleNamespace
 
-    from dchag.training.loop import read_channel_identity
+    from dchag.training.preflight import read_channel_identity
     path = write_npy(tmp_path / "cube.npy", np.zeros((30, 28, 500), np.float32))
     with pytest.raises(DataError, match=r"500 channels of 30 x 28.*--num-channels 30"):
         read_channel_identity(SimpleNamespace(num_channels=None, data_path=path, data_format="auto", task="mae",

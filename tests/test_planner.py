@@ -140,13 +140,21 @@ def test_zero_sharding_divides_model_states():
 
 
 def test_activation_formulas_by_hand():
-    # flat, T=1, B=1, C=4, L=16, D=32 -> X = 4*16*32*4 = 8192 bytes; final saves X(1+3/T) + probs + proj input
-    m = ModelSpec(**TINY, num_channels=4, aggregation="flat")
+    # flat, T=1, B=1, C=4, L=16, D=32 -> X = 4*16*32*4 = 8192 bytes; unfused, the final saves
+    # X(1+3/T) + probs + proj input; sdpa X(1+2/T) + the query and output rows + their fp32 log-sum-exp
+    m = ModelSpec(**TINY, num_channels=4, aggregation="flat", attention_backend="unfused")
     e = estimate_memory(m, LayoutSpec(1, 1, micro_batch_size=1))
     X, probs, proj_in = 8192, 16 * 4 * 4 * 4, 16 * 32 * 4
     assert e.activations["channel_stage"] == 4 * X + probs + proj_in
+    e = estimate_memory(m.with_(attention_backend="sdpa"), LayoutSpec(1, 1, micro_batch_size=1))
+    assert e.activations["channel_stage"] == 3 * X + 2 * proj_in + 16 * 4 * 4
+    # a backbone layer (fp32, T=1): unfused saves the probabilities [b, h, s, s], sdpa their log-sum-exp [b, h, s]
+    E = 16 * 32 * 4
+    layer = {k: estimate_memory(m.with_(attention_backend=k), LayoutSpec(1, 1, micro_batch_size=1)).activations["backbone"]
+             for k in ("unfused", "sdpa")}
+    assert layer["unfused"] - layer["sdpa"] == 2 * (4 * 16 * 16 * 4 - 4 * 16 * 4) and layer["sdpa"] > 2 * 12 * E  # (4 + 4/T) E + 2 s b F, F = 2 D
     # linear, P=2: the rank's tokens (C/P = 2 channels) saved, final over G=2 tokens
-    m = ModelSpec(**TINY, num_channels=4, aggregation="linear", groups=2)
+    m = ModelSpec(**TINY, num_channels=4, aggregation="linear", groups=2, attention_backend="unfused")
     e2 = estimate_memory(m, LayoutSpec(2, 2, micro_batch_size=1))
     X_r, X_G = 2 * 2048, 2 * 2048
     assert e2.activations["channel_stage"] == X_r + X_G * (1 + 3 / 2) + 16 * 2 * 2 * 4 + 16 * 16 * 4

@@ -1,22 +1,29 @@
 """Signals sent to real training processes (2 ranks started as a cluster scheduler starts them:
-one process per rank, RANK/WORLD_SIZE/MASTER_* in the environment, no launcher in between).
+one process per rank, no launcher in between; SLURM's srun variables or RANK/WORLD_SIZE/MASTER_*
+in the environment), and a rank killed under torchrun's restarts.
 
-* SIGTERM to one rank of a run with ``--exit-signal-handler``: both ranks stop after the same
+* srun's way (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_JOB_ID / SLURM_JOB_NODELIST only):
+  SIGTERM to one rank of a run with ``--exit-signal-handler``: both ranks stop after the same
   iteration, a checkpoint is saved, both exit 0 with one line saying why; resuming from it to
-  iteration J + 2 gives weights bit-identical to an uninterrupted run of J + 2 iterations.
+  iteration R gives weights bit-identical to an uninterrupted run of R iterations.
 * SIGINT (Ctrl-C: every rank gets it) without the handler: each rank exits 130 with one line,
   no traceback.
+* torchrun --max-restarts 1 (gloo, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): rank 1 killed with
+  SIGKILL after a checkpoint; torchrun restarts both ranks, they resume from the last checkpoint,
+  the run completes and its last loss is the uninterrupted run's.
 
 The interrupted runs ask for 100000 iterations (they never end by themselves) with a fixed
-``--lr-decay-iters 12``, so the LR schedule does not depend on --train-iters and the resume and
-the reference run can stop at J + 2 with the same schedule.
+``--lr-decay-iters 12``, so the LR schedule does not depend on --train-iters and the resume, the
+restarted run and the reference run can stop at any R with the same schedule.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,14 +39,41 @@ EXIT_RE = re.compile(r"> exiting at iteration (\d+) of 100000: received SIGTERM 
                      r"checkpoint (\S+)")
 
 
-def _launch(argv, folder, name):
-    """Start 2 ranks; returns the processes and their (stdout, stderr) paths."""
+RESTART_ITERS = 40  # the torchrun run's length: long enough to be killed mid-run (~40 ms an iteration)
+
+
+def _job_with_free_port() -> str:
+    """A SLURM job id whose port (dchag.training.launch.port_for_job: 20000 + id mod 10000) is free here."""
+    from dchag.training.launch import port_for_job
+    rng = random.Random()
+    for _ in range(200):
+        job_id = str(rng.randrange(10**6, 10**7))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port_for_job(job_id)))
+            except OSError:
+                continue
+        return job_id
+    raise RuntimeError("no free port in 20000-29999")
+
+
+def _launch(argv, folder, name, srun=False):
+    """Start 2 ranks; returns the processes and their (stdout, stderr) paths. ``srun``: the
+    environment srun gives its tasks (the run derives rank, world size and rendezvous from it)."""
     os.makedirs(folder, exist_ok=True)
     port = free_port()
+    job_id = _job_with_free_port() if srun else None
     procs, logs = [], []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        if srun:
+            where = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+                     "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": job_id}
+        else:
+            where = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(port)}
+        base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                  "MASTER_PORT") and not k.startswith("SLURM_")}
+        env = {**base, **where, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
         out, err = (os.path.join(folder, f"{name}.{rank}.{k}") for k in ("out", "err"))
         with open(out, "w") as fo, open(err, "w") as fe:
             # Ctrl-C's default action even when this test runs as a background job (whose shell
@@ -64,6 +98,40 @@ def _wait_for(logs, text, procs, timeout=600):
         time.sleep(0.1)
 
 
+def _torchrun(argv, folder, name):
+    """torchrun --max-restarts 1 with 2 workers on gloo; returns the agent and its output path."""
+    out = os.path.join(folder, f"{name}.out")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT") and not k.startswith("SLURM_")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # pytorch#135712
+    with open(out, "w") as f:
+        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                  "--max-restarts", "1", os.path.join(REPO, "pretrain_dchag.py")] + argv,
+                                 stdout=f, stderr=subprocess.STDOUT, cwd=folder, env=env)
+    return agent, out
+
+
+def _worker(agent, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (a child of the agent with RANK=rank)."""
+    for task in os.listdir(f"/proc/{agent.pid}/task"):
+        with open(f"/proc/{agent.pid}/task/{task}/children") as f:
+            for pid in f.read().split():
+                with open(f"/proc/{pid}/environ", "rb") as env:
+                    if f"RANK={rank}".encode() in env.read().split(b"\0"):
+                        return int(pid)
+    raise AssertionError(f"no worker of rank {rank} under torchrun {agent.pid}")
+
+
+def _stop(agent) -> None:
+    """End a torchrun agent and its workers (SIGTERM: the agent stops its workers first)."""
+    if agent.poll() is None:
+        agent.terminate()
+        try:
+            agent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+
+
 def _finish(procs, timeout=600):
     return [p.wait(timeout=timeout) for p in procs]
 
@@ -78,14 +146,23 @@ def _losses(text):
 
 
 def test_sigterm_saves_and_resume_equals_uninterrupted_run(tmp_path):
-    run = str(tmp_path / "run")
-    # 1. SIGTERM to rank 1 only (rank 0 learns it through the flag all-reduce); meanwhile a
-    #    second run gets Ctrl-C on both ranks without a handler.
-    term, term_logs = _launch(BASE + ["--train-iters", "100000", "--save", run, "--exit-signal-handler"],
-                              str(tmp_path / "logs"), "term")
-    intr, intr_logs = _launch(BASE + ["--train-iters", "100000", "--save", str(tmp_path / "intr")],
-                              str(tmp_path / "logs"), "intr")
+    run, logs = str(tmp_path / "run"), str(tmp_path / "logs")
+    # 1. srun's way: SIGTERM to rank 1 only (rank 0 learns it through the flag all-reduce);
+    #    meanwhile a second run gets Ctrl-C on both ranks without a handler, and a third, under
+    #    torchrun, loses rank 1 to SIGKILL after its first checkpoint.
+    term, term_logs = _launch(BASE + ["--train-iters", "100000", "--save", run, "--exit-signal-handler"], logs, "term",
+                              srun=True)
+    intr, intr_logs = _launch(BASE + ["--train-iters", "100000", "--save", str(tmp_path / "intr")], logs, "intr")
+    restarted = str(tmp_path / "restarted")
+    codes = None
+    agent, agent_log = _torchrun(BASE + ["--train-iters", str(RESTART_ITERS), "--save-interval", "1", "--save",
+                                         restarted, "--load", restarted], logs, "torchrun")
     try:
+        t0 = time.time()
+        while not os.path.exists(os.path.join(restarted, "latest")):  # a checkpoint to resume from
+            assert agent.poll() is None and time.time() - t0 < 600, _read(agent_log)[-3000:]
+            time.sleep(0.02)
+        os.kill(_worker(agent, 1), signal.SIGKILL)
         _wait_for(term_logs, "iteration        2/", term)
         term[1].send_signal(signal.SIGTERM)
         _wait_for(intr_logs, "iteration        2/", intr)
@@ -96,6 +173,8 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(tmp_path):
         for p in term + intr:
             if p.poll() is None:
                 p.kill()
+        if codes is None:
+            _stop(agent)
     out0 = _read(term_logs[0][0])
     assert codes == [0, 0], [_read(e)[-3000:] for _, e in term_logs]
     m = EXIT_RE.search(out0)
@@ -115,18 +194,30 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(f"rank {rank}: interrupted (SIGINT) at iteration "), text[-2000:]
         assert text.rstrip().endswith(lines[0])
 
-    # 2. Resume to stop + 2, and the uninterrupted reference run of stop + 2 iterations.
-    end = str(stop + 2)
-    resumed, resumed_logs = _launch(BASE + ["--train-iters", end, "--load", run, "--save", run],
-                                    str(tmp_path / "logs"), "resumed")
-    ref, ref_logs = _launch(BASE + ["--train-iters", end, "--save", str(tmp_path / "ref")], str(tmp_path / "logs"),
-                            "ref")
-    assert _finish(resumed) == [0, 0], _read(resumed_logs[0][1])[-3000:]
-    assert _finish(ref) == [0, 0], _read(ref_logs[0][1])[-3000:]
-    tag = f"iter_{stop + 2:07d}"
+    # 2. Resume to R, and the uninterrupted reference run of R iterations.
+    end = max(stop + 2, RESTART_ITERS)
+    resumed, resumed_logs = _launch(BASE + ["--train-iters", str(end), "--load", run, "--save", run], logs, "resumed",
+                                    srun=True)
+    ref, ref_logs = _launch(BASE + ["--train-iters", str(end), "--save", str(tmp_path / "ref")], logs, "ref")
+    try:
+        assert _finish(resumed) == [0, 0], _read(resumed_logs[0][1])[-3000:]
+        assert _finish(ref) == [0, 0], _read(ref_logs[0][1])[-3000:]
+        agent_code = agent.wait(timeout=600)
+    finally:
+        _stop(agent)
+    tag = f"iter_{end:07d}"
     a, b = _weights(run, tag), _weights(str(tmp_path / "ref"), tag)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     la, lb = _losses(_read(resumed_logs[0][0])), _losses(_read(ref_logs[0][0]))
-    assert sorted(la) == [stop + 1, stop + 2] and all(la[i] == lb[i] for i in la), (la, lb)
+    assert sorted(la) == list(range(stop + 1, end + 1)) and all(la[i] == lb[i] for i in la), (la, lb)
+
+    # 3. torchrun restarted both ranks, which resumed from the last checkpoint and ended on the
+    #    uninterrupted run's loss.
+    text = _read(agent_log)
+    assert agent_code == 0, text[-4000:]
+    loaded = re.findall(r"> loaded checkpoint \S+/iter_(\d+) at iteration", text)
+    assert len(loaded) == 1 and 1 <= int(loaded[0]) < RESTART_ITERS, text[-4000:]
+    lr = _losses(text)
+    assert lr[RESTART_ITERS] == lb[RESTART_ITERS], (lr, lb)

@@ -11,5 +11,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dchag.planner.cli import main  # noqa: E402
 
+
+def check_by_simulation(rec, hw, tries):
+    """--simulate: the simulation (torch, minutes), imported only when asked for."""
+    from dchag.sim.check import check_recommendation
+    return check_recommendation(rec, hw, tries)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(check_recommendation=check_by_simulation))

@@ -165,6 +165,7 @@ def _argv(method: str, size: dict, iters: int, smoke: bool) -> list[str]:
 def train_method(method: str, size: dict, smoke: bool) -> dict:
     import pretrain_dchag
     from dchag.arguments import parse_args
+    from dchag.model.config import default_channel_chunk
     from dchag.planner import LayoutSpec, ModelSpec
     from dchag.planner.flops import step_flops
     from dchag.planner.memory import estimate_memory
@@ -201,7 +202,8 @@ def train_method(method: str, size: dict, smoke: bool) -> dict:
     step_s = statistics.median(warm)
     spec = ModelSpec(num_layers=size["layers"], hidden_size=size["hidden"], num_attention_heads=size["heads"],
                      num_channels=size["num_channels"], img_h=size["img"], img_w=size["img"],
-                     patch_dim=size["patch"], aggregation=method, groups=size["groups"])
+                     patch_dim=size["patch"], aggregation=method, groups=size["groups"],
+                     channel_chunk=default_channel_chunk(method))  # what the run trains with (sdpa, streamed L)
     layout = LayoutSpec(precision="bf16", zero_stage=1, micro_batch_size=size["micro_batch"])
     flops = step_flops(spec, layout)
     predicted = estimate_memory(spec, layout)

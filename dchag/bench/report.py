@@ -27,7 +27,8 @@ def planner_specs(model: BenchModel, row: dict) -> tuple[ModelSpec, LayoutSpec]:
                      num_attention_heads=model.num_attention_heads, num_channels=row["C"], img_h=model.img_h,
                      img_w=model.img_w, patch_dim=model.patch_dim, ffn_hidden_size=model.ffn_hidden_size,
                      aggregation=agg, groups=model.groups, tree_levels=model.tree_levels if agg != "flat" else 1,
-                     channel_chunk=model.channel_chunk if METHODS[row["method"]].streamed else 0)
+                     channel_chunk=model.channel_chunk if METHODS[row["method"]].streamed else 0,
+                     attention_backend="unfused")  # the benchmark's model (BenchModel.dchag_config)
     layout = LayoutSpec(tensor_parallel=row["T"], channel_parallel=row["P"], data_parallel=1, zero_stage=0,
                         precision="fp32", recompute=model.recompute_activations,
                         sequence_parallel=model.sequence_parallel, micro_batch_size=model.micro_batch_size)

@@ -176,8 +176,24 @@ def check_save_dir(args, start_iteration: int) -> None:
     later = [i for i in saved_iterations(args.save, complete=True) if i > start_iteration]
     later = set_aside_damaged(args, later)  # with --ckpt-step: damaged ones do not count (moved aside)
     if later:
-        raise CheckpointError(
-            f"--save {args.save} already holds {tag_for(later[-1])}"
-            f"{f' (and {len(later) - 1} more)' if len(later) > 1 else ''} beyond this run's starting iteration "
-            f"{start_iteration}; saving there would overwrite it. Resume from the newest (--load {args.save} without "
-            "--ckpt-step), or choose another --save folder (or remove the old checkpoints yourself).")
+        raise _overwrite_refusal(args.save, later, start_iteration)
+
+
+def check_save_dir_unchanged(args, start_iteration: int) -> None:
+    """What :func:`check_save_dir` refuses, found without changing anything (the pre-flight, before
+    the lock is taken): intact complete checkpoints beyond ``start_iteration``. With ``--ckpt-step``
+    the damaged ones among them do not count; that verdict reads every file, so it is left to
+    :func:`check_save_dir` under the lock."""
+    if not args.save or args.ckpt_step is not None:
+        return
+    later = [i for i in saved_iterations(args.save, complete=True) if i > start_iteration]
+    if later:
+        raise _overwrite_refusal(args.save, later, start_iteration)
+
+
+def _overwrite_refusal(save: str, later: list[int], start_iteration: int) -> CheckpointError:
+    return CheckpointError(
+        f"--save {save} already holds {tag_for(later[-1])}"
+        f"{f' (and {len(later) - 1} more)' if len(later) > 1 else ''} beyond this run's starting iteration "
+        f"{start_iteration}; saving there would overwrite it. Resume from the newest (--load {save} without "
+        "--ckpt-step), or choose another --save folder (or remove the old checkpoints yourself).")

@@ -128,12 +128,32 @@ def read_config(path: str) -> dict:
     return config
 
 
+# A model whose config claims less than this is built for real, on the CPU, to read its shapes.
+SMALL_MODEL_BYTES = 256 * 2**20
+
+
+def rough_nbytes(model: dict) -> int:
+    """The fp32 bytes of the model a config's ``model`` describes, within a small factor (the
+    backbone's matrices, the per-channel tokenizer and head rows, the position embedding)."""
+    try:
+        D, L, C, p = (int(model[k]) for k in ("hidden_size", "num_layers", "num_channels", "patch_dim"))
+        F = int(model.get("ffn_hidden_size") or 4 * D)
+        tokens = (int(model["img_h"]) // max(p, 1)) * (int(model["img_w"]) // max(p, 1))
+    except (KeyError, TypeError, ValueError):  # not a model description: the meta build says what is wrong
+        return SMALL_MODEL_BYTES
+    return 4 * (L * (4 * D * D + 2 * D * F) + 2 * C * (p * p + 2) * D + tokens * D)
+
+
 def model_shapes(model: dict) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of the serial model a config's ``model`` describes, built on the ``meta``
-    device: shapes only, nothing allocated, so a config claiming a huge model costs nothing."""
+    """{name: shape} of the serial model a config's ``model`` describes. A config claiming a large
+    model is built on the ``meta`` device: shapes only, nothing allocated, so it costs nothing. A
+    small one is built for real on the CPU (milliseconds): on ``meta``, torch runs the model's
+    initialization through its Python reference ops, whose first call imports torch._dynamo and
+    torch._inductor, about a second of ``dchag.load_pretrained``'s time (tests/test_startup.py)."""
     from dchag.inference.runtime import build_serial_model
     cfg = config_from_dict(model, bf16=False, sequence_parallel=False, recompute_activations=False)
-    with torch.device("meta"):
+    device = "cpu" if rough_nbytes(model) < SMALL_MODEL_BYTES else "meta"
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # the caller's random state untouched
         return {n: tuple(p.shape) for n, p in build_serial_model(cfg).named_parameters()}
 
 

@@ -11,15 +11,21 @@ Training-loop entry points:
                                 consumed_samples=consumed, global_batch_size=args.global_batch_size)
 """
 
-from .build import build_datasets
-from .dataset import TASKS, TileDataset, latitude_weights
-from .errors import DataError
-from .readers import FORMATS, Source, detect_format, open_source
-from .sampler import (MicroBatchSampler, SampleOrder, build_eval_loader, build_train_loader, global_batch,
-                      micro_batch)
-from .stats import ChannelStats, compute_stats, load_stats, resolve_stats, save_stats, stats_path_for
+# Loaded on first use: the readers need numpy only, so the pre-flight (dchag.training.preflight)
+# opens the data without importing torch (datasets and samplers do import it).
+_EXPORTS = {"build_datasets": ".build", "TASKS": ".dataset", "TileDataset": ".dataset",
+            "latitude_weights": ".dataset", "DataError": ".errors", "FORMATS": ".readers", "Source": ".readers",
+            "detect_format": ".readers", "open_source": ".readers", "MicroBatchSampler": ".sampler",
+            "SampleOrder": ".sampler", "build_eval_loader": ".sampler", "build_train_loader": ".sampler",
+            "global_batch": ".sampler", "micro_batch": ".sampler", "ChannelStats": ".stats",
+            "compute_stats": ".stats", "load_stats": ".stats", "resolve_stats": ".stats", "save_stats": ".stats",
+            "stats_path_for": ".stats"}
 
-__all__ = ["DataError", "FORMATS", "TASKS", "ChannelStats", "MicroBatchSampler", "SampleOrder", "Source",
-           "TileDataset", "build_datasets", "build_eval_loader", "build_train_loader", "compute_stats",
-           "detect_format", "global_batch", "latitude_weights", "load_stats", "micro_batch", "open_source",
-           "resolve_stats", "save_stats", "stats_path_for"]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'dchag.data' has no attribute {name!r}")

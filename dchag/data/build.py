@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from .dataset import TileDataset
 from .errors import DataError
 from .readers import open_source
-from .stats import resolve_stats
-from .targets import KINDS as TARGET_KINDS, attach_targets
+from .readers.base import Source
 
 
 def open_data_source(data_path, data_format: str = "auto", *, task: str, img_h: int, img_w: int,
-                     num_channels: int | None = None, seed: int = 0, source_opts: dict | None = None):
-    """The Source training reads (metadata only until read): synthetic data takes its C/H/W from
-    num_channels/img_h/img_w and its seed from ``seed`` unless the path or ``source_opts`` say otherwise."""
+                     num_channels: int | None = None, seed: int = 0, source_opts: dict | None = None) -> Source:
+    """The Source training reads (metadata only until read; numpy only, no torch: the pre-flight
+    opens the data with it): synthetic data takes its C/H/W from num_channels/img_h/img_w and its
+    seed from ``seed`` unless the path or ``source_opts`` say otherwise."""
     opts = dict(source_opts or {})
     if data_format == "synthetic" or str(data_path).startswith("synthetic"):
         if num_channels is None:
@@ -30,7 +29,7 @@ def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: in
                    valid_fraction: float = 0.1, stats_path: str | None = None, normalize: bool = True,
                    strict: bool = False, seed: int = 0, source_opts: dict | None = None,
                    target_path: str | None = None, num_classes: int | None = None, ignore_index: int | None = 255
-                   ) -> tuple[TileDataset, TileDataset]:
+                   ) -> tuple[TileDataset, TileDataset]:  # noqa: F821 - imported inside (torch)
     """(train, valid) datasets of this rank's ``channels`` over one shared source.
 
     - ``num_channels`` (--num-channels) is checked against the data (clear error on mismatch).
@@ -41,6 +40,9 @@ def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: in
     - regress/segment: the targets at ``target_path`` (dchag/data/targets.py), fitted on the
       training tiles, shared by both splits.
     """
+    from .dataset import TileDataset  # torch: the pre-flight opens the data with open_data_source alone
+    from .stats import resolve_stats
+    from .targets import KINDS as TARGET_KINDS, attach_targets
     source = open_data_source(data_path, data_format, task=task, img_h=img_h, img_w=img_w, num_channels=num_channels,
                               seed=seed, source_opts=source_opts)
     C = source.num_channels

@@ -25,6 +25,7 @@ def ensure_serial_process(seed: int = 1234) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import megatron_patches
+    megatron_patches.import_megatron()  # first: on the CPU without megatron's torch.compile fuser (start-up time)
     from megatron.core import parallel_state as ps, tensor_parallel
     megatron_patches.apply()
     if not dist.is_initialized():
@@ -45,7 +46,7 @@ def ensure_serial_process(seed: int = 1234) -> None:
 
 def build_serial_model(cfg):
     """DChagViT(cfg) at T = P = 1 in this process (see :func:`ensure_serial_process`)."""
+    ensure_serial_process(cfg.init_seed)  # before the model's modules import megatron-core
     from dchag.model.vit import DChagViT
     from dchag.parallel.layout import ParallelLayout
-    ensure_serial_process(cfg.init_seed)
     return DChagViT(cfg, ParallelLayout.serial())

@@ -85,3 +85,18 @@ class ChannelPartition:
     def _check_rank(self, rank: int):
         if not 0 <= rank < self.channel_parallel_size:
             raise LayoutError(f"channel-parallel rank {rank} outside [0, {self.channel_parallel_size}).")
+
+
+def validate_layout(world_size: int, tensor_model_parallel_size: int, channel_parallel_size: int) -> None:
+    """Raise LayoutError naming the fix if (world, T, P) cannot be laid out (no process group needed)."""
+    T, P = tensor_model_parallel_size, channel_parallel_size
+    if T < 1 or P < 1:
+        raise LayoutError(f"--tensor-model-parallel-size ({T}) and --channel-parallel-size ({P}) must be >= 1.")
+    if world_size % T != 0:
+        raise LayoutError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {T}: "
+            f"world = T x DP; launch a multiple of {T} processes or change T.")
+    if T % P != 0:
+        raise LayoutError(
+            f"--channel-parallel-size {P} must divide --tensor-model-parallel-size {T}: the channel "
+            f"group lies inside the TP group (P = T is the paper's layout).")

@@ -41,7 +41,7 @@ def pin_synthetic_seed(data_path: str, seed: int) -> str:
 def _open_valid(args):
     """The held-out split at P = 1 (all channels): its dataset, description and config."""
     from dchag.data import build_datasets
-    from dchag.training.loop import read_channel_identity
+    from dchag.training.preflight import read_channel_identity
     read_channel_identity(args)
     get_task(args.task).prepare_args(args)
     cfg = model_config(args)

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K: the streamed channel stage (linear/cross; flat ignores it); 0 = off; default: "
                         "as pretrain_dchag.py (64 for linear, 0 for cross)")
     g.add_argument("--task", choices=("mae", "forecast"), default="mae")
+    g.add_argument("--attention-backend", choices=("auto", "sdpa", "unfused"), default="auto",
+                   help="as pretrain_dchag.py: sdpa (= auto, the default) saves no score matrix; unfused "
+                        "(megatron's explicit softmax) saves the probabilities of every layer")
     l = p.add_argument_group("layout")
     l.add_argument("--tensor-model-parallel-size", type=_ints, default=[1], help="T (comma list allowed)")
     l.add_argument("--channel-parallel-size", default="T", help="P: a number, or T (D-CHAG default; flat uses 1)")
@@ -111,16 +114,19 @@ def _plan_json(plan) -> dict:
             "flops_per_step": plan.flops, "step_time_s": plan.step_time_s, "samples_per_s": plan.samples_per_s}
 
 
-def main(argv=None) -> int:
+def main(argv=None, check_recommendation=None) -> int:
+    """``check_recommendation(rec, hw, tries) -> bool``: what ``--simulate`` runs. The planner lies
+    below the simulation (which compares itself with the planner), so the caller hands it in:
+    tools/estimate_memory.py passes ``dchag.sim.check.check_recommendation``."""
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        return _run(args, check_recommendation)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _run(args) -> int:
+def _run(args, check_recommendation=None) -> int:
     hw = Hardware(memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops, efficiency=args.efficiency,
                   gpus_per_node=args.gpus_per_node, intra_node_gbs=args.intra_node_gbs,
                   inter_node_gbs=args.inter_node_gbs, reserve_gb=args.reserve_gb,
@@ -131,7 +137,7 @@ def _run(args) -> int:
                      num_attention_heads=args.num_attention_heads, num_channels=args.num_channels,
                      img_h=args.img_h, img_w=args.img_w, patch_dim=args.patch_dim,
                      ffn_hidden_size=args.ffn_hidden_size, aggregation="flat", groups=(groups or [8])[0],
-                     tree_levels=1, task=args.task)
+                     tree_levels=1, task=args.task, attention_backend=args.attention_backend)
     precision = "bf16" if args.bf16 else "fp32"
     if args.recommend:
         if not args.num_gpus:
@@ -157,7 +163,8 @@ def _run(args) -> int:
         print(layouts_table(rec.fitting[:args.top], args.markdown))
         print(f"\nRecommended:\n\n{detail(rec.best, args.markdown)}")
         if args.simulate:
-            from dchag.sim.check import check_recommendation
+            if check_recommendation is None:
+                raise PlanError("--simulate runs the scale simulation: use tools/estimate_memory.py --simulate.")
             if not check_recommendation(rec, hw, args.simulate_tries):
                 return 1
         if not groups and rec.best.model.aggregation != "flat":

@@ -51,6 +51,11 @@ from dchag.planner.spec import LayoutSpec, ModelSpec, validate
 # of the tokenizer's gradient buffer: fitted to RSS measurements of the CPU build (docs/BENCHMARKS.md
 # section 8, where the fit's residuals are listed).
 STREAM_COEFFS = {"linear": {"fwd": 1.0, "bwd": 1.75, "grads": 1.2}, "cross": {"fwd": 6.0, "bwd": 6.9, "grads": 1.0}}
+# Of D-CHAG-C's streamed backward (6.9 chunk-token buffers in fp32), the part that stays fp32 in a bf16
+# run: the recomputed chunk's online-softmax scores and its fp32 numerator and their gradients (the
+# other 3.9 buffers are in the activation dtype). Fitted to dchag.sim (a bf16 run simulates 3 chunk
+# buffers above the all-bf16 reading; tests/test_planner.py checks it).
+STREAM_CROSS_BWD_FP32 = 3.0
 STAT_BYTES = 4  # layer-norm mean / rstd are kept in fp32
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 
@@ -147,23 +152,42 @@ def channel_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int])
                                 grad_params=n_in, held=0.0 if last else n_out * tok,
                                 release_after=0.0 if i == 0 else X_in))
     elif model.aggregation == "cross":
+        # Both kernels save the level's input copies and its k and v (4 X_in) and the projection's
+        # input (X_out); unfused also its scores [B, n_in, L, H], sdpa the query and output rows
+        # (2 X_out) and their fp32 log-sum-exp [B, n_out, L, H]. sdpa's backward produces the k and
+        # v gradients in its [B n L, H, S, hd] rows, then in the level's layout (2 X_in), and the
+        # query and output gradients (2 X_out).
         per_level = 3 * D * D + 2 * D
+        sdpa = model.attention_backend == "sdpa"
         for i, (n_in, n_out) in enumerate(zip(s.level_inputs, s.level_outputs)):
             if i < first:
                 continue
             X_in, X_out = n_in * tok, n_out * tok
-            scores = B * n_in * L * H * a
-            saved = 4 * X_in + scores + X_out
-            stages.append(Stage(f"partial.{i}", saved=saved, fwd_extra=saved + 2 * X_in, bwd_total=saved + X_in,
+            attention = 2 * X_out + B * n_out * L * H * 4 if sdpa else B * n_in * L * H * a
+            saved = 4 * X_in + attention + X_out
+            stages.append(Stage(f"partial.{i}", saved=saved, fwd_extra=saved + 2 * X_in,
+                                bwd_total=saved + (2 * X_in + 2 * X_out if sdpa else X_in),
                                 grad_params=n_out * per_level))
     if P > 1:  # gathered [B, G, L, D]: referenced until the final aggregation returns
         stages.append(Stage("gather", saved=0.0, held=X_N, fwd_extra=X_N))
         held += X_N
-    probs = B * L * N * (H // T) * a
+    # The final aggregation saves its input copy and k, v (X_N (1 + 2/T)); unfused also a contiguous
+    # copy of k (X_N/T), the probabilities [B L, H/T, N] and the projection's input; sdpa the
+    # expanded query and the output rows (the projection's input) and their fp32 log-sum-exp.
+    # Forward peaks in the k/v projection (X_N + 4 X_N/T). Backward, whichever the kernel, holds
+    # first the input copy, the k and v gradients and their two zero-filled [N, B L, 2 D/T] select
+    # gradients (X_N (1 + 6/T)), then, in the k/v projection's backward, its input and that input's
+    # gradient beside the k/v gradient (X_N (2 + 2/T)).
     proj_in = B * L * (D // T) * a
-    final_saved = X_N * (1 + 3 / T) + probs + proj_in
+    if model.attention_backend == "sdpa":
+        attention = 2 * proj_in + B * L * (H // T) * 4
+        final_saved = X_N * (1 + 2 / T) + attention
+    else:
+        attention = B * L * N * (H // T) * a  # the probabilities
+        final_saved = X_N * (1 + 3 / T) + attention + proj_in
     stages.append(Stage("final", saved=final_saved, fwd_extra=X_N + 4 * X_N / T,
-                        bwd_total=X_N * (1 + 5 / T) + probs, grad_params=counts["final"], release_after=held))
+                        bwd_total=X_N * max(1 + 6 / T, 2 + 2 / T) + attention, grad_params=counts["final"],
+                        release_after=held))
     return stages
 
 
@@ -200,8 +224,34 @@ def streamed_stage(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int])
                      grad_params=counts["tokenizer"] + s.level_inputs[0])
     per_level = 3 * model.D * model.D + 2 * model.D
     saved = X_1s + X_1
+    fp32 = STREAM_CROSS_BWD_FP32 * X_kp * (4 / a - 1)  # those buffers' extra bytes when a < 4
     return Stage("streamed", saved=saved, held=held, fwd_extra=saved + c["fwd"] * X_kp + 2 * X_1s,
-                 bwd_total=saved + c["bwd"] * X_kp + c["grads"] * grad_buffer, grad_params=counts["tokenizer"] + n1 * per_level)
+                 bwd_total=saved + c["bwd"] * X_kp + fp32 + c["grads"] * grad_buffer,
+                 grad_params=counts["tokenizer"] + n1 * per_level)
+
+
+def core_attention(model: ModelSpec, layout: LayoutSpec) -> tuple[float, float, float]:
+    """A backbone layer's core attention on its T-th of the heads: (bytes saved for backward,
+    forward working memory, backward working memory), beside its q, k, v and output, which the
+    layer's (4 + 4/T) E count already holds.
+
+    unfused (megatron's DotProductAttention): saves the probabilities [b, h/T, s, s] (a bytes), and
+        in bf16 also its fp32 softmax output (attention_softmax_in_fp32); forward holds one more
+        score-sized tensor; the softmax's backward three fp32-sized ones in fp32 (the gradients of
+        the probabilities, of the scores, and the dropout's), two in bf16 (its fp32 gradients).
+    sdpa (FlashAttention / memory-efficient / cuDNN on GPUs, the flash kernel on the CPU): saves
+        the softmax's log-sum-exp [b, h/T, s] in fp32, never a score matrix; backward produces the
+        q, k, v gradients (3 E/T) in a workspace of one fp32 [b, h/T, s, d] accumulator of the
+        query gradient and the fp32 row sums of dO * O [b, h/T, s] (FlashAttention-2's backward)."""
+    T, B, a = layout.tensor_parallel, layout.micro_batch_size, layout.act_bytes
+    D, L, H = model.D, model.L, model.num_attention_heads
+    E_T = B * L * D * a / T
+    if model.attention_backend == "sdpa":
+        rows = B * (H // T) * L * 4  # one fp32 value per query row and head
+        return rows, 0.0, 3 * E_T + B * L * (D // T) * 4 + rows
+    elements = B * (H // T) * L * L
+    softmax32 = elements * 4 if a < 4 else 0.0
+    return elements * a + softmax32, elements * a, elements * (12 if a == 4 else 8)
 
 
 def backbone_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]) -> list[Stage]:
@@ -210,16 +260,18 @@ def backbone_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]
     sp = layout.sequence_parallel and T > 1
     E = B * L * D * a
     sbF = B * L * F * a / T
-    scores = B * (H // T) * L * L * a
-    # megatron's unfused softmax (attention_softmax_in_fp32) saves its fp32 output besides the bf16 probs
-    softmax32 = B * (H // T) * L * L * 4 if a < 4 else 0.0
+    attn_saved, attn_fwd, attn_bwd = core_attention(model, layout)
     stats = 4 * B * L * STAT_BYTES / (T if sp else 1)
     if sp:
-        layer_saved = 8 * E / T + 2 * sbF + scores + softmax32 + stats
+        layer_saved = 8 * E / T + 2 * sbF + attn_saved + stats
     else:
-        layer_saved = (4 + 4 / T) * E + 2 * sbF + scores + softmax32 + stats
-    layer_fwd = layer_saved + 2 * sbF + scores + E
-    layer_bwd_extra = 2 * E + 2 * sbF + scores
+        layer_saved = (4 + 4 / T) * E + 2 * sbF + attn_saved + stats
+    layer_fwd = layer_saved + 2 * sbF + attn_fwd + E
+    # Backward meets the MLP first (the gradients flowing in and of fc2's input), then the core
+    # attention, by when the MLP's saved tensors (its input and two [s, b, F/T] activations) and
+    # the output projection's input are freed.
+    mlp_saved = (E / T if sp else E) + 2 * sbF
+    layer_bwd_extra = max(2 * E + sbF, 2 * E + E / T + attn_bwd - mlp_saved - E / T)
     layer_params = (counts["backbone"] - 2 * D) // model.num_layers
     stages = [Stage("embed", saved=0.0, fwd_extra=2 * E, bwd_total=E, grad_params=counts["embed"])]
     for i in range(model.num_layers):
@@ -247,18 +299,23 @@ def head_stages(model: ModelSpec, layout: LayoutSpec, counts: dict[str, int]) ->
     # forward: the prediction (a) and, while the loss runs, its fp32 target, square and weighted error
     stages = [Stage("head", saved=saved, fwd_extra=saved + pix * (a + 12), bwd_total=saved + 2 * pix * 4,
                     grad_params=counts["head"])]
-    if a < 4:  # bf16: the zero-filled fp32 input of pretrain_dchag.forward_step lives until the loss returns
+    if a < 4 and not model.channel_chunk:  # bf16: forward_step's zero-filled fp32 input lives until the loss returns
         stages[0].release_after = B * s.c_r * model.img_h * model.img_w * 4
     return stages
 
 
 def input_stage(model: ModelSpec, layout: LayoutSpec) -> list[Stage]:
-    """bf16: forward_step's zero-filled fp32 copy of the input, referenced through the forward (in
-    fp32 the tokenizer saves it, as the benchmark's own input, which the planner does not count)."""
+    """bf16: forward_step's zero-filled fp32 copy of the input, referenced through the forward; the
+    streamed stage's chunk checkpoints save it (their slices are views of it) until its backward.
+    (In fp32 the tokenizer or the checkpoints save it as the benchmark's own input, which the
+    planner does not count.)"""
     if layout.act_bytes >= 4:
         return []
     s = shapes(model, layout)
-    return [Stage("input", saved=0.0, held=layout.micro_batch_size * s.c_r * model.img_h * model.img_w * 4)]
+    bytes_ = layout.micro_batch_size * s.c_r * model.img_h * model.img_w * 4
+    if model.channel_chunk:
+        return [Stage("input", saved=bytes_)]
+    return [Stage("input", saved=0.0, held=bytes_)]
 
 
 def _simulate(stages: list[Stage], grad_bytes_per_param: float, grads_before: float = 0.0,
@@ -345,7 +402,7 @@ def estimate_memory(model: ModelSpec, layout: LayoutSpec) -> MemoryEstimate:
     outputs = s.c_r
     data = layout.micro_batch_size * outputs * model.img_h * model.img_w * (4 + 1)  # images + validity mask
     activations = {
-        "channel_stage": sum(st.saved for st in ch),
+        "channel_stage": sum(st.saved for st in inp + ch),  # streamed: its checkpoints save the input
         "backbone": sum(st.saved for st in bb),
         "head": sum(st.saved for st in hd),
     }

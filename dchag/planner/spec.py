@@ -8,6 +8,7 @@ from dchag.parallel.partition import LayoutError
 
 PRECISIONS = {"fp32": 4, "bf16": 2}
 AGGREGATIONS = ("flat", "linear", "cross")
+ATTENTION_BACKENDS = ("sdpa", "unfused")  # --attention-backend (auto = sdpa)
 
 
 class PlanError(LayoutError):
@@ -30,8 +31,13 @@ class ModelSpec:
     channel_chunk: int = 0  # K of the streamed channel stage (0 = off)
     task: str = "mae"
     out_channels: int | None = None  # forecast: predicted variables (default: all)
+    attention_backend: str = "sdpa"  # the kernel of every attention (training's default: auto = sdpa)
 
     def __post_init__(self):
+        if self.attention_backend == "auto":
+            object.__setattr__(self, "attention_backend", "sdpa")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise PlanError(f"attention backend must be auto, sdpa or unfused, got {self.attention_backend!r}.")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_channels", "img_h", "img_w",
                      "patch_dim", "tree_levels"):
             if int(getattr(self, name)) < 1:

@@ -16,7 +16,8 @@ def planner_specs(spec: SimSpec) -> tuple[ModelSpec, LayoutSpec]:
                       ffn_hidden_size=c.ffn_hidden_size, aggregation=c.aggregation,
                       groups=c.groups if c.aggregation != "flat" else 8, tree_levels=c.tree_levels,
                       channel_chunk=c.channel_chunk, task=c.task,
-                      out_channels=len(c.predicted_channels) if c.task == "forecast" else None)
+                      out_channels=len(c.predicted_channels) if c.task == "forecast" else None,
+                      attention_backend=c.attention_backend)
     layout = LayoutSpec(spec.tensor_parallel, spec.channel_parallel, spec.data_parallel, spec.zero_stage,
                         "bf16" if c.bf16 else "fp32", c.recompute_activations, c.sequence_parallel,
                         spec.micro_batch_size)
@@ -34,7 +35,7 @@ def spec_from_plan(plan, rank: int = 0) -> SimSpec:
                       channel_chunk=m.channel_chunk, task=m.task,
                       out_channels=tuple(range(m.out_channels)) if m.task == "forecast" and m.out_channels else None,
                       recompute_activations=lay.recompute, sequence_parallel=lay.sequence_parallel,
-                      bf16=lay.precision == "bf16")
+                      bf16=lay.precision == "bf16", attention_backend=m.attention_backend)
     return SimSpec(cfg, world_size=lay.world_size, rank=rank, tensor_parallel=lay.tensor_parallel,
                    channel_parallel=lay.channel_parallel, zero_stage=lay.zero_stage,
                    micro_batch_size=lay.micro_batch_size)

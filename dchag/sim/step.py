@@ -51,7 +51,7 @@ class SimSpec:
         return self.world_size // self.tensor_parallel
 
     def validate(self) -> None:
-        from megatron_patches.channel_parallel import validate_layout
+        from dchag.parallel.partition import validate_layout
         validate_layout(self.world_size, self.tensor_parallel, self.channel_parallel)
         self.cfg.validate_layout(self.tensor_parallel, self.channel_parallel)
         if self.zero_stage not in (0, 1, 2):

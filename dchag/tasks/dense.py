@@ -103,8 +103,7 @@ class DenseTask(Task):
         invalid. Collective: every rank of the model calls it."""
         from dchag.data.visualize import rgb_channels
         from dchag.parallel.comm import reduce_from_channel_parallel_region
-        from dchag.training.logging_utils import comm_device
-        from dchag.training.loop import to_device
+        from dchag.device import run_device as comm_device, to_device
         ds = valid_factory.dataset
         rgb = rgb_channels(cfg.num_channels, ds.source.wavelengths)
         tiles, seen = [], set()

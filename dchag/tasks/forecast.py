@@ -117,8 +117,7 @@ class ForecastTask(Task):
 
     def picture_arrays(self, model, valid_factory, args, cfg, max_tiles: int) -> dict:
         """The first held-out sample's first target variable: target and prediction (normalized)."""
-        from dchag.training.logging_utils import comm_device
-        from dchag.training.loop import to_device
+        from dchag.device import run_device as comm_device, to_device
         ds = valid_factory.dataset
         batch = to_device(next(iter(valid_factory())), comm_device())
         images = valid_images(batch)

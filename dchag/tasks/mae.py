@@ -102,13 +102,12 @@ def heldout_reconstructions(model, valid_factory, cfg, mask_ratio: float, seed: 
     {"tiles": [{"index", "input" [3, H, W], "reconstruction" [3, H, W], "mask" [L]}], "rgb": channels,
     "rgb_nm": their wavelengths or None}. Collective: every rank of the model calls it."""
     from dchag.data.visualize import rgb_channels
-    from dchag.training.logging_utils import comm_device
-    from dchag.training.loop import to_device
+    from dchag.device import run_device, to_device
     ds = valid_factory.dataset
     rgb = rgb_channels(cfg.num_channels, ds.source.wavelengths)
     tiles, seen = [], set()
     for batch in valid_factory():
-        batch = to_device(batch, comm_device())
+        batch = to_device(batch, run_device())
         for i in range(batch["images"].shape[0]):
             index = int(batch["index"][i])
             if len(tiles) < max_tiles and bool(batch["scored"][i]) and index not in seen:  # not padding

@@ -9,16 +9,16 @@ import torch
 
 def init_distributed() -> None:
     """The run's device decides (``dchag.device``): gloo on the CPU; NCCL/RCCL and the local
-    rank's GPU otherwise. DeepSpeed is told the same through ``DS_ACCELERATOR``."""
+    rank's GPU otherwise. DeepSpeed is told the same through ``DS_ACCELERATOR``. Rank, world size
+    and rendezvous come from the launcher (torchrun, deepspeed, srun or none: ``launch.resolve``);
+    DeepSpeed's JIT ops are cached per environment (``launch.use_environment_extensions_dir``)."""
     from dchag.device import comm_backend, run_device
+    from dchag.training import launch
+    launch.resolve()
+    launch.use_environment_extensions_dir()
     device = run_device()  # raises a DeviceError naming the fix
     os.environ.setdefault("DS_ACCELERATOR", device.type)
     import deepspeed
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if device.type == "cpu":

@@ -4,31 +4,30 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from dchag.arguments import model_config, parse_args
 from dchag.data.errors import DataError
-from dchag.device import DeviceError
+from dchag.device import DeviceError, to_device
 from dchag.parallel.partition import LayoutError
 from dchag.checkpointing import compat, engine as ckpt, lock as save_lock, rng, tags, universal as ckpt_universal
 from dchag.checkpointing.errors import CheckpointError
-from dchag.tasks import get_task
-from dchag.training import startup
-from dchag.training.ds_config import ConfigError, build_ds_config
+from dchag.training import preflight, startup
+from dchag.training.ds_config import ConfigError
 from dchag.training.initialize import init_distributed, init_model_parallel
+from dchag.training.launch import LaunchError
 from dchag.training.logging_utils import invalid_input_values, comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
 from dchag.training.batch_checks import empty_samples
 from dchag.training.lr import LRScheduler, ScheduleError
 from dchag.training.nonfinite import NonFiniteError, Streak, is_nonfinite
-from dchag.training.signals import ExitRequest, exit_interrupted, progress
+from dchag.training.signals import ExitRequest, progress
+from dchag import transfer
 from dchag.transfer.errors import FinetuneError
 
 USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, CheckpointError, ScheduleError, DeviceError,
-               FinetuneError)
+               FinetuneError, preflight.PreflightError, LaunchError)
 
 
 def _print0(msg: str, log_file=None) -> None:
@@ -39,11 +38,6 @@ def _print0(msg: str, log_file=None) -> None:
                 f.write(msg + "\n")
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """A batch's tensors on ``device`` (no copy on the CPU)."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def _build_optimizer(model, args):
     """AdamW over the trainable parameters (--freeze-encoder leaves the encoder out), in groups:
     weight matrices decay, the rest not; each group's ``lr_mult`` (megatron's, applied by the LR
@@ -52,11 +46,6 @@ def _build_optimizer(model, args):
     from dchag.model.aggregation import PartialAggregation
     from dchag.model.init import is_weight_matrix
     from dchag.transfer import is_new_parameter
-    for flag, value in (("--dchag-partial-lr-mult", args.dchag_partial_lr_mult),
-                        ("--new-params-lr-mult", getattr(args, "new_params_lr_mult", 1.0))):
-        if value < 0:
-            raise ConfigError(f"{flag} {value}: a learning-rate multiplier must be >= 0 (1 = the schedule's rate, "
-                              "0 = frozen).")
     partial = {id(p) for m in model.modules() if isinstance(m, PartialAggregation) for p in m.parameters()}
     groups = {}
     for p in model.parameters():
@@ -71,32 +60,19 @@ def _build_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=0.0, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
 
 
-def read_channel_identity(args) -> None:
-    """``args.num_channels`` (when not given), ``args.channel_names`` and ``args.wavelengths`` (nm, None
-    where a channel has none) from the data's metadata: the model and every checkpoint record them."""
-    from dchag.data.build import open_data_source
-    source = open_data_source(args.data_path, args.data_format, task=args.task, img_h=args.img_h, img_w=args.img_w,
-                              num_channels=args.num_channels, seed=args.seed)
-    if args.num_channels is None:
-        from dchag.data.readers.open import check_channel_axis
-        check_channel_axis(source, None)  # a plain array without a channel count: refused, naming both readings
-    args.num_channels = source.num_channels
-    args.channel_names = [str(n) for n in source.channel_names]
-    wavelengths = source.wavelengths
-    args.wavelengths = None if wavelengths is None else \
-        [float(w) if math.isfinite(float(w)) else None for w in wavelengths]
-
-
 def run(args, model_provider, forward_step, datasets_provider, non_loss_data_func=None,
-        eval_metrics_func=None, loss_weight_func=None) -> dict:
+        eval_metrics_func=None, loss_weight_func=None, found: preflight.Found | None = None) -> dict:
     """Train; returns {"losses": {iteration: loss}, "val_losses": {...}, "engine": engine} (on
     every rank; losses are the exact float values the log line rounds). Call ``release(history)``
-    before training again in the same process. On an exception the engine is released here."""
+    before training again in the same process. On an exception the engine is released here.
+    ``found``: the pre-flight's result when the caller ran it (``pretrain`` does), else it runs here."""
     built = {"exit_request": ExitRequest(args, time.time()).install()}
     progress.update(iteration=0, saved=None)
     try:
+        if found is None:
+            found = preflight.run(args)
         return _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
-                    built, loss_weight_func)
+                    built, found, loss_weight_func)
     except BaseException as e:
         if "engine" in built and not isinstance(e, KeyboardInterrupt):  # a peer may be gone: no teardown
             try:
@@ -136,38 +112,25 @@ def shutdown(history: dict) -> None:
 
 
 def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
-         built: dict, loss_weight_func=None) -> dict:
+         built: dict, found: preflight.Found, loss_weight_func=None) -> dict:
+    # The pre-flight has checked everything that needs no process group (arguments, JSON, layout,
+    # data, checkpoint compatibility): from here on, the ranks meet.
+    if os.environ.get("RANK", "0") == "0":  # the first line, before the slow imports and rendezvous
+        print(f"> dchag: starting {found.world_size} rank(s): initializing torch.distributed ...", flush=True)
+    import megatron_patches
+    megatron_patches.import_megatron()  # before anything imports megatron-core (start-up time on the CPU)
     import deepspeed
     from megatron.core import parallel_state as ps
 
-    if os.environ.get("RANK", "0") == "0":  # the first line, before the slow imports and rendezvous
-        print(f"> dchag: starting {os.environ.get('WORLD_SIZE', '1')} rank(s): initializing torch.distributed ...",
-              flush=True)
     init_distributed()
-    from dchag import transfer
-    # --finetune: the pretrained model readable, its architecture taken, conflicts refused (no process group needed)
-    pretrained = transfer.prepare(args)
-    from megatron_patches.channel_parallel import validate_layout
-    world = dist.get_world_size()
-    # Layout errors before any process group or weight is built (every rank raises the same).
-    validate_layout(world, args.tensor_model_parallel_size, args.channel_parallel_size)
-    dp = world // args.tensor_model_parallel_size
-    ds_config = build_ds_config(args, dp)  # resolves batch sizes, --bf16, --clip-grad against the JSON
-    read_channel_identity(args)
-    get_task(args.task).prepare_args(args)  # its flags checked; args.num_outputs (regress, segment)
-    if pretrained is not None:
-        transfer.resolve_groups(args, pretrained)
-    cfg = model_config(args)
-    cfg.validate_layout(args.tensor_model_parallel_size, args.channel_parallel_size)
-    # Checkpoint errors come before anything is built or written (every rank raises the same).
-    universal = bool((ds_config.get("checkpoint") or {}).get("load_universal"))
-    from dchag.checkpointing.convert import is_universal
-    if not universal and is_universal(args.load):  # tools/convert_checkpoint.py --format universal output
-        ds_config.setdefault("checkpoint", {})["load_universal"] = universal = True
-    built["save_lock"] = save_lock.acquire_for_run(args.save)  # one job per --save folder
-    load_tag = compat.check_compatible(args, universal)
-    start = tags.iteration_of(load_tag) if load_tag else 0
-    compat.check_save_dir(args, start if start is not None else 0)
+    dp = found.data_parallel_size
+    ds_config, cfg = found.ds_config, found.cfg
+    universal, load_tag, pretrained = found.universal, found.load_tag, found.pretrained
+    # One job per --save folder: the lock is taken here, by the run, never by the pre-flight (which only
+    # checks that no live job holds it). Interrupted saves beyond the start are moved aside only under it:
+    # a folder another job is still writing has no manifest either.
+    built["save_lock"] = save_lock.acquire_for_run(args.save)
+    compat.check_save_dir(args, found.start_iteration)
     init_model_parallel(args)
     dp_rank = ps.get_data_parallel_rank()
     num_micro = ds_config["gradient_accumulation_steps"]
@@ -462,29 +425,3 @@ def _undo_setup_step(engine) -> None:
 def _mpu():
     from megatron_patches.deepspeed_mpu import mpu
     return mpu
-
-
-def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_loss_data_func=None,
-             eval_metrics_func=None, loss_weight_func=None) -> dict:
-    """Entry point: parse the command line, run, turn user errors into a one-line message + exit 1.
-
-    Optional callbacks:
-    - ``non_loss_data_func(model, valid_factory, args, cfg, iteration, writer)`` runs once after
-      training on every rank (megatron's name for evaluation outputs that are not a loss, e.g.
-      pictures);
-    - ``eval_metrics_func(sums, args, valid_factory) -> {name: float}`` turns the summed
-      evaluation statistics of ``forward_step`` into figures, printed on the validation line
-      and written to TensorBoard as ``val/<name>``;
-    - ``loss_weight_func(batch, args) -> float64 tensor | None``: a micro-batch's loss weight; with
-      it the training loss is pooled over the global batch (see ``_pool_loss_over_global_batch``)."""
-    args = parse_args(argv)
-    try:
-        try:
-            return run(args, model_provider, forward_step, datasets_provider, non_loss_data_func, eval_metrics_func,
-                       loss_weight_func)
-        except USER_ERRORS as e:
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C without --exit-signal-handler: one line per rank, no traceback
-        exit_interrupted()

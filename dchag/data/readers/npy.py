@@ -10,6 +10,7 @@ Channel names and wavelengths travel in a sidecar beside the file, ``FILE.channe
 ``cube.npy``: ``cube.channels.json``; ``cube.npy.channels.json`` also works)::
 
     {"channel_names": ["b400", "b405", ...], "wavelengths": [400.0, 405.0, ...]}   # nm; either key optional
+    ["b400", "b405", ...]                                                         # names only
 
 Values given to the reader directly take precedence. Logs, reconstruction pictures and exports
 use them as they use an ENVI header's band names and wavelengths.
@@ -106,8 +107,14 @@ def read_sidecar(path: str) -> dict:
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read the channel sidecar {path} ({e}); it must be JSON like "
                         '{"channel_names": [...], "wavelengths": [...]}.') from e
+    if isinstance(meta, list):  # a bare list: the channel names
+        if not all(isinstance(v, str) for v in meta):
+            raise DataError(f"the channel sidecar {path} is a list of non-names ({meta[:3]}...); a bare list must hold "
+                            'the channel names as strings; for wavelengths write {"wavelengths": [...]} (nm).')
+        return {"channel_names": meta}
     unknown = sorted(set(meta) - {"channel_names", "wavelengths"}) if isinstance(meta, dict) else None
     if unknown is None or unknown:
         raise DataError(f"the channel sidecar {path} must be a JSON object with 'channel_names' and/or "
-                        f"'wavelengths' (nm){'; unknown keys: ' + ', '.join(unknown) if unknown else ''}.")
+                        f"'wavelengths' (nm), or a list of channel names"
+                        f"{'; unknown keys: ' + ', '.join(unknown) if unknown else ''}.")
     return meta
