@@ -253,3 +253,10 @@ def test_report_says_plainly_when_a_method_does_not_beat_a_baseline(tmp_path, ca
            (tmp_path / "b" / "parity.md").read_text()
     assert parity_tool.merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "ab")) == 0
     assert "[parity] flat (baseline) does not beat the baseline 'visible-pixel mean'" in capsys.readouterr().out
+
+
+def test_late_change_is_the_last_fifth_of_the_curve():
+    from dchag.parity.report import late_change
+    curve = {"iterations": [100, 200, 300, 400, 500], "val_loss": [2.0, 1.0, 0.8, 0.5, 0.4]}
+    assert late_change(curve) == pytest.approx((0.4 - 0.5) / 0.5)  # from iteration 400 (= 0.8 x 500) on
+    assert late_change({"iterations": [3, 6], "val_loss": [2.0, 1.5]}) == pytest.approx(-0.25)

@@ -11,12 +11,23 @@ from dchag.parity.stats import mean_interval, relative_gaps
 from dchag.tasks import get_task
 
 
+def late_change(curve: dict, fraction: float = 0.2) -> float:
+    """Relative change of the validation loss over the last ``fraction`` of the iterations: from
+    the last evaluation at or before (1 - fraction) x the final iteration to the final one. Near 0:
+    the run has stopped moving (it has converged under its schedule)."""
+    its, vals = curve["iterations"], curve["val_loss"]
+    start = max((k for k, it in enumerate(its) if it <= (1 - fraction) * its[-1]), default=0)
+    return (vals[-1] - vals[start]) / vals[start]
+
+
 def summarize(results: dict) -> dict:
-    """Add to every non-baseline method its paired relative gap to flat (per seed and the 95 % interval)."""
+    """Add to every non-baseline method its paired relative gap to flat (per seed and the 95 % interval)
+    and, per seed, how much its validation loss still moved over the last 20 % of iterations."""
     methods = results["methods"]
     flat = next((m for m in methods.values() if m["spec"] == "flat"), None)  # None: a shard to --merge
     for m in methods.values():
         m["val_loss_mean"] = mean_interval(m["val_loss"])
+        m["late_change"] = [late_change(m["curves"][str(s)]) for s in results["seeds"]]
         m.pop("gap_to_flat", None)
         if flat is not None and m is not flat:
             gaps = relative_gaps(m["val_loss"], flat["val_loss"])
@@ -72,8 +83,9 @@ def markdown(results: dict) -> str:
     if verdicts:
         lines += ["", "**Against the baselines:** " + " ".join(verdicts)]
     lines += ["",
-             "| method | val loss (mean +- 95 % CI) | gap to flat (paired, 95 % CI) | train loss (last 10 %) | s per run |",
-             "|---|---:|---:|---:|---:|"]
+             "| method | val loss (mean +- 95 % CI) | gap to flat (paired, 95 % CI) | train loss (last 10 %) | "
+             "val loss change over the last 20 % (largest over seeds) | s per run |",
+             "|---|---:|---:|---:|---:|---:|"]
     for m in results["methods"].values():
         v = m["val_loss_mean"]
         ci = "" if v["half_width"] != v["half_width"] else f" +- {v['half_width']:.2E}"
@@ -81,9 +93,9 @@ def markdown(results: dict) -> str:
         gap_s = ("(reference)" if m["spec"] == "flat" else "(no flat in this study)") if gap is None else (
             f"{_pct(gap['mean'])} [{_pct(gap['low'])}, {_pct(gap['high'])}]" if gap["n"] > 1 else _pct(gap["mean"]))
         lines.append(f"| {m['label']} | {v['mean']:.4E}{ci} | {gap_s} | {np.mean(m['train_loss']):.4E} | "
-                     f"{np.mean(m['seconds']):.0f} |")
+                     f"{_pct(max(m['late_change'], key=abs))} | {np.mean(m['seconds']):.0f} |")
     for name, b in results["baselines"].items():
-        lines.append(f"| *baseline: {name}* | {b['val_loss']:.4E} | | | |")
+        lines.append(f"| *baseline: {name}* | {b['val_loss']:.4E} | | | | |")
     metric_rows = [(m["label"], m["metrics_mean"]) for m in results["methods"].values() if m.get("metrics_mean")]
     metric_rows += [(f"*{n}*", b["metrics"]) for n, b in results["baselines"].items() if b["metrics"]]
     if metric_rows:
