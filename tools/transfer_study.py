@@ -1,7 +1,7 @@
-"""The transfer study of docs/TRANSFER.md: pretrain MAE on a 211-band synthetic scene (400-2,500 nm),
-then fine-tune, train from scratch and probe (frozen encoder) on (a) the same kind of scenes at 13
-Sentinel-2-like bands and (b) abundance regression from 8 labelled tiles, for flat and D-CHAG-L, over
-paired seeds (dchag/transfer/study.py says what each run is).
+"""The transfer study of docs/TRANSFER.md: pretrain MAE on 211-band synthetic scenes (400-2,500 nm, 64 x 64 px
+in 16 x 16 tiles), then fine-tune, train from scratch and probe (frozen encoder) on (a) the same kind of scenes at
+13 Sentinel-2-like bands and (b) abundance regression from 8 labelled tiles, for flat and D-CHAG-L, over paired
+seeds (dchag/transfer/study.py says what each run is).
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python tools/transfer_study.py \\
         --output-dir runs/transfer --seeds 5
@@ -27,8 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--output-dir", default="runs/transfer")
     p.add_argument("--seeds", type=int, default=5, help="seeds 1 .. N, paired across regimes (default: %(default)s)")
     p.add_argument("--methods", default="flat,linear", help="parity-style method specs (default: %(default)s)")
-    p.add_argument("--pretrain-iters", type=int, default=400)
-    p.add_argument("--finetune-iters", type=int, default=150)
+    p.add_argument("--pretrain-iters", type=int, default=300)
+    p.add_argument("--finetune-iters", type=int, default=100)
     p.add_argument("--only", default=None, help="comma list: pretrain and/or downstream names (s2, regress) to run")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
     ours = p.parse_args(argv)

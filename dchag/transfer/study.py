@@ -42,8 +42,8 @@ class Downstream:
     data: str  # the synthetic spec's own options (the world's are added)
     num_channels: int
     task_flags: tuple[str, ...]
-    num_images: int
-    valid_fraction: float
+    num_images: int  # of scene_size x scene_size px
+    valid_fraction: float  # of the tiles (the last ones held out)
     metric: str  # "val_loss" (lower is better) or "r2" (mean R^2 over the targets, higher is better)
 
 
@@ -56,26 +56,34 @@ class StudyConfig:
     wavelength_min: float = 400.0
     wavelength_max: float = 2500.0
     world_seed: int = 0
-    pretrain_images: int = 256
-    pretrain_iters: int = 400
-    finetune_iters: int = 150
+    scene_size: int = 64  # px: each image is 4 x 4 tiles, so the abundance fields are smooth at the tile's scale
+    tile: int = 16
+    pretrain_images: int = 16
+    pretrain_iters: int = 300
+    finetune_iters: int = 100
     image_offset: int = 100_000
-    model: tuple[str, ...] = ("--img-h", "16", "--img-w", "16", "--patch-dim", "4", "--num-layers", "2",
-                              "--hidden-size", "32", "--num-attention-heads", "2")
+    model: tuple[str, ...] = ("--patch-dim", "4", "--num-layers", "2", "--hidden-size", "32",
+                              "--num-attention-heads", "2")
     groups: int = 8
     training: tuple[str, ...] = ("--deepspeed", "--deepspeed_config", "ds_configs/zero1_fp32.json",
                                  "--micro-batch-size", "8", "--global-batch-size", "8", "--lr", "2e-3",
                                  "--weight-decay", "0.05", "--log-interval", "50")
     downstream: tuple[Downstream, ...] = field(default_factory=lambda: (
-        Downstream("s2", "(a) 13 Sentinel-2-like bands, MAE", "bands=s2,num_images=48", 13, ("--task", "mae"),
-                   48, 0.5, "val_loss"),
-        Downstream("regress", "(b) abundance regression from 8 labelled tiles", "num_images=40", 211,
-                   ("--task", "regress", "--target-path", "synthetic"), 40, 0.8, "r2"),
+        Downstream("s2", "(a) 13 Sentinel-2-like bands, MAE", "bands=s2", 13, ("--task", "mae"), 3, 0.5,
+                   "val_loss"),
+        Downstream("regress", "(b) abundance regression from 8 labelled tiles", "", 211,
+                   ("--task", "regress", "--target-path", "synthetic"), 3, 0.834, "r2"),  # 48 tiles: 8 train
     ))
 
     def world(self) -> str:
-        return (f"wavelength_min={self.wavelength_min:g},wavelength_max={self.wavelength_max:g},"
-                f"seed={self.world_seed}")
+        return (f"height={self.scene_size},width={self.scene_size},wavelength_min={self.wavelength_min:g},"
+                f"wavelength_max={self.wavelength_max:g},seed={self.world_seed}")
+
+    def tiles(self, images: int) -> int:
+        return images * (self.scene_size // self.tile) ** 2
+
+    def tile_flags(self) -> list[str]:
+        return ["--img-h", str(self.tile), "--img-w", str(self.tile)]
 
     def seed_list(self) -> list[int]:
         return [self.first_seed + i for i in range(self.seeds)]
@@ -115,10 +123,10 @@ def plan(cfg: StudyConfig, out_dir: str) -> list[RunSpec]:
         for seed in cfg.seed_list():
             name = f"pretrain-{_slug(method)}-seed{seed}"
             save = os.path.join(out_dir, "checkpoints", name)
-            n_valid = valid_count(cfg.pretrain_images, 0.125)
+            n_valid = valid_count(cfg.tiles(cfg.pretrain_images), 0.125)
             argv = ["--task", "mae", "--data-path",
                     f"synthetic:num_images={cfg.pretrain_images},{cfg.world()}",
-                    "--num-channels", str(cfg.scene_channels), *cfg.model, *_method_flags(method, cfg.groups),
+                    "--num-channels", str(cfg.scene_channels), *cfg.tile_flags(), *cfg.model, *_method_flags(method, cfg.groups),
                     *cfg.training, "--train-iters", str(cfg.pretrain_iters),
                     "--lr-warmup-iters", str(max(1, cfg.pretrain_iters // 15)), "--valid-fraction", "0.125",
                     "--eval-interval", str(cfg.pretrain_iters), "--eval-iters", str(math.ceil(n_valid / 8)),
@@ -126,14 +134,16 @@ def plan(cfg: StudyConfig, out_dir: str) -> list[RunSpec]:
             runs.append(RunSpec(name, "pretrain", method, None, seed, tuple(argv), save))
             pretrained[(method.spec, seed)] = save
     for ds in cfg.downstream:
-        n_valid = valid_count(ds.num_images, ds.valid_fraction)
-        data = f"synthetic:{ds.data},image_offset={cfg.image_offset},{cfg.world()}"
+        n_valid = valid_count(cfg.tiles(ds.num_images), ds.valid_fraction)
+        data = f"synthetic:{ds.data + ',' if ds.data else ''}num_images={ds.num_images},image_offset={cfg.image_offset}," \
+               f"{cfg.world()}"
         if "bands=" in ds.data:
             data += f",scene_channels={cfg.scene_channels}"
         for method in cfg.methods_list():
             for regime in REGIMES:
                 for seed in cfg.seed_list():
-                    argv = [*ds.task_flags, "--data-path", data, "--num-channels", str(ds.num_channels), *cfg.model,
+                    argv = [*ds.task_flags, "--data-path", data, "--num-channels", str(ds.num_channels),
+                            *cfg.tile_flags(), *cfg.model,
                             *_method_flags(method, cfg.groups), *cfg.training,
                             "--train-iters", str(cfg.finetune_iters),
                             "--lr-warmup-iters", str(max(1, cfg.finetune_iters // 10)),
