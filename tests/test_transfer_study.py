@@ -1,0 +1,90 @@
+"""The transfer study's data and figures: Sentinel-2-like bands are box averages of the scene, the
+fine-tune images are other images of the same world, and the report's intervals follow the formula."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dchag.data import DataError, open_source
+from dchag.data.readers.synthetic import S2_BANDS, SyntheticSource
+from dchag.transfer.study import StudyConfig, plan, summarize, verdict
+
+WORLD = dict(height=6, width=5, num_images=3, seed=4, wavelength_min=400.0, wavelength_max=2500.0)
+
+
+def test_s2_bands_are_box_averages_of_the_scene():
+    scene = SyntheticSource(num_channels=211, **WORLD)
+    s2 = open_source("synthetic:bands=s2,scene_channels=211,wavelength_min=400,wavelength_max=2500", num_channels=13,
+                     height=6, width=5, num_images=3, seed=4)
+    wl = 400.0 + 10.0 * np.arange(211)  # 400-2,500 nm every 10 nm
+    np.testing.assert_allclose(scene.wavelengths, wl)
+    assert s2.channel_names == [b[0] for b in S2_BANDS]
+    np.testing.assert_array_equal(s2.wavelengths, [b[1] for b in S2_BANDS])
+    for n in range(3):
+        x = scene.read(n).astype(np.float64)
+        want = np.stack([x[(wl >= c - w / 2) & (wl <= c + w / 2)].mean(axis=0) for _, c, w in S2_BANDS])
+        np.testing.assert_allclose(s2.read(n), want, rtol=0, atol=2e-6)
+        np.testing.assert_allclose(s2.read(n, range(4, 9), slice(1, 4)), want[4:9, 1:4], rtol=0, atol=2e-6)
+    # B06 (740 +- 7.5 nm) holds the single scene band at 740 nm; B12 (2190 +- 90 nm) 19 of them
+    np.testing.assert_allclose(s2.read(0)[5], scene.read(0)[34], atol=1e-7)
+
+
+def test_band_set_errors_name_the_fix():
+    with pytest.raises(DataError, match=r"band B09 \(945 \+- 10 nm\) holds no scene channel.*raise scene_channels"):
+        SyntheticSource(num_channels=13, bands="s2", scene_channels=50, **WORLD)
+    with pytest.raises(DataError, match="--num-channels 13"):
+        SyntheticSource(num_channels=12, bands="s2", scene_channels=211, **WORLD)
+    with pytest.raises(DataError, match="unknown synthetic band set"):
+        SyntheticSource(num_channels=13, bands="landsat", scene_channels=211, **WORLD)
+    with pytest.raises(DataError, match="not a number"):
+        open_source("synthetic:wavelength_min=blue", num_channels=4, height=4, width=4)
+
+
+def test_image_offset_gives_later_images_of_the_same_world():
+    full = SyntheticSource(num_channels=7, **{**WORLD, "num_images": 5})
+    later = SyntheticSource(num_channels=7, **{**WORLD, "num_images": 2}, image_offset=3)
+    for n in range(2):
+        np.testing.assert_array_equal(later.read(n), full.read(n + 3))
+        np.testing.assert_array_equal(later.abundances(n, np.arange(6), np.arange(5)),
+                                      full.abundances(n + 3, np.arange(6), np.arange(5)))
+    assert not np.allclose(later.read(0), full.read(0))
+    np.testing.assert_array_equal(later.spectra(np.arange(7)), full.spectra(np.arange(7)))  # same endmembers
+
+
+def _result(stage, method, regime, seed, val_loss, r2=None):
+    metrics = {} if r2 is None else {"r2/abundance0": r2 - 0.1, "r2/abundance1": r2 + 0.1}
+    return {"name": f"{stage}-{method}-{regime}-{seed}", "stage": stage, "method": method, "regime": regime,
+            "seed": seed, "val_loss": val_loss, "metrics": metrics}
+
+
+def test_report_intervals_follow_the_student_t_formula(tmp_path):
+    cfg = StudyConfig(seeds=5, methods="flat,linear")
+    assert len(plan(cfg, str(tmp_path))) == 2 * 5 + 2 * 2 * 3 * 5
+    rng = np.random.default_rng(0)
+    results = []
+    for m in ("flat", "linear"):
+        for s in cfg.seed_list():
+            results.append(_result("pretrain", m, None, s, 1.0 + rng.normal()))
+            for reg in ("finetune", "scratch", "probe"):
+                results.append(_result("s2", m, reg, s, 1.0 + rng.normal(0, 0.1)))
+                results.append(_result("regress", m, reg, s, 1.0, r2=0.5 + rng.normal(0, 0.1)))
+    summary = summarize(results, cfg)
+    by = {(r["stage"], r["method"], r["regime"], r["seed"]): r for r in results}
+    for stage, value in (("s2", lambda r: r["val_loss"]), ("regress", lambda r: np.mean(list(r["metrics"].values())))):
+        row = summary["downstream"][stage]["rows"]["linear"]
+        d = np.array([value(by[(stage, "linear", "finetune", s)]) - value(by[(stage, "linear", "scratch", s)])
+                      for s in cfg.seed_list()])
+        half = 2.776445 * d.std(ddof=1) / math.sqrt(5)  # t_{0.975, 4}
+        got = row["finetune_minus_scratch"]
+        assert got["mean"] == pytest.approx(d.mean(), abs=1e-12)
+        assert got["half_width"] == pytest.approx(half, rel=5e-4)
+        probe = np.array([value(by[(stage, "linear", "probe", s)]) for s in cfg.seed_list()])
+        assert row["regimes"]["probe"]["half_width"] == pytest.approx(2.776445 * probe.std(ddof=1) / math.sqrt(5),
+                                                                      rel=5e-4)
+    # the words follow the interval and the metric's direction
+    assert verdict({"n": 5, "low": -0.3, "high": -0.1}, "val_loss") == "helps"
+    assert verdict({"n": 5, "low": -0.3, "high": -0.1}, "r2") == "hurts"
+    assert verdict({"n": 5, "low": -0.3, "high": 0.1}, "r2") == "no measurable difference"
