@@ -23,7 +23,7 @@ own layer and the layers below it):
 13. ``dchag.planner``                          memory / communication / FLOPs arithmetic
 14. ``dchag.bench``                            benchmarks of the real code
 15. ``dchag.sim``                              the real code at cluster scale on fake tensors, beside the planner
-16. ``dchag.parity``                           accuracy studies: whole training runs
+16. ``dchag.parity``                           studies of whole training runs: parity, transfer
 17. ``dchag`` (its ``__init__``)               the public facade (``dchag.load_pretrained``)
 """
 

@@ -10,7 +10,7 @@ import pytest
 
 from dchag.data import DataError, open_source
 from dchag.data.readers.synthetic import S2_BANDS, SyntheticSource
-from dchag.transfer.study import StudyConfig, plan, summarize, verdict
+from dchag.parity.transfer_study import StudyConfig, plan, summarize, verdict
 
 WORLD = dict(height=6, width=5, num_images=3, seed=4, wavelength_min=400.0, wavelength_max=2500.0)
 

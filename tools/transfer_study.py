@@ -1,7 +1,7 @@
 """The transfer study of docs/TRANSFER.md: pretrain MAE on 211-band synthetic scenes (400-2,500 nm, 64 x 64 px
 in 16 x 16 tiles), then fine-tune, train from scratch and probe (frozen encoder) on (a) the same kind of scenes at
 13 Sentinel-2-like bands and (b) abundance regression from 8 labelled tiles, for flat and D-CHAG-L, over paired
-seeds (dchag/transfer/study.py says what each run is).
+seeds (dchag/parity/transfer_study.py says what each run is).
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python tools/transfer_study.py \\
         --output-dir runs/transfer --seeds 5
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ours = p.parse_args(argv)
 
     from dchag.parallel.partition import LayoutError
-    from dchag.transfer.study import StudyConfig, plan, result_path, run_one, write_report
+    from dchag.parity.transfer_study import StudyConfig, plan, result_path, run_one, write_report
     if ours.seeds < 1 or ours.pretrain_iters < 1 or ours.finetune_iters < 1:
         print("error: --seeds, --pretrain-iters and --finetune-iters must be >= 1.", file=sys.stderr)
         return 1
