@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from dchag.training import launch, preflight
 
@@ -36,6 +37,9 @@ def _user_errors() -> tuple:
     return tuple(types)
 
 
+SILENT_RANK_GRACE_S = 10
+
+
 def _fail(error: Exception, before_start: bool) -> None:
     """One message (before the start: per node, since any node may see its own problem; after:
     rank 0), exit status 1."""
@@ -46,6 +50,12 @@ def _fail(error: Exception, before_start: bool) -> None:
         show = not dist.is_initialized() or dist.get_rank() == 0
     if show:
         print(f"error: {error}", file=sys.stderr, flush=True)
+    elif before_start:
+        # torchrun stops every worker as soon as one exits. A silent rank that got here first would
+        # get the node's printing rank killed before it prints (seen under load: exit 1, no
+        # message). The printing rank runs the same checks, so it arrives within seconds; when it
+        # exits, torchrun ends this sleep too, so a wrong command costs no extra time there.
+        time.sleep(SILENT_RANK_GRACE_S)
     sys.exit(1)
 
 
