@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+from tests.distributed import free_port
+
 _START = """
 import os, torch.distributed as dist
 from dchag.training.initialize import init_distributed
@@ -27,7 +29,7 @@ def test_cpu_start_ignores_a_stale_jit_build_lock(tmp_path):
     op_dir.mkdir(parents=True)
     (op_dir / "lock").write_text("")  # what a process killed mid-build leaves behind
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache), DS_ACCELERATOR="cpu", RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+               WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     done = subprocess.run([sys.executable, "-c", _START], env=env, capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
