@@ -71,6 +71,11 @@ class DChagConfig:
     channel_names: tuple[str, ...] | None = None
     wavelengths: tuple[float | None, ...] | None = None
     channel_embedding: str = "learned"  # learned | wavelength (+ a fixed sin-cos of the wavelength, tokenizer.py)
+    # A blend of data sources (--data-path W1 P1 W2 P2 ...): the channels above are the union of the
+    # sources' channel identities, and each source is the tuple of union ids of its channels, in its
+    # order (dchag/parallel/sources.py). None: one source holding every channel in order.
+    sources: tuple[tuple[int, ...], ...] | None = None
+    source_names: tuple[str, ...] | None = None  # per source, its name in logs and TensorBoard
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -106,6 +111,9 @@ class DChagConfig:
         if self.aggregation == "flat" and self.channel_chunk:
             raise LayoutError("--dchag-channel-chunk streams the partial aggregation, which flat does not have: "
                               "use --dchag-aggregation linear or cross, or --dchag-channel-chunk 0.")
+        if self.sources is not None:
+            self._check_sources()
+            return
         smallest_group = self.num_channels // self.num_groups
         if 2 ** (self.tree_levels - 1) > smallest_group:
             raise LayoutError(
@@ -113,6 +121,21 @@ class DChagConfig:
                 f"sub-groups, but the smallest group has {smallest_group} channel(s) "
                 f"(C={self.num_channels}, G={self.num_groups}); use fewer levels or fewer groups.")
         ChannelPartition(self.num_channels, self.num_groups)  # validates G against C
+
+    def _check_sources(self):
+        object.__setattr__(self, "sources", tuple(tuple(int(u) for u in ids) for ids in self.sources))
+        if self.source_names is not None:
+            object.__setattr__(self, "source_names", tuple(str(n) for n in self.source_names))
+            if len(self.source_names) != len(self.sources):
+                raise LayoutError(f"{len(self.source_names)} source names for {len(self.sources)} data sources.")
+        self.source_layout(1)  # every source fits G (slots repeat a source with fewer channels than G)
+
+    def source_layout(self, channel_parallel_size: int = 1):
+        """Which union channels each channel-parallel rank tokenizes per source, and holds
+        (dchag/parallel/sources.py); with one source, ``partition(P)``'s channels."""
+        from dchag.parallel.sources import SourceLayout
+        return SourceLayout(self.num_channels, self.sources, self.groups, channel_parallel_size, self.aggregation,
+                            self.tree_levels)
 
     def _check_channel_identity(self):
         # Lists (from JSON) become tuples; a non-finite wavelength is no wavelength.
@@ -183,4 +206,7 @@ class DChagConfig:
             raise LayoutError(
                 f"--sequence-parallel splits the {self.num_patches} patches over {tensor_parallel_size} "
                 "TP ranks: the patch count must be divisible by T.")
-        self.partition(channel_parallel_size)  # P | G
+        if self.sources is not None:
+            self.source_layout(channel_parallel_size)  # P | G (flat: P | every source's C)
+        else:
+            self.partition(channel_parallel_size)  # P | G
