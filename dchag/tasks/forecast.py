@@ -170,7 +170,7 @@ class ForecastTask(Task):
 
     def predict_tiles(self, model, x, index, options: dict):
         import numpy as np
-        y = model.forecast(x, lead_time=options.get("lead_time"))
+        y = model.forecast_tiles(x, lead_time=options.get("lead_time"))
         valid = np.isfinite(x)[:, list(model.cfg.predicted_channels)]
         return np.where(valid, y, np.nan)
 

@@ -240,5 +240,5 @@ class MAETask(Task):
         return input_rgb(y)  # the input's channels, colours and stretch
 
     def predict_tiles(self, model, x, index, options: dict):
-        return model.reconstruct(x, mask_ratio=options.get("mask_ratio"), seed=options.get("seed", 0),
-                                 sample_index=index, complementary=options.get("complementary", False))
+        return model.reconstruct_tiles(x, mask_ratio=options.get("mask_ratio"), seed=options.get("seed", 0),
+                                       sample_index=index, complementary=options.get("complementary", False))

@@ -112,7 +112,7 @@ class SegmentTask(DenseTask):
 
     def predict(self, model, x):
         """[B, 1, h, w] float32: the class index, NaN where the input pixel holds no valid value."""
-        classes = model.segment(x)
+        classes = model.segment_tiles(x)
         t = torch.as_tensor(np.asarray(classes) if not torch.is_tensor(classes) else classes).float()
         t = torch.where(t < 0, torch.nan, t)[:, None]
         return t if torch.is_tensor(x) else t.numpy()
