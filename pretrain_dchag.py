@@ -23,7 +23,7 @@ def forward_step(model, batch, args, cfg, iteration: int):
 
 
 def loss_weight(batch, args):
-    """A micro-batch's loss weight (forecast: sum of cos(lat) over its valid target pixels; dense
+    """A micro-batch's loss weight (forecast: sum of the latitude weights of its valid target pixels; dense
     tasks: its valid target values): the loop pools the training loss over the global batch with
     it. None for MAE (mean per micro-batch)."""
     from dchag.tasks import get_task
@@ -38,7 +38,8 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
                                         img_w=args.img_w, channels=channels, num_channels=args.num_channels,
                                         lead_time=args.lead_time, valid_fraction=args.valid_fraction,
                                         strict=args.data_strict, seed=args.seed, target_path=args.target_path,
-                                        num_classes=args.num_classes, ignore_index=args.ignore_index)
+                                        num_classes=args.num_classes, ignore_index=args.ignore_index,
+                                        lat_weighting=args.lat_weighting)
     if args.data_strict:  # refuse bad data before training, not when the bad tile is first drawn
         from dchag.training.startup import strict_scan
         strict_scan(train_ds, valid_ds)

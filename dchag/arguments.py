@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--mask-ratio", type=float, default=0.75)
     g.add_argument("--lead-time", type=int, default=1)
+    g.add_argument("--lat-weighting", choices=("area", "cos"), default="area")
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=2)
     g.add_argument("--hidden-size", type=int, default=64)

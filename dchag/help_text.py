@@ -23,8 +23,9 @@ HELP = {
                    "[T, C, H, W]), or 'synthetic[:k=v,...]' for generated data",
     "--data-format": "the reader; auto detects it from the file name or contents",
     "--num-channels": "C, the channel count; default: read from the data (a mismatch with the data is an error)",
-    "--img-h": "tile height in pixels; images larger than --img-h x --img-w are cut into tiles (remainders at the "
-               "bottom/right edges are reported at start-up)",
+    "--img-h": "tile height in pixels; images larger than --img-h x --img-w are cut into tiles covering every pixel "
+               "(where the tile does not divide the image, the last row/column of tiles is padded with invalid "
+               "pixels, reported at start-up)",
     "--img-w": "tile width in pixels",
     "--patch-dim": "ViT patch size p (p divides --img-h and --img-w)",
     "--valid-fraction": "fraction of the tiles (mae) or time steps (forecast) held out for validation: the last "
@@ -34,6 +35,9 @@ HELP = {
     "--num-workers": "DataLoader worker processes per rank",
     "--mask-ratio": "mae: fraction of the patches masked in every tile",
     "--lead-time": "forecast: how many time steps ahead to predict",
+    "--lat-weighting": "forecast on a grid with latitudes: the weight of each row in the loss, RMSE and ACC; area = "
+                       "WeatherBench 2's cell-area weights (a pole row weighs its half cell), cos = cos(latitude) "
+                       "(ClimaX; a pole row weighs 0); the same on a cell-centred grid without pole rows",
     # model
     "--num-layers": "transformer layers of the backbone",
     "--hidden-size": "hidden size D of the tokens",

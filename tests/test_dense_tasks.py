@@ -171,6 +171,36 @@ def test_regress_targets_shapes_statistics_and_invalid_values(tmp_path):
         build_datasets(data, **{**kw, "target_path": None})
 
 
+def test_dense_targets_of_tiles_past_the_edge(tmp_path):
+    """10 x 12 images in 4 x 6 tiles: the last tile row is padded; its padding is no target
+    (target_valid False), every pixel's target is in exactly one tile of one split, and the
+    training statistics / class counts are those of exactly the training tiles' pixels."""
+    from dchag.data import build_datasets
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3, 10, 12)).astype(np.float32)
+    y = rng.normal(5.0, 2.0, size=(2, 2, 10, 12)).astype(np.float32)
+    cls = rng.integers(0, 3, size=(2, 10, 12)).astype(np.float32)
+    data = _npy(tmp_path, "x.npy", x)
+    kw = dict(img_h=4, img_w=6, valid_fraction=0.25)  # 2 x 3 x 2 = 12 tiles, the last 3 held out
+    train, valid = build_datasets(data, task="regress", target_path=_npy(tmp_path, "y.npy", y), **kw)
+    assert (len(train), len(valid)) == (9, 3)
+    in_train = np.zeros((2, 10, 12), bool)
+    seen = np.zeros((2, 10, 12), int)
+    for ds in (train, valid):
+        for i in range(len(ds)):
+            t, item = ds.index.tile(ds.samples[i]), ds[i]
+            h = t.read_rows.stop - t.read_rows.start
+            assert item["target_valid"][:, :h].all() and not item["target_valid"][:, h:].any()
+            seen[t.image, t.read_rows, t.read_cols] += 1
+            in_train[t.image, t.read_rows, t.read_cols] |= ds is train
+    assert (seen == 1).all()
+    train_y = np.moveaxis(y, 1, 0)[:, in_train]  # [K, training pixels]
+    np.testing.assert_allclose(train.targets.stats.mean, train_y.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(train.targets.stats.std, train_y.std(1), rtol=1e-5)
+    train, _ = build_datasets(data, task="segment", target_path=_npy(tmp_path, "c.npy", cls), num_classes=3, **kw)
+    np.testing.assert_array_equal(train.targets.class_counts, np.bincount(cls[in_train].astype(int), minlength=3))
+
+
 @pytest.mark.parametrize("layout", ["HW", "NHW", "N1HW"])
 def test_class_maps_in_every_layout_with_ignored_pixels(tmp_path, layout):
     from dchag.data import build_datasets

@@ -49,7 +49,7 @@ def _open_valid(args):
                               channels=None, num_channels=args.num_channels, lead_time=args.lead_time,
                               valid_fraction=args.valid_fraction, strict=args.data_strict, seed=args.seed,
                               target_path=args.target_path, num_classes=args.num_classes,
-                              ignore_index=args.ignore_index)
+                              ignore_index=args.ignore_index, lat_weighting=args.lat_weighting)
     return valid, cfg
 
 

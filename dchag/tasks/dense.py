@@ -111,6 +111,9 @@ class DenseTask(Task):
             batch = to_device(batch, comm_device())
             images = valid_images(batch)
             pred = self.display(model(images).float(), ds.targets)
+            if "in_image" in batch:  # a tile's padding past the image's edge: nothing there
+                inside = batch["in_image"].cpu().numpy()
+                pred = np.where(inside[:, None] if pred.ndim == 4 else inside, pred, np.nan)
             target = self.display_target(batch, ds.targets)
             planes = images.new_zeros(images.shape[0], len(rgb), cfg.img_h, cfg.img_w, dtype=torch.float32)
             for k, c in enumerate(rgb):  # the rank's own channels, summed over the channel group

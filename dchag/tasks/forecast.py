@@ -1,7 +1,9 @@
 """Forecasting: latitude-weighted MSE over valid target pixels (replicated over the channel group).
 
-The loss is pooled: sum w (pred - target)^2 / sum w, with w = valid x cos(lat) / mean(cos(lat))
-(``dchag.data.dataset.latitude_weights``), summed over every pixel of the global batch. A
+The loss is pooled: sum w (pred - target)^2 / sum w, with w = valid x the row's latitude weight
+(WeatherBench 2's cell area or cos(lat), ``--lat-weighting``, over its mean over the whole grid:
+``dchag.data.dataset.latitude_axis_weights``), summed over every pixel of the global batch (the
+padding of tiles past the grid's edge is invalid: weight 0, so every pixel counts once). A
 micro-batch's share of the update is then what its pixels weigh: a micro-batch of polar tiles
 counts less than one of equatorial tiles. Training gets there by dividing each micro-batch's
 weighted error sum by the mean micro-batch weight of the global batch (``normalizer``, from
@@ -125,6 +127,8 @@ class ForecastTask(Task):
         with torch.no_grad():
             pred = model(images, lead_time=lead)[0, 0].float().cpu()
         target = torch.where(batch["target_valid"][0, 0], batch["target"][0, 0], torch.nan).float().cpu()
+        if "in_image" in batch:  # a tile's padding past the grid's edge: nothing there
+            pred = torch.where(batch["in_image"][0].cpu(), pred, torch.nan)
         names = ds.source.channel_names
         return {"variable": names[ds.target_channels[0]], "target": target.numpy(), "prediction": pred.numpy(),
                 "index": int(batch["index"][0])}

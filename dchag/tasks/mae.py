@@ -80,7 +80,8 @@ def reconstruction_planes(model, batch: dict, cfg, channels: range, picked: list
 
     Every rank of the model runs the forward (TP collectives need all of them); each rank holds
     only its channels [c_r], so the planes are summed over the channel group (a rank contributes
-    the planes it owns, zeros elsewhere). The mask is the one evaluation uses (iteration 0)."""
+    the planes it owns, zeros elsewhere). The mask is the one evaluation uses (iteration 0). Invalid
+    pixels (no-data, the padding of a tile past the image's edge) are NaN in both planes."""
     valid = batch["valid"][sample:sample + 1]
     images = batch["images"][sample:sample + 1]
     images = torch.where(valid, images, torch.zeros_like(images))  # [1, c_r, H, W]
@@ -89,11 +90,13 @@ def reconstruction_planes(model, batch: dict, cfg, channels: range, picked: list
     pred = model(images, patch_mask=mask).float()  # [1, c_r, H, W]
     hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim)[0, 0]  # [H, W]
     pred = torch.where(hidden, pred, images.float())
+    nan = torch.tensor(float("nan"), device=images.device)
     planes = images.new_zeros(2, len(picked), cfg.img_h, cfg.img_w, dtype=torch.float32)
     for k, c in enumerate(picked):
-        if c in channels:
-            planes[0, k] = images[0, c - channels.start].float()
-            planes[1, k] = pred[0, c - channels.start]
+        if c in channels:  # invalid pixels (no-data, a tile's padding past the image's edge) are NaN: grey
+            ok = valid[0, c - channels.start]
+            planes[0, k] = torch.where(ok, images[0, c - channels.start].float(), nan)
+            planes[1, k] = torch.where(ok, pred[0, c - channels.start], nan)
     return reduce_from_channel_parallel_region(planes).cpu(), mask[0].cpu()
 
 

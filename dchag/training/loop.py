@@ -192,13 +192,13 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         if loss_weight_func is not None and empty < samples:
             _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, num_micro * dp, device)
         for batch in batches if empty < samples else ():  # an all-empty batch: no update at all
-            interval_invalid += (~batch["valid"]).sum()
+            interval_invalid += invalid_values(batch)
             loss = forward_step(engine, batch, args, cfg, iteration)
             engine.backward(loss)
             engine.step()
             total += loss.detach().double()
         if empty == samples:
-            interval_invalid += sum((~b["valid"]).sum() for b in batches)
+            interval_invalid += sum(invalid_values(b) for b in batches)
         dist.all_reduce(total, group=dp_group)
         loss_value = total.item() / (num_micro * dp) if empty < samples else float("nan")
         iteration += 1
@@ -310,6 +310,15 @@ def _refuse_data_without_values(dataset, args) -> None:
         raise DataError(f"{args.data_path} has no valid value at all (every value is NaN, Inf or the no-data value), "
                         "so there is nothing to train on; check the file, --data-format and the no-data value of the "
                         "data.")
+
+
+def invalid_values(batch: dict) -> torch.Tensor:
+    """The micro-batch's invalid input values (zero-filled, masked): the padding of tiles past an
+    image's edge (``in_image`` False) is invalid too but no fault of the data, so not counted."""
+    invalid = ~batch["valid"]
+    if "in_image" in batch:
+        invalid = invalid & batch["in_image"][:, None]
+    return invalid.sum()
 
 
 def _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, count: int, device) -> None:
