@@ -304,6 +304,106 @@ def test_planted_pickle_is_refused_and_never_run(crashed, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+class _System:
+    """A payload whose unpickling runs a shell command (``os.system``: pickled as posix.system)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _error_of(load) -> str:
+    try:
+        load()
+    except Exception as e:  # noqa: BLE001 - every reader's own refusal
+        return f"{type(e).__name__}: {e}"
+    return "loaded"
+
+
+def test_no_planted_pickle_runs_in_any_file_a_tool_reads(tmp_path):
+    """A posix.system payload in every file the tools read that could hold a pickle: each
+    checkpoint file (model and optimizer states: resume, --no-load-optim, the converter, fine-tune),
+    a study's pictures (tools/parity.py --merge: the old pictures.pt and an object array in
+    pictures.npz), data, statistics and target files. Nothing runs; a pickle's refusal names the global."""
+    from dchag.checkpointing import compat, convert, manifest, pickles, reader, weights_only
+    from dchag.data.readers.open import open_source
+    from dchag.data.stats import load_stats
+    from dchag.data.targets import open_targets
+    from dchag.parity.merge import merge_studies
+    from dchag.parity.report import write_report
+    from dchag.transfer.pretrained import open_pretrained
+    from tests.test_parity import _fake_study
+    marker = str(tmp_path / "payload_ran")
+    payload = _System(marker)
+    errors = {}
+    # checkpoints: each .pt file planted in turn, the manifest rewritten to match
+    run = _fake_run(tmp_path, complete=(2,), interrupted=(), latest=2)
+    folder = os.path.join(run, "iter_0000002")
+    optim = os.path.join(folder, "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    model = os.path.join(folder, "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {}}, optim)
+    for planted in (model, optim):
+        clean = open(planted, "rb").read()
+        state = torch.load(planted, weights_only=False)  # our own file, in the test
+        torch.save({**state, "extra": payload}, planted)
+        manifest.write_manifest(folder)
+        for name, load in (("vet", lambda: pickles.vet(folder)), ("saved_args", lambda: compat.saved_args(folder)),
+                           ("client_state", lambda: reader.client_state(folder)),
+                           ("zero_to_fp32", lambda: reader._fp32_weights_of_rank(folder, 0)),
+                           ("no_load_optim", lambda: weights_only.has_optimizer_state(folder)),
+                           ("finetune", lambda: open_pretrained(folder)),
+                           ("convert", lambda: convert.export_consolidated(folder, str(tmp_path / "out")))):
+            errors[f"{os.path.basename(planted)} {name}"] = _error_of(load)
+        with open(planted, "wb") as f:
+            f.write(clean)
+    # a study's pictures: the old torch pickle, and an object array (pickled) in the npz
+    parts = []
+    for i, kind in enumerate(("pictures.pt", "pictures.npz")):
+        part = str(tmp_path / f"study{i}")
+        write_report(_fake_study({"flat": [1.0], "linear": [1.1]}, [i + 1]), part)
+        os.remove(os.path.join(part, "pictures.npz"))
+        if kind == "pictures.pt":
+            torch.save({"flat": {"target": np.zeros(2), "extra": payload}}, os.path.join(part, kind))
+        else:
+            np.savez(os.path.join(part, kind), __tree__=np.frombuffer(b"{}", np.uint8),
+                     a0=np.array([payload], dtype=object))
+        errors[f"{kind} merge"] = _error_of(lambda: merge_studies([part, part]))
+        parts.append(part)
+    proc = subprocess.run([sys.executable, "tools/parity.py", "--merge", *parts, "--output-dir", str(tmp_path / "m")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    errors["tools/parity.py --merge"] = f"exit {proc.returncode}: {proc.stderr[-600:]}"
+    # data, statistics and targets: object arrays (pickled) where numbers belong
+    images = np.empty((2, 3, 4, 4), dtype=object)
+    images[0, 0, 0, 0] = payload
+    np.save(tmp_path / "data.npy", images, allow_pickle=True)
+    np.savez(tmp_path / "stats.npz", mean=images, std=np.ones(3))
+    np.save(tmp_path / "clean.npy", np.zeros((2, 3, 4, 4), np.float32))
+    errors["data"] = _error_of(lambda: open_source(str(tmp_path / "data.npy")))
+    errors["stats"] = _error_of(lambda: load_stats(str(tmp_path / "stats.npz")))
+    errors["targets"] = _error_of(lambda: open_targets(str(tmp_path / "data.npy"),
+                                                       open_source(str(tmp_path / "clean.npy")), kind="regress"))
+    assert not os.path.exists(marker), f"a payload ran: {errors}"
+    refused = {f"mp_rank_00_model_states.pt {n}" for n in ("vet", "client_state", "zero_to_fp32", "finetune",
+                                                            "convert")} | \
+        {f"zero_pp_rank_0_mp_rank_00_optim_states.pt {n}" for n in ("vet", "zero_to_fp32")} | \
+        {"pictures.pt merge", "tools/parity.py --merge"}
+    for k in refused:  # the others never opened the planted file (e.g. saved_args reads dchag_args.json)
+        assert "asks for posix.system" in errors[k], (k, errors[k])
+    assert "exit 1" in errors["tools/parity.py --merge"], errors
+    for k in ("pictures.npz merge", "data", "stats", "targets"):
+        assert "Object arrays cannot be loaded" in errors[k] or "Python objects" in errors[k], (k, errors[k])
+    # a study folder from before pictures.npz: its plain pictures.pt still merges (restricted load)
+    target = np.arange(6, dtype=np.float32).reshape(2, 3)
+    torch.save({"flat": {"target": target, "mask": target > 2, "index": 3}}, os.path.join(parts[0], "pictures.pt"))
+    os.remove(os.path.join(parts[1], "pictures.npz"))
+    merged = merge_studies(parts)
+    np.testing.assert_array_equal(merged["pictures"]["flat"]["target"], target)
+    assert merged["pictures"]["flat"]["mask"].dtype == np.bool_
+
+
 HUGE = r"""
 import json, os, sys, time
 import torch
