@@ -52,8 +52,13 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
         if len(valid_ds) == 0:
             return []
         return build_eval_loader(valid_ds, args.micro_batch_size, data_parallel_rank=dp_rank,
-                                 data_parallel_size=dp_size, num_micro_batches=args.eval_iters * k)
+                                 data_parallel_size=dp_size,
+                                 num_micro_batches=None if args.eval_iters is None else args.eval_iters * k)
     valid.dataset = valid_ds  # the opened data (wavelengths, channel names, statistics, targets), for the callbacks
+    from dchag.tasks import get_task
+    task = get_task(args.task)
+    # the task's trivial predictors on the same held-out pixels, added to every evaluation (the loop's baselines)
+    valid.baseline_stats = lambda batch: task.baseline_stats(batch, args, cfg, valid_ds)
     return train, valid
 
 

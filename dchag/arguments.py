@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="stop (and save) at the first iteration boundary after this many minutes of this process")
     g.add_argument("--eval-interval", type=int, default=None)
-    g.add_argument("--eval-iters", type=int, default=1)
+    g.add_argument("--eval-iters", type=int, default=None)
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--log-file", default=None, help="rank 0 also appends the log lines (and losses) here")

@@ -107,7 +107,9 @@ HELP = {
               "fresh",
     "--save-interval": "save every this many iterations (and at the end)",
     "--eval-interval": "validate every this many iterations",
-    "--eval-iters": "validation iterations (global batches) per evaluation",
+    "--eval-iters": "validation iterations (global batches) per evaluation; default: every held-out sample, each "
+                    "once (the last batch padded with samples that weigh nothing); fewer scores the first "
+                    "--eval-iters x global batch held-out samples, and the validation line says how many of how many",
     "--log-interval": "print the log line and write TensorBoard scalars every this many iterations",
     "--tensorboard-dir": "TensorBoard log folder (rank 0 writes it)",
     # deepspeed

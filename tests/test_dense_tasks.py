@@ -291,7 +291,7 @@ def _train_job(tmp):
                            pretrain_dchag.datasets_provider, argv, non_loss_data_func=pretrain_dchag.task_picture,
                            eval_metrics_func=pretrain_dchag.task_metrics, loss_weight_func=pretrain_dchag.loss_weight)
         out[task] = {"val_loss": history["val_losses"][ITERS], "metrics": history["val_metrics"][ITERS],
-                     "first_loss": history["losses"][1]}
+                     "first_loss": history["losses"][1], "baselines": history["val_baselines"][ITERS]}
         release(history)
     return out
 
@@ -351,6 +351,7 @@ def test_regress_training_beats_the_training_mean_on_held_out_tiles(trained):
     print(f"regress held-out: val loss {got['val_loss']:.4f} (training mean {baseline['val_loss']:.4f}); "
           + ", ".join(f"R^2 {n} {got['metrics'][f'r2/{n}']:.3f} ({baseline['metrics'][f'r2/{n}']:.3f})" for n in names))
     assert got["val_loss"] < 0.6 * baseline["val_loss"]
+    assert got["baselines"] == {"training mean": pytest.approx(baseline["val_loss"], rel=1e-6)}  # the loop's, P = 2
     for n in names:
         assert abs(baseline["metrics"][f"r2/{n}"]) < 0.05  # the mean of the training tiles: R^2 about 0
         assert got["metrics"][f"r2/{n}"] > 0.3
@@ -365,7 +366,8 @@ def test_regress_training_beats_the_training_mean_on_held_out_tiles(trained):
 def test_segment_training_beats_the_majority_class_on_held_out_tiles(trained):
     _, r = trained
     got = r["segment"]
-    (baseline,) = _heldout_baselines("segment").values()
+    ((name, baseline),) = _heldout_baselines("segment").items()
+    assert got["baselines"] == {name: pytest.approx(baseline["val_loss"], rel=1e-6)}  # the loop's, P = 2
     print(f"segment held-out: val loss {got['val_loss']:.4f} ({baseline['val_loss']:.4f}), accuracy "
           f"{got['metrics']['accuracy']:.3f} ({baseline['metrics']['accuracy']:.3f}), mIoU {got['metrics']['miou']:.3f} "
           f"({baseline['metrics']['miou']:.3f}) (baseline: training class prior / majority class)")
@@ -383,6 +385,7 @@ def test_log_tensorboard_and_picture(trained):
         acc.Tags()["scalars"])
     log = open(os.path.join(tmp, "segment.log")).read()
     assert f"validation loss at iteration {ITERS} | val loss:" in log and "| accuracy: " in log and "| miou: " in log
+    assert "| scored: 16 of 16 held-out samples | baseline training class prior (majority class): " in log
     for task in RUNS:
         assert os.path.getsize(os.path.join(tmp, task, f"{task}_iter_{ITERS:07d}.png")) > 1000
 

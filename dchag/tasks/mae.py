@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dchag.parallel.comm import reduce_from_channel_parallel_region
-from dchag.tasks.base import Task, pictured_methods, valid_images
+from dchag.tasks.base import Task, baseline_keys, pictured_methods, valid_images
 
 
 def _permutation(seed: int, sample: int, iteration: int, num_patches: int) -> torch.Tensor:
@@ -167,28 +167,23 @@ class MAETask(Task):
         loss = sums[0] / sums[1].clamp_min(1.0)
         return loss if iteration >= 0 else (loss, {"loss_sums": sums})
 
-    @torch.no_grad()
-    def baselines(self, loader, cfg, args) -> dict:
-        """- ``channel mean``: predict every hidden pixel as its channel's mean over the data (0
-        after normalization): the loss of knowing nothing about the tile;
+    def baseline_stats(self, batch, args, cfg, heldout) -> dict:
+        """- ``channel mean``: predict every hidden pixel as its channel's mean over the training
+        data (0 after normalization): the loss of knowing nothing about the tile;
         - ``visible-pixel mean``: predict a hidden pixel as the mean of its channel's visible,
         valid pixels in the same tile: a local mean spectrum, what a model gets for free from the input.
-        Scored with the training loss's sums on exactly the batches and masks evaluation uses,
-        pooled the same way: sum of squared errors over the number of terms, over every scored
-        sample (padding carries no weight)."""
-        totals = {}
-        for batch in loader:
-            valid = batch["valid"]
-            images = torch.where(valid, batch["images"], torch.zeros_like(batch["images"]))
-            mask = patch_mask(batch["index"], cfg.num_patches, args.mask_ratio, args.seed, 0)  # evaluation's masks
-            hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim).expand_as(images)
-            preds = {"channel mean": torch.zeros_like(images),
-                     "visible-pixel mean": _visible_mean(images, valid, hidden)}
-            for name, pred in preds.items():
-                totals[name] = totals.get(name, 0) + error_sums(pred, images, valid, mask, cfg.grid,
-                                                                cfg.patch_dim).double()
-        return {name: {"val_loss": float(total[0] / total[1]) if total[1] > 0 else float("nan"), "metrics": {}}
-                for name, total in totals.items()}
+        Scored with the training loss's sums on exactly the pixels and masks evaluation uses (the
+        masks of iteration 0), summed over the channel group like the model's."""
+        valid = batch["valid"]
+        images = valid_images(batch)
+        mask = patch_mask(batch["index"].cpu(), cfg.num_patches, args.mask_ratio, args.seed, 0).to(images.device)
+        hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim).expand_as(images)
+        preds = {"channel mean": torch.zeros_like(images), "visible-pixel mean": _visible_mean(images, valid, hidden)}
+        out = {}
+        for name, pred in preds.items():
+            out.update(baseline_keys(name, {"loss_sums": error_sums(pred, images, valid, mask, cfg.grid,
+                                                                    cfg.patch_dim)}))
+        return out
 
     def picture(self, model, valid_factory, args, cfg, iteration: int, out_dir: str | None) -> str | None:
         """A PNG of up to 8 held-out tiles (input | masked input | reconstruction)."""

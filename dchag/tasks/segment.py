@@ -83,7 +83,7 @@ class SegmentTask(DenseTask):
         return segment_metrics(sums)
 
     def baseline_predictions(self, batch, targets) -> dict:
-        prior = torch.as_tensor(targets.class_counts, dtype=torch.float64)
+        prior = torch.as_tensor(targets.class_counts, dtype=torch.float64, device=batch["target"].device)
         logits = (prior / prior.sum()).clamp_min(1e-12).log().float()  # [K]
         B, (H, W) = batch["target"].shape[0], batch["target"].shape[1:]
         return {"training class prior (majority class)": logits[None, :, None, None].expand(B, -1, H, W)}
