@@ -11,7 +11,8 @@ One job on 2 gloo ranks through the real entry point (pretrain_dchag.py's provid
   export it (tools/convert_checkpoint.py's consolidated export);
 * fine-tune onto 3 bands (400, 650, 900 nm: one interpolated), 12 x 12 tiles, the forecast task:
   a frozen encoder (--freeze-encoder) through 3 iterations, each rank's shards compared with what
-  its first forward saw; T = P = 2 and T = P = 1 from the export (the T = P = 1 run's transferred
+  its first forward saw, then its checkpoint exported (ZeRO 1 keeps the frozen encoder only in the
+  model-states files) and forecasting in a plain process; T = P = 2 and T = P = 1 from the export (the T = P = 1 run's transferred
   weights checked against the export with numpy), T = P = 1 from the DeepSpeed folder, the same
   first losses; a resume with --load continues the fine-tune exactly; a foreign checkpoint refused;
 * fine-tune onto the dense tasks (regress, segment) on the pretraining's own bands and tiles at
@@ -304,7 +305,8 @@ def _job(tmp):
     dist.barrier()
     ft = zero1 + FINETUNE + ["--finetune", "--pretrained-checkpoint", export]
     r = {"frozen": _train(ft + TP2 + ["--train-iters", "3", "--freeze-encoder", "--log-file",
-                                      os.path.join(tmp, "frozen.log")], snapshot=True)}
+                                      os.path.join(tmp, "frozen.log"), "--save", os.path.join(tmp, "probe")],
+                          snapshot=True)}
     # The same model on two layouts (G given: the rule for fewer channels than G depends on P). At T = P = 1
     # every rank holds every parameter whole: its snapshot is the transferred model.
     same = ["--dchag-groups", "2", "--new-params-lr-mult", "2", "--train-iters", "3"]
@@ -340,7 +342,27 @@ def job(tmp_path_factory):
     for task in DENSE_TASKS:
         with open(os.path.join(tmp, f"{task}.log")) as f:
             r[task]["start_log"] = f.read()
+    r["probe_export"] = _export_and_forecast(os.path.join(tmp, "probe"), os.path.join(tmp, "probe-export"))
     return r
+
+
+def _export_and_forecast(run, export):
+    """The exporter (tools/convert_checkpoint.py's function) on ``run``, then the export forecasting a
+    fixed input, in one plain process: (the export's tensors, the forecast, the process's output)."""
+    script = ("import sys, numpy as np, dchag\n"
+              "from dchag.checkpointing.convert import export_consolidated\n"
+              "export_consolidated(sys.argv[1], sys.argv[2])\n"
+              "m = dchag.load_pretrained(sys.argv[2], device='cpu')\n"
+              "x = np.random.default_rng(0).normal(size=(2, 3, 12, 12)).astype(np.float32)\n"
+              "np.save(sys.argv[3], m.forecast(x, lead_time=1))\n")
+    out = export + "-forecast.npy"
+    proc = subprocess.run([sys.executable, "-c", script, run, export, out], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=600)
+    if proc.returncode != 0:
+        return None, None, proc.stdout[-2000:] + proc.stderr[-2000:]
+    from safetensors.torch import load_file
+    tensors = {k: v.double().numpy() for k, v in load_file(os.path.join(export, "model.safetensors")).items()}
+    return tensors, np.load(out), proc.stdout[-2000:]
 
 
 def test_export_records_the_channel_identity(job):
@@ -393,6 +415,22 @@ def test_frozen_encoder_stays_bit_equal_while_the_head_trains(job):
             else:
                 assert torch.equal(last, frozen["first"][name]), f"{name} changed under --freeze-encoder"
     assert set(job["t1"]["trainable"]) == set(job["t1"]["last"])  # without the flag everything trains
+
+
+def test_a_frozen_probe_exports_and_predicts(job):
+    """A --freeze-encoder run's checkpoint (ZeRO 1: the frozen encoder is in no optimizer shard, only in
+    the model-states files) exports whole: the encoder as transferred (the T = P = 1 run's first forward,
+    same G), the head and lead-time embedding as trained; the export forecasts."""
+    tensors, forecast, log = job["probe_export"]
+    assert tensors is not None and forecast is not None, log
+    trained = {"head.linear.weight", "head.linear.bias", "lead_time_embed.weight", "lead_time_embed.bias"}
+    first = {k: v.double().numpy() for k, v in job["t1"]["first"].items()}
+    assert set(tensors) == set(first)
+    for name in set(first) - trained:
+        assert np.array_equal(tensors[name], first[name]), name
+    for name in trained:  # replicated: every rank holds them whole
+        assert np.array_equal(tensors[name], job["frozen"]["last"][name].double().numpy()), name
+    assert forecast.shape == (2, 3, 12, 12) and np.isfinite(forecast).all()
 
 
 def test_finetunes_on_two_layouts_and_from_either_format_give_the_same_losses(job):
