@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained-checkpoint", default=None)
     g.add_argument("--freeze-encoder", action="store_true")
     g.add_argument("--new-params-lr-mult", type=float, default=1.0)
+    g.add_argument("--match-channels", choices=("name", "wavelength"), default=None)
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)

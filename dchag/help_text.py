@@ -100,6 +100,11 @@ HELP = {
                             "any new or interpolated row (e.g. the tokenizer when one band is new) gets it whole, "
                             "because AdamW's step does not scale with a per-row gradient factor. Multiplies "
                             "--dchag-partial-lr-mult",
+    "--match-channels": "with --finetune: which identity stands when a channel's name matches a pretrained channel "
+                        "whose wavelength lies further away than the bands' width (20 nm where unknown), e.g. 'B05' "
+                        "at 865 nm against 'B05' at 705 nm: name (the name match is taken) or wavelength (the name is "
+                        "ignored for that channel: matched, interpolated or new by its wavelength). Not given: such a "
+                        "contradiction is refused at start-up, naming both channels",
     # checkpointing and logging
     "--save": "folder for checkpoints (DIR/iter_NNNNNNN, DIR/latest); never overwrites a complete checkpoint "
               "beyond the starting iteration",

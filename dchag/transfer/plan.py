@@ -95,11 +95,11 @@ def _channel_rows(matches: list[ChannelMatch], scale=None) -> tuple:
 
 
 def plan_transfer(pretrained: DChagConfig, shapes: dict, cfg: DChagConfig, new_shapes: dict,
-                  task_parameters: set) -> TransferPlan:
+                  task_parameters: set, prefer: str | None = None) -> TransferPlan:
     """The plan for a model of ``cfg`` whose parameters have (full) ``new_shapes``, from a pretrained
     model of config ``pretrained`` whose tensors have ``shapes``; ``task_parameters``: the names of
-    the new model's head and task conditioning."""
-    matches = match_channels(pretrained, cfg)
+    the new model's head and task conditioning; ``prefer``: --match-channels."""
+    matches = match_channels(pretrained, cfg, prefer)
     same_channels = pretrained.num_channels == cfg.num_channels and all(
         m.copied and m.sources[0][0] == c for c, m in enumerate(matches))
     same_task = pretrained.task == cfg.task
