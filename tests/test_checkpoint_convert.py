@@ -296,7 +296,7 @@ raw = _fixed_batch().numpy() * m.std[None, :, None, None] + m.mean[None, :, None
 rec, mask = m.reconstruct(raw, mask_ratio=0.5, seed=99, return_mask=True)
 raw[0, 5, 1, 1] = np.nan
 rec_nan = m.reconstruct(raw, mask_ratio=0.5, seed=99)
-emb = m.embed(raw)
+emb = m.embed_tiles(raw)
 torch.save({{"y": y, "rec": rec, "rec_nan": rec_nan, "mask": mask, "emb": emb, "mean": m.mean, "std": m.std}},
            {os.path.join(tmp, 'pretrained.pt')!r})
 """
@@ -331,7 +331,7 @@ for i in range(2):  # embed: 6 x 9 whole 2 x 2 patches (the 13th row / 19th colu
     for r in (0, 4):
         for c in (0, 8, 10):
             tile = x[i:i + 1, :, r:r + 8, c:c + 8]
-            emb[i, :, r // 2:r // 2 + 4, c // 2:c // 2 + 4] = m.embed(tile)[0].T.reshape(32, 4, 4)
+            emb[i, :, r // 2:r // 2 + 4, c // 2:c // 2 + 4] = m.embed_tiles(tile)[0].T.reshape(32, 4, 4)
 np.save(sys.argv[3], rec); np.save(sys.argv[4], emb)
 """
 

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="mae: seed of the hidden patches")
     p.add_argument("--lead-time", type=float, default=None, help="forecast: steps ahead (default: the training's)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per forward (default 8)")
+    p.add_argument("--overlap", type=int, default=0, metavar="PIXELS",
+                   help="neighbouring tiles overlap by PIXELS and their outputs are blended with a linear ramp that "
+                        "falls towards each tile's edge, normalized by the summed weights (seamless stitching); 0 "
+                        "(default): tiles side by side, each pixel from the last tile covering it")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if present, else the CPU)")
     p.add_argument("--allow-missing-channels", action="store_true",
                    help="predict even when the file lacks some of the model's channels (matched by name, then "
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
                            mask_ratio=args.mask_ratio, seed=args.seed, lead_time=args.lead_time,
                            batch_size=args.batch_size, progress=not args.no_progress, picture=args.picture,
                            complementary=args.complementary_masks,
-                           allow_missing_channels=args.allow_missing_channels)
+                           allow_missing_channels=args.allow_missing_channels, overlap=args.overlap)
     except (CheckpointError, DataError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
