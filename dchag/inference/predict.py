@@ -150,7 +150,7 @@ def predict_scene(model, task: str, read: Callable, num_images: int, H: int, W: 
             x[n, :, :block.shape[1], :block.shape[2]] = block
         return x
 
-    bar = tqdm(total=len(tiles), desc=f"predict {task}", unit="tile", disable=not (progress and share.rank == 0),
+    bar = tqdm(total=len(tiles), desc=f"predict {task}", unit="tile", disable=not (progress and share.writes),
                smoothing=0.1)
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dchag-read") as reader:
@@ -198,7 +198,7 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
                          "or embed.")
     check_overlap(cfg, task, overlap)
     src = open_source(data_path, data_format)
-    cmap = file_channel_map(model, src, data_path, allow_missing_channels, quiet=share.rank != 0)
+    cmap = file_channel_map(model, src, data_path, allow_missing_channels, quiet=not share.writes)
     N, _, H, W = src.shape
     if H is None:
         raise ValueError(f"{data_path} mixes image sizes; predict one file (or one image size) at a time.")

@@ -300,22 +300,47 @@ class PretrainedDChag:
 
 
 def load_pretrained(path: str, device=None, dtype: torch.dtype = torch.float32) -> PretrainedDChag:
-    """The consolidated export at ``path`` as a serial model on ``device`` (default: the GPU if
+    """The model at ``path`` (a consolidated export, or a training checkpoint: a ``--save`` folder or one
+    of its ``iter_*`` folders, any layout) as a serial model on ``device`` (default: the GPU if
     there is one, else the CPU), in eval mode. No launcher needed: a 1-rank process group is
     created if the process has none."""
-    tensors, config = consolidated.read(path)
+    model, config = read_model(path, build_serial_model, dtype)
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device).eval()
+    return PretrainedDChag(model, config, device)
+
+
+def read_model(path: str, build, dtype: torch.dtype = torch.float32):
+    """(``build(cfg)`` with its weights from ``path``, the export's config). An export: each parameter's
+    piece only is read (safetensors slices; all of it for the serial model); a DeepSpeed checkpoint
+    (any T, P, DP, ZeRO stage, fp32/bf16): its shards merged into full tensors as conversion does,
+    and each parameter's piece kept. Config and weights are checked against each other first."""
+    import os
+    from dchag.parallel.state_dict import load_full_state_dict
+    if consolidated.is_consolidated(path):
+        _, config = consolidated.read(path, load=False)
+    else:
+        from dchag.checkpointing import convert, reader
+        folder = reader.resolve_folder(path)
+        reader.check_integrity(folder)
+        config, _ = convert.run_config(folder)
     identity = {k: config[k] for k in ("channel_names", "wavelengths")  # exports made before the model recorded it
                 if config["model"].get(k) is None and config.get(k) is not None}
     cfg = consolidated.config_from_dict(config["model"], bf16=dtype == torch.bfloat16, sequence_parallel=False,
                                         recompute_activations=False, **identity)
-    model = build_serial_model(cfg)
-    names = {n for n, _ in model.named_parameters()}
-    extra, missing = sorted(set(tensors) - names), sorted(names - set(tensors))
-    if missing or extra:
-        raise CheckpointError(f"{path}/{consolidated.WEIGHTS} does not fit the model of its config.json: missing "
-                              f"{missing[:3]}, unexpected {extra[:3]}.")
-    from dchag.parallel.state_dict import load_full_state_dict
-    load_full_state_dict(model, {k: v.to(dtype) for k, v in tensors.items()})
-    device = torch.device(device) if device is not None else default_device()
-    model.to(device).eval()
-    return PretrainedDChag(model, config, device)
+    model = build(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    if consolidated.is_consolidated(path):
+        from safetensors import safe_open
+        weights = os.path.join(path, consolidated.WEIGHTS)
+        with safe_open(weights, framework="pt") as f:
+            held = set(f.keys())
+            extra, missing = sorted(held - set(names)), sorted(set(names) - held)
+            if missing or extra:
+                raise CheckpointError(f"{weights} does not fit the model of its config.json: missing {missing[:3]}, "
+                                      f"unexpected {extra[:3]}.")
+            load_full_state_dict(model, {n: f.get_slice(n) for n in names})
+    else:
+        tensors, _ = reader.read_full_state_dict(folder, names)
+        load_full_state_dict(model, tensors)
+    return model, config
