@@ -234,3 +234,33 @@ def test_stitcher_against_a_numpy_blend_of_random_tiles():
         s.close()
         for i in range(2):
             np.testing.assert_allclose(got[i], _numpy_blend(outs[i], H, W, tile, overlap), rtol=0, atol=1e-5)
+
+
+def test_any_format_keeps_the_inputs_coordinates(export, tmp_path):
+    """An ENVI scene (bands reversed, named by its header, with map info) and a NetCDF scene (one
+    variable per band, lat/lon coordinates) predict what the .npy original does; the outputs keep
+    the map info (.npy: OUT.meta.json) and the coordinates (.zarr: its attributes)."""
+    import xarray as xr
+    import zarr
+    x = _scene((1, C, 20, 27), seed=11)
+    d = str(tmp_path)
+    assert _predict(export, _save(d, "orig", x, NAMES), f"{d}/orig_out.npy") == 0
+    want = np.load(f"{d}/orig_out.npy")
+    rev = x[0, ::-1]
+    rev.astype("<f4").tofile(f"{d}/scene.img")
+    with open(f"{d}/scene.hdr", "w") as f:
+        f.write(f"ENVI\nsamples = 27\nlines = 20\nbands = {C}\nheader offset = 0\ndata type = 4\ninterleave = bsq\n"
+                "byte order = 0\nmap info = {UTM, 1.0, 1.0, 500000.0, 4000000.0, 10.0, 10.0, 33, North, WGS-84}\n"
+                "band names = {" + ", ".join(NAMES[::-1]) + "}\n")
+    assert _predict(export, f"{d}/scene.hdr", f"{d}/envi.npy") == 0
+    np.testing.assert_allclose(np.load(f"{d}/envi.npy"), want, rtol=0, atol=1e-6)
+    with open(f"{d}/envi.meta.json") as f:
+        assert json.load(f)["map_info"].startswith("{UTM, 1.0, 1.0, 500000.0")
+    lat, lon = np.linspace(10, 9, 20), np.linspace(30, 32, 27)
+    xr.Dataset({n: (("lat", "lon"), x[0, c]) for c, n in enumerate(NAMES)},
+               coords={"lat": lat, "lon": lon}).to_netcdf(f"{d}/scene.nc", engine="h5netcdf")
+    assert _predict(export, f"{d}/scene.nc", f"{d}/nc.zarr") == 0
+    z = zarr.open_array(f"{d}/nc.zarr", mode="r")
+    np.testing.assert_allclose(np.asarray(z), want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(z.attrs["latitudes"], lat)
+    np.testing.assert_allclose(z.attrs["longitudes"], lon)

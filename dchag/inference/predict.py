@@ -117,11 +117,12 @@ class OneProcess:
 
 def predict_scene(model, task: str, read: Callable, num_images: int, H: int, W: int, emit: Callable, *,
                   options: dict, overlap: int = 0, batch_size: int = 8, progress: bool = False, finish: bool = True,
-                  share=None) -> None:
+                  share=None, after_read: Callable | None = None) -> None:
     """Predict ``num_images`` images of H x W pixels; ``read(i, rows, cols)`` gives float32
     [c, h, w] raw values of this process's model channels; ``emit(i, r0, r1, block)`` receives the
     stitched output rows [r0, r1) of image i, [planes, r1 - r0, W_out], in order (in the writing
-    process only). ``finish=False``: the blended planes (segment: class probabilities)."""
+    process only). ``finish=False``: the blended planes (segment: class probabilities).
+    ``after_read()`` runs after each batch is read."""
     from tqdm import tqdm
     share = share or OneProcess()
     cfg = model.cfg
@@ -148,6 +149,8 @@ def predict_scene(model, task: str, read: Callable, num_images: int, H: int, W: 
             r, q = rows.starts[j] * s, cols.starts[k] * s
             block = read(i, slice(r, min(r + h, Hin)), slice(q, min(q + w, Win)))
             x[n, :, :block.shape[1], :block.shape[2]] = block
+        if after_read is not None:
+            after_read()  # e.g. unmap the pages a memory-mapped file brought in (bounded memory)
         return x
 
     bar = tqdm(total=len(tiles), desc=f"predict {task}", unit="tile", disable=not (progress and share.writes),
@@ -213,7 +216,7 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
     try:
         predict_scene(model, task, lambda i, rows, cols: read_model_channels(src, cmap, i, rows, cols, model.channels),
                       N, H, W, out.write if out is not None else None, options=options, overlap=overlap,
-                      batch_size=batch_size, progress=progress, share=share)
+                      batch_size=batch_size, progress=progress, share=share, after_read=src.release_pages)
     except BaseException:
         if out is not None:
             out.abort()
