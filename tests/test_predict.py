@@ -264,3 +264,18 @@ def test_any_format_keeps_the_inputs_coordinates(export, tmp_path):
     np.testing.assert_allclose(np.asarray(z), want, rtol=0, atol=1e-6)
     np.testing.assert_allclose(z.attrs["latitudes"], lat)
     np.testing.assert_allclose(z.attrs["longitudes"], lon)
+
+
+def test_a_blend_model_runs_as_the_source_that_covers_the_input_best():
+    """A model pretrained on a blend (config ``sources``: per source its union channel ids): the input's
+    identities are mapped onto the source whose channel set they cover best, in that source's order."""
+    from dchag.data.identity import channel_ids
+    from dchag.inference.channels import map_channels
+    from dchag.model.config import DChagConfig
+    cfg = DChagConfig(num_channels=5, img_h=8, img_w=8, patch_dim=2, groups=2, channel_names=tuple("abcde"),
+                      sources=((0, 1, 2), (2, 3, 4)), source_names=("s1", "s2"))
+    m = map_channels(cfg, channel_ids(["e", "c", "d", "x"], None), 4)
+    assert (m.source, m.take, m.extra) == (1, (1, 2, 0), (3,))
+    assert "as source 's2'" in m.lines[0] and "dropped: 'x'" in m.lines[1]
+    one = DChagConfig(num_channels=5, img_h=8, img_w=8, patch_dim=2, groups=1, channel_names=tuple("abcde"))
+    assert map_channels(one, channel_ids(list("abcde"), None), 5).source == 0

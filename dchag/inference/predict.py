@@ -36,6 +36,7 @@ Each task's prediction is its task object's (``dchag.tasks``: ``stitch_planes``,
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -117,12 +118,13 @@ class OneProcess:
 
 def predict_scene(model, task: str, read: Callable, num_images: int, H: int, W: int, emit: Callable, *,
                   options: dict, overlap: int = 0, batch_size: int = 8, progress: bool = False, finish: bool = True,
-                  share=None, after_read: Callable | None = None) -> None:
+                  share=None, after_read: Callable | None = None) -> dict:
     """Predict ``num_images`` images of H x W pixels; ``read(i, rows, cols)`` gives float32
     [c, h, w] raw values of this process's model channels; ``emit(i, r0, r1, block)`` receives the
     stitched output rows [r0, r1) of image i, [planes, r1 - r0, W_out], in order (in the writing
     process only). ``finish=False``: the blended planes (segment: class probabilities).
-    ``after_read()`` runs after each batch is read."""
+    ``after_read()`` runs after each batch is read. Returns the time spent (seconds: the model,
+    waiting for reads, gathering, waiting for writes; the whole) and the tile count."""
     from tqdm import tqdm
     share = share or OneProcess()
     cfg = model.cfg
@@ -153,29 +155,60 @@ def predict_scene(model, task: str, read: Callable, num_images: int, H: int, W: 
             after_read()  # e.g. unmap the pages a memory-mapped file brought in (bounded memory)
         return x
 
+    def stitch(first: int, ys) -> None:
+        for t, yt in zip(range(first, first + len(ys)), ys):
+            stitcher.add(*tiles[t], yt)
+
+    stats = {"tiles": len(tiles), "read_wait": 0.0, "model": 0.0, "gather": 0.0, "write_wait": 0.0}
+    clock = time.perf_counter
+    start = clock()
     bar = tqdm(total=len(tiles), desc=f"predict {task}", unit="tile", disable=not (progress and share.writes),
                smoothing=0.1)
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dchag-read") as reader:
-            ahead = reader.submit(load, 0)
+    try:  # three stages at once: the reader thread reads batch n + 1, the model runs n, the writer thread stitches n - 1
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dchag-read") as reader, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="dchag-write") as writer:
+            ahead, written = reader.submit(load, 0), None
             for b0 in range(0, len(tiles), per_round):
+                t0 = clock()
                 x = ahead.result()
+                t1 = clock()
                 if b0 + per_round < len(tiles):
                     ahead = reader.submit(load, b0 + per_round)  # read the next batch while the model runs
                 picked = mine(b0)
                 index = np.arange(picked.start, picked.start + len(x))
                 y = pred.run(x, index)[:len(picked)]
+                t2 = clock()
                 counts = [len(range(min(b0 + r * batch_size, len(tiles)), min(b0 + (r + 1) * batch_size, len(tiles))))
                           for r in range(share.size)]
                 ys = share.gather(y, counts)
+                t3 = clock()
+                if written is not None:
+                    written.result()  # at most one batch waits to be stitched: memory stays bounded
+                t4 = clock()
                 if stitcher is not None:
-                    for t, yt in zip(range(b0, b0 + sum(counts)), ys):
-                        stitcher.add(*tiles[t], yt)
+                    written = writer.submit(stitch, b0, ys)
+                stats["read_wait"] += t1 - t0
+                stats["model"] += t2 - t1
+                stats["gather"] += t3 - t2
+                stats["write_wait"] += t4 - t3
                 bar.update(sum(counts))
+            if written is not None:
+                written.result()
         if stitcher is not None:
             stitcher.close()
     finally:
         bar.close()
+    stats["seconds"] = clock() - start
+    return stats
+
+
+def describe_stats(stats: dict) -> str:
+    """The closing line of a prediction: tiles per second, and where the time went."""
+    t = max(stats["seconds"], 1e-9)
+    parts = ", ".join(f"{name} {100 * stats[key] / t:.0f} %" for name, key in (
+        ("model", "model"), ("waiting for reads", "read_wait"), ("gathering", "gather"),
+        ("waiting for writes", "write_wait")))
+    return f"> predicted {stats['tiles']:,} tiles in {t:.1f} s ({stats['tiles'] / t:.1f} tiles/s; {parts})"
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -214,7 +247,8 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
         if share.writes else None
     options = {"mask_ratio": mask_ratio, "seed": seed, "lead_time": lead_time, "complementary": complementary}
     try:
-        predict_scene(model, task, lambda i, rows, cols: read_model_channels(src, cmap, i, rows, cols, model.channels),
+        stats = predict_scene(model, task, lambda i, rows, cols: read_model_channels(src, cmap, i, rows, cols,
+                                                                                    model.channels),
                       N, H, W, out.write if out is not None else None, options=options, overlap=overlap,
                       batch_size=batch_size, progress=progress, share=share, after_read=src.release_pages)
     except BaseException:
@@ -224,6 +258,8 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
     if out is None:
         return None
     result = out.close()
+    if progress:
+        print(describe_stats(stats), flush=True)
     if picture:
         save_picture(picture, read_model_channels(src, cmap, 0), result, task, model)
     return result
