@@ -26,10 +26,15 @@ device (its LOCAL_RANK's GPU; DS_ACCELERATOR=cpu for the CPU).
 
 The file may be any format the training reads (npy, ENVI, HDF5, Zarr, NetCDF) and larger than the
 model's tile: it is cut into tiles (the last ones shifted back to the edge, so no pixel is
-dropped) and the outputs stitched back. Values are normalized with the statistics saved at
-training and returned in data units (regress: the targets' units); invalid input values (NaN,
-no-data) stay NaN in the output (regress, segment: where no channel of the pixel is valid).
-The output (.npy or .zarr) must not exist yet.
+dropped) and the outputs stitched back; --overlap PIXELS overlaps neighbouring tiles and blends
+their outputs (a linear ramp falling towards each tile's edge, normalized by the summed weights).
+Values are normalized with the statistics saved at training and returned in data units (regress:
+the targets' units); invalid input values (NaN, no-data) stay NaN in the output (regress, segment:
+where no channel of the pixel is valid). Memory does not grow with the scene: tiles are read window
+by window (a background thread reads ahead) and rows written as soon as they are final. The output
+(.npy or .zarr, a new path) keeps the input's coordinates (lat/lon, times, ENVI map info) and the
+planes' channel names (.zarr attributes; beside a .npy, OUT.meta.json and OUT.channels.json).
+The last line says how fast it went and where the time went.
 
 Channels are matched by identity, never by position when both sides know theirs: the file's
 channel names (ENVI band names, HDF5/Zarr attributes, NetCDF variables, a .npy sidecar
