@@ -7,7 +7,14 @@ statistics, target statistics) is built once, in this process, and shared by the
   predicts what the original does; without the sidecar it is taken by position (and differs);
   a missing band is refused by name, and zero-filled as invalid input with
   --allow-missing-channels; an extra band is dropped; in Python, ``channels=`` (names or
-  wavelengths) does the same.
+  wavelengths) does the same;
+* whole images in Python equal tools/predict.py on the same pixels ([1, 13, 100, 90] -> [1, 1, 100,
+  90]), with and without overlap, numpy or torch;
+* overlap: the stitched result equals an independent numpy blend of the tiles' own outputs; a model
+  whose output does not depend on the position gives the same result with and without overlap;
+* ENVI and NetCDF scenes predict what the .npy does, and the output keeps map info and lat/lon;
+* a model pretrained on a blend runs an input as the source that covers it best.
+(Distributed prediction and --describe: tests/test_checkpoint_convert.py, on its trained checkpoints.)
 """
 
 from __future__ import annotations
@@ -118,7 +125,6 @@ def test_a_missing_band_is_refused_by_name_and_zero_filled_when_allowed(export, 
     filled[:, NAMES.index("B05")] = np.nan  # what zero-filling means: the band read as invalid values
     np.testing.assert_allclose(np.load(f"{d}/filled.npy"), model.regress(filled, channels=NAMES), rtol=0, atol=1e-6)
     assert np.nanmax(np.abs(model.regress(filled, channels=NAMES) - model.regress(x, channels=NAMES))) > 1e-4
-
 
 
 def test_python_methods_match_channels_by_name_or_wavelength(model, capsys):
