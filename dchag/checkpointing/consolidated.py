@@ -157,10 +157,12 @@ def model_shapes(model: dict) -> dict[str, tuple[int, ...]]:
         return {n: tuple(p.shape) for n, p in build_serial_model(cfg).named_parameters()}
 
 
-def read(path: str, verify: bool = True, check_model: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+def read(path: str, verify: bool = True, check_model: bool = True, load: bool = True
+         ) -> tuple[dict[str, torch.Tensor] | None, dict]:
     """(tensors, config). Before reading a tensor: the manifest (a damaged file is refused by
     name); the safetensors header against the parameter table of config.json and (``check_model``)
-    against the model config.json describes; the memory the tensors and that model need."""
+    against the model config.json describes; the memory the tensors and that model need.
+    ``load=False``: the checks only, tensors None (a caller that reads slices of them)."""
     from safetensors.torch import load_file
     if not is_consolidated(path):
         raise CheckpointError(f"{path} holds no {CONFIG} + {WEIGHTS}; export one with tools/convert_checkpoint.py "
@@ -174,7 +176,7 @@ def read(path: str, verify: bool = True, check_model: bool = True) -> tuple[dict
     declared = {n: tuple(spec["shape"]) for n, spec in (config.get("parameters") or {}).items()}
     if declared:
         sizes.compare(declared, held, f"the parameter table of {config_path}", f"the tensors of {weights}")
-    need = os.path.getsize(weights)
+    need = os.path.getsize(weights) if load else 0
     if check_model:
         if not isinstance(config.get("model"), dict):
             raise CheckpointError(f"{config_path} has no model description; export it again.")
@@ -186,6 +188,8 @@ def read(path: str, verify: bool = True, check_model: bool = True) -> tuple[dict
                       f"the tensors it declares ({weights})")
         need += sizes.nbytes(implied)
     sizes.check_memory(need, f"loading {path}")
+    if not load:
+        return None, config
     try:
         tensors = load_file(weights)
     except Exception as e:  # noqa: BLE001

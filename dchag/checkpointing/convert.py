@@ -43,27 +43,14 @@ def config_of_run(ns: argparse.Namespace, norm: dict | None = None):
     return model_config(ns)
 
 
-def export_consolidated(load_dir: str, save_dir: str) -> dict:
-    """Merge a training checkpoint into OUT/model.safetensors + OUT/config.json; returns the config."""
-    from dchag.inference.runtime import build_serial_model
-    folder = reader.resolve_folder(load_dir)
-    if not reader.check_integrity(folder):
-        _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
-    consolidated.check_output(save_dir)  # refuse early, before the work
-    ns = reader.run_args(folder)
+def run_config(folder: str, state: dict | None = None) -> tuple[dict, object]:
+    """(the export's config.json without its parameter table, the DChagConfig) of the training
+    checkpoint ``folder``: read from its client state (``state``, when already read), its
+    arguments and normalization.json, no weights."""
+    state = reader.client_state(folder) if state is None else state
+    ns = reader.run_args(folder, state)
     norm = normalization.read(folder)
     cfg = config_of_run(ns, norm)
-    serial = dataclasses.replace(cfg, bf16=False, sequence_parallel=False, recompute_activations=False)
-    with torch.device("meta"):  # shapes only: the arguments may claim any size
-        specs = shards.param_specs(build_serial_model(serial))
-    # the merged fp32 tensors, and one model-parallel rank's shards while they are merged
-    sizes.check_memory(2 * sizes.nbytes({n: spec["shape"] for n, spec in specs.items()}),
-                       f"converting {folder} (a model of {sizes.config_summary(vars(ns))})")
-    tensors, state = reader.read_full_state_dict(folder, list(specs))
-    for name, spec in specs.items():
-        if list(tensors[name].shape) != spec["shape"]:
-            raise CheckpointError(f"{folder}: merged {name} has shape {list(tensors[name].shape)}, the model "
-                                  f"{spec['shape']}.")
     T, P = int(ns.tensor_model_parallel_size), int(ns.channel_parallel_size)
     config = {
         "model": consolidated.config_to_dict(cfg),
@@ -79,11 +66,33 @@ def export_consolidated(load_dir: str, save_dir: str) -> dict:
                    "data_parallel_size": int(state.get("dp_world_size", 1)),
                    "zero_stage": int(((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)),
                    "bf16": bool(cfg.bf16), "ds_version": state.get("ds_version")},
-        "parameters": specs,
-        "dtype": "float32",
-        "versions": consolidated.versions(),
     }
+    return config, cfg
+
+
+def export_consolidated(load_dir: str, save_dir: str) -> dict:
+    """Merge a training checkpoint into OUT/model.safetensors + OUT/config.json; returns the config."""
+    from dchag.inference.runtime import build_serial_model
+    folder = reader.resolve_folder(load_dir)
+    if not reader.check_integrity(folder):
+        _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
+    consolidated.check_output(save_dir)  # refuse early, before the work
+    state = reader.client_state(folder)
+    config, cfg = run_config(folder, state)
+    serial = dataclasses.replace(cfg, bf16=False, sequence_parallel=False, recompute_activations=False)
+    with torch.device("meta"):  # shapes only: the arguments may claim any size
+        specs = shards.param_specs(build_serial_model(serial))
+    # the merged fp32 tensors, and one model-parallel rank's shards while they are merged
+    sizes.check_memory(2 * sizes.nbytes({n: spec["shape"] for n, spec in specs.items()}),
+                       f"converting {folder} (a model of {sizes.config_summary(config['training_args'])})")
+    tensors, _ = reader.read_full_state_dict(folder, list(specs))
+    for name, spec in specs.items():
+        if list(tensors[name].shape) != spec["shape"]:
+            raise CheckpointError(f"{folder}: merged {name} has shape {list(tensors[name].shape)}, the model "
+                                  f"{spec['shape']}.")
+    config.update(parameters=specs, dtype="float32", versions=consolidated.versions())
     consolidated.write(save_dir, tensors, config)
+    T, P = config["source"]["tensor_model_parallel_size"], config["source"]["channel_parallel_size"]
     _log(f"> wrote {save_dir}/{consolidated.WEIGHTS} ({len(tensors)} tensors, "
          f"{sum(t.numel() for t in tensors.values()):,} parameters) and {consolidated.CONFIG} "
          f"(iteration {config['iteration']}, from T={T}, P={P})")

@@ -80,3 +80,31 @@ def copy_to_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
 
 def reduce_from_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
     return x if _size() == 1 else _ReduceFromChannelRegion.apply(x)
+
+
+# ---- inference (no autograd) ----------------------------------------------------------------
+
+def gather_channel_rows(x: torch.Tensor, rows_per_rank: list[int], dim: int = 1) -> torch.Tensor:
+    """Inference: each channel rank's ``rows_per_rank[r]`` channels of ``x`` (along ``dim``; the
+    ranks may hold different counts) -> all of them, in channel-rank order, on every rank."""
+    if _size() == 1:
+        return x
+    if x.dtype == torch.bool:
+        return gather_channel_rows(x.to(torch.uint8), rows_per_rank, dim).bool()
+    most = max(rows_per_rank)
+    moved = x.movedim(dim, 0).contiguous()
+    if moved.shape[0] < most:  # gloo gathers equal sizes only: pad, then cut each rank's rows out again
+        moved = torch.cat([moved, moved.new_zeros((most - moved.shape[0],) + tuple(moved.shape[1:]))])
+    out = moved.new_empty((most * _size(),) + tuple(moved.shape[1:]))
+    dist.all_gather_into_tensor(out, moved, group=_group())
+    parts = [out[r * most:r * most + n] for r, n in enumerate(rows_per_rank)]
+    return torch.cat(parts).movedim(0, dim)
+
+
+def any_over_channel_group(x: torch.Tensor) -> torch.Tensor:
+    """Inference: a boolean tensor, True where it is True on any channel rank."""
+    if _size() == 1:
+        return x
+    t = x.to(torch.uint8)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_group())
+    return t.bool()

@@ -26,25 +26,37 @@ def shard_kind(param) -> str:
     return "replicated"
 
 
-def shard_of(param, full: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of ``full`` for ``param``."""
+def shard_index(param, full_shape) -> tuple[slice, ...]:
+    """Where this rank's piece of ``param`` lies in the full tensor of ``full_shape``."""
+    index = [slice(None)] * len(full_shape)
     kind = shard_kind(param)
     if kind == "channel":
         start, stop = param.channel_rows
-        return full[start:stop]
-    if kind == "tensor":
+        index[0] = slice(start, stop)
+    elif kind == "tensor":  # torch.chunk's pieces
         T, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        return full.chunk(T, dim=param.partition_dim)[r]
-    return full
+        n = full_shape[param.partition_dim]
+        size = -(-n // T)
+        index[param.partition_dim] = slice(min(r * size, n), min((r + 1) * size, n))
+    return tuple(index)
+
+
+def shard_of(param, full: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``full`` for ``param``."""
+    return full[shard_index(param, tuple(full.shape))]
 
 
 @torch.no_grad()
-def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+def load_full_state_dict(model: torch.nn.Module, full) -> None:
+    """Each parameter's piece of ``full`` ({name: full tensor}, or any mapping whose values slice
+    like one and give ``get_shape()``: safetensors' lazy slices, so only the pieces are read)."""
     missing = [n for n, _ in model.named_parameters() if n not in full]
     if missing:
         raise KeyError(f"full state dict lacks {len(missing)} parameters, e.g. {missing[:3]}")
     for name, param in model.named_parameters():
-        piece = shard_of(param, full[name])
+        t = full[name]
+        shape = tuple(t.shape) if torch.is_tensor(t) else tuple(t.get_shape())
+        piece = t[shard_index(param, shape)]
         if piece.shape != param.shape:
             raise ValueError(f"{name}: shard shape {tuple(piece.shape)} != parameter {tuple(param.shape)}")
         param.copy_(piece)

@@ -24,8 +24,9 @@ A task is a stateless object (``dchag.tasks.get_task(name)``); its callers:
     picture_arrays(...) / report_picture(results, output_dir)
                                           tools/parity.py: the same pictures, one row per method
     export_fields(args, normalization)    what the export's config.json needs (mask ratio, lead time, targets)
-    output_planes(cfg) / predict_tiles(model, x, index, options)
-                                          tools/predict.py: [B, planes, h, w] in data or target units
+    output_planes(cfg) / predict_tiles(model, x, index, options) / stitch_planes(cfg) / finish_stitched(block)
+                                          tools/predict.py: [B, planes, h, w] in data or target units per
+                                          tile, blended where tiles overlap, then the output
     predict_plan(model, options)          tools/predict.py: a line on how it predicts (MAE: the masks)
     prediction_title / prediction_rgb(y, model, input_rgb)
                                           tools/predict.py --picture: the output panel
@@ -118,8 +119,17 @@ class Task:
         raise NotImplementedError
 
     def predict_tiles(self, model, x, index, options: dict):
-        """[B, C, h, w] raw tiles -> [B, output_planes, h, w] (a :class:`PretrainedDChag` ``model``)."""
+        """[B, C, h, w] raw tiles -> [B, stitch_planes, h, w] (a :class:`PretrainedDChag` ``model``):
+        what neighbouring tiles' outputs are blended over."""
         raise NotImplementedError
+
+    def stitch_planes(self, cfg) -> int:
+        """Planes of :meth:`predict_tiles`, blended where tiles overlap (default: the output's)."""
+        return self.output_planes(cfg)
+
+    def finish_stitched(self, block):
+        """Blended [stitch_planes, rows, W] -> the output [output_planes, rows, W] (default: as it is)."""
+        return block
 
     def predict_plan(self, model, options: dict) -> str | None:
         """tools/predict.py: one line saying how the prediction will be made, or None."""

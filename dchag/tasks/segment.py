@@ -110,13 +110,18 @@ class SegmentTask(DenseTask):
         K = model.cfg.num_outputs
         return class_colours(K)(np.ma.masked_invalid(np.asarray(y[0], np.float64)).astype(np.int64))[..., :3]
 
-    def predict(self, model, x):
-        """[B, 1, h, w] float32: the class index, NaN where the input pixel holds no valid value."""
-        classes = model.segment_tiles(x)
-        t = torch.as_tensor(np.asarray(classes) if not torch.is_tensor(classes) else classes).float()
-        t = torch.where(t < 0, torch.nan, t)[:, None]
-        return t if torch.is_tensor(x) else t.numpy()
+    def stitch_planes(self, cfg) -> int:
+        return cfg.num_outputs  # the class probabilities are blended, then the most probable class taken
 
+    def predict(self, model, x):
+        """[B, K, h, w] float32: the class probabilities, NaN where the input pixel holds no valid value."""
+        return model.segment_tiles(x, return_probabilities=True)
+
+    def finish_stitched(self, block):
+        """[K, rows, W] blended probabilities -> [1, rows, W]: the class index (float), NaN where none."""
+        empty = np.isnan(block).all(axis=0)
+        classes = np.nan_to_num(block, nan=-1.0).argmax(axis=0).astype(np.float32)
+        return np.where(empty, np.nan, classes)[None]
 
 def class_colours(num_classes: int):
     """One colour per class (tab10, tab20 beyond 10 classes), NaN / masked grey."""

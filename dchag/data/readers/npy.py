@@ -31,6 +31,7 @@ from .channel_axis import ChannelsFirstArray
 class NpySource(ChannelsFirstArray, Source):
     format = "npy"
     _HANDLE_ATTRS = ("_arr",)
+    _MAPPED_ATTRS = ("_arr",)
 
     def __init__(self, path: str, *, wavelengths=None, channel_names=None, nodata=None):
         super().__init__(path)
