@@ -9,7 +9,6 @@ import os
 import zipfile
 
 from dchag.arguments import MODEL_ARGS
-from dchag.checkpointing import pickles
 from dchag.checkpointing.errors import CheckpointError
 from dchag.checkpointing.manifest import MANIFEST
 from dchag.checkpointing.ranks import say
@@ -104,12 +103,13 @@ def saved_args(folder: str, how=None) -> dict:
             if not isinstance(doc, dict):
                 raise ValueError(f"it holds a JSON {type(doc).__name__}, not the arguments")
             return doc
-        if files:
+        if files:  # torch, imported only here: the pre-flight reads dchag_args.json without it
+            from dchag.checkpointing import pickles
             state = pickles.load(files[0], mmap=True)
             if isinstance(state, dict) and isinstance(state.get("args"), dict):
                 return state["args"]
-    except pickles.UnsafeCheckpointError:
-        raise
+    except CheckpointError:
+        raise  # pickles.UnsafeCheckpointError: a refused pickle, named
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, EOFError) as e:
         raise CheckpointError(f"cannot load {folder}: {source} is damaged ({e}). {how() if how else ''}".rstrip()) from e
     raise CheckpointError(f"cannot load {folder}: it has no dchag_args.json (nor arguments in a model-states file), "

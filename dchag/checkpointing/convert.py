@@ -26,7 +26,7 @@ import torch
 
 from dchag.checkpointing import consolidated, manifest, normalization, pickles, reader, shards, sizes
 from dchag.checkpointing.errors import CheckpointError
-from dchag.checkpointing.tags import read_latest, saved_iterations, tag_for
+from dchag.checkpointing.tags import is_universal, read_latest, saved_iterations, tag_for  # noqa: F401 - is_universal: re-exported
 from dchag.tasks import get_task
 
 
@@ -182,11 +182,6 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
     _log(f"> wrote universal checkpoint {save_dir}/{tag}. Continue on any layout with: pretrain_dchag.py --load "
          f"{save_dir} --tensor-model-parallel-size T --channel-parallel-size P ...")
     return os.path.join(save_dir, tag)
-
-
-def is_universal(load_dir: str | None) -> bool:
-    """A folder written by :func:`to_universal` (``latest_universal``, no ``latest``)."""
-    return bool(load_dir) and read_latest(load_dir) is None and read_latest(load_dir, "latest_universal") is not None
 
 
 def verify(path: str) -> list[tuple[str, list[str]]]:
