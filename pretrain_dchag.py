@@ -38,7 +38,8 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
                                         img_w=args.img_w, channels=channels, num_channels=args.num_channels,
                                         lead_time=args.lead_time, valid_fraction=args.valid_fraction,
                                         strict=args.data_strict, seed=args.seed, target_path=args.target_path,
-                                        num_classes=args.num_classes, ignore_index=args.ignore_index)
+                                        num_classes=args.num_classes, ignore_index=args.ignore_index,
+                                        channels_last=args.channels_last)
     if args.data_strict:  # refuse bad data before training, not when the bad tile is first drawn
         from dchag.training.startup import strict_scan
         strict_scan(train_ds, valid_ds)
