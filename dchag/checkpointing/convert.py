@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from dchag.checkpointing import consolidated, manifest, normalization, pickles, reader, shards, sizes
+from dchag.checkpointing import consolidated, fingerprint, manifest, normalization, pickles, reader, shards, sizes
 from dchag.checkpointing.errors import CheckpointError
 from dchag.checkpointing.tags import is_universal, read_latest, saved_iterations, tag_for  # noqa: F401 - is_universal: re-exported
 from dchag.tasks import get_task
@@ -173,7 +173,7 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CheckpointError(f"ds_to_universal failed on {folder}:\n{(proc.stdout + proc.stderr)[-3000:]}")
-        for name in ("dchag_args.json", normalization.FILE):
+        for name in ("dchag_args.json", normalization.FILE, fingerprint.FILE):
             if os.path.exists(os.path.join(folder, name)):
                 shutil.copy2(os.path.join(folder, name), os.path.join(tmp, tag, name))
         manifest.write_manifest(os.path.join(tmp, tag))

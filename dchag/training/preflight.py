@@ -51,6 +51,7 @@ class Found:
     source: object = None  # the opened data (dchag.data Source): metadata only
     samples: dict | None = None  # {"train": n, "valid": n} of the data (tiles, or forecast samples)
     notes: list = field(default_factory=list)  # lines for the start-up summary
+    fingerprint: dict | None = None  # the data's (dchag/data/fingerprint.py), recorded with every checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +267,34 @@ def check_checkpoint(args, found: Found) -> list[Exception]:
     return []
 
 
+def check_data_change(args, found: Found) -> list[Exception]:
+    """The data's fingerprint (sizes, shapes, channels, sample counts, a digest of fixed windows:
+    dchag/data/fingerprint.py), recorded with every checkpoint; on resume, compared with the one the
+    checkpoint recorded (dchag/checkpointing/fingerprint.py): changed data is refused unless
+    --allow-data-change, which then normalizes it with the checkpoint's statistics
+    (``args.saved_statistics``)."""
+    if found.source is None or not (args.save or found.load_tag):
+        return []
+    import os
+    from dchag.checkpointing import fingerprint as recorded, normalization
+    from dchag.checkpointing.errors import CheckpointError
+    from dchag.data.errors import DataError
+    from dchag.data.fingerprint import fingerprint, source_record
+    try:
+        found.fingerprint = fingerprint({"data": source_record(found.source, found.samples)})
+        if found.load_tag:
+            note, changed = recorded.check_resume(args.load, found.load_tag, found.fingerprint,
+                                                  getattr(args, "allow_data_change", False))
+            folder = os.path.join(args.load, found.load_tag)
+            if changed and normalization.arrays(normalization.read(folder)) is not None:
+                args.saved_statistics = os.path.join(folder, normalization.FILE)
+            if note:
+                found.notes.append(note)
+    except (CheckpointError, DataError) as e:
+        return [e]
+    return []
+
+
 def check_deepspeed_values(args, found: Found) -> list[Exception]:
     """The JSON's sections through DeepSpeed's own models (types and values; imports DeepSpeed)."""
     from dchag.training.ds_config import load_json
@@ -286,7 +315,7 @@ def read_channel_identity(args) -> None:
 
 
 CHECKS = [check_layout, check_arguments, check_save_folder, check_deepspeed_config, check_finetune, check_data, check_task,
-          check_model, check_memory, check_checkpoint]
+          check_model, check_memory, check_checkpoint, check_data_change]
 LATE_CHECKS = [check_deepspeed_values]
 
 
