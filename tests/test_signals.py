@@ -221,3 +221,42 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(tmp_path):
     assert len(loaded) == 1 and 1 <= int(loaded[0]) < RESTART_ITERS, text[-4000:]
     lr = _losses(text)
     assert lr[RESTART_ITERS] == lb[RESTART_ITERS], (lr, lb)
+
+
+INTERRUPTED = r"""
+import sys, time
+from dchag.training import signals
+signals.progress.update(iteration=7, saved="RUN/iter_0000006")
+signals.install_interrupt_handler()
+print("training", flush=True)
+try:
+    while True:
+        time.sleep(0.01)
+finally:
+    time.sleep(60)  # a cleanup that blocks: a collective with a peer that has already exited
+"""
+
+
+def test_the_first_ctrl_c_prints_its_line_before_anything_can_kill_the_rank(tmp_path):
+    """Issue 30: under torchrun a second Ctrl-C makes the agent SIGTERM its workers; rank 0, still
+    unwinding its KeyboardInterrupt through a cleanup blocked on a peer already gone, died without
+    its line. The handler prints the line at once and exits: Ctrl-C, Ctrl-C, then SIGTERM give
+    exit 130 and the line (without the handler: killed by SIGTERM after 60 s of cleanup, no line)."""
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, env={**os.environ, "RANK": "3"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline() == "training\n"
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert code == 130, (code, err)
+    assert err == ("rank 3: interrupted (SIGINT) at iteration 7; stopping (last checkpoint RUN/iter_0000006). To "
+                   "save on a signal, run with --exit-signal-handler [--exit-signal SIGINT].\n"), err
