@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a consolidated export (tools/convert_checkpoint.py --format consolidated)")
     p.add_argument("--data-path", required=True, help="the data file (or folder / selector, as for training)")
     p.add_argument("--data-format", default="auto", help="as pretrain_dchag.py --data-format (default: detected)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="as pretrain_dchag.py --channels-last: plain arrays stored [H, W, C] / [N, H, W, C]")
     p.add_argument("--task", required=True, choices=TASKS,
                    help="the model's own task (mae, forecast, regress, segment), or embed (any model)")
     p.add_argument("--output", required=True, help="OUT.npy or OUT.zarr (a new path)")
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
         out = predict_file(model, args.data_path, args.task, args.output, data_format=args.data_format,
                            mask_ratio=args.mask_ratio, seed=args.seed, lead_time=args.lead_time,
                            batch_size=args.batch_size, progress=not args.no_progress, picture=args.picture,
-                           complementary=args.complementary_masks)
+                           complementary=args.complementary_masks, channels_last=args.channels_last)
     except (CheckpointError, DataError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -79,7 +79,8 @@ class _Output:
 
 def predict_file(model, data_path: str, task: str, output: str, *, data_format: str = "auto",
                  mask_ratio: float | None = None, seed: int = 0, lead_time: float | None = None, batch_size: int = 8,
-                 progress: bool = True, picture: str | None = None, complementary: bool = False) -> np.ndarray:
+                 progress: bool = True, picture: str | None = None, complementary: bool = False,
+                 channels_last: bool = False) -> np.ndarray:
     """Predict over every image of ``data_path`` with ``model`` (a :class:`PretrainedDChag`);
     writes ``output`` (.npy or .zarr) and returns it (memory-mapped / zarr array). MAE:
     ``mask_ratio`` None = the training run's; ``complementary`` = every patch predicted while hidden."""
@@ -92,7 +93,7 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
         raise ValueError(f"--task {task}: this model was trained with --task {cfg.task}; use --task {cfg.task} "
                          "or embed.")
     from dchag.data.readers.open import check_channel_axis
-    src = open_source(data_path, data_format)
+    src = open_source(data_path, data_format, channels_last=channels_last)  # --channels-last: [N, H, W, C] arrays
     check_channel_axis(src, cfg.num_channels, f"the model's {cfg.num_channels} channels")  # never a guessed axis
     N, C, H, W = src.shape
     if C != cfg.num_channels:
