@@ -13,7 +13,6 @@ same verdict on every rank, as dchag.checkpointing.compat's.
 
 from __future__ import annotations
 
-import json
 import os
 
 from dchag.checkpointing import durable
@@ -23,17 +22,16 @@ FILE = "data_fingerprint.json"
 
 
 def write(folder: str, doc: dict) -> str:
-    return durable.write_text(os.path.join(folder, FILE), json.dumps(doc, indent=1) + "\n")
+    return durable.write_json(os.path.join(folder, FILE), doc)
 
 
 def read(folder: str) -> dict | None:
     """The fingerprint of a checkpoint folder, or None when it records none (saved before dchag did)."""
     path = os.path.join(folder, FILE)
-    if not os.path.exists(path):
-        return None
     try:
-        with open(path) as f:
-            doc = json.load(f)
+        doc = durable.read_json(path)
+        if doc is None:
+            return None
         if not isinstance(doc, dict) or not isinstance(doc.get("sources"), dict):
             raise ValueError("it holds no per-source records")
     except (OSError, ValueError) as e:
