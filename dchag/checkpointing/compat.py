@@ -10,6 +10,7 @@ import zipfile
 
 from dchag.arguments import MODEL_ARGS
 from dchag.checkpointing.errors import CheckpointError
+from dchag.checkpointing import fingerprint, manifest
 from dchag.checkpointing.manifest import MANIFEST
 from dchag.checkpointing.ranks import say
 from dchag.checkpointing.recovery import hint, move_aside, set_aside_damaged
@@ -116,6 +117,25 @@ def saved_args(folder: str, how=None) -> dict:
                           "so it is not a checkpoint of pretrain_dchag.py.")
 
 
+# The small files the pre-flight reads before the run checks the whole manifest (collectively, under the
+# process group): checked against it first, so that an edited one is named as such, not taken at its word.
+READ_BEFORE_THE_MANIFEST = ("dchag_args.json", fingerprint.FILE)
+
+
+def check_small_files(folder: str, how) -> None:
+    """Refuse ``folder`` when a file of :data:`READ_BEFORE_THE_MANIFEST` differs from its manifest
+    entry (an edited ``dchag_args.json`` that is still valid JSON was reported as a flag conflict,
+    whose advice cost another start before the checksum error). ``how()``: how to go on."""
+    table = manifest.read_manifest(folder)
+    if table is None:
+        return
+    for name in READ_BEFORE_THE_MANIFEST:
+        problems = manifest.check_files(folder, table, [name]) if name in table else []
+        if problems:
+            why = problems[0][len(name) + 1:]
+            raise CheckpointError(f"cannot load {folder}: {os.path.join(folder, name)} is damaged: {why}. {how()}")
+
+
 def check_compatible(args, universal: bool = False) -> str | None:
     """The tag to load (None: fresh start, see :func:`load_tag`); refuses when the checkpoint's
     model/layout arguments differ from the command line.
@@ -127,7 +147,9 @@ def check_compatible(args, universal: bool = False) -> str | None:
     tag = load_tag(args, universal)
     if tag is None:
         return None
-    saved = saved_args(os.path.join(args.load, tag), lambda: hint(args.load, iteration_of(tag)))
+    how = lambda: hint(args.load, iteration_of(tag))  # noqa: E731
+    check_small_files(os.path.join(args.load, tag), how)
+    saved = saved_args(os.path.join(args.load, tag), how)
     keys = [k for k in MODEL_ARGS if not (universal and k in LAYOUT_ARGS)]
     diffs = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
     if diffs:
