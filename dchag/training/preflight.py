@@ -102,8 +102,8 @@ def check_arguments(args, found: Found) -> list[Exception]:
 
 
 def check_save_folder(args, found: Found) -> list[Exception]:
-    """``--save`` is a folder this job can write to (a file is created and removed there: permission
-    bits alone miss read-only mounts, immutable folders and root)."""
+    """``--save`` is a folder this job can write to (asked of the kernel, which counts read-only
+    mounts and immutable folders; nothing is written: dchag.checkpointing.writable)."""
     from dchag.checkpointing.errors import CheckpointError
     from dchag.checkpointing.writable import check_writable
     try:
