@@ -75,10 +75,12 @@ def bands_note(dead: list[tuple[int, str]], num_channels: int) -> str:
     """The start-up line on channels without any valid value: named, ignored, and how to drop them."""
     named = ", ".join(f"{c} ({name})" for c, name in dead[:8]) + (f" and {len(dead) - 8} more" if len(dead) > 8 else "")
     keep = num_channels - len(dead)
-    return (f"{len(dead)} of {num_channels} channels have no valid value (every value is NaN, Inf or the no-data "
-            f"value): channel {named}. They are ignored: zero-filled in the input, left out of the loss and the "
-            f"metrics, and counted as invalid input values in the log line. To leave them out of the model, keep the "
-            f"other {keep} channels of the data and set --num-channels {keep}.")
+    one = len(dead) == 1
+    return (f"{'channel' if one else 'channels'} {named} of the {num_channels} {'has' if one else 'have'} no valid "
+            f"value (every value is NaN, Inf or the no-data value). {'It is' if one else 'They are'} ignored: "
+            "zero-filled in the input, left out of the loss and the metrics, and counted as invalid input values in "
+            f"the log line. To leave {'it' if one else 'them'} out of the model, keep the other {keep} channels of "
+            f"the data and set --num-channels {keep}.")
 
 
 def _parameters(module) -> tuple[int, int]:
