@@ -30,6 +30,9 @@ HELP = {
     "--patch-dim": "ViT patch size p (p divides --img-h and --img-w)",
     "--valid-fraction": "fraction of the tiles (mae) or time steps (forecast) held out for validation: the last "
                         "ones, no shuffling",
+    "--channels-last": "plain arrays (.npy, HDF5/Zarr arrays) are stored channels-last, [H, W, C] or [N, H, W, C]; "
+                       "without it they are read in the documented channels-first layout [C, H, W] / [N, C, H, W] "
+                       "(docs/DATA.md, the channel axis)",
     "--data-strict": "read every sample at start-up and refuse invalid values (NaN/Inf, no-data) before training; "
                      "without it they are zero-filled, masked out of the loss and counted",
     "--num-workers": "DataLoader worker processes per rank",
@@ -81,6 +84,9 @@ HELP = {
     "--adam-beta1": "AdamW beta1",
     "--adam-beta2": "AdamW beta2",
     "--adam-eps": "AdamW epsilon",
+    "--skip-memory-check": "start even when the pre-flight's estimate (dchag/planner: parameters, optimizer state, "
+                           "activations and the batch, per rank) exceeds the memory of this machine's GPU or host "
+                           "(only if you know the estimate is wrong for your run)",
     "--seed": "seed of the weights, MAE masks, dropout and data order (the same for every layout)",
     # fine-tuning
     "--finetune": "start from --pretrained-checkpoint's weights only: iteration 0, a fresh optimizer and LR schedule, "
@@ -110,6 +116,10 @@ HELP = {
               "beyond the starting iteration",
     "--load": "folder to resume from (the iteration in DIR/latest); --load DIR --save DIR on an empty DIR starts "
               "fresh",
+    "--allow-data-change": "resume although the data differs from the data the checkpoint was trained on (its "
+                           "fingerprint: sizes, shapes, channels, sample counts, a digest of fixed windows); the "
+                           "new data is normalized with the checkpoint's statistics. Without it such a resume is "
+                           "refused, naming what changed",
     "--save-interval": "save every this many iterations (and at the end)",
     "--eval-interval": "validate every this many iterations",
     "--eval-iters": "validation iterations (global batches) per evaluation; default: every held-out sample, each "

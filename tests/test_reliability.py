@@ -697,3 +697,23 @@ def test_lock_records_the_heartbeat_and_release_removes_only_its_own(tmp_path, c
         held.release()  # no exception
     finally:
         os.chmod(save, 0o700)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 30 (part B): the small files the pre-flight reads are checked against the manifest first
+
+
+def test_an_edited_args_file_is_named_as_damaged_not_as_a_flag_conflict(tmp_path):
+    """Issue 30: an edited dchag_args.json that is still valid JSON was reported as a flag conflict
+    (its advice cost another start before the checksum error). Its manifest entry is checked first."""
+    from dchag.checkpointing import compat
+    from dchag.checkpointing.errors import CheckpointError
+    run = _fake_run(tmp_path, complete=(2, 4), interrupted=(), latest=4)
+    path = os.path.join(run, "iter_0000004", "dchag_args.json")
+    with open(path, "w") as f:
+        json.dump({"tensor_model_parallel_size": 2}, f)  # valid JSON, another value
+    args = argparse.Namespace(load=run, save=None, ckpt_step=None, no_load_optim=False, tensor_model_parallel_size=1)
+    with pytest.raises(CheckpointError) as e:
+        compat.check_compatible(args)
+    assert f"cannot load {run}/iter_0000004: {path} is damaged: has a different SHA-256 than when it was saved" in \
+        str(e.value) and "--ckpt-step 2 added" in str(e.value), str(e.value)

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint: a --save folder (its latest complete checkpoint) or one of its iter_* folders")
     p.add_argument("--data-path", required=True, help="the data file (or folder / selector, as for training)")
     p.add_argument("--data-format", default="auto", help="as pretrain_dchag.py --data-format (default: detected)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="as pretrain_dchag.py --channels-last: plain arrays stored [H, W, C] / [N, H, W, C]")
     p.add_argument("--task", required=True, choices=TASKS,
                    help="the model's own task (mae, forecast, regress, segment), or embed (any model)")
     p.add_argument("--output", required=True, help="OUT.npy or OUT.zarr (a new path)")
@@ -140,6 +142,7 @@ def predict(model, args, share):
                         mask_ratio=args.mask_ratio, seed=args.seed, lead_time=args.lead_time,
                         batch_size=args.batch_size, progress=not args.no_progress, picture=args.picture,
                         complementary=args.complementary_masks, allow_missing_channels=args.allow_missing_channels,
+                        channels_last=args.channels_last,
                         overlap=args.overlap, share=share)
 
 

@@ -9,8 +9,8 @@ import os
 import zipfile
 
 from dchag.arguments import MODEL_ARGS
-from dchag.checkpointing import pickles
 from dchag.checkpointing.errors import CheckpointError
+from dchag.checkpointing import fingerprint, manifest
 from dchag.checkpointing.manifest import MANIFEST
 from dchag.checkpointing.ranks import say
 from dchag.checkpointing.recovery import hint, move_aside, set_aside_damaged
@@ -104,16 +104,36 @@ def saved_args(folder: str, how=None) -> dict:
             if not isinstance(doc, dict):
                 raise ValueError(f"it holds a JSON {type(doc).__name__}, not the arguments")
             return doc
-        if files:
+        if files:  # torch, imported only here: the pre-flight reads dchag_args.json without it
+            from dchag.checkpointing import pickles
             state = pickles.load(files[0], mmap=True)
             if isinstance(state, dict) and isinstance(state.get("args"), dict):
                 return state["args"]
-    except pickles.UnsafeCheckpointError:
-        raise
+    except CheckpointError:
+        raise  # pickles.UnsafeCheckpointError: a refused pickle, named
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, EOFError) as e:
         raise CheckpointError(f"cannot load {folder}: {source} is damaged ({e}). {how() if how else ''}".rstrip()) from e
     raise CheckpointError(f"cannot load {folder}: it has no dchag_args.json (nor arguments in a model-states file), "
                           "so it is not a checkpoint of pretrain_dchag.py.")
+
+
+# The small files the pre-flight reads before the run checks the whole manifest (collectively, under the
+# process group): checked against it first, so that an edited one is named as such, not taken at its word.
+READ_BEFORE_THE_MANIFEST = ("dchag_args.json", fingerprint.FILE)
+
+
+def check_small_files(folder: str, how) -> None:
+    """Refuse ``folder`` when a file of :data:`READ_BEFORE_THE_MANIFEST` differs from its manifest
+    entry (an edited ``dchag_args.json`` that is still valid JSON was reported as a flag conflict,
+    whose advice cost another start before the checksum error). ``how()``: how to go on."""
+    table = manifest.read_manifest(folder)
+    if table is None:
+        return
+    for name in READ_BEFORE_THE_MANIFEST:
+        problems = manifest.check_files(folder, table, [name]) if name in table else []
+        if problems:
+            why = problems[0][len(name) + 1:]
+            raise CheckpointError(f"cannot load {folder}: {os.path.join(folder, name)} is damaged: {why}. {how()}")
 
 
 def check_compatible(args, universal: bool = False) -> str | None:
@@ -127,7 +147,9 @@ def check_compatible(args, universal: bool = False) -> str | None:
     tag = load_tag(args, universal)
     if tag is None:
         return None
-    saved = saved_args(os.path.join(args.load, tag), lambda: hint(args.load, iteration_of(tag)))
+    how = lambda: hint(args.load, iteration_of(tag))  # noqa: E731
+    check_small_files(os.path.join(args.load, tag), how)
+    saved = saved_args(os.path.join(args.load, tag), how)
     keys = [k for k in MODEL_ARGS if not (universal and k in LAYOUT_ARGS)]
     diffs = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
     if diffs:

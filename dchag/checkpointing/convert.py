@@ -24,9 +24,9 @@ import sys
 
 import torch
 
-from dchag.checkpointing import consolidated, frozen, manifest, normalization, pickles, reader, shards, sizes
+from dchag.checkpointing import consolidated, fingerprint, frozen, manifest, normalization, pickles, reader, shards, sizes
 from dchag.checkpointing.errors import CheckpointError
-from dchag.checkpointing.tags import read_latest, saved_iterations, tag_for
+from dchag.checkpointing.tags import is_universal, read_latest, saved_iterations, tag_for  # noqa: F401 - is_universal: re-exported
 from dchag.tasks import get_task
 
 
@@ -182,7 +182,7 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CheckpointError(f"ds_to_universal failed on {folder}:\n{(proc.stdout + proc.stderr)[-3000:]}")
-        for name in ("dchag_args.json", normalization.FILE):
+        for name in ("dchag_args.json", normalization.FILE, fingerprint.FILE):
             if os.path.exists(os.path.join(folder, name)):
                 shutil.copy2(os.path.join(folder, name), os.path.join(tmp, tag, name))
         kept = frozen.add_to_universal(folder, os.path.join(tmp, tag), _parameter_names(folder))
@@ -203,11 +203,6 @@ def _parameter_names(folder: str) -> list[str]:
     state = reader.client_state(folder)
     maps = ((state.get("universal_checkpoint_info") or {}).get(C.AFFINE_MAP) or {}).get(C.AFFINE_MAP_PARAMS) or {}
     return [reader.param_name(pattern) for pattern in maps]
-
-
-def is_universal(load_dir: str | None) -> bool:
-    """A folder written by :func:`to_universal` (``latest_universal``, no ``latest``)."""
-    return bool(load_dir) and read_latest(load_dir) is None and read_latest(load_dir, "latest_universal") is not None
 
 
 def verify(path: str) -> list[tuple[str, list[str]]]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 
 from .errors import DataError
 from .readers import open_source
@@ -155,6 +154,7 @@ class RegressionTargets(TargetMaps):
         y = (y - self.stats.safe_mean.astype(np.float32)[:, None, None]) / self.stats.safe_std.astype(
             np.float32)[:, None, None]
         y[~valid] = 0.0
+        import torch  # here, not at the top: the pre-flight opens the targets without torch
         return {"target": torch.from_numpy(y), "target_valid": torch.from_numpy(valid)}
 
     def describe(self) -> dict:
@@ -219,6 +219,7 @@ class ClassTargets(TargetMaps):
 
     def item(self, tile) -> dict:
         cls, valid = self.classes(self.read_tile(tile)[0])
+        import torch
         return {"target": torch.from_numpy(cls), "target_valid": torch.from_numpy(valid)}
 
     def describe(self) -> dict:

@@ -216,7 +216,7 @@ def describe_stats(stats: dict) -> str:
 def predict_file(model, data_path: str, task: str, output: str, *, data_format: str = "auto",
                  mask_ratio: float | None = None, seed: int = 0, lead_time: float | None = None, batch_size: int = 8,
                  progress: bool = True, picture: str | None = None, complementary: bool = False,
-                 allow_missing_channels: bool = False, overlap: int = 0, share=None):
+                 allow_missing_channels: bool = False, overlap: int = 0, share=None, channels_last: bool = False):
     """Predict over every image of ``data_path`` with ``model`` (a :class:`PretrainedDChag`);
     writes ``output`` (.npy or .zarr) and returns it (read-only memory map / zarr array; None in a
     process that does not write). MAE: ``mask_ratio`` None = the training run's; ``complementary``
@@ -233,7 +233,7 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
         raise ValueError(f"--task {task}: this model was trained with --task {cfg.task}; use --task {cfg.task} "
                          "or embed.")
     check_overlap(cfg, task, overlap)
-    src = open_source(data_path, data_format)
+    src = open_source(data_path, data_format, channels_last=channels_last)  # --channels-last: [N, H, W, C] arrays
     cmap = file_channel_map(model, src, data_path, allow_missing_channels, quiet=not share.writes)
     N, _, H, W = src.shape
     if H is None:

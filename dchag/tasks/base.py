@@ -53,16 +53,10 @@ class Task:
 
     # ---- arguments ------------------------------------------------------------------------
     def prepare_args(self, args) -> None:
-        """Refuse flags this task does not read; set ``args.num_outputs``."""
-        from dchag.data.errors import DataError
-        if not self.needs_target_path:
-            given = [flag for flag, value in (("--target-path", getattr(args, "target_path", None)),
-                                              ("--num-classes", getattr(args, "num_classes", None))) if value]
-            if given:
-                raise DataError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} read by --task regress "
-                                f"and segment only, not by --task {self.name}; drop {' and '.join(given)} or change "
-                                "--task.")
-        args.num_outputs = None
+        """Refuse flags this task does not read; set ``args.num_outputs`` (dchag/tasks/flags.py:
+        torch-free, so that the pre-flight runs it before any heavy import)."""
+        from dchag.tasks.flags import prepare_args
+        prepare_args(args, self.name)
 
     # ---- training and evaluation ----------------------------------------------------------
     def forward_step(self, model, batch, args, cfg, iteration: int):

@@ -59,20 +59,6 @@ class SegmentTask(DenseTask):
     prediction_title = "classes"
     metrics_caption = "Held-out overall accuracy and mean IoU (mean over seeds):"
 
-    def num_outputs(self, args, targets) -> int:
-        return targets.num_classes
-
-    def prepare_args(self, args) -> None:
-        from dchag.data.errors import DataError
-        K, ignore = getattr(args, "num_classes", None), getattr(args, "ignore_index", 255)
-        if not K or K < 2:
-            raise DataError(f"--task segment needs --num-classes K >= 2 (the classes of the map at --target-path), "
-                            f"got {K}.")
-        if ignore is not None and 0 <= ignore < K:
-            raise DataError(f"--ignore-index {ignore} is one of the --num-classes {K} classes [0, {K}); choose a "
-                            "value outside them (the common 255, or -1).")
-        super().prepare_args(args)
-
     def error_sums(self, pred, batch):
         return error_sums(pred, batch["target"], batch["target_valid"])
 

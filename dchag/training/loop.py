@@ -163,8 +163,10 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
 
     with startup.phase(f"opening {args.data_path} and its statistics"):
         train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
+    bands = _bands_without_values(getattr(train_loader, "dataset", None), args)
     if hasattr(train_loader, "dataset") and hasattr(valid_factory, "dataset"):
-        history_summary = startup.summary(args, cfg, ds_config, engine, train_loader.dataset, valid_factory.dataset)
+        history_summary = startup.summary(args, cfg, ds_config, engine, train_loader.dataset, valid_factory.dataset,
+                                          notes=bands + found.notes)
     else:
         history_summary = []
     train_iter = iter(train_loader)
@@ -176,7 +178,6 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
                "summary": history_summary}
     dp_group = ps.get_data_parallel_group()
     device = comm_device()  # the engine's device: batches and loss sums go there
-    _refuse_data_without_values(getattr(train_loader, "dataset", None), args)
     skipped = nans = interval_empty = 0  # per log interval (Megatron)
     streak = Streak(args.max_consecutive_nan_iters, f"{args.load}/{load_tag}" if load_tag else None)
     history["lrs"], history["skipped"] = {}, []
@@ -265,14 +266,14 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
                 writer.flush()
         saved = False
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            saved = _save(engine, args, iteration, consumed, scheduler, norm, streak)
+            saved = _save(engine, args, iteration, consumed, scheduler, norm, streak, found.fingerprint)
         progress["iteration"] = iteration
         reason = built["exit_request"].check()  # every rank agrees (one tiny all-reduce)
         if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
             reason = f"--exit-interval {args.exit_interval}"
         if reason is not None:
             if args.save and not saved:
-                saved = _save(engine, args, iteration, consumed, scheduler, norm, streak)
+                saved = _save(engine, args, iteration, consumed, scheduler, norm, streak, found.fingerprint)
             where = (f"checkpoint {args.save}/{tags.tag_for(iteration)}" if saved else streak.not_saved(iteration)
                      if args.save else "no --save: nothing saved")
             _print0(f"> exiting at iteration {iteration} of {args.train_iters}: {reason}; {where}", args.log_file)
@@ -280,7 +281,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             break
     else:
         if args.save and iteration > start_iteration and not (args.save_interval and iteration % args.save_interval == 0):
-            _save(engine, args, iteration, consumed, scheduler, norm, streak)
+            _save(engine, args, iteration, consumed, scheduler, norm, streak, found.fingerprint)
     if non_loss_data_func is not None and "exit_reason" not in history:  # pictures etc. of the trained model, on every rank
         engine.eval()
         non_loss_data_func(engine, valid_factory, args, cfg, iteration, writer)
@@ -291,32 +292,33 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     return history
 
 
-def _save(engine, args, iteration, consumed, scheduler, normalization, streak) -> bool:
+def _save(engine, args, iteration, consumed, scheduler, normalization, streak, data_fingerprint=None) -> bool:
     """Save, unless the iterations since the last update include a non-finite one; True if saved."""
     if streak.blocks_saving:
         _print0(f"> checkpoint at iteration {iteration} {streak.not_saved(iteration)}", args.log_file)
         return False
-    ckpt.save(engine, args, iteration, consumed, scheduler, normalization)
+    ckpt.save(engine, args, iteration, consumed, scheduler, normalization, data_fingerprint=data_fingerprint)
     progress["saved"] = f"{args.save}/{tags.tag_for(iteration)}"
     streak.saved(progress["saved"])
     _print0(f"> saved checkpoint {progress['saved']}", args.log_file)
     return True
 
 
-def _refuse_data_without_values(dataset, args) -> None:
-    """Data with no valid value at all (every value NaN, Inf or no-data) is refused before
-    training: every batch would be skipped. Judged by the statistics' valid-value counts, summed
-    over the channel-parallel ranks (each holds its own channels'); the same verdict on every rank."""
-    from megatron.core import parallel_state as ps
-    stats = getattr(dataset, "stats", None)
-    if stats is None:  # raw values: the streak limit catches it (empty batches count)
-        return
-    count = torch.tensor([int(stats.count.sum())], dtype=torch.int64, device=comm_device())
-    dist.all_reduce(count, group=ps.get_channel_parallel_group())
-    if count.item() == 0:
+def _bands_without_values(dataset, args) -> list[str]:
+    """Channels with no valid value (every value NaN, Inf or no-data), judged by the statistics'
+    valid-value counts over the channel-parallel ranks (each holds its own channels'); the same
+    verdict on every rank. Data without any valid value is refused before training (every batch
+    would be skipped); a few such channels are ignored, and the start-up summary says so (the
+    returned note)."""
+    from dchag.data.errors import DataError
+    dead = startup.bands_without_values(dataset)
+    if not dead:
+        return []
+    if len(dead) == dataset.source.num_channels:
         raise DataError(f"{args.data_path} has no valid value at all (every value is NaN, Inf or the no-data value), "
                         "so there is nothing to train on; check the file, --data-format and the no-data value of the "
                         "data.")
+    return [startup.bands_note(dead, dataset.source.num_channels)]
 
 
 def invalid_values(batch: dict) -> torch.Tensor:
