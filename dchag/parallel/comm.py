@@ -11,6 +11,11 @@ TP region). Each is the identity when the channel group has one rank.
   tensor feeding channel-sharded consumers (the MAE reconstruction head).
 - ``reduce_from_channel_parallel_region``: all-reduce forward, identity backward: a sum of
   channel-sharded partial results that every rank then uses identically (loss sums).
+- ``share_over_channel_parallel_region``: all-reduce forward, all-reduce backward: a tensor to
+  which each rank contributes its part (zeros elsewhere) and which every rank then uses in its
+  own way: the rows of per-identity weights a rank borrows from their home ranks in a blend of
+  data sources (dchag/model/bank.py). Rank r's use adds to the loss, so the gradient of a
+  contribution is the sum over ranks of their gradients.
 """
 
 from __future__ import annotations
@@ -69,6 +74,20 @@ class _ReduceFromChannelRegion(torch.autograd.Function):
         return grad
 
 
+class _ShareOverChannelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x, group=_group())
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=_group())
+        return grad
+
+
 def gather_from_channel_parallel_region(x: torch.Tensor, dim: int) -> torch.Tensor:
     """[..., n_local, ...] on each rank -> [..., P * n_local, ...] in channel-rank order."""
     return x if _size() == 1 else _GatherFromChannelRegion.apply(x, dim)
@@ -80,3 +99,8 @@ def copy_to_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
 
 def reduce_from_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
     return x if _size() == 1 else _ReduceFromChannelRegion.apply(x)
+
+
+def share_over_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's contribution summed, on every rank; backward likewise (module docstring)."""
+    return x if _size() == 1 else _ShareOverChannelRegion.apply(x)

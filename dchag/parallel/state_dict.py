@@ -1,8 +1,9 @@
 """Between a rank's sharded parameters and the layout-free full model.
 
 Every parameter is one of:
-- channel-sharded (``channel_parallel``): dim 0 holds global rows ``channel_rows`` of
-  ``channel_global_rows`` (tokenizer, partial aggregation, MAE head);
+- channel-sharded (``channel_parallel``): dim 0 holds global rows ``channel_ids`` of
+  ``channel_global_rows`` (tokenizer, partial aggregation, MAE head): a slice, or in a blend of
+  data sources the rank's home ids (dchag/parallel/sources.py);
 - tensor-parallel (megatron's ``tensor_model_parallel`` + ``partition_dim``): the TP rank's
   contiguous chunk;
 - replicated.
@@ -30,12 +31,20 @@ def shard_of(param, full: torch.Tensor) -> torch.Tensor:
     """This rank's piece of ``full`` for ``param``."""
     kind = shard_kind(param)
     if kind == "channel":
-        start, stop = param.channel_rows
-        return full[start:stop]
+        return rows_of(full, param.channel_ids)
     if kind == "tensor":
         T, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         return full.chunk(T, dim=param.partition_dim)[r]
     return full
+
+
+def _row_index(ids):
+    return slice(ids.start, ids.stop) if isinstance(ids, range) else torch.tensor(ids, dtype=torch.long)
+
+
+def rows_of(full: torch.Tensor, ids) -> torch.Tensor:
+    """Rows ``ids`` (a range: a slice; else an index) of ``full``."""
+    return full[_row_index(ids)]
 
 
 @torch.no_grad()
@@ -66,7 +75,10 @@ def full_state_dict(model: torch.nn.Module, grads: bool = False) -> dict[str, to
         t = t.detach().cpu() if t is not None else torch.zeros_like(param, device="cpu")
         kind = shard_kind(param)
         if kind == "channel" and ps.get_channel_parallel_world_size() > 1:
-            t = torch.cat(_gather_objects(t, ps.get_channel_parallel_group()), dim=0)
+            pieces = _gather_objects((param.channel_ids, t), ps.get_channel_parallel_group())
+            t = t.new_empty((int(param.channel_global_rows),) + tuple(t.shape[1:]))
+            for ids, piece in pieces:  # each row once over the channel group (a blend: the ranks' home ids)
+                t[_row_index(ids)] = piece
         elif kind == "tensor" and ps.get_tensor_model_parallel_world_size() > 1:
             t = torch.cat(_gather_objects(t, ps.get_tensor_model_parallel_group()), dim=param.partition_dim)
         out[name] = t
