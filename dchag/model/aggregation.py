@@ -112,7 +112,7 @@ class LinearReduce(nn.Module):
             self.weight = mark_channel_sharded(nn.Parameter(weight), level.in_rows, level.global_in, owner)
         else:
             weight = torch.tensor([1.0 / identity_sizes[u] for u in bank.ids], dtype=torch.float32)
-            self.weight = mark_channel_sharded(nn.Parameter(weight), bank.ids, bank.global_rows, owner)
+            self.weight = mark_channel_sharded(nn.Parameter(weight), bank.ids, bank.global_rows, owner, identity=True)
 
     fuses_tokenizer = True  # streamed: the tokenizer applies the coefficients inside its convolution
 

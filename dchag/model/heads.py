@@ -40,7 +40,7 @@ class ChannelReconstructionHead(nn.Module):
                                               std=1.0 / math.sqrt(hidden_size)))
         self.bias = nn.Parameter(torch.zeros(c, q))
         for p in (self.weight, self.bias):
-            mark_channel_sharded(p, channels, num_channels, owner)
+            mark_channel_sharded(p, channels, num_channels, owner, identity=True)
         mark_weight_matrix(self.weight)
 
     def forward(self, x: torch.Tensor, source: int = 0) -> torch.Tensor:

@@ -46,7 +46,7 @@ class ChannelTokenizer(nn.Module):
         init_rows_(self.weight, channels, seed, "tokenizer.weight", std=1.0 / math.sqrt(p * p))
         init_rows_(self.channel_embed, channels, seed, "tokenizer.channel_embed", std=0.02)
         for param in (self.weight, self.bias, self.channel_embed):
-            mark_channel_sharded(param, channels, num_channels, owner)
+            mark_channel_sharded(param, channels, num_channels, owner, identity=True)
         mark_weight_matrix(self.weight)
 
     def borrows(self, source: int) -> bool:

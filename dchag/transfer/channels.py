@@ -15,6 +15,8 @@ of the new data is matched to the pretrained channels by (first rule that applie
 Groups are formed by count over the new channels (dchag/transfer/architecture.py); each new group
 takes the pretrained group whose centre is nearest: the mean wavelength of its channels when
 both models know every channel's wavelength, else its mean relative position in the channel order.
+A model pretrained on a blend of sources had one set of per-segment weights for group g of every
+source, so there groups match by relative position only (g + 1/2) / G.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def match_channels(pretrained: DChagConfig, new: DChagConfig) -> list[ChannelMat
 
 
 def _centres(cfg: DChagConfig, use_wavelengths: bool) -> list[float]:
+    if cfg.sources is not None:  # a blend: group g of every source was group g's position
+        return [(g + 0.5) / cfg.num_groups for g in range(cfg.num_groups)]
     part = ChannelPartition(cfg.num_channels, cfg.num_groups)
     wl = _wavelengths(cfg)
     out = []
@@ -95,8 +99,11 @@ def _centres(cfg: DChagConfig, use_wavelengths: bool) -> list[float]:
 def match_groups(pretrained: DChagConfig, new: DChagConfig, matches: list[ChannelMatch]) -> list[tuple[int, bool]]:
     """For each new group: (the pretrained group whose centre is nearest, whether the two are the
     same channels in the same order)."""
-    both = all(w is not None for w in _wavelengths(pretrained) + _wavelengths(new))
+    blend = pretrained.sources is not None or new.sources is not None
+    both = not blend and all(w is not None for w in _wavelengths(pretrained) + _wavelengths(new))
     old_centres, new_centres = _centres(pretrained, both), _centres(new, both)
+    if blend:  # a segment's weights served every source's group at that position: by position only
+        return [(min(range(len(old_centres)), key=lambda h: (abs(old_centres[h] - c), h)), False) for c in new_centres]
     old_part = ChannelPartition(pretrained.num_channels, pretrained.num_groups)
     new_part = ChannelPartition(new.num_channels, new.num_groups)
     out = []
