@@ -24,6 +24,7 @@ from tests.model_cases import perturb_, setup_layout
 from tests.test_blend_model import SOURCES, _batch
 
 NAMES = ("a", "b", "c", "d")
+UNION_NAMES = tuple(f"u{u}" for u in range(13))
 ARGV = ["--task", "mae", "--num-channels", "13", "--img-h", "8", "--img-w", "8", "--patch-dim", "2",
         "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
         "--dchag-aggregation", "linear", "--dchag-groups", "4", "--tensor-model-parallel-size", "2",
@@ -46,6 +47,7 @@ def _save_worker(folder: str) -> dict:
     from megatron_patches.deepspeed_mpu import mpu
     args = parse_args(ARGV + ["--save", folder])
     args.sources, args.source_names = SOURCES, NAMES  # as the data side records a blend
+    args.channel_names = UNION_NAMES
     cfg = model_config(args)
     setup_layout(1, 1)
     serial = DChagViT(cfg)
@@ -122,3 +124,35 @@ def test_blend_universal_conversion_merges_home_rows(saved):
         merged = torch.load(glob.glob(os.path.join(folder, "zero", name, "fp32.pt"))[0], weights_only=False)
         merged = merged["param"] if isinstance(merged, dict) else merged
         assert torch.equal(merged.reshape(full[name].shape), full[name]), name
+
+
+def test_finetune_from_a_blend_matches_the_union(saved):
+    """A one-source model of channels u7 (A and B), u12 (D), u5 (A, C) and a new one, fine-tuned from
+    the blended export: per-channel rows come from the union's rows of those names; D-CHAG-L's
+    coefficients keep w n_old / n_new, n_old the size of the segment of the channel's first slot
+    in its first source (u7: A's group 7-8 of 2; u12: D's slot of 1; u5: A's group 5-6 of 2)."""
+    from dchag.checkpointing.convert import export_consolidated
+    from dchag.inference.runtime import build_serial_model
+    from dchag.model.config import DChagConfig
+    from dchag.transfer import plan_for
+    from dchag.transfer.load import copy_into
+    from dchag.transfer.pretrained import open_pretrained
+    tmp, per_rank = saved
+    if not (tmp / "export").exists():
+        export_consolidated(str(tmp / "run"), str(tmp / "export"))
+    pretrained = open_pretrained(str(tmp / "export"))
+    assert pretrained.cfg.sources == SOURCES
+    cfg = DChagConfig(num_channels=4, img_h=8, img_w=8, patch_dim=2, hidden_size=32, num_layers=2,
+                      num_attention_heads=4, ffn_hidden_size=64, aggregation="linear", groups=2,
+                      channel_names=("u7", "u12", "u5", "new"))
+    model = build_serial_model(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = plan_for(model, pretrained)
+    copy_into(model, plan, pretrained.tensors())
+    full = per_rank[0]["full"]
+    torch.testing.assert_close(model.tokenizer.weight[:3], full["tokenizer.weight"][[7, 12, 5]], rtol=0, atol=0)
+    torch.testing.assert_close(model.tokenizer.weight[3], before["tokenizer.weight"][3], rtol=0, atol=0)
+    torch.testing.assert_close(model.head.weight[:3], full["head.weight"][[7, 12, 5]], rtol=0, atol=0)
+    coef = full["partial.levels.0.weight"]
+    want = torch.stack([coef[7] * 2 / 2, coef[12] * 1 / 2, coef[5] * 2 / 2])  # new groups: (u7, u12), (u5, new)
+    torch.testing.assert_close(model.partial.levels[0].weight[:3].detach(), want)

@@ -98,7 +98,7 @@ class Bank:
         return cls(ids, layout.num_channels, tuple(RowPlan.of(layout, s, rank) for s in range(layout.num_sources)))
 
 
-def _index(rows, device) -> torch.Tensor:
+def _index(rows: tuple[int, ...], device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 

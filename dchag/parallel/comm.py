@@ -62,30 +62,27 @@ class _CopyToChannelRegion(torch.autograd.Function):
         return grad
 
 
+def _summed(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` summed over the channel group."""
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=_group())
+    return x
+
+
 class _ReduceFromChannelRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x, group=_group())
-        return x
+        return _summed(x)
 
     @staticmethod
     def backward(ctx, grad):
         return grad
 
 
-class _ShareOverChannelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x, group=_group())
-        return x
-
+class _ShareOverChannelRegion(_ReduceFromChannelRegion):
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=_group())
-        return grad
+        return _summed(grad)
 
 
 def gather_from_channel_parallel_region(x: torch.Tensor, dim: int) -> torch.Tensor:
