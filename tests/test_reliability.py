@@ -22,11 +22,13 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -302,6 +304,106 @@ def test_planted_pickle_is_refused_and_never_run(crashed, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+class _System:
+    """A payload whose unpickling runs a shell command (``os.system``: pickled as posix.system)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _error_of(load) -> str:
+    try:
+        load()
+    except Exception as e:  # noqa: BLE001 - every reader's own refusal
+        return f"{type(e).__name__}: {e}"
+    return "loaded"
+
+
+def test_no_planted_pickle_runs_in_any_file_a_tool_reads(tmp_path):
+    """A posix.system payload in every file the tools read that could hold a pickle: each
+    checkpoint file (model and optimizer states: resume, --no-load-optim, the converter, fine-tune),
+    a study's pictures (tools/parity.py --merge: the old pictures.pt and an object array in
+    pictures.npz), data, statistics and target files. Nothing runs; a pickle's refusal names the global."""
+    from dchag.checkpointing import compat, convert, manifest, pickles, reader, weights_only
+    from dchag.data.readers.open import open_source
+    from dchag.data.stats import load_stats
+    from dchag.data.targets import open_targets
+    from dchag.parity.merge import merge_studies
+    from dchag.parity.report import write_report
+    from dchag.transfer.pretrained import open_pretrained
+    from tests.test_parity import _fake_study
+    marker = str(tmp_path / "payload_ran")
+    payload = _System(marker)
+    errors = {}
+    # checkpoints: each .pt file planted in turn, the manifest rewritten to match
+    run = _fake_run(tmp_path, complete=(2,), interrupted=(), latest=2)
+    folder = os.path.join(run, "iter_0000002")
+    optim = os.path.join(folder, "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    model = os.path.join(folder, "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {}}, optim)
+    for planted in (model, optim):
+        clean = open(planted, "rb").read()
+        state = torch.load(planted, weights_only=False)  # our own file, in the test
+        torch.save({**state, "extra": payload}, planted)
+        manifest.write_manifest(folder)
+        for name, load in (("vet", lambda: pickles.vet(folder)), ("saved_args", lambda: compat.saved_args(folder)),
+                           ("client_state", lambda: reader.client_state(folder)),
+                           ("zero_to_fp32", lambda: reader._fp32_weights_of_rank(folder, 0)),
+                           ("no_load_optim", lambda: weights_only.has_optimizer_state(folder)),
+                           ("finetune", lambda: open_pretrained(folder)),
+                           ("convert", lambda: convert.export_consolidated(folder, str(tmp_path / "out")))):
+            errors[f"{os.path.basename(planted)} {name}"] = _error_of(load)
+        with open(planted, "wb") as f:
+            f.write(clean)
+    # a study's pictures: the old torch pickle, and an object array (pickled) in the npz
+    parts = []
+    for i, kind in enumerate(("pictures.pt", "pictures.npz")):
+        part = str(tmp_path / f"study{i}")
+        write_report(_fake_study({"flat": [1.0], "linear": [1.1]}, [i + 1]), part)
+        os.remove(os.path.join(part, "pictures.npz"))
+        if kind == "pictures.pt":
+            torch.save({"flat": {"target": np.zeros(2), "extra": payload}}, os.path.join(part, kind))
+        else:
+            np.savez(os.path.join(part, kind), __tree__=np.frombuffer(b"{}", np.uint8),
+                     a0=np.array([payload], dtype=object))
+        errors[f"{kind} merge"] = _error_of(lambda: merge_studies([part, part]))
+        parts.append(part)
+    proc = subprocess.run([sys.executable, "tools/parity.py", "--merge", *parts, "--output-dir", str(tmp_path / "m")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    errors["tools/parity.py --merge"] = f"exit {proc.returncode}: {proc.stderr[-600:]}"
+    # data, statistics and targets: object arrays (pickled) where numbers belong
+    images = np.empty((2, 3, 4, 4), dtype=object)
+    images[0, 0, 0, 0] = payload
+    np.save(tmp_path / "data.npy", images, allow_pickle=True)
+    np.savez(tmp_path / "stats.npz", mean=images, std=np.ones(3))
+    np.save(tmp_path / "clean.npy", np.zeros((2, 3, 4, 4), np.float32))
+    errors["data"] = _error_of(lambda: open_source(str(tmp_path / "data.npy")))
+    errors["stats"] = _error_of(lambda: load_stats(str(tmp_path / "stats.npz")))
+    errors["targets"] = _error_of(lambda: open_targets(str(tmp_path / "data.npy"),
+                                                       open_source(str(tmp_path / "clean.npy")), kind="regress"))
+    assert not os.path.exists(marker), f"a payload ran: {errors}"
+    refused = {f"mp_rank_00_model_states.pt {n}" for n in ("vet", "client_state", "zero_to_fp32", "finetune",
+                                                            "convert")} | \
+        {f"zero_pp_rank_0_mp_rank_00_optim_states.pt {n}" for n in ("vet", "zero_to_fp32")} | \
+        {"pictures.pt merge", "tools/parity.py --merge"}
+    for k in refused:  # the others never opened the planted file (e.g. saved_args reads dchag_args.json)
+        assert "asks for posix.system" in errors[k], (k, errors[k])
+    assert "exit 1" in errors["tools/parity.py --merge"], errors
+    for k in ("pictures.npz merge", "data", "stats", "targets"):
+        assert "Object arrays cannot be loaded" in errors[k] or "Python objects" in errors[k], (k, errors[k])
+    # a study folder from before pictures.npz: its plain pictures.pt still merges (restricted load)
+    target = np.arange(6, dtype=np.float32).reshape(2, 3)
+    torch.save({"flat": {"target": target, "mask": target > 2, "index": 3}}, os.path.join(parts[0], "pictures.pt"))
+    os.remove(os.path.join(parts[1], "pictures.npz"))
+    merged = merge_studies(parts)
+    np.testing.assert_array_equal(merged["pictures"]["flat"]["target"], target)
+    assert merged["pictures"]["flat"]["mask"].dtype == np.bool_
+
+
 HUGE = r"""
 import json, os, sys, time
 import torch
@@ -367,12 +469,13 @@ ONE = _ds("zero1_fp32.json") + [a if a != "2" or MAE[i - 1] != "--tensor-model-p
                                 for i, a in enumerate(MAE)] + ["--lr-decay-iters", "12", "--log-interval", "1"]
 
 
-def _job(argv, logs, name, ulimit_kb=None):
-    """One single-rank job as a scheduler starts it; returns (process, (stdout, stderr) paths)."""
+def _job(argv, logs, name, ulimit_kb=None, prefix=()):
+    """One single-rank job as a scheduler starts it; returns (process, (stdout, stderr) paths).
+    ``prefix``: a command that starts it elsewhere (a new PID namespace)."""
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, os.path.join(REPO, "pretrain_dchag.py")] + argv
+    cmd = list(prefix) + [sys.executable, os.path.join(REPO, "pretrain_dchag.py")] + argv
     if ulimit_kb is not None:  # the limit applies to this process only
         cmd = ["bash", "-c", f'ulimit -f {ulimit_kb} && exec "$@"', "job"] + cmd
     os.makedirs(logs, exist_ok=True)
@@ -383,14 +486,23 @@ def _job(argv, logs, name, ulimit_kb=None):
 
 
 def test_two_jobs_on_one_folder_and_a_write_over_the_size_limit(tmp_path):
+    """The second job starts in another PID namespace (as from a container) where this machine
+    allows one: it is refused, the first job's lock stays, and the first goes on to its own end."""
+    from dchag.checkpointing import lock
     run, logs = str(tmp_path / "run"), str(tmp_path / "logs")
+    ns = new_pid_namespace()
     first, first_logs = _job(ONE + ["--train-iters", "100000", "--save", run, "--exit-signal-handler"], logs, "first")
     try:
         _wait_for([first_logs], "iteration        1/", [first])
-        second, second_logs = _job(ONE + ["--train-iters", "4", "--save", run], logs, "second")
+        token = lock._read(os.path.join(run, "dchag.lock"))["token"]
+        second, second_logs = _job(ONE + ["--train-iters", "4", "--save", run], logs, "second", prefix=ns)
         assert second.wait(timeout=300) == 1, _read(second_logs[1])[-3000:]
         err = _read(second_logs[1])
-        assert f"--save {run} is in use by another job (host " in err and f"PID {first.pid}," in err, err[-3000:]
+        pid = f"PID {first.pid} in another PID namespace" if ns else f"PID {first.pid},"
+        assert f"--save {run} is in use by another job (host " in err and pid in err, err[-3000:]
+        assert lock._read(os.path.join(run, "dchag.lock"))["token"] == token, "the refused job left the lock alone"
+        seen = int(re.findall(r"iteration\s+(\d+)/", _read(first_logs[0]))[-1])
+        _wait_for([first_logs], f"iteration {seen + 2:8d}/", [first])  # the first goes on
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=300) == 0, _read(first_logs[1])[-3000:]
     finally:
@@ -399,10 +511,11 @@ def test_two_jobs_on_one_folder_and_a_write_over_the_size_limit(tmp_path):
                 p.kill()
     assert not os.path.exists(os.path.join(run, "dchag.lock")), "released at the end of the run"
     last = _read(os.path.join(run, "latest"))
-    # A lock left by a process that is gone (the second job's PID, which has exited) is taken over;
-    # the resumed job's first save is over its file-size limit.
-    with open(os.path.join(run, "dchag.lock"), "w") as f:
-        json.dump({"host": socket.gethostname(), "pid": second.pid, "started": "earlier", "job": {}}, f)
+    # A lock left by a process killed with -9 is taken over; the resumed job's first save is over its
+    # file-size limit.
+    holder, _ = _holder(run)
+    holder.kill()
+    holder.wait()
     third, third_logs = _job(ONE + ["--train-iters", "100000", "--save-interval", "1", "--load", run, "--save", run],
                              logs, "third", ulimit_kb=64)
     try:
@@ -412,8 +525,8 @@ def test_two_jobs_on_one_folder_and_a_write_over_the_size_limit(tmp_path):
             third.kill()
     out, err = _read(third_logs[0]), _read(third_logs[1])
     assert code == 1, err[-3000:]
-    assert f"> took over the lock of --save {run} from host" in out and f"its process {second.pid} is no longer " \
-        "running" in out, out[-3000:]
+    assert f"> took over the lock of --save {run} from host" in out and f"PID {holder.pid}," in out and \
+        "no process holds its lock any more" in out, out[-3000:]
     it = int(last[len("iter_"):]) + 1
     failed = f"{run}/iter_{it:07d}"
     assert f"error: cannot save checkpoint {failed}: writing {failed}/mp_rank_00_model_states.pt failed on rank 0: " \
@@ -441,33 +554,146 @@ def test_second_sigint_during_the_handled_stop_is_not_a_traceback(capfd):
 
 
 # ----------------------------------------------------------------------------------------------
-# the lock, without processes
+# the lock: real holders, in this PID namespace and in another one
+
+HOLD = r"""
+import os, sys, time
+from dchag.checkpointing import lock
+held = lock.acquire(sys.argv[1])
+print("held", os.getpid(), flush=True)
+time.sleep(300)
+"""
+TRY = r"""
+import sys
+import time
+from dchag.checkpointing import lock
+from dchag.checkpointing.errors import CheckpointError
+try:
+    lock.acquire(sys.argv[1]).release()
+    print("acquired")
+except CheckpointError as e:
+    print("refused:", e)
+"""
 
 
-def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, capsys):
+def new_pid_namespace() -> list[str]:
+    """The command prefix that starts a process in a new PID namespace, as a container does
+    (``unshare --pid --fork``, in a new user namespace unless we are root), or [] where this
+    machine allows none (the foreign namespace is then emulated: see the lock test)."""
+    for prefix in (["unshare", "--pid", "--fork", "--kill-child"],
+                   ["unshare", "--pid", "--fork", "--kill-child", "--map-root-user"]):
+        try:
+            if subprocess.run(prefix + ["true"], capture_output=True, timeout=30).returncode == 0:
+                return prefix
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return []
+
+
+def _holder(save, prefix=()):
+    proc = subprocess.Popen(list(prefix) + [sys.executable, "-c", HOLD, save], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    line = proc.stdout.readline()
+    assert line.startswith("held"), line
+    return proc, int(line.split()[1])  # the PID as the holder sees it (1 in a new namespace)
+
+
+def _try(save, prefix=()):
+    return subprocess.run(list(prefix) + [sys.executable, "-c", TRY, save], capture_output=True, text=True,
+                          cwd=REPO, timeout=120).stdout.strip()
+
+
+def test_lock_holds_across_pid_namespaces_and_is_taken_over_only_from_the_gone(tmp_path, capsys):
+    """A live owner in another PID namespace (its PID means nothing here, or another process) is
+    refused by acquire and by the pre-flight's check, both ways; its lock survives the refusal; once
+    it is killed (-9) the lock is taken over. Where no new namespace can be made, the foreign owner
+    is emulated: a live holder whose record names a PID namespace and a PID that are not ours."""
+    from dchag.checkpointing import lock
+    from dchag.checkpointing.errors import CheckpointError
+    save = str(tmp_path / "run")
+    path = os.path.join(save, lock.LOCK)
+    ns = new_pid_namespace()
+    print("new PID namespace:", ns or "not available here: emulated")
+    holder, pid_seen = _holder(save, ns)
+    try:
+        record = lock._read(path)
+        if not ns:  # what a foreign namespace looks like: same boot id, a PID that means something else
+            dead = subprocess.Popen([sys.executable, "-c", "pass"])
+            dead.wait()
+            record.update(pid=dead.pid, pid_namespace="pid:[1]")
+            with open(path, "r+") as f:  # rewritten in place: the holder's inode and OS lock stay
+                f.write(json.dumps(record, indent=1))
+                f.truncate()
+        else:
+            assert pid_seen == 1 and record["pid_namespace"] != lock._pid_namespace(), record
+        with pytest.raises(CheckpointError, match="in use by another job .*a process still holds its lock") as e:
+            lock.acquire(save)
+        if ns:
+            assert "PID 1 in another PID namespace" in str(e.value), str(e.value)
+        with pytest.raises(CheckpointError, match="in use by another job"):
+            lock.check(save)
+        assert lock._read(path)["token"] == record["token"], "the refused job left the owner's lock alone"
+        holder.kill()
+        holder.wait()
+        held = lock.acquire(save)
+        assert "no process holds its lock any more" in capsys.readouterr().out
+        # the other way round: this process holds it, a job in another namespace is refused
+        said = _try(save, ns)
+        assert said.startswith("refused:") and f"PID {os.getpid()}" in said, said
+        assert lock._read(path)["token"] == held.record["token"]
+        held.release()
+        assert not os.path.exists(path)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def test_lock_records_the_heartbeat_and_release_removes_only_its_own(tmp_path, capsys):
+    """Another host's lock (another boot id: its OS lock proves nothing here) is taken over only once
+    its heartbeat is older than STALE_S; a lock from a dchag without heartbeats is never taken
+    over; where the file system has no flock, the PID answers in the same PID namespace only; a
+    job whose lock file was replaced by another's leaves that one in place on release, and a
+    release that cannot remove its file does not raise."""
     from dchag.checkpointing import lock
     from dchag.checkpointing.errors import CheckpointError
     save = str(tmp_path / "run")
     os.makedirs(save)
     path = os.path.join(save, lock.LOCK)
-    host = socket.gethostname()
-    live = {"host": host, "pid": os.getppid(), "started": "t0", "job": {}}  # our parent: alive
-    with open(path, "w") as f:
-        json.dump(live, f)
-    with pytest.raises(CheckpointError, match=f"in use by another job \\(host {host}, PID {os.getppid()},"):
+    me = lock.owner_record()
+
+    def plant(record, age=0.0):
+        with open(path, "w") as f:
+            json.dump(record, f)
+        os.utime(path, (time.time() - age,) * 2)
+
+    other_host = {**me, "host": "node-7", "boot_id": "another-kernel", "os_lock": "flock"}
+    plant(other_host, age=60)
+    with pytest.raises(CheckpointError, match="its heartbeat was refreshed 60 s ago \(taken over once it is 10 min"):
         lock.acquire(save)
-    other_host = {**live, "host": "node-that-died"}
-    with open(path, "w") as f:
-        json.dump(other_host, f)
-    with pytest.raises(CheckpointError, match="If that job is gone .* remove"):
+    plant(other_host, age=lock.STALE_S + 60)
+    lock.acquire(save).release()
+    assert "its heartbeat stopped 11 min ago" in capsys.readouterr().out
+    plant({"host": me["host"], "pid": 999999, "started": "t0", "job": {}}, age=lock.STALE_S * 10)  # no token
+    with pytest.raises(CheckpointError, match="from before lock heartbeats"):
         lock.acquire(save)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    with open(path, "w") as f:
-        json.dump({**live, "pid": dead.pid}, f)
-    held = lock.acquire(save)
+    plant({**me, "pid": dead.pid, "os_lock": None})  # no flock where it was written: same namespace, PID gone
+    lock.acquire(save).release()
     assert f"its process {dead.pid} is no longer running" in capsys.readouterr().out
-    with open(path) as f:
-        assert json.load(f)["pid"] == os.getpid()
+    plant({**me, "pid": dead.pid, "os_lock": None, "pid_namespace": "pid:[1]"})  # that PID means nothing here
+    with pytest.raises(CheckpointError, match="its heartbeat was refreshed"):
+        lock.acquire(save)
+    os.remove(path)
+    held = lock.acquire(save)
+    os.replace(path, path + ".mine")
+    plant({**me, "token": "someone-else"})  # another job's lock at the path now
     held.release()
-    assert not os.path.exists(path)
+    assert lock._read(path)["token"] == "someone-else", "a job never deletes a lock it does not own"
+    os.remove(path)
+    held = lock.acquire(save)
+    os.chmod(save, 0o500)  # the folder turned read-only: the lock cannot be removed
+    try:
+        held.release()  # no exception
+    finally:
+        os.chmod(save, 0o700)

@@ -22,6 +22,14 @@ dropped) and the outputs stitched back. Values are normalized with the statistic
 training and returned in data units (regress: the targets' units); invalid input values (NaN,
 no-data) stay NaN in the output (regress, segment: where no channel of the pixel is valid).
 The output (.npy or .zarr) must not exist yet.
+
+Channels are matched by identity, never by position when both sides know theirs: the file's
+channel names (ENVI band names, HDF5/Zarr attributes, NetCDF variables, a .npy sidecar
+FILE.channels.json) are matched to the model's by name, then by wavelength, and read in the
+model's order; channels the model does not know are dropped (one line says which). A model
+channel the file lacks is refused, naming it, unless --allow-missing-channels (then it is
+zero-filled as invalid input, as training does, and named). A file that names no channels is
+taken in the model's channel order, and the output says so.
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lead-time", type=float, default=None, help="forecast: steps ahead (default: the training's)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per forward (default 8)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if present, else the CPU)")
+    p.add_argument("--allow-missing-channels", action="store_true",
+                   help="predict even when the file lacks some of the model's channels (matched by name, then "
+                        "wavelength): they are zero-filled as invalid input, and named (default: refused, naming them)")
     p.add_argument("--picture", default=None, help="also write a PNG of the first image: input | output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -74,7 +85,8 @@ def main(argv=None) -> int:
         out = predict_file(model, args.data_path, args.task, args.output, data_format=args.data_format,
                            mask_ratio=args.mask_ratio, seed=args.seed, lead_time=args.lead_time,
                            batch_size=args.batch_size, progress=not args.no_progress, picture=args.picture,
-                           complementary=args.complementary_masks)
+                           complementary=args.complementary_masks,
+                           allow_missing_channels=args.allow_missing_channels)
     except (CheckpointError, DataError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

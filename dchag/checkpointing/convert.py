@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from dchag.checkpointing import consolidated, manifest, normalization, pickles, reader, shards, sizes
+from dchag.checkpointing import consolidated, frozen, manifest, normalization, pickles, reader, shards, sizes
 from dchag.checkpointing.errors import CheckpointError
 from dchag.checkpointing.tags import read_latest, saved_iterations, tag_for
 from dchag.tasks import get_task
@@ -176,12 +176,24 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
         for name in ("dchag_args.json", normalization.FILE):
             if os.path.exists(os.path.join(folder, name)):
                 shutil.copy2(os.path.join(folder, name), os.path.join(tmp, tag, name))
+        kept = frozen.add_to_universal(folder, os.path.join(tmp, tag), _parameter_names(folder))
+        if kept:
+            _log(f"> {len(kept)} frozen parameter(s) written whole (ds_to_universal keeps only model-parallel rank "
+                 f"0's shard of what the optimizer does not hold), e.g. {', '.join(kept[:3])}")
         manifest.write_manifest(os.path.join(tmp, tag))
         with open(os.path.join(tmp, "latest_universal"), "w") as f:
             f.write(tag)
     _log(f"> wrote universal checkpoint {save_dir}/{tag}. Continue on any layout with: pretrain_dchag.py --load "
          f"{save_dir} --tensor-model-parallel-size T --channel-parallel-size P ...")
     return os.path.join(save_dir, tag)
+
+
+def _parameter_names(folder: str) -> list[str]:
+    """Every parameter of the run that saved ``folder`` (its affine maps)."""
+    from deepspeed.checkpoint import constants as C
+    state = reader.client_state(folder)
+    maps = ((state.get("universal_checkpoint_info") or {}).get(C.AFFINE_MAP) or {}).get(C.AFFINE_MAP_PARAMS) or {}
+    return [reader.param_name(pattern) for pattern in maps]
 
 
 def is_universal(load_dir: str | None) -> bool:

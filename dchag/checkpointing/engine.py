@@ -27,7 +27,7 @@ import zipfile
 import torch
 import torch.distributed as dist
 
-from dchag.checkpointing import ds_io, durable, manifest, normalization as norm, pickles, weights_only
+from dchag.checkpointing import ds_io, durable, frozen, manifest, normalization as norm, pickles, weights_only
 from dchag.checkpointing.compat import model_args
 from dchag.checkpointing.errors import CheckpointError
 from dchag.checkpointing.recovery import hint
@@ -179,6 +179,8 @@ def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[in
         path, client_state = engine.load_checkpoint(args.load, tag=tag, load_lr_scheduler_states=False)
         if path is None or client_state is None:
             raise CheckpointError(f"DeepSpeed could not load {args.load}/{tag}.")
+        if universal:  # DeepSpeed restores only what the optimizer holds
+            frozen.restore_from_universal(engine, os.path.join(args.load, tag))
     changed = scheduler.load_state_dict(client_state["lr_scheduler"], args.use_checkpoint_opt_param_scheduler,
                                         args.override_opt_param_scheduler)
     if changed and dist.get_rank() == 0:

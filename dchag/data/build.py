@@ -28,8 +28,8 @@ def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: in
                    channels: range | None = None, num_channels: int | None = None, lead_time: int = 1,
                    valid_fraction: float = 0.1, stats_path: str | None = None, normalize: bool = True,
                    strict: bool = False, seed: int = 0, source_opts: dict | None = None,
-                   target_path: str | None = None, num_classes: int | None = None, ignore_index: int | None = 255
-                   ) -> tuple[TileDataset, TileDataset]:  # noqa: F821 - imported inside (torch)
+                   target_path: str | None = None, num_classes: int | None = None, ignore_index: int | None = 255,
+                   lat_weighting: str = "area") -> tuple[TileDataset, TileDataset]:  # noqa: F821 - imported inside (torch)
     """(train, valid) datasets of this rank's ``channels`` over one shared source.
 
     - ``num_channels`` (--num-channels) is checked against the data (clear error on mismatch).
@@ -39,6 +39,8 @@ def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: in
       on the fly for the channels this rank needs (its own; all target channels for forecast).
     - regress/segment: the targets at ``target_path`` (dchag/data/targets.py), fitted on the
       training tiles, shared by both splits.
+    - forecast: ``lat_weighting`` (--lat-weighting, "area" or "cos") weighs the rows of a grid
+      with latitudes (``dchag.data.dataset.latitude_axis_weights``).
     """
     from .dataset import TileDataset  # torch: the pre-flight opens the data with open_data_source alone
     from .stats import resolve_stats
@@ -52,7 +54,7 @@ def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: in
         need = range(C) if task == "forecast" else channels
         stats = resolve_stats(source, need, data_path=str(data_path), stats_path=stats_path)
     common = dict(task=task, img_h=img_h, img_w=img_w, channels=channels, stats=stats,
-                  valid_fraction=valid_fraction, lead_time=lead_time, strict=strict)
+                  valid_fraction=valid_fraction, lead_time=lead_time, strict=strict, lat_weighting=lat_weighting)
     train, valid = TileDataset(source, split="train", **common), TileDataset(source, split="valid", **common)
     if task in TARGET_KINDS:
         attach_targets(train, valid, target_path, kind=task, num_classes=num_classes, ignore_index=ignore_index)

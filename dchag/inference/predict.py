@@ -79,10 +79,14 @@ class _Output:
 
 def predict_file(model, data_path: str, task: str, output: str, *, data_format: str = "auto",
                  mask_ratio: float | None = None, seed: int = 0, lead_time: float | None = None, batch_size: int = 8,
-                 progress: bool = True, picture: str | None = None, complementary: bool = False) -> np.ndarray:
+                 progress: bool = True, picture: str | None = None, complementary: bool = False,
+                 allow_missing_channels: bool = False) -> np.ndarray:
     """Predict over every image of ``data_path`` with ``model`` (a :class:`PretrainedDChag`);
     writes ``output`` (.npy or .zarr) and returns it (memory-mapped / zarr array). MAE:
-    ``mask_ratio`` None = the training run's; ``complementary`` = every patch predicted while hidden."""
+    ``mask_ratio`` None = the training run's; ``complementary`` = every patch predicted while hidden.
+    The file's channels are matched to the model's by identity (:mod:`dchag.inference.channels`):
+    read in the model's order, extra ones dropped, missing ones refused unless
+    ``allow_missing_channels`` (then read as invalid values)."""
     from tqdm import tqdm
     from dchag.data import open_source
     if task not in TASKS:
@@ -91,12 +95,10 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
     if task != "embed" and cfg.task != task:
         raise ValueError(f"--task {task}: this model was trained with --task {cfg.task}; use --task {cfg.task} "
                          "or embed.")
-    from dchag.data.readers.open import check_channel_axis
     src = open_source(data_path, data_format)
-    check_channel_axis(src, cfg.num_channels, f"the model's {cfg.num_channels} channels")  # never a guessed axis
-    N, C, H, W = src.shape
-    if C != cfg.num_channels:
-        raise ValueError(f"{data_path} has {C} channels but the model takes {cfg.num_channels}.")
+    cmap = file_channel_map(model, src, data_path, allow_missing_channels)
+    N, _, H, W = src.shape
+    C = cfg.num_channels
     if H is None:
         raise ValueError(f"{data_path} mixes image sizes; predict one file (or one image size) at a time.")
     h, w, p = cfg.img_h, cfg.img_w, cfg.patch_dim
@@ -117,7 +119,7 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
             batch = tiles[b0:b0 + batch_size]
             x = np.full((len(batch), C, h, w), np.nan, np.float32)
             for k, (i, r, c) in enumerate(batch):
-                block = src.read(i, range(C), slice(r, min(r + h, H)), slice(c, min(c + w, W)))
+                block = read_model_channels(src, cmap, i, slice(r, min(r + h, H)), slice(c, min(c + w, W)))
                 x[k, :, :block.shape[1], :block.shape[2]] = block
             y = _run(model, task, x, np.arange(b0, b0 + len(batch)), mask_ratio, seed, lead_time, complementary)
             for k, (i, r, c) in enumerate(batch):
@@ -133,8 +135,35 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
         bar.close()
         out.close()
     if picture:
-        save_picture(picture, src, out.array, task, model)
+        save_picture(picture, read_model_channels(src, cmap, 0), out.array, task, model)
     return out.array
+
+
+def file_channel_map(model, src, data_path, allow_missing_channels: bool = False):
+    """How the channels of the data source ``src`` are read as the model's (by identity; by position
+    when the file names none, then only with the model's channel count, channels first); what it
+    says is printed once."""
+    from dchag.data.readers.open import check_channel_axis
+    from dchag.inference.channels import map_channels, source_channels
+    given = source_channels(src)
+    if given is None:  # positional: the model's channel count decides the axis (never a guess)
+        check_channel_axis(src, model.cfg.num_channels, f"the model's {model.cfg.num_channels} channels")
+    cmap = map_channels(model.cfg, given, src.num_channels, allow_missing=allow_missing_channels,
+                        where=str(data_path))
+    model.say(*cmap.lines)
+    return cmap
+
+
+def read_model_channels(src, cmap, index: int, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+    """float32 [C, h, w]: image ``index`` of ``src`` (window ``rows`` x ``cols``) as the model's
+    channels, in its order (``cmap``); a channel the file lacks is NaN (invalid input)."""
+    into = [m for m, i in enumerate(cmap.take) if i is not None]
+    block = src.read(index, [cmap.take[m] for m in into], rows, cols)
+    if len(into) == len(cmap.take):
+        return block
+    out = np.full((len(cmap.take),) + block.shape[1:], np.nan, np.float32)
+    out[into] = block
+    return out
 
 
 def predict_plan(model, task: str, options: dict) -> str | None:
@@ -148,7 +177,7 @@ def _run(model, task: str, x: np.ndarray, index: np.ndarray, mask_ratio, seed: i
     if task != "embed":
         return get_task(task).predict_tiles(model, x, index, {"mask_ratio": mask_ratio, "seed": seed,
                                                               "lead_time": lead_time, "complementary": complementary})
-    tokens = model.embed(x)  # [B, L, D]
+    tokens = model.embed_tiles(x)  # [B, L, D]
     gh, gw = cfg.grid
     fmap = tokens.reshape(len(x), gh, gw, -1).transpose(0, 3, 1, 2)  # [B, D, gh, gw]
     p = cfg.patch_dim
@@ -156,7 +185,7 @@ def _run(model, task: str, x: np.ndarray, index: np.ndarray, mask_ratio, seed: i
     return np.where(any_valid[:, None], fmap, np.nan)
 
 
-def save_picture(path: str, src, result, task: str, model) -> str:
+def save_picture(path: str, x: np.ndarray, result, task: str, model) -> str:
     """PNG of the first image: input | output, false colour. Input and output share the stretch
     of ``dchag.data.visualize`` that training's picture uses: each colour spans its band's mean
     +- 2 std of the statistics saved with the model (without them: the input's percentiles); the
@@ -165,7 +194,6 @@ def save_picture(path: str, src, result, task: str, model) -> str:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from dchag.data.visualize import band_limits, rgb_channels, rgb_renderer
-    x = src.read(0, range(src.num_channels))
     y = np.asarray(result[0], np.float64)
     ch = rgb_channels(x.shape[0], model.wavelengths)
     stats = model.mean is not None

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 
-from dchag.tasks.base import Task, heldout_dataset, pictured_methods, valid_images
+from dchag.tasks.base import Task, baseline_keys, pictured_methods, valid_images
 
 
 class DenseTask(Task):
@@ -81,18 +81,14 @@ class DenseTask(Task):
     def metrics(self, sums: dict, args, valid_factory) -> dict:
         return self.metrics_from_sums(sums[self.name], valid_factory.dataset.targets)
 
-    @torch.no_grad()
-    def baselines(self, loader, cfg, args) -> dict:
-        """Scored with the loss's sums and the metrics on exactly the batches evaluation uses, pooled
-        the same way (padding carries no weight)."""
-        targets = heldout_dataset(loader).targets
-        totals, sums = {}, {}
-        for batch in loader:
-            for name, pred in self.baseline_predictions(batch, targets).items():
-                totals[name] = totals.get(name, 0) + self.error_sums(pred, batch).double()
-                sums[name] = sums.get(name, 0) + self.metric_sums(pred, batch)
-        return {name: {"val_loss": float(total[0] / total[1]) if total[1] > 0 else float("nan"),
-                       "metrics": self.metrics_from_sums(sums[name], targets)} for name, total in totals.items()}
+    def baseline_stats(self, batch, args, cfg, heldout) -> dict:
+        """Each of ``baseline_predictions`` scored with the loss's sums and the metric sums on exactly
+        the pixels evaluation scores (padding carries no weight)."""
+        out = {}
+        for name, pred in self.baseline_predictions(batch, heldout.targets).items():
+            out.update(baseline_keys(name, {"loss_sums": self.error_sums(pred, batch).double(),
+                                            self.name: self.metric_sums(pred, batch)}))
+        return out
 
     # ---- pictures -------------------------------------------------------------------------
     @torch.no_grad()
@@ -111,6 +107,9 @@ class DenseTask(Task):
             batch = to_device(batch, comm_device())
             images = valid_images(batch)
             pred = self.display(model(images).float(), ds.targets)
+            if "in_image" in batch:  # a tile's padding past the image's edge: nothing there
+                inside = batch["in_image"].cpu().numpy()
+                pred = np.where(inside[:, None] if pred.ndim == 4 else inside, pred, np.nan)
             target = self.display_target(batch, ds.targets)
             planes = images.new_zeros(images.shape[0], len(rgb), cfg.img_h, cfg.img_w, dtype=torch.float32)
             for k, c in enumerate(rgb):  # the rank's own channels, summed over the channel group

@@ -100,7 +100,7 @@ class RegressTask(DenseTask):
         return cfg.num_outputs
 
     def predict(self, model, x):
-        return model.regress(x)
+        return model.regress_tiles(x)
 
     def prediction_rgb(self, y, model, input_rgb):
         """Targets 1, K/2 and K as R, G, B, each spanning its training mean +- 2 std."""

@@ -83,7 +83,7 @@ class SegmentTask(DenseTask):
         return segment_metrics(sums)
 
     def baseline_predictions(self, batch, targets) -> dict:
-        prior = torch.as_tensor(targets.class_counts, dtype=torch.float64)
+        prior = torch.as_tensor(targets.class_counts, dtype=torch.float64, device=batch["target"].device)
         logits = (prior / prior.sum()).clamp_min(1e-12).log().float()  # [K]
         B, (H, W) = batch["target"].shape[0], batch["target"].shape[1:]
         return {"training class prior (majority class)": logits[None, :, None, None].expand(B, -1, H, W)}
@@ -112,7 +112,7 @@ class SegmentTask(DenseTask):
 
     def predict(self, model, x):
         """[B, 1, h, w] float32: the class index, NaN where the input pixel holds no valid value."""
-        classes = model.segment(x)
+        classes = model.segment_tiles(x)
         t = torch.as_tensor(np.asarray(classes) if not torch.is_tensor(classes) else classes).float()
         t = torch.where(t < 0, torch.nan, t)[:, None]
         return t if torch.is_tensor(x) else t.numpy()

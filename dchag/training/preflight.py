@@ -152,6 +152,8 @@ def check_data(args, found: Found) -> list[Exception]:
         # the channels' identity: the model and every checkpoint record it, a fine-tune matches by it
         args.channel_names, args.wavelengths = channel_identity(source)
         where = f"{source.format} data {source.path}"
+        from dchag.data.identity import channel_ids
+        channel_ids(args.channel_names, args.wavelengths, where=where)  # wavelengths in nm (µm, Å refused)
         if args.task != "forecast":  # tiles of every image (mae, regress, segment)
             TileIndex([source.image_hw(i) for i in range(source.num_images)], args.img_h, args.img_w, where)
         else:
@@ -195,7 +197,10 @@ def check_model(args, found: Found) -> list[Exception]:
     if found.pretrained is not None and found.num_channels:  # a fine-tune's G for the new channels
         from dchag import transfer
         args.num_channels = found.num_channels
-        transfer.resolve_groups(args, found.pretrained)
+        try:  # matches the channels (a contradicting name, a wavelength unit refused here)
+            transfer.resolve_groups(args, found.pretrained)
+        except transfer.FinetuneError as e:
+            return [e]
     elif getattr(args, "finetune", False):  # the pretrained model (its G) could not be read: listed already
         return []
     try:

@@ -76,7 +76,8 @@ def _parameters(module) -> tuple[int, int]:
 
 
 def _scored(args, num_valid: int) -> str:
-    """How many held-out samples --eval-iters global batches score (each once)."""
+    """How many held-out samples an evaluation scores (each once): all (--eval-iters not given), or
+    those of --eval-iters global batches."""
     from dchag.data.sampler import eval_scored
     n = eval_scored(num_valid, args.global_batch_size, 1, args.eval_iters)
     return f"all {n}" if n == num_valid else f"the first {n} (--eval-iters {args.eval_iters})"
