@@ -74,10 +74,10 @@ class RowPlan:
                 self._pieces[key] = ("slice", run.start, run.stop)
             else:
                 at_home = [i for i, h in enumerate(home) if h >= 0]
-                lent = [i for i, b in enumerate(borrowed) if b >= 0]
-                position = {slot: k for k, slot in enumerate(at_home + lent)}
+                away = [i for i, b in enumerate(borrowed) if b >= 0]
+                position = {slot: k for k, slot in enumerate(at_home + away)}
                 order = [position[i] for i in range(len(home))]
-                self._pieces[key] = ("index", tuple(home[i] for i in at_home), tuple(borrowed[i] for i in lent),
+                self._pieces[key] = ("index", tuple(home[i] for i in at_home), tuple(borrowed[i] for i in away),
                                      None if order == list(range(len(home))) else tuple(order))
         return self._pieces[key]
 

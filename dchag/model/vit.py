@@ -158,7 +158,8 @@ class DChagViT(nn.Module):
         source: its channels); patch_mask [B, L] bool (True = masked, MAE); lead_time [B] (forecast).
         Every rank of the run takes the same source at a step (the blend is per global batch)."""
         from megatron.core import tensor_parallel
-        x = self.aggregate_channels(images, source)  # [B, L, D]
+        # [B, L, D]; source 0 (one source): the one-argument call, as before the blends (tests replace the method)
+        x = self.aggregate_channels(images, source) if source else self.aggregate_channels(images)
         if patch_mask is not None:
             x = torch.where(patch_mask[..., None], self.mask_token.to(x.dtype), x)
         x = x + self.pos_embed  # after masking: every mask token carries its position (MAE)
