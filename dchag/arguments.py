@@ -180,4 +180,6 @@ def model_config(args, num_channels: int | None = None) -> DChagConfig:
         transformer_impl=args.transformer_impl, use_cpu_initialization=args.use_cpu_initialization,
         # getattr: set from the data by the training loop; absent in checkpoints saved before they were recorded
         channel_names=getattr(args, "channel_names", None), wavelengths=getattr(args, "wavelengths", None),
-        channel_embedding=getattr(args, "channel_embedding", "learned"))
+        channel_embedding=getattr(args, "channel_embedding", "learned"),
+        # a blend of data sources: per source its union channel ids (dchag/parallel/sources.py), set from the data
+        sources=getattr(args, "sources", None), source_names=getattr(args, "source_names", None))

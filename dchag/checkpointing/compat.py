@@ -21,8 +21,9 @@ from dchag.checkpointing.tags import (interrupted_iterations, is_complete, is_un
 # values (DeepSpeed's own error for a changed grouping names parameter alignment, not the flag).
 OPTIMIZER_ARGS = ("dchag_partial_lr_mult", "new_params_lr_mult", "freeze_encoder")
 LAYOUT_ARGS = ("tensor_model_parallel_size", "channel_parallel_size")
-# Recorded, not compared: the channels' identity (from the data; dchag/transfer matches by it) and provenance.
-IDENTITY_ARGS = ("channel_names", "wavelengths", "pretrained_checkpoint")
+# Recorded, not compared: the channels' identity (from the data; dchag/transfer matches by it; a blend: the
+# union's channels and each source's ids in it) and provenance.
+IDENTITY_ARGS = ("channel_names", "wavelengths", "pretrained_checkpoint", "sources", "source_names")
 
 
 def model_args(args) -> dict:

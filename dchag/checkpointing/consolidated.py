@@ -2,7 +2,9 @@
 
 - ``model.safetensors``: every parameter whole, fp32, by its canonical name (the name in the
   serial, T = P = 1 model's ``named_parameters()``); safetensors, so no pickle is needed to read it.
-- ``config.json``: ``model`` (the DChagConfig fields: sizes, G, aggregation, tree levels, task),
+- ``config.json``: ``model`` (the DChagConfig fields: sizes, G, aggregation, tree levels, task;
+  for a blend of data sources ``sources``, per source its channels' ids in the union, and
+  ``source_names``),
   ``channel_names`` and ``wavelengths`` (when known), ``normalization`` (statistics training
   applied), ``iteration``, ``consumed_samples``, ``lr_scheduler``, ``training_args``,
   ``source`` (the layout it came from), ``parameters`` (each parameter's shard kind, for
@@ -31,9 +33,11 @@ FORMAT = "dchag-consolidated"
 def config_to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)
     d.pop("extra", None)
-    for key in ("out_channels", "channel_names", "wavelengths"):
+    for key in ("out_channels", "channel_names", "wavelengths", "source_names"):
         if d.get(key) is not None:
             d[key] = list(d[key])
+    if d.get("sources") is not None:  # a blend: per source its union channel ids
+        d["sources"] = [list(ids) for ids in d["sources"]]
     return d
 
 

@@ -11,6 +11,11 @@ TP region). Each is the identity when the channel group has one rank.
   tensor feeding channel-sharded consumers (the MAE reconstruction head).
 - ``reduce_from_channel_parallel_region``: all-reduce forward, identity backward: a sum of
   channel-sharded partial results that every rank then uses identically (loss sums).
+- ``share_over_channel_parallel_region``: all-reduce forward, all-reduce backward: a tensor to
+  which each rank contributes its part (zeros elsewhere) and which every rank then uses in its
+  own way: the rows of per-identity weights a rank borrows from their home ranks in a blend of
+  data sources (dchag/model/bank.py). Rank r's use adds to the loss, so the gradient of a
+  contribution is the sum over ranks of their gradients.
 """
 
 from __future__ import annotations
@@ -57,16 +62,27 @@ class _CopyToChannelRegion(torch.autograd.Function):
         return grad
 
 
+def _summed(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` summed over the channel group."""
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=_group())
+    return x
+
+
 class _ReduceFromChannelRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x, group=_group())
-        return x
+        return _summed(x)
 
     @staticmethod
     def backward(ctx, grad):
         return grad
+
+
+class _ShareOverChannelRegion(_ReduceFromChannelRegion):
+    @staticmethod
+    def backward(ctx, grad):
+        return _summed(grad)
 
 
 def gather_from_channel_parallel_region(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -80,6 +96,11 @@ def copy_to_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
 
 def reduce_from_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
     return x if _size() == 1 else _ReduceFromChannelRegion.apply(x)
+
+
+def share_over_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's contribution summed, on every rank; backward likewise (module docstring)."""
+    return x if _size() == 1 else _ShareOverChannelRegion.apply(x)
 
 
 # ---- inference (no autograd) ----------------------------------------------------------------

@@ -85,7 +85,7 @@ def bands_note(dead: list[tuple[int, str]], num_channels: int) -> str:
 
 def _parameters(module) -> tuple[int, int]:
     """(this rank's parameter count, the whole model's): a tensor-parallel shard is 1/T of its
-    parameter, a channel shard holds ``rows`` of ``global_rows``; ZeRO 3 keeps the full size in ds_numel."""
+    parameter, a channel shard holds ``channel_ids`` of ``global_rows``; ZeRO 3 keeps the full size in ds_numel."""
     from megatron.core import parallel_state as ps
     from dchag.parallel.state_dict import shard_kind
     T = ps.get_tensor_model_parallel_world_size()
@@ -97,8 +97,7 @@ def _parameters(module) -> tuple[int, int]:
         if kind == "tensor":
             total += n * T
         elif kind == "channel":
-            a, b = p.channel_rows
-            total += n // max(b - a, 1) * int(p.channel_global_rows)
+            total += n // max(len(p.channel_ids), 1) * int(p.channel_global_rows)
         else:
             total += n
     return local, total

@@ -20,6 +20,9 @@ name|wavelength`` says which to trust (``prefer``).
 Groups are formed by count over the new channels (dchag/transfer/architecture.py); each new group
 takes the pretrained group whose centre is nearest: the mean wavelength of its channels when
 both models know every channel's wavelength, else its mean relative position in the channel order.
+A model pretrained on a blend of sources had one set of per-segment weights for group g of every
+source: a new group that is a whole group g of some source takes g, any other the nearest by
+relative position (g + 1/2) / G.
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def match_channels(pretrained: DChagConfig, new: DChagConfig, prefer: str | None
 
 
 def _centres(cfg: DChagConfig, use_wavelengths: bool) -> list[float]:
+    if cfg.sources is not None:  # a blend: group g of every source was group g's position
+        return [(g + 0.5) / cfg.num_groups for g in range(cfg.num_groups)]
     part = ChannelPartition(cfg.num_channels, cfg.num_groups)
     wl = _wavelengths(cfg)
     out = []
@@ -103,6 +108,19 @@ def _groups(num_channels: int, num_groups: int) -> list[tuple[int, ...]]:
     return [tuple(range(s, s + n)) for s, n in zip(part.group_starts, part.group_sizes)]
 
 
+def _pretrained_groups(cfg: DChagConfig) -> dict[tuple[int, ...], int]:
+    """{a group's channels, in order: its group}. A model pretrained on a blend: every source's groups
+    (of its slots), group g of every source having used the per-segment weights at position g."""
+    if cfg.sources is None:
+        return {members: g for g, members in enumerate(_groups(cfg.num_channels, cfg.num_groups))}
+    lay, out = cfg.source_layout(1), {}
+    for s in range(lay.num_sources):
+        slots = lay.slots(s)
+        for g, members in enumerate(_groups(len(slots), cfg.num_groups)):
+            out.setdefault(tuple(slots[i] for i in members), g)
+    return out
+
+
 def copied_sources(matches: list[ChannelMatch]) -> list[int] | None:
     """The pretrained channel each new channel is a copy of, when the new channels are a subset of the
     pretrained ones (every one copied, none twice); else None."""
@@ -115,7 +133,7 @@ def copied_sources(matches: list[ChannelMatch]) -> list[int] | None:
 def whole_groups(pretrained: DChagConfig, matches: list[ChannelMatch], num_groups: int) -> list[int | None]:
     """Per new group (G = ``num_groups``, by count over the new channels): the pretrained group it is
     whole (the same channels in the same order), else None."""
-    old = {members: g for g, members in enumerate(_groups(pretrained.num_channels, pretrained.num_groups))}
+    old = _pretrained_groups(pretrained)
     src = [m.sources[0][0] if m.copied else None for m in matches]
     return [old.get(tuple(src[c] for c in members)) for members in _groups(len(matches), num_groups)]
 
@@ -140,8 +158,9 @@ def subset_groups(pretrained: DChagConfig, matches: list[ChannelMatch], channel_
 def match_groups(pretrained: DChagConfig, new: DChagConfig, matches: list[ChannelMatch]) -> list[tuple[int, bool]]:
     """For each new group: (its pretrained group, whether the two are the same channels in the same
     order). A new group that is a whole pretrained group takes it; any other the pretrained group
-    whose centre is nearest."""
-    both = all(w is not None for w in _wavelengths(pretrained) + _wavelengths(new))
+    whose centre is nearest (from a blend: by position)."""
+    blend = pretrained.sources is not None or new.sources is not None
+    both = not blend and all(w is not None for w in _wavelengths(pretrained) + _wavelengths(new))
     old_centres, new_centres = _centres(pretrained, both), _centres(new, both)
     out = []
     for g, (whole, centre) in enumerate(zip(whole_groups(pretrained, matches, new.num_groups), new_centres)):
