@@ -39,7 +39,9 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
                                         lead_time=args.lead_time, valid_fraction=args.valid_fraction,
                                         strict=args.data_strict, seed=args.seed, target_path=args.target_path,
                                         num_classes=args.num_classes, ignore_index=args.ignore_index,
-                                        lat_weighting=args.lat_weighting)
+                                        lat_weighting=args.lat_weighting,
+                                        saved_normalization=getattr(args, "saved_normalization", None),
+                                        saved_from=getattr(args, "saved_normalization_from", "the checkpoint"))
     if args.data_strict:  # refuse bad data before training, not when the bad tile is first drawn
         from dchag.training.startup import strict_scan
         strict_scan(train_ds, valid_ds)
