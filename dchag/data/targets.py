@@ -148,6 +148,11 @@ class RegressionTargets(TargetMaps):
         std = np.sqrt(m2 / count)
         self.stats = ChannelStats(mean, std, count, self.names)
 
+    def reuse(self, saved: dict) -> None:
+        """The statistics a checkpoint saved (``describe``) instead of the fitted ones."""
+        self.stats = ChannelStats(np.asarray(saved["mean"], float), np.asarray(saved["std"], float),
+                                  np.asarray(saved.get("count") or self.stats.count), self.names)
+
     def item(self, tile) -> dict:
         y = self.read_tile(tile)  # float32 [K, h, w], NaN on padding
         valid = np.isfinite(y)
@@ -217,6 +222,11 @@ class ClassTargets(TargetMaps):
                             f"--ignore-index {self.ignore_index}); nothing to learn from.")
         self.class_counts = counts
 
+    def reuse(self, saved: dict) -> None:
+        """The training class counts a checkpoint saved (``describe``) instead of the counted ones."""
+        if int(saved.get("num_classes", -1)) == self.num_classes and saved.get("class_counts") is not None:
+            self.class_counts = np.asarray(saved["class_counts"], np.int64)
+
     def item(self, tile) -> dict:
         cls, valid = self.classes(self.read_tile(tile)[0])
         import torch
@@ -251,12 +261,16 @@ def open_targets(path: str, data: Source, *, kind: str, num_classes: int | None 
 
 
 def attach_targets(train, valid, path: str, *, kind: str, num_classes=None, ignore_index=255,
-                   data_format: str = "auto") -> TargetMaps:
+                   data_format: str = "auto", saved: dict | None = None) -> TargetMaps:
     """Open the targets beside ``train.source``, fit them on the training tiles and give both
-    datasets the same object (items then carry "target" and "target_valid")."""
+    datasets the same object (items then carry "target" and "target_valid"). ``saved``: the
+    targets' description a resumed or fine-tuned run's checkpoint saved (``describe``): when it is
+    of the same kind and targets, its statistics (regress) / class counts (segment) are reused."""
     targets = open_targets(path, train.source, kind=kind, num_classes=num_classes, ignore_index=ignore_index,
                            data_format=data_format)
     train_tiles = [train.index.tile(s) for s in train.samples]
-    targets.fit(train_tiles, [valid.index.tile(s) for s in valid.samples])
+    targets.fit(train_tiles, [valid.index.tile(s) for s in valid.samples])  # also checks every value
+    if saved and saved.get("kind") == kind and list(saved.get("names") or []) == list(targets.names):
+        targets.reuse(saved)
     train.targets = valid.targets = targets
     return targets

@@ -160,6 +160,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     elif args.load:
         _print0(f"> no checkpoint in {args.load} yet: starting from iteration 0", args.log_file)
     start_iteration = iteration
+    _saved_normalization(args, load_tag, pretrained)
 
     with startup.phase(f"opening {args.data_path} and its statistics"):
         train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
@@ -302,6 +303,21 @@ def _save(engine, args, iteration, consumed, scheduler, normalization, streak, d
     streak.saved(progress["saved"])
     _print0(f"> saved checkpoint {progress['saved']}", args.log_file)
     return True
+
+
+def _saved_normalization(args, load_tag, pretrained) -> None:
+    """A resumed run normalizes with the statistics its checkpoint saved, a fine-tune with its
+    pretrained model's (for the channels it names; docs/DATA.md): ``args.saved_normalization``
+    and ``args.saved_normalization_from``, which the datasets provider hands to build_datasets."""
+    from dchag.checkpointing import normalization
+    if load_tag:
+        folder, where = os.path.join(args.load, load_tag), f"checkpoint {args.load}/{load_tag}"
+    elif pretrained is not None:
+        folder, where = pretrained.folder, f"the pretrained model {pretrained.folder}"
+    else:
+        return
+    args.saved_normalization, args.saved_normalization_from = normalization.saved(folder), where
+
 
 
 def _bands_without_values(dataset, args) -> list[str]:
