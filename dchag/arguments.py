@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-channels", type=int, default=None)
     g.add_argument("--img-h", type=int, required=True)
     g.add_argument("--img-w", type=int, required=True)
-    g.add_argument("--patch-dim", type=int, required=True)
+    g.add_argument("--patch-dim", type=int, required=True)  # except with --finetune (parse_args)
     g.add_argument("--valid-fraction", type=float, default=0.1)
     g.add_argument("--data-strict", action="store_true")
     g.add_argument("--num-workers", type=int, default=0)
@@ -132,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse; batch size, --bf16 and --clip-grad stay None when not given (resolved against the
     DeepSpeed JSON by ``dchag.training.ds_config.build_ds_config``)."""
-    args = build_parser().parse_args(argv)
+    import sys
+    parser = build_parser()
+    if "--finetune" in (sys.argv[1:] if argv is None else argv):  # the pretrained model's patch size stands in
+        next(a for a in parser._actions if a.dest == "patch_dim").required = False
+    args = parser.parse_args(argv)
     if args.finetune:  # flags not given take the pretrained model's values (dchag.transfer.prepare)
         args.given = given_on_command_line(argv)
     return args

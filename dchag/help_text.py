@@ -26,7 +26,8 @@ HELP = {
     "--img-h": "tile height in pixels; images larger than --img-h x --img-w are cut into tiles (remainders at the "
                "bottom/right edges are reported at start-up)",
     "--img-w": "tile width in pixels",
-    "--patch-dim": "ViT patch size p (p divides --img-h and --img-w)",
+    "--patch-dim": "ViT patch size p (p divides --img-h and --img-w); required, except with --finetune, where it is "
+                   "the pretrained model's",
     "--valid-fraction": "fraction of the tiles (mae) or time steps (forecast) held out for validation: the last "
                         "ones, no shuffling",
     "--data-strict": "read every sample at start-up and refuse invalid values (NaN/Inf, no-data) before training; "

@@ -339,6 +339,11 @@ def test_architecture_comes_from_the_pretrained_model_and_conflicts_are_listed_a
     take_architecture(args, pre, "P")
     assert (args.hidden_size, args.num_layers, args.ffn_hidden_size, args.dchag_aggregation, args.task) == \
         (16, 3, 24, "cross", "forecast")  # not given: the pretrained values; the task may change
+    args = parse_args(base)  # --patch-dim, required without --finetune, is the pretrained one's here
+    take_architecture(args, pre, "P")
+    assert args.patch_dim == 2
+    with pytest.raises(SystemExit):
+        parse_args(base[3:])
     args = parse_args(base + ["--patch-dim", "4", "--hidden-size", "32", "--num-layers", "3", "--dchag-aggregation",
                               "linear"])
     with pytest.raises(FinetuneError) as e:

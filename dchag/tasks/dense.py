@@ -60,7 +60,12 @@ class DenseTask(Task):
                                 img_w=args.img_w, num_channels=args.num_channels, seed=args.seed)
         targets = open_targets(args.target_path, data, kind=self.name, num_classes=getattr(args, "num_classes", None),
                                ignore_index=getattr(args, "ignore_index", 255))
+        self.check_targets(targets, data)
         args.num_outputs = self.num_outputs(args, targets)
+
+    def check_targets(self, targets, data) -> None:
+        """The pre-flight's check of the target values (none by default: values are checked per tile
+        when the datasets are built)."""
 
     # ---- training and evaluation ----------------------------------------------------------
     def forward_step(self, model, batch, args, cfg, iteration: int):

@@ -62,6 +62,10 @@ class SegmentTask(DenseTask):
     def num_outputs(self, args, targets) -> int:
         return targets.num_classes
 
+    def check_targets(self, targets, data) -> None:
+        """Every class value below --num-classes (the count needed named), before anything starts."""
+        targets.check_classes(data)
+
     def prepare_args(self, args) -> None:
         from dchag.data.errors import DataError
         K, ignore = getattr(args, "num_classes", None), getattr(args, "ignore_index", 255)

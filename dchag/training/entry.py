@@ -73,6 +73,8 @@ def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_los
     - ``loss_weight_func(batch, args) -> float64 tensor | None``: a micro-batch's loss weight; with
       it the training loss is pooled over the global batch (``loop._pool_loss_over_global_batch``)."""
     from dchag.arguments import parse_args
+    from megatron_patches.optional import quiet
+    quiet()  # megatron-core's notes about absent optional libraries: the run prints one line instead
     args = parse_args(argv)
     try:
         launch.resolve()

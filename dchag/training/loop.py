@@ -123,6 +123,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     from megatron.core import parallel_state as ps
 
     init_distributed()
+    from megatron_patches.optional import startup_line
+    if startup_line():
+        _print0(startup_line(), args.log_file)
     dp = found.data_parallel_size
     ds_config, cfg = found.ds_config, found.cfg
     universal, load_tag, pretrained = found.universal, found.load_tag, found.pretrained

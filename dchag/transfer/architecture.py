@@ -77,7 +77,8 @@ def take_architecture(args, pretrained: DChagConfig, where: str) -> None:
     if conflicts:
         raise FinetuneError(
             f"--finetune: the command line's architecture differs from the pretrained model's ({where}): "
-            f"{', '.join(conflicts)}. Leave these flags out to take the pretrained values: its weights fit only those.")
+            f"{', '.join(conflicts)}. Leave these flags out (each then takes the pretrained value) or give the "
+            "pretrained values: its weights fit only those.")
     for dest, attr in DEFAULT_ONLY.items():
         if dest not in given:
             setattr(args, dest, getattr(pretrained, attr))

@@ -97,11 +97,11 @@ def format_table(plan: TransferPlan, where: str, shapes: dict, new_shapes: dict,
         G, why = group_rule(old, list(plan.matches), channel_parallel_size)
         if groups_given:
             line += "; --dchag-groups"
-        elif why != "the pretrained G" or G != old.num_groups:
+        elif G != old.num_groups:
             line += f"; {why} (--dchag-groups chooses)"
         whole = sum(same for _, same in plan.groups)
         if whole:
-            line += f"; {whole} of {cfg.num_groups} groups are pretrained groups kept whole"
+            line += f"; {whole} of {cfg.num_groups} are pretrained groups, whole"
         lines.append(line)
     if old.grid != cfg.grid:
         lines.append(f"  tile: {old.img_h} x {old.img_w} -> {cfg.img_h} x {cfg.img_w} pixels: position embedding "
