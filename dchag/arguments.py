@@ -9,7 +9,8 @@ from dchag.model.config import TASKS, DChagConfig, default_channel_chunk
 # Arguments that define the model and layout: a checkpoint refuses to load if these differ.
 MODEL_ARGS = ("task", "num_channels", "img_h", "img_w", "patch_dim", "num_layers", "hidden_size",
               "num_attention_heads", "ffn_hidden_size", "dchag_aggregation", "dchag_groups", "dchag_tree_levels",
-              "tensor_model_parallel_size", "channel_parallel_size", "bf16", "channel_embedding", "num_outputs")
+              "tensor_model_parallel_size", "channel_parallel_size", "bf16", "channel_embedding", "num_outputs",
+              "lora_rank", "lora_alpha", "lora_targets")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-encoder", action="store_true")
     g.add_argument("--new-params-lr-mult", type=float, default=1.0)
     g.add_argument("--match-channels", choices=("name", "wavelength"), default=None)
+    g.add_argument("--lora-rank", type=int, default=0)
+    g.add_argument("--lora-alpha", type=float, default=None)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", default=None)
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
@@ -165,4 +170,15 @@ def model_config(args, num_channels: int | None = None) -> DChagConfig:
         transformer_impl=args.transformer_impl, use_cpu_initialization=args.use_cpu_initialization,
         # getattr: set from the data by the training loop; absent in checkpoints saved before they were recorded
         channel_names=getattr(args, "channel_names", None), wavelengths=getattr(args, "wavelengths", None),
-        channel_embedding=getattr(args, "channel_embedding", "learned"))
+        channel_embedding=getattr(args, "channel_embedding", "learned"),
+        # getattr: checkpoints saved before LoRA existed
+        lora_rank=getattr(args, "lora_rank", 0) or 0, lora_alpha=getattr(args, "lora_alpha", None),
+        lora_dropout=getattr(args, "lora_dropout", 0.0) or 0.0, lora_targets=lora_targets(args))
+
+
+def lora_targets(args) -> tuple[str, ...] | None:
+    """--lora-targets as a tuple (None: the default set)."""
+    value = getattr(args, "lora_targets", None)
+    if value is None or isinstance(value, (tuple, list)):
+        return None if value is None else tuple(value)
+    return tuple(t.strip() for t in str(value).split(",") if t.strip())

@@ -24,6 +24,7 @@ from dchag.training.lr import LRScheduler, ScheduleError
 from dchag.training.nonfinite import NonFiniteError, Streak, is_nonfinite
 from dchag.training.signals import ExitRequest, progress
 from dchag import transfer
+from dchag.model.lora import dropout_keys as lora_dropout_keys
 from dchag.transfer.errors import FinetuneError
 
 USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, CheckpointError, ScheduleError, DeviceError,
@@ -196,8 +197,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, num_micro * dp, device)
         for batch in batches if empty < samples else ():  # an all-empty batch: no update at all
             interval_invalid += (~batch["valid"]).sum()
-            loss = forward_step(engine, batch, args, cfg, iteration)
-            engine.backward(loss)
+            with lora_dropout_keys(batch["index"], iteration):  # LoRA's dropout masks: (sample, iteration)
+                loss = forward_step(engine, batch, args, cfg, iteration)
+                engine.backward(loss)
             engine.step()
             total += loss.detach().double()
         if empty == samples:
