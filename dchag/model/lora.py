@@ -246,6 +246,8 @@ def attach(model: nn.Module, cfg, tensor_parallel_size: int, tensor_parallel_ran
             kind, out_full = "column", linear.output_size_per_partition * tensor_parallel_size
             in_full = linear.input_size
         elif isinstance(linear, RowParallelLinear):
+            if not linear.input_is_parallel:
+                raise LoRAError(f"{name}: a row-parallel linear that scatters its own input is not adapted.")
             kind, in_full, out_full = "row", linear.input_size_per_partition * tensor_parallel_size, linear.output_size
         else:
             raise LoRAError(f"{name} is a {type(linear).__name__}, not a megatron Column/RowParallelLinear.")
