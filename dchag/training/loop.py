@@ -25,6 +25,7 @@ from dchag.training.nonfinite import NonFiniteError, Streak, is_nonfinite
 from dchag.training.signals import ExitRequest, progress
 from dchag import transfer
 from dchag.tasks.base import baseline_losses
+from dchag.model.lora import dropout_keys as lora_dropout_keys
 from dchag.transfer.errors import FinetuneError
 
 USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, CheckpointError, ScheduleError, DeviceError,
@@ -124,6 +125,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     from megatron.core import parallel_state as ps
 
     init_distributed()
+    from megatron_patches.optional import startup_line
+    if startup_line():
+        _print0(startup_line(), args.log_file)
     dp = found.data_parallel_size
     ds_config, cfg = found.ds_config, found.cfg
     universal, load_tag, pretrained = found.universal, found.load_tag, found.pretrained
@@ -197,8 +201,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, num_micro * dp, device)
         for batch in batches if empty < samples else ():  # an all-empty batch: no update at all
             interval_invalid += invalid_values(batch)
-            loss = forward_step(engine, batch, args, cfg, iteration)
-            engine.backward(loss)
+            with lora_dropout_keys(batch["index"], iteration):  # LoRA's dropout masks: (sample, iteration)
+                loss = forward_step(engine, batch, args, cfg, iteration)
+                engine.backward(loss)
             engine.step()
             total += loss.detach().double()
         if empty == samples:

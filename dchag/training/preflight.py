@@ -124,7 +124,8 @@ def check_deepspeed_config(args, found: Found) -> list[Exception]:
     return []
 
 
-FINETUNE_FLAGS = ("finetune", "pretrained_checkpoint", "freeze_encoder")
+FINETUNE_FLAGS = ("finetune", "pretrained_checkpoint", "freeze_encoder", "lora_rank", "lora_alpha", "lora_dropout",
+                  "lora_targets")
 
 
 def check_finetune(args, found: Found) -> list[Exception]:
