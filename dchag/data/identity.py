@@ -199,8 +199,8 @@ def union_of(sources: Sequence[Sequence[ChannelId]], labels: Sequence[str] | Non
             raise DataError(
                 f"{', '.join(blind)}: its channels have neither names nor wavelengths, so nothing says which channels "
                 "it shares with the other sources of the blend. Give it a sidecar JSON beside the file "
-                "(FILE.channels.json: {\"names\": [...], \"wavelengths\": [...]}, or a list of names), or train it "
-                "alone.")
+                "(FILE.channels.json: {\"channel_names\": [...], \"wavelengths\": [...]}, or a list of names), or "
+                "train it alone.")
     index = IdentityIndex([], label="an earlier source of the blend", prefer=prefer)
     ids = []
     for label, chans in zip(labels, sources):

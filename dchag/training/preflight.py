@@ -155,6 +155,9 @@ def check_data(args, found: Found) -> list[Exception]:
     """The data opens (path, format, readable header), has --num-channels channels, and is large
     enough for one tile and, for a forecast, for the lead time and the held-out period. Sets
     ``args.channel_names`` and ``args.wavelengths`` from the data's metadata."""
+    from dchag.data.blend import is_blend
+    if is_blend(args.data_path):
+        return check_blend(args, found)
     from dchag.data.build import open_data_source
     from dchag.data.errors import DataError
     from dchag.data.readers.open import check_channel_axis
@@ -188,6 +191,45 @@ def check_data(args, found: Found) -> list[Exception]:
     except DataError as e:
         return [e]
     return []
+
+
+def check_blend(args, found: Found) -> list[Exception]:
+    """A blended ``--data-path W1 P1 W2 P2 ...`` (dchag/data/blend.py): every source opens as it would
+    alone, their channels form one union (matched by name, then wavelength), and the run pretrains
+    (--task mae). Sets ``args.channel_names``/``args.wavelengths`` to the union's and
+    ``args.data_sources`` (per source: name, path, weight, union ids, sample counts), from which the
+    model's config takes its sources (``dchag.arguments.blend_config``)."""
+    from dchag.data.blend import parse_data_path
+    from dchag.data.build import open_blend, union_identity
+    from dchag.data.errors import DataError
+    try:
+        spec = parse_data_path(args.data_path)
+    except DataError as e:
+        return [e]
+    if not spec.is_blend:  # '--data-path 1.0 A': one source, the run of --data-path A
+        args.data_path = spec.paths[0]
+        return check_data(args, found)
+    out = []
+    if args.task != "mae":
+        out.append(ConfigError(f"--task {args.task} with a blend of {len(spec.paths)} sources: a blend "
+                               "pretrains (--task mae); fine-tune or train a task on one source (--data-path FILE)."))
+    if getattr(args, "finetune", False):
+        out.append(ConfigError("--finetune with a blended --data-path: a fine-tune reads one source; give one "
+                               "--data-path (the blend's union is matched by --pretrained-checkpoint)."))
+    try:
+        union, sources = open_blend(spec, args.data_format, img_h=args.img_h, img_w=args.img_w,
+                                    valid_fraction=args.valid_fraction, seed=args.seed)
+    except DataError as e:
+        return out + [e]
+    if args.num_channels is not None and args.num_channels != len(union):
+        out.append(DataError(
+            f"--num-channels {args.num_channels}, but the blend's sources hold {len(union)} distinct channels ("
+            + ", ".join(f"{s.name}: {s.source.num_channels}" for s in sources) + "; a channel two sources share, "
+            f"by name or wavelength, counts once); drop --num-channels or give {len(union)}."))
+    found.num_channels = len(union)
+    args.channel_names, args.wavelengths = union_identity(union, sources)
+    args.data_sources = [s.record() for s in sources]
+    return out
 
 
 def check_task(args, found: Found) -> list[Exception]:
