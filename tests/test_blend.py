@@ -173,3 +173,56 @@ def test_the_preflight_refuses_what_a_blend_cannot_do(tmp_path):
                              "--finetune", "--pretrained-checkpoint", str(tmp_path)]), world=1)
     assert "distinct channels" in str(e.value) and "give 18" in str(e.value)
     assert "a fine-tune reads one source" in str(e.value)
+
+
+def test_each_rank_reads_its_slots_of_each_source_and_the_loss_counts_a_channel_once(tmp_path):
+    """The blend's datasets on channel-parallel ranks 0 and 1 of P = 2, G = 4: a 6-band source (its
+    groups as for one source), a 3-band source (C < G: bands repeated into 4 slots, read once per
+    rank and indexed) and a 1-band source (one band in every slot). Each rank's images are the
+    source's own channels at its slots, normalized with the source's statistics; the channel
+    weights score each channel once over the ranks; the MAE error sums leave the repeats out."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dchag.arguments import model_config
+    from dchag.data.blend_loader import build_blend
+    from dchag.data.build import build_datasets
+    from dchag.tasks.mae import error_sums
+    from dchag.training import preflight
+    rng = np.random.default_rng(2)
+    six = _npy(tmp_path / "six.npy", rng.random((6, 16, 16)) * 5 + 3, None, list(np.linspace(400, 900, 6)))
+    three = _npy(tmp_path / "three.npy", rng.random((3, 16, 16)), ["r", "g", "b"], None)
+    one = _npy(tmp_path / "one.npy", rng.random((1, 16, 16)), ["pan"], None)
+    args = _args(["--data-path", six, three, one, "--dchag-groups", "4", "--channel-parallel-size", "2",
+                  "--tensor-model-parallel-size", "2", "--micro-batch-size", "1", "--global-batch-size", "2",
+                  "--eval-iters", "1"])
+    found = preflight.run(args, world=2, late_checks=[])
+    cfg = model_config(args, found.num_channels)
+    lay = cfg.source_layout(2)
+    assert [lay.rank_source_channels(1, r) for r in (0, 1)] == [(0, 0), (1, 2)]
+    assert [lay.rank_source_channels(2, r) for r in (0, 1)] == [(0, 0), (0, 0)]
+    got = {}
+    for r in (0, 1):
+        train, valid = build_blend(args, cfg, r, 0, 1, 0)
+        for s, part in enumerate(train.dataset.parts):
+            item = part[0]
+            want, _ = build_datasets(args.data_sources[s]["path"], task="mae", img_h=8, img_w=8,
+                                     valid_fraction=args.valid_fraction)
+            full = want[0]["images"]  # every channel of the source, its statistics (P = 1)
+            assert torch.equal(item["images"], full[list(lay.rank_source_channels(s, r))]), (s, r)
+            assert item["source"].item() == s
+            got.setdefault(s, []).append(item["channel_weight"])
+        batches = list(valid())
+        assert {int(b["source"][0]) for b in batches} == {0, 1, 2}  # every source's held-out samples, one per batch
+    for s in range(3):  # each channel scored once over the ranks
+        scored = [c for r in (0, 1) for c, w in zip(lay.rank_source_channels(s, r), got[s][r]) if w == 1]
+        assert sorted(scored) == list(range(len(args.data_sources[s]["channels"]))), s
+    # the loss of the 3-band source's slots (r r g b) with the repeat weighted 0 = the loss over r, g, b
+    x, pred = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x[:, 1], pred[:, 1] = x[:, 0], pred[:, 0] + 1.0  # the repeat (wrongly) predicted differently: left out
+    valid_px, mask = torch.ones_like(x, dtype=torch.bool), torch.rand(2, 16) < 0.5
+    w = torch.tensor([[1.0, 0.0, 1.0, 1.0]] * 2)
+    keep = [0, 2, 3]
+    assert torch.allclose(error_sums(pred, x, valid_px, mask, (4, 4), 2, w),
+                          error_sums(pred[:, keep], x[:, keep], valid_px[:, keep], mask, (4, 4), 2))

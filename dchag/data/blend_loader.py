@@ -140,3 +140,37 @@ class BlendedEval:
 
     def __len__(self) -> int:
         return sum(len(loader) for loader in self.loaders)
+
+
+def build_blend(args, cfg, channel_rank: int, data_parallel_rank: int, data_parallel_size: int,
+                consumed_samples: int):
+    """(train loader, valid factory) of a blended run (``args.data_sources``, set by the pre-flight):
+    per source its datasets over the channels this channel-parallel rank reads of it
+    (``SourceLayout.rank_source_channels``), its own statistics and held-out split; the factory's
+    ``dataset`` is the held-out BlendedDataset (for the callbacks)."""
+    from .build import build_datasets
+    layout = cfg.source_layout(args.channel_parallel_size)
+    train_parts, valid_parts = [], []
+    for s, rec in enumerate(args.data_sources):
+        channels = layout.rank_source_channels(s, channel_rank)
+        train, valid = build_datasets(rec["path"], args.data_format, task="mae", img_h=args.img_h, img_w=args.img_w,
+                                      channels=channels, num_channels=rec["num_channels"],
+                                      valid_fraction=args.valid_fraction, strict=args.data_strict, seed=args.seed)
+        weight = layout.scored_slots(s, channel_rank)
+        train_parts.append(SourceItems(train, s, weight))
+        valid_parts.append(SourceItems(valid, s, weight))
+    names = [rec["name"] for rec in args.data_sources]
+    train_ds, valid_ds = BlendedDataset(train_parts, names), BlendedDataset(valid_parts, names)
+    train = build_blended_train_loader(train_ds, [rec["weight"] for rec in args.data_sources], args.micro_batch_size,
+                                       global_batch_size=args.global_batch_size,
+                                       data_parallel_rank=data_parallel_rank, data_parallel_size=data_parallel_size,
+                                       seed=args.seed, consumed_samples=consumed_samples, num_workers=args.num_workers)
+    k = args.global_batch_size // (args.micro_batch_size * data_parallel_size)
+    eval_iters = getattr(args, "eval_iters", None)
+
+    def valid():
+        return BlendedEval(valid_ds, args.micro_batch_size, data_parallel_rank=data_parallel_rank,
+                           data_parallel_size=data_parallel_size,
+                           num_micro_batches=None if eval_iters is None else eval_iters * k)
+    valid.dataset = valid_ds
+    return train, valid

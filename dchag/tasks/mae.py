@@ -54,11 +54,15 @@ def pixel_mask(mask: torch.Tensor, grid: tuple[int, int], patch_dim: int) -> tor
 
 
 def error_sums(pred: torch.Tensor, images: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
-               grid: tuple[int, int], patch_dim: int) -> torch.Tensor:
+               grid: tuple[int, int], patch_dim: int, channel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """[2]: (sum of squared errors, number of terms) over the masked patches' valid pixels of all
-    channels, summed over the channel group (this rank holds c_r channels); fp32 at least."""
+    channels, summed over the channel group (this rank holds c_r channels); fp32 at least.
+    ``channel_weight`` [B, c_r] (a blend's source with repeated slots): 0 leaves a repeat out, so
+    each channel counts once."""
     dtype = torch.promote_types(pred.dtype, torch.float32)  # accumulate in fp32 at least (fp64 stays fp64)
     w = (pixel_mask(mask, grid, patch_dim) & valid).to(dtype)
+    if channel_weight is not None:
+        w = w * channel_weight.to(dtype)[:, :, None, None]
     target = torch.where(valid, images, torch.zeros_like(images)).to(dtype)
     err = (pred.to(dtype) - target) ** 2 * w
     return reduce_from_channel_parallel_region(torch.stack([err.sum(), w.sum()]))
@@ -162,8 +166,9 @@ class MAETask(Task):
         images, valid = valid_images(batch), batch["valid"]
         mask = patch_mask(batch["index"].cpu(), cfg.num_patches, args.mask_ratio, args.seed,
                           max(iteration, 0)).to(images.device)
-        pred = model(images, patch_mask=mask)
-        sums = error_sums(pred, images, valid, mask, cfg.grid, cfg.patch_dim)
+        source = {"source": int(batch["source"][0])} if "source" in batch else {}  # a blend: one source per batch
+        pred = model(images, patch_mask=mask, **source)
+        sums = error_sums(pred, images, valid, mask, cfg.grid, cfg.patch_dim, batch.get("channel_weight"))
         loss = sums[0] / sums[1].clamp_min(1.0)
         return loss if iteration >= 0 else (loss, {"loss_sums": sums})
 
