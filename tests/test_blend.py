@@ -38,10 +38,10 @@ def test_source_names_are_file_stems_folder_names_and_unique(tmp_path):
     assert source_name(str(tmp_path / "s2.npy")) == "s2"
     assert source_name(str(tmp_path / "cube") + "/") == "cube"
     assert source_name(os.path.join(FENIX, "image.hdr")) == "image"
-    assert source_name("synthetic:c=13,bands=s2") == "synthetic"
+    assert source_name("synthetic:c=13,bands=s2") == "synthetic-s2"
     assert source_name("data/x.h5::grp/refl") == "x-grp-refl"
-    assert unique_names(["a/x.npy", "b/x.npy", "synthetic", "synthetic:c=3", "c/x.nc"]) == \
-        ("x", "x-2", "synthetic", "synthetic-2", "x-3")
+    assert unique_names(["a/x.npy", "b/x.npy", "synthetic", "synthetic:c=3", "c/x.nc", "synthetic:n=2,c=3"]) == \
+        ("x", "x-2", "synthetic", "synthetic-c3", "x-3", "synthetic-c3-2")
 
 
 def test_each_source_gets_its_weights_share_and_no_source_lags_by_a_step():

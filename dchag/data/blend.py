@@ -91,10 +91,17 @@ def parse_data_path(tokens) -> BlendSpec:
 
 def source_name(path: str) -> str:
     """The name of a source in logs and TensorBoard: the file's name without its extension, a
-    folder's name (an HDF5 dataset or Zarr array selector appended), 'synthetic' for generated data."""
+    folder's name (an HDF5 dataset or Zarr array selector appended); generated data 'synthetic' with its
+    band set or channel count ('synthetic-s2', 'synthetic-c16')."""
     path = str(path)
-    if path == "synthetic" or path.startswith("synthetic:"):
-        return "synthetic"
+    if path == "synthetic" or path.startswith("synthetic:"):  # 'synthetic-s2' (a band set), 'synthetic-c16'
+        from .readers.synthetic import parse_spec
+        try:
+            spec = parse_spec(path)
+        except DataError:
+            spec = {}
+        what = spec.get("bands") or (f"c{spec['num_channels']}" if "num_channels" in spec else None)
+        return re.sub(r"[^\w.+-]", "_", f"synthetic-{what}" if what else "synthetic")
     base, selector = split_selector(path)
     base = base.rstrip("/\\") or base
     name = os.path.basename(base)

@@ -129,17 +129,21 @@ class BlendedEval:
     def __init__(self, dataset: BlendedDataset, micro_batch_size: int, *, data_parallel_rank: int = 0,
                  data_parallel_size: int = 1, num_micro_batches: int | None = None, num_workers: int = 0):
         self.dataset = dataset
-        self.loaders = [build_eval_loader(part, micro_batch_size, data_parallel_rank=data_parallel_rank,
-                                          data_parallel_size=data_parallel_size, num_micro_batches=num_micro_batches,
-                                          num_workers=num_workers)
-                        for part in dataset.parts if len(part)]
+        self.loaders = {s: build_eval_loader(part, micro_batch_size, data_parallel_rank=data_parallel_rank,
+                                             data_parallel_size=data_parallel_size,
+                                             num_micro_batches=num_micro_batches, num_workers=num_workers)
+                        for s, part in enumerate(dataset.parts) if len(part)}
 
     def __iter__(self):
-        for loader in self.loaders:
+        for loader in self.loaders.values():
             yield from loader
 
+    def of_source(self, source: int):
+        """The held-out batches of one source."""
+        yield from self.loaders.get(source, ())
+
     def __len__(self) -> int:
-        return sum(len(loader) for loader in self.loaders)
+        return sum(len(loader) for loader in self.loaders.values())
 
 
 def build_blend(args, cfg, channel_rank: int, data_parallel_rank: int, data_parallel_size: int,

@@ -15,6 +15,13 @@ the initial weights, data order and masks; the pretrained model of seed s starts
 seed s, so every comparison is paired by seed. Each run is ``dchag.training.run`` in-process and
 leaves ``results/NAME.json`` (a run whose JSON exists is skipped: the study resumes) and
 ``logs/NAME.log``.
+
+**Several pretrainings** (``StudyConfig.pretrainings``, :func:`blend_study`): besides the 211-band
+pretraining, others (e.g. ``blend``: the 211-band scenes blended with a 13-band Sentinel-2-like
+and a 50-band 900-1,700 nm sensor, ``--data-path W1 P1 ...``, the same steps) start their own
+fine-tunes and probes, regimes ``finetune-blend`` and ``probe-blend``; the report adds the paired
+differences to the 211-band pretraining's (``finetune-blend`` - ``finetune``): does pretraining on
+several sensors help on a sensor none of them is, more than pretraining on one?
 """
 
 from __future__ import annotations
@@ -33,6 +40,29 @@ from dchag.parity.stats import mean_interval
 
 REGIMES = ("finetune", "scratch", "probe")
 REGIME_LABELS = {"finetune": "fine-tuned", "scratch": "from scratch", "probe": "frozen probe"}
+
+
+@dataclass(frozen=True)
+class Pretraining:
+    """A pretraining beside the study's 211-band one: ``sources`` are (weight, the synthetic spec's own
+    options, number of images) of a blended --data-path; its fine-tunes are regimes
+    ``finetune-NAME`` and ``probe-NAME``."""
+    name: str
+    title: str
+    sources: tuple[tuple[float, str, int], ...]
+
+
+def regimes_of(cfg) -> list[str]:
+    """Every regime of a downstream: the three, plus fine-tuned and probe per other pretraining."""
+    return list(REGIMES) + [f"{r}-{p.name}" for p in cfg.pretrainings for r in ("finetune", "probe")]
+
+
+def regime_label(regime: str, cfg) -> str:
+    base, _, pre = regime.partition("-")
+    if not pre:
+        return REGIME_LABELS[regime] + (" (211 bands)" if cfg.pretrainings and base != "scratch" else "")
+    title = next(p.title for p in cfg.pretrainings if p.name == pre)
+    return f"{REGIME_LABELS[base]} ({title})"
 
 
 @dataclass(frozen=True)
@@ -74,6 +104,7 @@ class StudyConfig:
         Downstream("regress", "(b) abundance regression from 8 labelled tiles", "", 211,
                    ("--task", "regress", "--target-path", "synthetic"), 3, 0.834, "r2"),  # 48 tiles: 8 train
     ))
+    pretrainings: tuple[Pretraining, ...] = ()  # beside the 211-band one (blend_study)
 
     def world(self) -> str:
         return (f"height={self.scene_size},width={self.scene_size},wavelength_min={self.wavelength_min:g},"
@@ -115,24 +146,43 @@ def _slug(method: Method) -> str:
     return method.spec.replace(":", "_")
 
 
+def _synthetic(cfg: StudyConfig, options: str, images: int, offset: int = 0) -> str:
+    """A synthetic spec of the study's world (a band set averages its 211-band scene)."""
+    spec = f"synthetic:{options + ',' if options else ''}num_images={images},"
+    spec += (f"image_offset={offset}," if offset else "") + cfg.world()
+    return spec + (f",scene_channels={cfg.scene_channels}" if "bands=" in options else "")
+
+
+def _pretrain_data(cfg: StudyConfig, pre: Pretraining | None) -> tuple[list[str], int]:
+    """(--data-path and --num-channels flags, held-out tiles) of a pretraining: the 211-band scenes, or
+    a blend (each source its own images: offsets 0, 1000, 2000, ...)."""
+    if pre is None:
+        return (["--data-path", _synthetic(cfg, "", cfg.pretrain_images), "--num-channels", str(cfg.scene_channels)],
+                valid_count(cfg.tiles(cfg.pretrain_images), 0.125))
+    paths = []
+    for k, (weight, options, images) in enumerate(pre.sources):
+        paths += [f"{weight:g}", _synthetic(cfg, options, images, 1000 * k)]
+    return ["--data-path", *paths], max(valid_count(cfg.tiles(images), 0.125) for _, _, images in pre.sources)
+
+
 def plan(cfg: StudyConfig, out_dir: str) -> list[RunSpec]:
     """Every run, pretraining first (each fine-tune needs its seed's pretrained model)."""
     runs = []
     pretrained = {}
-    for method in cfg.methods_list():
-        for seed in cfg.seed_list():
-            name = f"pretrain-{_slug(method)}-seed{seed}"
-            save = os.path.join(out_dir, "checkpoints", name)
-            n_valid = valid_count(cfg.tiles(cfg.pretrain_images), 0.125)
-            argv = ["--task", "mae", "--data-path",
-                    f"synthetic:num_images={cfg.pretrain_images},{cfg.world()}",
-                    "--num-channels", str(cfg.scene_channels), *cfg.tile_flags(), *cfg.model, *_method_flags(method, cfg.groups),
-                    *cfg.training, "--train-iters", str(cfg.pretrain_iters),
-                    "--lr-warmup-iters", str(max(1, cfg.pretrain_iters // 15)), "--valid-fraction", "0.125",
-                    "--eval-interval", str(cfg.pretrain_iters), "--eval-iters", str(math.ceil(n_valid / 8)),
-                    "--seed", str(seed), "--save", save]
-            runs.append(RunSpec(name, "pretrain", method, None, seed, tuple(argv), save))
-            pretrained[(method.spec, seed)] = save
+    for pre in (None, *cfg.pretrainings):
+        stage = "pretrain" if pre is None else f"pretrain-{pre.name}"
+        data, n_valid = _pretrain_data(cfg, pre)
+        for method in cfg.methods_list():
+            for seed in cfg.seed_list():
+                name = f"{stage}-{_slug(method)}-seed{seed}"
+                save = os.path.join(out_dir, "checkpoints", name)
+                argv = ["--task", "mae", *data, *cfg.tile_flags(), *cfg.model, *_method_flags(method, cfg.groups),
+                        *cfg.training, "--train-iters", str(cfg.pretrain_iters),
+                        "--lr-warmup-iters", str(max(1, cfg.pretrain_iters // 15)), "--valid-fraction", "0.125",
+                        "--eval-interval", str(cfg.pretrain_iters), "--eval-iters", str(math.ceil(n_valid / 8)),
+                        "--seed", str(seed), "--save", save]
+                runs.append(RunSpec(name, stage, method, None, seed, tuple(argv), save))
+                pretrained[(pre and pre.name, method.spec, seed)] = save
     for ds in cfg.downstream:
         n_valid = valid_count(cfg.tiles(ds.num_images), ds.valid_fraction)
         data = f"synthetic:{ds.data + ',' if ds.data else ''}num_images={ds.num_images},image_offset={cfg.image_offset}," \
@@ -140,7 +190,8 @@ def plan(cfg: StudyConfig, out_dir: str) -> list[RunSpec]:
         if "bands=" in ds.data:
             data += f",scene_channels={cfg.scene_channels}"
         for method in cfg.methods_list():
-            for regime in REGIMES:
+            for regime in regimes_of(cfg):
+                base, _, pre = regime.partition("-")
                 for seed in cfg.seed_list():
                     argv = [*ds.task_flags, "--data-path", data, "--num-channels", str(ds.num_channels),
                             *cfg.tile_flags(), *cfg.model,
@@ -149,9 +200,9 @@ def plan(cfg: StudyConfig, out_dir: str) -> list[RunSpec]:
                             "--lr-warmup-iters", str(max(1, cfg.finetune_iters // 10)),
                             "--valid-fraction", str(ds.valid_fraction), "--eval-interval", str(cfg.finetune_iters),
                             "--eval-iters", str(math.ceil(n_valid / 8)), "--seed", str(seed)]
-                    if regime != "scratch":
-                        argv += ["--finetune", "--pretrained-checkpoint", pretrained[(method.spec, seed)]]
-                    if regime == "probe":
+                    if base != "scratch":
+                        argv += ["--finetune", "--pretrained-checkpoint", pretrained[(pre or None, method.spec, seed)]]
+                    if base == "probe":
                         argv += ["--freeze-encoder"]
                     runs.append(RunSpec(f"{ds.name}-{_slug(method)}-{regime}-seed{seed}", ds.name, method, regime,
                                         seed, tuple(argv)))
@@ -207,25 +258,37 @@ def summarize(results: list[dict], cfg: StudyConfig) -> dict:
     """Per downstream x method x regime: the 95 % interval of the held-out metric over seeds, and the
     paired (by seed) differences fine-tuned - scratch and probe - scratch with their intervals."""
     by = {(r["stage"], r["method"], r["regime"], r["seed"]): r for r in results}
-    out = {"seeds": cfg.seed_list(), "pretrain": {}, "downstream": {}}
-    for method in cfg.methods_list():
-        losses = [by[("pretrain", method.spec, None, s)]["val_loss"] for s in cfg.seed_list()
-                  if ("pretrain", method.spec, None, s) in by]
-        if losses:
-            out["pretrain"][method.spec] = {"label": method.label(cfg.groups, 1), "val_loss": mean_interval(losses),
-                                            "values": losses}
+    out = {"seeds": cfg.seed_list(), "pretrain": {}, "downstream": {}, "regimes": regimes_of(cfg),
+           "regime_labels": {reg: regime_label(reg, cfg) for reg in regimes_of(cfg)}}
+    for pre in (None, *cfg.pretrainings):
+        stage = "pretrain" if pre is None else f"pretrain-{pre.name}"
+        for method in cfg.methods_list():
+            losses = [by[(stage, method.spec, None, s)]["val_loss"] for s in cfg.seed_list()
+                      if (stage, method.spec, None, s) in by]
+            if losses:
+                label = method.label(cfg.groups, 1) + ("" if pre is None else f", {pre.title}")
+                out["pretrain"][method.spec if pre is None else f"{method.spec} {pre.name}"] = {
+                    "label": label, "val_loss": mean_interval(losses), "values": losses}
+
+    def paired(values, a, b):
+        common = [s for s in cfg.seed_list() if s in values.get(a, {}) and s in values.get(b, {})]
+        return mean_interval([values[a][s] - values[b][s] for s in common]) if common else None
+
     for ds in cfg.downstream:
         rows = {}
         for method in cfg.methods_list():
             values = {reg: {s: metric_value(by[(ds.name, method.spec, reg, s)], ds.metric) for s in cfg.seed_list()
-                            if (ds.name, method.spec, reg, s) in by} for reg in REGIMES}
+                            if (ds.name, method.spec, reg, s) in by} for reg in regimes_of(cfg)}
             row = {"label": method.label(cfg.groups, 1), "values": values,
                    "regimes": {reg: mean_interval(list(v.values())) for reg, v in values.items() if v}}
-            for reg in ("finetune", "probe"):
-                common = [s for s in cfg.seed_list() if s in values[reg] and s in values["scratch"]]
-                if common:
-                    row[f"{reg}_minus_scratch"] = mean_interval([values[reg][s] - values["scratch"][s]
-                                                                 for s in common])
+            for reg in regimes_of(cfg):
+                if reg != "scratch" and paired(values, reg, "scratch"):
+                    row[f"{reg}_minus_scratch"] = paired(values, reg, "scratch")
+            for pre in cfg.pretrainings:  # several sensors against one: paired by seed
+                for reg in ("finetune", "probe"):
+                    diff = paired(values, f"{reg}-{pre.name}", reg)
+                    if diff:
+                        row[f"{reg}-{pre.name}_minus_{reg}"] = diff
             rows[method.spec] = row
         out["downstream"][ds.name] = {"title": ds.title, "metric": ds.metric, "rows": rows}
     return out
@@ -254,18 +317,22 @@ def report_markdown(summary: dict, commands: dict[str, str]) -> str:
     lines += ["## Pretraining (MAE, held-out loss)", "", "| method | val loss |", "|---|---|"]
     for row in summary["pretrain"].values():
         lines.append(f"| {row['label']} | {_fmt(row['val_loss'])} |")
+    regimes = summary.get("regimes", list(REGIMES))
+    labels = summary.get("regime_labels", REGIME_LABELS)
     for ds in summary["downstream"].values():
         what = "held-out MAE loss (lower is better)" if ds["metric"] == "val_loss" else \
             "held-out R² (mean over the abundances; higher is better)"
+        diffs = [k for k in next(iter(ds["rows"].values()), {}) if "_minus_" in k]
+        diffs = sorted(diffs, key=lambda k: (not k.endswith("_minus_scratch"), regimes.index(k.split("_minus_")[0])))
+        names = [f"{labels[a]} - {labels[b]}" for a, b in (k.split("_minus_") for k in diffs)]
         lines += ["", f"## {ds['title']}: {what}", "",
-                  "| method | fine-tuned | from scratch | frozen probe | fine-tuned - scratch | probe - scratch |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | " + " | ".join(labels[reg] for reg in regimes) + " | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * (len(regimes) + len(diffs))]
         for row in ds["rows"].values():
             r = row["regimes"]
-            ft, pr = row.get("finetune_minus_scratch"), row.get("probe_minus_scratch")
-            lines.append(f"| {row['label']} | {_fmt(r.get('finetune'))} | {_fmt(r.get('scratch'))} | "
-                         f"{_fmt(r.get('probe'))} | {_fmt(ft)} ({verdict(ft, ds['metric'])}) | "
-                         f"{_fmt(pr)} ({verdict(pr, ds['metric'])}) |")
+            lines.append(f"| {row['label']} | " + " | ".join(_fmt(r.get(reg)) for reg in regimes) + " | "
+                         + " | ".join(f"{_fmt(row.get(k))} ({verdict(row.get(k), ds['metric'])})" for k in diffs)
+                         + " |")
     lines += ["", "## Commands (seed 1; the study runs each in-process)", ""]
     for what, cmd in commands.items():
         lines += [f"{what}:", "", f"    {cmd}", ""]
@@ -293,13 +360,15 @@ def save_picture(summary: dict, path: str) -> str:
     axes = [axes] if len(panels) == 1 else list(axes)
     for ax, ds in zip(axes, panels):
         rows = list(ds["rows"].values())
-        width = 0.8 / len(REGIMES)
-        for j, reg in enumerate(REGIMES):
+        regimes = summary.get("regimes", list(REGIMES))
+        labels = summary.get("regime_labels", REGIME_LABELS)
+        width = 0.8 / len(regimes)
+        for j, reg in enumerate(regimes):
             ivs = [row["regimes"].get(reg) for row in rows]
-            xs = [i + (j - 1) * width for i in range(len(rows))]
+            xs = [i + (j - (len(regimes) - 1) / 2) * width for i in range(len(rows))]
             ax.bar(xs, [iv["mean"] if iv else 0 for iv in ivs], width,
                    yerr=[iv["half_width"] if iv and iv["n"] > 1 else 0 for iv in ivs], capsize=3,
-                   label=REGIME_LABELS[reg])
+                   label=labels[reg])
         ax.set_xticks(range(len(rows)), [row["label"] for row in rows])
         ax.set_title(ds["title"], fontsize=9)
         ax.set_ylabel("held-out MAE loss" if ds["metric"] == "val_loss" else "held-out R²")
@@ -320,3 +389,15 @@ def write_report(results: list[dict], cfg: StudyConfig, runs: list[RunSpec], out
         f.write(report_markdown(summary, example_commands(runs, cfg.first_seed)))
     paths.append(save_picture(summary, os.path.join(out_dir, "transfer.png")))
     return paths
+
+
+def blend_study(**overrides) -> StudyConfig:
+    """The blend study (docs/TRANSFER.md, "Several sensors"): D-CHAG-L pretrained (i) on the 211-band
+    scenes alone and (ii) on them blended 0.5 / 0.25 / 0.25 with a 13-band Sentinel-2-like sensor and
+    a 50-band 900-1,700 nm sensor (16 other scenes each), at the same steps; then fine-tuned, probed and
+    trained from scratch on 7 Landsat-8-OLI-like bands, a sensor neither pretraining saw."""
+    blend = Pretraining("blend", "blend of 3 sensors",
+                        ((0.5, "", 16), (0.25, "bands=s2", 16), (0.25, "bands=50x900-1700nm", 16)))
+    l8 = Downstream("l8", "7 Landsat-8-OLI-like bands (an unseen sensor), MAE", "bands=l8", 7, ("--task", "mae"), 3,
+                    0.5, "val_loss")
+    return StudyConfig(**{"methods": "linear", "downstream": (l8,), "pretrainings": (blend,), **overrides})

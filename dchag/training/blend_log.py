@@ -3,7 +3,7 @@
 held-out loss of each source (``val loss/<source>``): log-line fields and TensorBoard scalars.
 
 A step reads one source (dchag/data/blend.py), so a source's interval loss is the mean of the
-losses of its steps in the interval (nan when it had none); its realized share is the share of
+losses of its steps in the interval (left out when it had none); its realized share is the share of
 the steps (= of the consumed samples) it got since the start of the run, resumes included.
 """
 
@@ -36,10 +36,9 @@ class SourceMeter:
         self._count[s] += 1
 
     def interval(self, iteration: int) -> dict:
-        """{"loss/<source>": mean over its steps in the interval, "share/<source>": realized share of
-        the steps 1..iteration}; resets the interval."""
-        out = {f"loss/{n}": (self._sum[s] / self._count[s] if self._count[s] else float("nan"))
-               for s, n in enumerate(self.names)}
+        """{"loss/<source>": mean over its steps in the interval (only the sources that had one),
+        "share/<source>": realized share of the steps 1..iteration}; resets the interval."""
+        out = {f"loss/{n}": self._sum[s] / self._count[s] for s, n in enumerate(self.names) if self._count[s]}
         out.update({f"share/{n}": share for n, share in zip(self.names, self.schedule.shares(iteration))})
         self._sum = [0.0] * len(self.names)
         self._count = [0] * len(self.names)
