@@ -20,8 +20,9 @@ def open_data_source(data_path, data_format: str = "auto", *, task: str, img_h: 
     if channels_last:
         opts["channels_last"] = True
     if data_format == "synthetic" or str(data_path).startswith("synthetic"):
-        if num_channels is None:
-            raise DataError("synthetic data needs --num-channels.")
+        from .readers.synthetic import parse_spec
+        if num_channels is None and "num_channels" not in parse_spec(str(data_path)):
+            raise DataError("synthetic data needs --num-channels (or c=N in its spec: synthetic:c=16,...).")
         opts.setdefault("height", img_h)
         opts.setdefault("width", img_w)
         opts.setdefault("seed", seed)

@@ -186,6 +186,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     skipped = nans = interval_empty = 0  # per log interval (Megatron)
     streak = Streak(args.max_consecutive_nan_iters, f"{args.load}/{load_tag}" if load_tag else None)
     history["lrs"], history["skipped"] = {}, []
+    history["iteration_ms"], history["peak_memory_mb"] = {}, {}  # per log interval
     interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
     interval_invalid = torch.zeros((), dtype=torch.int64, device=device)
     reset_peak_memory()
@@ -245,6 +246,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             per_source = meter.interval(iteration) if meter is not None else {}
             if per_source:
                 history["source_losses"][iteration] = per_source
+            history["iteration_ms"][iteration], history["peak_memory_mb"][iteration] = ms, mem  # the log line's
             _print0(log_line(iteration, args.train_iters, consumed, ms, lr, args.global_batch_size, avg_loss,
                              gn, sps, mem, skipped, nans, invalid, interval_empty)
                     + SourceMeter.log_fields(per_source), args.log_file)
