@@ -198,7 +198,7 @@ def check_blend(args, found: Found) -> list[Exception]:
     alone, their channels form one union (matched by name, then wavelength), and the run pretrains
     (--task mae). Sets ``args.channel_names``/``args.wavelengths`` to the union's and
     ``args.data_sources`` (per source: name, path, weight, union ids, sample counts), from which the
-    model's config takes its sources (``dchag.arguments.blend_config``)."""
+    model's config takes its sources (``args.sources``, ``args.source_names``)."""
     from dchag.data.blend import parse_data_path
     from dchag.data.build import open_blend, union_identity
     from dchag.data.errors import DataError
@@ -229,6 +229,8 @@ def check_blend(args, found: Found) -> list[Exception]:
     found.num_channels = len(union)
     args.channel_names, args.wavelengths = union_identity(union, sources)
     args.data_sources = [s.record() for s in sources]
+    # the model's sources (DChagConfig.sources / source_names, through dchag.arguments.model_config)
+    args.sources, args.source_names = [list(s.channels) for s in sources], [s.name for s in sources]
     return out
 
 
