@@ -1,8 +1,9 @@
 """A blended run against each of its sources trained alone, side by side (docs/BENCHMARKS.md,
 section 9): per-rank peak memory and time per iteration, measured in the real training loop.
 
-One spawn of ``world`` gloo ranks runs, in turn and in the same processes (so every run sees the
-same machine load), each source alone and then the blend, with the same model and flags. Per
+Each source alone, then the blend, with the same model and flags, one after the other, each in a
+fresh spawn of ``world`` gloo ranks (a process's peak memory never comes down: a run after
+another in the same process would carry the first one's high-water mark). Per
 iteration the loop's own figures are kept (``--log-interval 1``): the time of the iteration and
 the peak memory (VmHWM, reset every iteration; the largest over the ranks, as the log line says);
 in the blend each iteration is attributed to the source it read (``BlendSchedule``). The first
@@ -35,7 +36,7 @@ def _train(argv: list[str]) -> dict:
     return out
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, runs: dict) -> None:
+def _entry(rank: int, world: int, port: int, out_dir: str, name: str, argv: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -43,14 +44,11 @@ def _entry(rank: int, world: int, port: int, out_dir: str, runs: dict) -> None:
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {}
-        for name, argv in runs.items():
-            results[name] = _train(argv)
-            if rank == 0:
-                print(f"[blend-bench] {name}: done", flush=True)
+        result = _train(argv)
         if rank == 0:
-            with open(os.path.join(out_dir, "results.json"), "w") as f:
-                json.dump(results, f)
+            with open(os.path.join(out_dir, "result.json"), "w") as f:
+                json.dump(result, f)
+            print(f"[blend-bench] {name}: done", flush=True)
     finally:
         dist.destroy_process_group()
 
@@ -68,11 +66,13 @@ def measure(sources: list[tuple[float, str]], flags: list[str], iters_alone: int
     saved = {k: os.environ.get(k) for k in (*MALLOC_ENV, "OMP_NUM_THREADS")}
     os.environ.update(MALLOC_ENV)
     os.environ["OMP_NUM_THREADS"] = "1"
+    raw = {}
     try:
-        with tempfile.TemporaryDirectory() as out_dir:
-            mp.spawn(_entry, args=(world, _free_port(), out_dir, runs), nprocs=world, join=True)
-            with open(os.path.join(out_dir, "results.json")) as f:
-                raw = json.load(f)
+        for name, argv in runs.items():
+            with tempfile.TemporaryDirectory() as out_dir:
+                mp.spawn(_entry, args=(world, _free_port(), out_dir, name, argv), nprocs=world, join=True)
+                with open(os.path.join(out_dir, "result.json")) as f:
+                    raw[name] = json.load(f)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -109,7 +109,7 @@ def report_markdown(result: dict, command: str) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         a, b = r["alone"], r["blend"]
-        lines.append(f"| {r['name']} | {r['weight']:g} | {a['ms_median']:.0f} | {b['ms_median']:.0f} | "
+        lines.append(f"| {r['name']} | {r['weight']:.3g} | {a['ms_median']:.0f} | {b['ms_median']:.0f} | "
                      f"{b['ms_median'] / a['ms_median']:.2f} | {a['peak_mb']:.0f} | {b['peak_mb']:.0f} | "
                      f"{b['peak_mb'] / a['peak_mb']:.2f} |")
     largest = max(r["alone"]["peak_mb"] for r in result["rows"])
