@@ -50,6 +50,7 @@ class Pretraining:
     name: str
     title: str
     sources: tuple[tuple[float, str, int], ...]
+    files: tuple[tuple[float, str], ...] = ()  # instead of synthetic sources: (weight, path) of data files
 
 
 def regimes_of(cfg) -> list[str]:
@@ -60,7 +61,7 @@ def regimes_of(cfg) -> list[str]:
 def regime_label(regime: str, cfg) -> str:
     base, _, pre = regime.partition("-")
     if not pre:
-        return REGIME_LABELS[regime] + (" (211 bands)" if cfg.pretrainings and base != "scratch" else "")
+        return REGIME_LABELS[regime] + (f" ({cfg.base_title})" if cfg.pretrainings and base != "scratch" else "")
     title = next(p.title for p in cfg.pretrainings if p.name == pre)
     return f"{REGIME_LABELS[base]} ({title})"
 
@@ -75,6 +76,7 @@ class Downstream:
     num_images: int  # of scene_size x scene_size px
     valid_fraction: float  # of the tiles (the last ones held out)
     metric: str  # "val_loss" (lower is better) or "r2" (mean R^2 over the targets, higher is better)
+    path: str | None = None  # a data file instead of the synthetic world (data, num_channels, num_images unused)
 
 
 @dataclass
@@ -105,6 +107,9 @@ class StudyConfig:
                    ("--task", "regress", "--target-path", "synthetic"), 3, 0.834, "r2"),  # 48 tiles: 8 train
     ))
     pretrainings: tuple[Pretraining, ...] = ()  # beside the 211-band one (blend_study)
+    base_path: str | None = None  # the base pretraining's data file instead of the 211-band scenes (cube_study)
+    base_title: str = "211 bands"
+    pretrain_valid_fraction: float = 0.125
 
     def world(self) -> str:
         return (f"height={self.scene_size},width={self.scene_size},wavelength_min={self.wavelength_min:g},"
@@ -153,9 +158,17 @@ def _synthetic(cfg: StudyConfig, options: str, images: int, offset: int = 0) -> 
     return spec + (f",scene_channels={cfg.scene_channels}" if "bands=" in options else "")
 
 
-def _pretrain_data(cfg: StudyConfig, pre: Pretraining | None) -> tuple[list[str], int]:
-    """(--data-path and --num-channels flags, held-out tiles) of a pretraining: the 211-band scenes, or
-    a blend (each source its own images: offsets 0, 1000, 2000, ...)."""
+ALL_HELD_OUT = 1000  # --eval-iters for data files: every held-out sample (an evaluation scores each once)
+
+
+def _pretrain_data(cfg: StudyConfig, pre: Pretraining | None) -> tuple[list[str], int | None]:
+    """(--data-path and --num-channels flags, held-out tiles or None when not known here) of a
+    pretraining: the 211-band scenes (or ``base_path``), or a blend (synthetic sources each their own
+    images: offsets 0, 1000, 2000, ...; or ``files``)."""
+    if pre is None and cfg.base_path:
+        return ["--data-path", cfg.base_path], None
+    if pre is not None and pre.files:
+        return ["--data-path", *[t for w, path in pre.files for t in (f"{w:g}", path)]], None
     if pre is None:
         return (["--data-path", _synthetic(cfg, "", cfg.pretrain_images), "--num-channels", str(cfg.scene_channels)],
                 valid_count(cfg.tiles(cfg.pretrain_images), 0.125))
@@ -178,28 +191,30 @@ def plan(cfg: StudyConfig, out_dir: str) -> list[RunSpec]:
                 save = os.path.join(out_dir, "checkpoints", name)
                 argv = ["--task", "mae", *data, *cfg.tile_flags(), *cfg.model, *_method_flags(method, cfg.groups),
                         *cfg.training, "--train-iters", str(cfg.pretrain_iters),
-                        "--lr-warmup-iters", str(max(1, cfg.pretrain_iters // 15)), "--valid-fraction", "0.125",
-                        "--eval-interval", str(cfg.pretrain_iters), "--eval-iters", str(math.ceil(n_valid / 8)),
+                        "--lr-warmup-iters", str(max(1, cfg.pretrain_iters // 15)),
+                        "--valid-fraction", f"{cfg.pretrain_valid_fraction:g}", "--eval-interval",
+                        str(cfg.pretrain_iters), "--eval-iters",
+                        str(ALL_HELD_OUT if n_valid is None else math.ceil(n_valid / 8)),
                         "--seed", str(seed), "--save", save]
                 runs.append(RunSpec(name, stage, method, None, seed, tuple(argv), save))
                 pretrained[(pre and pre.name, method.spec, seed)] = save
     for ds in cfg.downstream:
-        n_valid = valid_count(cfg.tiles(ds.num_images), ds.valid_fraction)
-        data = f"synthetic:{ds.data + ',' if ds.data else ''}num_images={ds.num_images},image_offset={cfg.image_offset}," \
-               f"{cfg.world()}"
-        if "bands=" in ds.data:
-            data += f",scene_channels={cfg.scene_channels}"
+        if ds.path:  # a data file: its channels from its metadata, every held-out sample scored
+            data, eval_iters = [ds.path], ALL_HELD_OUT
+        else:
+            n_valid = valid_count(cfg.tiles(ds.num_images), ds.valid_fraction)
+            eval_iters = math.ceil(n_valid / 8)
+            data = [_synthetic(cfg, ds.data, ds.num_images, cfg.image_offset), "--num-channels", str(ds.num_channels)]
         for method in cfg.methods_list():
             for regime in regimes_of(cfg):
                 base, _, pre = regime.partition("-")
                 for seed in cfg.seed_list():
-                    argv = [*ds.task_flags, "--data-path", data, "--num-channels", str(ds.num_channels),
-                            *cfg.tile_flags(), *cfg.model,
+                    argv = [*ds.task_flags, "--data-path", *data, *cfg.tile_flags(), *cfg.model,
                             *_method_flags(method, cfg.groups), *cfg.training,
                             "--train-iters", str(cfg.finetune_iters),
                             "--lr-warmup-iters", str(max(1, cfg.finetune_iters // 10)),
                             "--valid-fraction", str(ds.valid_fraction), "--eval-interval", str(cfg.finetune_iters),
-                            "--eval-iters", str(math.ceil(n_valid / 8)), "--seed", str(seed)]
+                            "--eval-iters", str(eval_iters), "--seed", str(seed)]
                     if base != "scratch":
                         argv += ["--finetune", "--pretrained-checkpoint", pretrained[(pre or None, method.spec, seed)]]
                     if base == "probe":
@@ -395,9 +410,66 @@ def blend_study(**overrides) -> StudyConfig:
     """The blend study (docs/TRANSFER.md, "Several sensors"): D-CHAG-L pretrained (i) on the 211-band
     scenes alone and (ii) on them blended 0.5 / 0.25 / 0.25 with a 13-band Sentinel-2-like sensor and
     a 50-band 900-1,700 nm sensor (16 other scenes each), at the same steps; then fine-tuned, probed and
-    trained from scratch on 7 Landsat-8-OLI-like bands, a sensor neither pretraining saw."""
+    trained from scratch on 9 Landsat-8-OLI-like bands, a sensor neither pretraining saw."""
     blend = Pretraining("blend", "blend of 3 sensors",
                         ((0.5, "", 16), (0.25, "bands=s2", 16), (0.25, "bands=50x900-1700nm", 16)))
-    l8 = Downstream("l8", "7 Landsat-8-OLI-like bands (an unseen sensor), MAE", "bands=l8", 7, ("--task", "mae"), 3,
+    l8 = Downstream("l8", "9 Landsat-8-OLI-like bands (an unseen sensor), MAE", "bands=l8", 9, ("--task", "mae"), 3,
                     0.5, "val_loss")
     return StudyConfig(**{"methods": "linear", "downstream": (l8,), "pretrainings": (blend,), **overrides})
+
+
+# The bundled cube as three other sensors (cube_study): band set -> (file stem, channel names kept).
+CUBE_SENSORS = {"s2": ("cube_s2", True), "50x900-1700nm": ("cube_50x900-1700nm", False), "l8": ("cube_l8", True)}
+
+
+def write_cube_sensors(cube_path: str, out_dir: str) -> dict[str, str]:
+    """The cube resampled to other sensors' bands, each band the mean of the cube's bands inside its
+    width (the band's centre interpolated when none lies inside; no-data left out): OUT/cube_<set>.npy
+    [C, H, W] with its sidecar (names and centres; the even set: centres only). Returns set -> path."""
+    import numpy as np
+    from dchag.data import open_source
+    from dchag.data.readers.synthetic import band_table
+    cube = open_source(cube_path)
+    x = cube.read(0).astype(np.float64)  # [450, H, W], no-data NaN
+    wl = np.asarray(cube.wavelengths, np.float64)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for bands, (stem, named) in CUBE_SENSORS.items():
+        table = band_table(bands)
+        planes = []
+        for _, centre, width in table:
+            inside = np.flatnonzero(np.abs(wl - centre) <= width / 2)
+            if inside.size:
+                with np.errstate(invalid="ignore"):
+                    planes.append(np.nanmean(x[inside], axis=0))
+            else:
+                planes.append(np.apply_along_axis(lambda s: np.interp(centre, wl, s), 0, x))
+        path = os.path.join(out_dir, f"{stem}.npy")
+        np.save(path, np.stack(planes).astype(np.float32))
+        side = {"wavelengths": [c for _, c, _ in table]}
+        if named:
+            side["channel_names"] = [n for n, _, _ in table]
+        with open(os.path.join(out_dir, f"{stem}.channels.json"), "w") as f:
+            json.dump(side, f)
+        paths[bands] = path
+    return paths
+
+
+def cube_study(cube_path: str, sensors: dict[str, str], **overrides) -> StudyConfig:
+    """The blend study on the bundled 450-band cube (docs/TRANSFER.md): D-CHAG-L pretrained (i) on the
+    cube alone and (ii) on it blended 0.5 / 0.25 / 0.25 with its Sentinel-2-like and 50-band
+    900-1,700 nm resamplings (``write_cube_sensors``), then fine-tuned, probed and trained from scratch
+    on its 9 Landsat-8-OLI-like bands. Every source holds out the same last 20 % of the tiles, so no
+    held-out pixel is seen in pretraining in any band set. The demo's model and flags."""
+    blend = Pretraining("blend", "cube + S2-like + 50 bands", (),
+                        ((0.5, cube_path), (0.25, sensors["s2"]), (0.25, sensors["50x900-1700nm"])))
+    l8 = Downstream("l8", "the cube's 9 Landsat-8-OLI-like bands (an unseen sensor), MAE", "", 9, ("--task", "mae"), 0,
+                    0.2, "val_loss", path=sensors["l8"])
+    return StudyConfig(**{"methods": "linear", "downstream": (l8,), "pretrainings": (blend,), "base_path": cube_path,
+                          "base_title": "the 450-band cube", "pretrain_valid_fraction": 0.2, "tile": 4,
+                          "model": ("--patch-dim", "1", "--num-layers", "2", "--hidden-size", "64",
+                                    "--num-attention-heads", "4"),
+                          "training": ("--deepspeed", "--deepspeed_config", "ds_configs/zero1_fp32.json",
+                                       "--mask-ratio", "0.5", "--micro-batch-size", "3", "--global-batch-size", "9",
+                                       "--lr", "1e-3", "--weight-decay", "0.05", "--log-interval", "100"),
+                          "pretrain_iters": 400, "finetune_iters": 200, **overrides})

@@ -20,7 +20,7 @@ the spectra are functions of the position in that range, so the same seed with m
 the same spectra more finely. ``bands="s2"`` gives the scene as 13 Sentinel-2-like bands instead
 (``S2_BANDS``: names B01..B12 and B8A, centre wavelengths): each band is the box average of the
 ``scene_channels``-channel scene over the channels inside the band's width (noise included).
-``bands="l8"`` gives 7 Landsat-8-OLI-like bands (B1..B7), ``bands="50x900-1700nm"`` 50 adjacent
+``bands="l8"`` gives the 9 Landsat-8-OLI-like bands (B1..B9), ``bands="50x900-1700nm"`` 50 adjacent
 bands of equal width over 900-1,700 nm (named by their centres: they match by wavelength only).
 ``image_offset`` shifts the image index (abundance phases and noise), so a data set of images
 ``offset .. offset + N - 1`` of the same seed (same endmembers) shares no image with one from 0.
@@ -46,9 +46,10 @@ S2_BANDS = (("B01", 443.0, 20.0), ("B02", 490.0, 65.0), ("B03", 560.0, 35.0), ("
             ("B05", 705.0, 15.0), ("B06", 740.0, 15.0), ("B07", 783.0, 20.0), ("B08", 842.0, 115.0),
             ("B8A", 865.0, 20.0), ("B09", 945.0, 20.0), ("B10", 1375.0, 30.0), ("B11", 1610.0, 90.0),
             ("B12", 2190.0, 180.0))
-# Landsat 8/9 OLI reflective bands B1-B7: name, centre wavelength (nm), bandwidth (nm).
+# Landsat 8/9 OLI bands B1-B9 (B8 panchromatic, B9 cirrus): name, centre wavelength (nm), bandwidth (nm).
 L8_BANDS = (("B1", 443.0, 16.0), ("B2", 482.0, 60.0), ("B3", 561.0, 57.0), ("B4", 655.0, 38.0),
-            ("B5", 865.0, 28.0), ("B6", 1609.0, 85.0), ("B7", 2201.0, 187.0))
+            ("B5", 865.0, 28.0), ("B6", 1609.0, 85.0), ("B7", 2201.0, 187.0), ("B8", 590.0, 173.0),
+            ("B9", 1373.0, 21.0))
 BAND_SETS = {"s2": S2_BANDS, "l8": L8_BANDS}
 _EVEN_BANDS = re.compile(r"(\d+)x(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)nm")
 
