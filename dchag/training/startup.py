@@ -170,7 +170,7 @@ def blend_lines(args, cfg, train_ds, valid_ds) -> list[str]:
     lines = [f"data: a blend of {len(train_ds.parts)} sources, one per training step (weights {weights}); "
              f"{cfg.num_channels} channels in their union ({shared} shared by two sources or more, matched by name, "
              f"then wavelength); tiles {args.img_h} x {args.img_w}, patch {args.patch_dim} ({cfg.num_patches} patches "
-             f"per tile)"]
+             f"per tile); each source holds out the last {args.valid_fraction:.0%} of its tiles (by position)"]
     for s, (rec, train, valid) in enumerate(zip(args.data_sources, train_ds.datasets, valid_ds.datasets)):
         src = train.source
         N, C, H, W = src.shape
@@ -185,9 +185,13 @@ def blend_lines(args, cfg, train_ds, valid_ds) -> list[str]:
         stats = train.stats
         lines.append(f"source {s} {rec['name']}: {src.describe()}, {N} image(s) of {C} channels, {size}"
                      + ("" if not wl else f", {wl[0]:g}-{wl[1]:g} nm")
-                     + f"; train {len(train)} / valid {len(valid)} samples; weight {rec['weight']:.3f}; {what}{groups} "
+                     + f"; train {len(train)} / valid {len(valid)} samples (each evaluation scores "
+                     f"{_scored(args, len(valid))}); weight {rec['weight']:.3f}; {what}{groups} "
                      f"(channel {per_rank}); statistics: "
                      + ("none (not normalized)" if stats is None else getattr(stats, "origin", "given")))
+        edge = train.index.edge_report()
+        if edge:
+            lines.append(f"source {s} {rec['name']} edges: {edge}")
     return lines
 
 
