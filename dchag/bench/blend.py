@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dchag.bench.measure import MALLOC_ENV
+from dchag.bench.measure import measurement_environment
 from dchag.bench.runner import _free_port
 
 
@@ -63,22 +63,13 @@ def measure(sources: list[tuple[float, str]], flags: list[str], iters_alone: int
             for n, (_, p) in zip(names, sources)}
     runs["blend"] = [*flags, "--data-path", *[t for w, p in sources for t in (f"{w:g}", p)],
                      "--train-iters", str(iters_blend)]
-    saved = {k: os.environ.get(k) for k in (*MALLOC_ENV, "OMP_NUM_THREADS")}
-    os.environ.update(MALLOC_ENV)
-    os.environ["OMP_NUM_THREADS"] = "1"
     raw = {}
-    try:
+    with measurement_environment():
         for name, argv in runs.items():
             with tempfile.TemporaryDirectory() as out_dir:
                 mp.spawn(_entry, args=(world, _free_port(), out_dir, name, argv), nprocs=world, join=True)
                 with open(os.path.join(out_dir, "result.json")) as f:
                     raw[name] = json.load(f)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     raw = {name: {k: ({int(i): v for i, v in d.items()} if isinstance(d, dict) else d) for k, d in r.items()}
            for name, r in raw.items()}
     schedule = BlendSchedule([w for w, _ in sources])
