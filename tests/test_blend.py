@@ -226,3 +226,23 @@ def test_each_rank_reads_its_slots_of_each_source_and_the_loss_counts_a_channel_
     keep = [0, 2, 3]
     assert torch.allclose(error_sums(pred, x, valid_px, mask, (4, 4), 2, w),
                           error_sums(pred[:, keep], x[:, keep], valid_px[:, keep], mask, (4, 4), 2))
+
+
+def test_the_blend_benchmark_attributes_each_iteration_to_its_source():
+    """tools/blend_benchmark.py's figures: a blended iteration counts for the source it read (the
+    schedule's), warm-up iterations of every source left out; medians and peaks per source."""
+    from dchag.bench.blend import report_markdown, summarize
+    sources = [(0.5, "a.npy"), (0.25, "b.npy"), (0.25, "c.npy")]  # order A B C A A B C A
+    blend_ms = {i: 100.0 * i for i in range(1, 9)}
+    blend_mb = {i: 500.0 + i for i in range(1, 9)}
+    raw = {"blend": {"iteration_ms": blend_ms, "peak_memory_mb": blend_mb}}
+    for n, base in (("a", 10.0), ("b", 20.0), ("c", 30.0)):
+        raw[f"alone {n}"] = {"iteration_ms": {1: 999.0, 2: base, 3: base + 2}, "peak_memory_mb": {1: 900.0, 2: 400.0,
+                                                                                                 3: 401.0}}
+    out = summarize(raw, sources, warmup=1)
+    a, b, c = out["rows"]
+    assert a["blend"]["iterations"] == 3 and a["blend"]["ms_median"] == 500.0  # A at 1, 4, 5, 8: 4, 5, 8 kept
+    assert b["blend"]["ms_median"] == 600.0 and c["blend"]["ms_median"] == 700.0  # B at 2, 6; C at 3, 7
+    assert a["alone"]["ms_median"] == 11.0 and a["alone"]["peak_mb"] == 401.0  # the warm-up's 999 / 900 left out
+    assert out["blend"]["peak_mb"] == 508.0 and out["blend"]["iterations"] == 5
+    assert "| a | 0.5 | 11 | 500 |" in report_markdown(out, "cmd")

@@ -57,7 +57,7 @@ def measure(sources: list[tuple[float, str]], flags: list[str], iters_alone: int
             world: int = 2, warmup: int = 1) -> dict:
     """Run each source alone (``iters_alone`` iterations) and the blend (``iters_blend``) on ``world``
     ranks; returns {"rows": per source {name, alone, blend}, "blend": whole run, "runs": raw}."""
-    from dchag.data.blend import BlendSchedule, unique_names
+    from dchag.data.blend import unique_names
     names = unique_names([p for _, p in sources])
     runs = {f"alone {n}": [*flags, "--data-path", p, "--train-iters", str(iters_alone)]
             for n, (_, p) in zip(names, sources)}
@@ -72,6 +72,15 @@ def measure(sources: list[tuple[float, str]], flags: list[str], iters_alone: int
                     raw[name] = json.load(f)
     raw = {name: {k: ({int(i): v for i, v in d.items()} if isinstance(d, dict) else d) for k, d in r.items()}
            for name, r in raw.items()}
+    return {**summarize(raw, sources, warmup), "world": world, "flags": flags, "iters_alone": iters_alone,
+            "iters_blend": iters_blend, "warmup": warmup, "runs": raw}
+
+
+def summarize(raw: dict, sources: list[tuple[float, str]], warmup: int = 1) -> dict:
+    """Per source its figures alone and over its iterations in the blend (each blended iteration
+    attributed to the source it read), the first ``warmup`` iterations of each left out."""
+    from dchag.data.blend import BlendSchedule, unique_names
+    names = unique_names([p for _, p in sources])
     schedule = BlendSchedule([w for w, _ in sources])
     steps_of = {s: [] for s in range(len(sources))}
     for it in sorted(raw["blend"]["iteration_ms"]):
@@ -83,8 +92,7 @@ def measure(sources: list[tuple[float, str]], flags: list[str], iters_alone: int
                      "alone": _figures(alone, sorted(alone["iteration_ms"])[warmup:]),
                      "blend": _figures(raw["blend"], steps_of[s][warmup:])})
     blend_all = [it for s in steps_of for it in steps_of[s][warmup:]]
-    return {"rows": rows, "blend": _figures(raw["blend"], sorted(blend_all)), "world": world, "flags": flags,
-            "iters_alone": iters_alone, "iters_blend": iters_blend, "warmup": warmup, "runs": raw}
+    return {"rows": rows, "blend": _figures(raw["blend"], sorted(blend_all))}
 
 
 def _figures(run: dict, iterations: list[int]) -> dict:
