@@ -40,6 +40,10 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
         if args.data_strict:
             from dchag.training.startup import strict_scan
             strict_scan(*train.dataset.datasets, *valid.dataset.datasets)
+        from dchag.tasks import get_task
+        task, parts = get_task(args.task), valid.dataset.parts
+        # the task's trivial predictors on the same held-out pixels (the loop's baselines), per micro-batch's source
+        valid.baseline_stats = lambda batch: task.baseline_stats(batch, args, cfg, parts[int(batch["source"][0])].dataset)
         return train, valid
     channels = cfg.partition(args.channel_parallel_size).rank_channels(ps.get_channel_parallel_rank())
     train_ds, valid_ds = build_datasets(args.data_path, args.data_format, task=args.task, img_h=args.img_h,

@@ -111,7 +111,7 @@ HELP = {
                             "any new or interpolated row (e.g. the tokenizer when one band is new) gets it whole, "
                             "because AdamW's step does not scale with a per-row gradient factor. Multiplies "
                             "--dchag-partial-lr-mult",
-    "--match-channels": "with --finetune: which identity stands when a channel's name matches a pretrained channel "
+    "--match-channels": "with --finetune (and between the sources of a blended --data-path): which identity stands when a channel's name matches a pretrained channel "
                         "whose wavelength lies further away than the bands' width (20 nm where unknown), e.g. 'B05' "
                         "at 865 nm against 'B05' at 705 nm: name (the name match is taken) or wavelength (the name is "
                         "ignored for that channel: matched, interpolated or new by its wavelength). Not given: such a "

@@ -92,13 +92,15 @@ class BlendSource:
                 "wavelength_range": [min(finite), max(finite)] if finite else None}
 
 
-def open_blend(spec, data_format: str = "auto", *, img_h: int, img_w: int, valid_fraction: float, seed: int = 0):
+def open_blend(spec, data_format: str = "auto", *, img_h: int, img_w: int, valid_fraction: float, seed: int = 0,
+               prefer: str | None = None):
     """The sources of a blended ``--data-path`` (a ``dchag.data.blend.BlendSpec``) opened, their
     channels matched into one union (dchag/data/identity.py: by name, then wavelength) and their
     weights resolved: (union ChannelIds, [BlendSource]). Numpy only (the pre-flight calls it).
 
     Each source is read as it would be alone (its format, its own channel names and wavelengths);
-    a synthetic source takes its channel count from its own spec (``synthetic:c=13,...``)."""
+    a synthetic source takes its channel count from its own spec (``synthetic:c=13,...``). ``prefer``
+    (--match-channels): which identity stands where a name match's wavelengths contradict it."""
     from .blend import proportional_weights, unique_names
     from .identity import channel_ids, union_of
     from .readers.open import check_channel_axis
@@ -127,8 +129,10 @@ def open_blend(spec, data_format: str = "auto", *, img_h: int, img_w: int, valid
             problems.append(e)
     if problems:
         raise problems[0] if len(problems) == 1 else DataError("\n".join(str(p) for p in problems))
-    ids = [channel_ids(src.channel_names, src.wavelengths, src.num_channels) for _, _, src, _, _ in opened]
-    union, per_source = union_of(ids, labels=[f"data source {name} ({path})" for name, path, *_ in opened])
+    labels = [f"data source {name} ({path})" for name, path, *_ in opened]
+    ids = [channel_ids(src.channel_names, src.wavelengths, src.num_channels, where=label)
+           for (_, _, src, _, _), label in zip(opened, labels)]
+    union, per_source = union_of(ids, labels=labels, prefer=prefer)
     weights = spec.weights or proportional_weights([train for *_, train, _ in opened])
     sources = [BlendSource(name, path, src, chans, train, valid, w)
                for (name, path, src, train, valid), chans, w in zip(opened, per_source, weights)]

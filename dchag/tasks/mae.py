@@ -201,8 +201,8 @@ class MAETask(Task):
         preds = {"channel mean": torch.zeros_like(images), "visible-pixel mean": _visible_mean(images, valid, hidden)}
         out = {}
         for name, pred in preds.items():
-            out.update(baseline_keys(name, {"loss_sums": error_sums(pred, images, valid, mask, cfg.grid,
-                                                                    cfg.patch_dim)}))
+            out.update(baseline_keys(name, {"loss_sums": error_sums(pred, images, valid, mask, cfg.grid, cfg.patch_dim,
+                                                                    batch.get("channel_weight"))}))
         return out
 
     def picture(self, model, valid_factory, args, cfg, iteration: int, out_dir: str | None) -> str | None:

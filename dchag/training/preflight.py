@@ -218,7 +218,8 @@ def check_blend(args, found: Found) -> list[Exception]:
                                "--data-path (the blend's union is matched by --pretrained-checkpoint)."))
     try:
         union, sources = open_blend(spec, args.data_format, img_h=args.img_h, img_w=args.img_w,
-                                    valid_fraction=args.valid_fraction, seed=args.seed)
+                                    valid_fraction=args.valid_fraction, seed=args.seed,
+                                    prefer=getattr(args, "match_channels", None))
     except DataError as e:
         return out + [e]
     if args.num_channels is not None and args.num_channels != len(union):
