@@ -167,7 +167,7 @@ def test_the_preflight_refuses_what_a_blend_cannot_do(tmp_path):
     # another task, a fine-tune, a wrong --num-channels, a synthetic source without its count: all at once
     with pytest.raises(preflight.PreflightError) as e:
         preflight.run(_args(["--data-path", named, "synthetic:n=4", "--task", "forecast"]), world=1, late_checks=[])
-    assert "a blend pretrains (--task mae)" in str(e.value) and "synthetic:c=13" in str(e.value)
+    assert "a blend pretrains (--task mae)" in str(e.value) and "synthetic:c=16" in str(e.value)
     with pytest.raises(preflight.PreflightError) as e:
         preflight.run(_args(["--data-path", named, "synthetic:c=5,n=4", "--num-channels", "13",
                              "--finetune", "--pretrained-checkpoint", str(tmp_path)]), world=1)

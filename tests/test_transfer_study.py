@@ -12,6 +12,7 @@ from dchag.data import DataError, open_source
 from dchag.data.readers.synthetic import S2_BANDS, SyntheticSource
 from dchag.parity.transfer_study import StudyConfig, plan, summarize, verdict
 
+REPO = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
 WORLD = dict(height=6, width=5, num_images=3, seed=4, wavelength_min=400.0, wavelength_max=2500.0)
 
 
@@ -105,8 +106,10 @@ def test_landsat_and_even_band_sets_are_box_averages_of_the_scene():
         band_table("50x1700-900")
 
 
-def test_the_blend_study_pairs_each_pretraining_by_seed(tmp_path):
+def test_the_blend_study_pairs_each_pretraining_by_seed(tmp_path, monkeypatch):
+    from dchag.arguments import parse_args
     from dchag.parity.transfer_study import blend_study, report_markdown
+    from dchag.training import preflight
     cfg = blend_study(seeds=3)
     runs = plan(cfg, str(tmp_path))
     assert len(runs) == 3 + 3 + 5 * 3
@@ -115,6 +118,10 @@ def test_the_blend_study_pairs_each_pretraining_by_seed(tmp_path):
     paths = argv[argv.index("--data-path") + 1:argv.index("--img-h")]
     assert paths[0::2] == ["0.5", "0.25", "0.25"] and "--num-channels" not in argv
     assert "bands=s2" in paths[3] and "image_offset=1000" in paths[3] and "bands=50x900-1700nm" in paths[5]
+    # the blend pretraining passes the pre-flight: 211 + 8 + 40 channels (5 of S2's and 10 of the 50 lie on the grid)
+    monkeypatch.chdir(REPO)
+    found = preflight.run(parse_args(argv), world=1, late_checks=[])
+    assert found.num_channels == 211 + 8 + 40 and found.cfg.source_names[1] == "synthetic-s2"
     ft = next(r for r in runs if r.regime == "finetune-blend" and r.seed == blend.seed)
     assert list(ft.argv)[list(ft.argv).index("--pretrained-checkpoint") + 1] == blend.save
     assert "bands=l8" in " ".join(ft.argv)

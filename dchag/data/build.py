@@ -20,9 +20,10 @@ def open_data_source(data_path, data_format: str = "auto", *, task: str, img_h: 
     if channels_last:
         opts["channels_last"] = True
     if data_format == "synthetic" or str(data_path).startswith("synthetic"):
-        from .readers.synthetic import parse_spec
-        if num_channels is None and "num_channels" not in parse_spec(str(data_path)):
-            raise DataError("synthetic data needs --num-channels (or c=N in its spec: synthetic:c=16,...).")
+        from .readers.synthetic import parse_spec, spec_channel_count
+        if num_channels is None and spec_channel_count(parse_spec(str(data_path))) is None:
+            raise DataError("synthetic data needs --num-channels (or c=N or a band set in its spec: "
+                            "synthetic:c=16,... or synthetic:bands=s2,...).")
         opts.setdefault("height", img_h)
         opts.setdefault("width", img_w)
         opts.setdefault("seed", seed)
@@ -104,7 +105,7 @@ def open_blend(spec, data_format: str = "auto", *, img_h: int, img_w: int, valid
     from .blend import proportional_weights, unique_names
     from .identity import channel_ids, union_of
     from .readers.open import check_channel_axis
-    from .readers.synthetic import parse_spec
+    from .readers.synthetic import parse_spec, spec_channel_count
     from .tiles import TileIndex, mae_split
     names = unique_names(spec.paths)
     opened, problems = [], []
@@ -112,11 +113,12 @@ def open_blend(spec, data_format: str = "auto", *, img_h: int, img_w: int, valid
         try:
             count = None
             if str(path).startswith("synthetic") or data_format == "synthetic":
-                count = parse_spec(str(path)).get("num_channels")
+                count = spec_channel_count(parse_spec(str(path)))
                 if count is None:
                     raise DataError(f"data source {name} ({path}) of the blend: a synthetic source of a blend gives "
-                                    "its channel count in its own spec, e.g. synthetic:c=13,bands=s2,scene_channels=211 "
-                                    "(--num-channels is the union of the sources' channels).")
+                                    "its channel count in its own spec, e.g. synthetic:c=16,... or a band set, "
+                                    "synthetic:bands=s2,scene_channels=211 (--num-channels is the union of the sources' "
+                                    "channels).")
             src = open_data_source(path, data_format, task="mae", img_h=img_h, img_w=img_w, num_channels=count,
                                    seed=seed)
             check_channel_axis(src, None)

@@ -173,7 +173,8 @@ def _pretrain_data(cfg: StudyConfig, pre: Pretraining | None) -> tuple[list[str]
         return (["--data-path", _synthetic(cfg, "", cfg.pretrain_images), "--num-channels", str(cfg.scene_channels)],
                 valid_count(cfg.tiles(cfg.pretrain_images), 0.125))
     paths = []
-    for k, (weight, options, images) in enumerate(pre.sources):
+    for k, (weight, options, images) in enumerate(pre.sources):  # the scene itself: its channel count given
+        options = options or f"num_channels={cfg.scene_channels}"
         paths += [f"{weight:g}", _synthetic(cfg, options, images, 1000 * k)]
     return ["--data-path", *paths], max(valid_count(cfg.tiles(images), 0.125) for _, _, images in pre.sources)
 

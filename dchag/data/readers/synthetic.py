@@ -243,6 +243,13 @@ class SyntheticTargetSource(Source):
         return A[c0:c1].astype(np.float32)
 
 
+def spec_channel_count(spec: dict) -> int | None:
+    """The channel count a parsed synthetic spec gives: ``num_channels``, else its band set's size."""
+    if "num_channels" in spec:
+        return int(spec["num_channels"])
+    return len(band_table(spec["bands"])) if spec.get("bands") else None
+
+
 _INT_OPTIONS = {"num_images", "num_channels", "height", "width", "seed", "endmembers", "modes", "scene_channels",
                 "image_offset"}
 _FLOAT_OPTIONS = {"noise", "wavelength_min", "wavelength_max"}
