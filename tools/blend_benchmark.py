@@ -1,6 +1,6 @@
 """A blended pretraining against each of its sources alone: per-rank peak memory and time per
 iteration at T = P = 2, measured side by side in the real training loop (docs/BENCHMARKS.md,
-section 9; logic in dchag/bench/blend.py).
+section 10; logic in dchag/bench/blend.py).
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python tools/blend_benchmark.py \\
         --output-dir docs/bench/blend

@@ -1,5 +1,5 @@
 """A blended run against each of its sources trained alone, side by side (docs/BENCHMARKS.md,
-section 9): per-rank peak memory and time per iteration, measured in the real training loop.
+section 10): per-rank peak memory and time per iteration, measured in the real training loop.
 
 Each source alone, then the blend, with the same model and flags, one after the other, each in a
 fresh spawn of ``world`` gloo ranks (a process's peak memory never comes down: a run after
