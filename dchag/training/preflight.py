@@ -52,6 +52,7 @@ class Found:
     samples: dict | None = None  # {"train": n, "valid": n} of the data (tiles, or forecast samples)
     notes: list = field(default_factory=list)  # lines for the start-up summary
     fingerprint: dict | None = None  # the data's (dchag/data/fingerprint.py), recorded with every checkpoint
+    blend: list | None = None  # a blend's sources (dchag.data.build.BlendSource), opened
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def check_blend(args, found: Found) -> list[Exception]:
             f"--num-channels {args.num_channels}, but the blend's sources hold {len(union)} distinct channels ("
             + ", ".join(f"{s.name}: {s.source.num_channels}" for s in sources) + "; a channel two sources share, "
             f"by name or wavelength, counts once); drop --num-channels or give {len(union)}."))
-    found.num_channels = len(union)
+    found.num_channels, found.blend = len(union), sources
     args.channel_names, args.wavelengths = union_identity(union, sources)
     args.data_sources = [s.record() for s in sources]
     # the model's sources (DChagConfig.sources / source_names, through dchag.arguments.model_config)
@@ -323,7 +324,7 @@ def check_data_change(args, found: Found) -> list[Exception]:
     checkpoint recorded (dchag/checkpointing/fingerprint.py): changed data is refused unless
     --allow-data-change, which then normalizes it with the checkpoint's statistics
     (``args.saved_statistics``)."""
-    if found.source is None or not (args.save or found.load_tag):
+    if (found.source is None and not found.blend) or not (args.save or found.load_tag):
         return []
     import os
     from dchag.checkpointing import fingerprint as recorded, normalization
@@ -331,12 +332,17 @@ def check_data_change(args, found: Found) -> list[Exception]:
     from dchag.data.errors import DataError
     from dchag.data.fingerprint import fingerprint, source_record
     try:
-        found.fingerprint = fingerprint({"data": source_record(found.source, found.samples)})
+        if found.blend:  # every source of a blend under its name
+            found.fingerprint = fingerprint({s.name: source_record(s.source, {"train": s.train_samples,
+                                                                           "valid": s.valid_samples})
+                                             for s in found.blend})
+        else:
+            found.fingerprint = fingerprint({"data": source_record(found.source, found.samples)})
         if found.load_tag:
             note, changed = recorded.check_resume(args.load, found.load_tag, found.fingerprint,
                                                   getattr(args, "allow_data_change", False))
             folder = os.path.join(args.load, found.load_tag)
-            if changed and normalization.arrays(normalization.read(folder)) is not None:
+            if changed and not found.blend and normalization.arrays(normalization.read(folder)) is not None:
                 args.saved_statistics = os.path.join(folder, normalization.FILE)
             if note:
                 found.notes.append(note)
