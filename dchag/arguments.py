@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-classes", type=integer, default=None)
     g.add_argument("--ignore-index", type=integer, default=255)
     p.set_defaults(num_outputs=None)  # the dense head's planes: set from the targets at start-up (dchag/tasks)
-    g.add_argument("--data-path", default="synthetic")
+    g.add_argument("--data-path", nargs="+", default="synthetic", metavar="[WEIGHT] PATH")
     g.add_argument("--data-format", default="auto",
                    choices=("auto", "npy", "envi", "hdf5", "zarr", "netcdf", "synthetic"))
     g.add_argument("--num-channels", type=integer, default=None)
@@ -161,6 +161,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "--finetune" in (sys.argv[1:] if argv is None else argv):  # the pretrained model's patch size stands in
         next(a for a in parser._actions if a.dest == "patch_dim").required = False
     args = parser.parse_args(argv)
+    if isinstance(args.data_path, list) and len(args.data_path) == 1:  # one path: exactly as before blends
+        args.data_path = args.data_path[0]
     if args.finetune:  # flags not given take the pretrained model's values (dchag.transfer.prepare)
         args.given = given_on_command_line(argv)
     return args

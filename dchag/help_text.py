@@ -20,9 +20,14 @@ HELP = {
                      "--ignore-index is an error at start-up)",
     "--ignore-index": "segment: the class-map value of pixels left out of the loss and the metrics (NaN too)",
     "--data-path": "a file or a folder of files ([C, H, W] or [N, C, H, W]; for forecast a time series "
-                   "[T, C, H, W]), or 'synthetic[:k=v,...]' for generated data",
+                   "[T, C, H, W]), or 'synthetic[:k=v,...]' for generated data. Several sources blend (--task mae, "
+                   "Megatron's syntax): '0.4 A 0.3 B 0.3 C' (weights, then paths; normalized) or 'A B C' (in "
+                   "proportion to the sources' training samples); each source keeps its own format, channels, "
+                   "statistics and held-out split, and each training step reads one source (docs/BLENDS.md)",
     "--data-format": "the reader; auto detects it from the file name or contents",
-    "--num-channels": "C, the channel count; default: read from the data (a mismatch with the data is an error)",
+    "--num-channels": "C, the channel count; default: read from the data (a mismatch with the data is an error). "
+                      "With a blend: the model's channels, the union of the sources' channels (given, it must equal "
+                      "that count); a synthetic source of a blend gives its own count in its spec (synthetic:c=13,...)",
     "--img-h": "tile height in pixels; images larger than --img-h x --img-w are cut into tiles covering every pixel "
                "(where the tile does not divide the image, the last row/column of tiles is padded with invalid "
                "pixels, reported at start-up)",
@@ -107,7 +112,7 @@ HELP = {
                             "any new or interpolated row (e.g. the tokenizer when one band is new) gets it whole, "
                             "because AdamW's step does not scale with a per-row gradient factor. Multiplies "
                             "--dchag-partial-lr-mult",
-    "--match-channels": "with --finetune: which identity stands when a channel's name matches a pretrained channel "
+    "--match-channels": "with --finetune (and between the sources of a blended --data-path): which identity stands when a channel's name matches a pretrained channel "
                         "whose wavelength lies further away than the bands' width (20 nm where unknown), e.g. 'B05' "
                         "at 865 nm against 'B05' at 705 nm: name (the name match is taken) or wavelength (the name is "
                         "ignored for that channel: matched, interpolated or new by its wavelength). Not given: such a "

@@ -24,12 +24,28 @@ LAYOUT_ARGS = ("tensor_model_parallel_size", "channel_parallel_size")
 # Recorded, not compared: the channels' identity (from the data; dchag/transfer matches by it; a blend: the
 # union's channels and each source's ids in it) and provenance.
 IDENTITY_ARGS = ("channel_names", "wavelengths", "pretrained_checkpoint", "sources", "source_names")
+# A blend's sources (--data-path W1 P1 W2 P2 ...: name, path, weight, union ids, sample counts): recorded; on
+# resume their names, channels and weights must stay (the data order and the model's sources follow them).
+BLEND_ARGS = ("data_sources",)
 
 
 def model_args(args) -> dict:
     """What a checkpoint records of its run (dchag_args.json): the model/layout arguments, the
     optimizer-grouping ones and the channel identity."""
-    return {k: getattr(args, k, None) for k in MODEL_ARGS + OPTIMIZER_ARGS + IDENTITY_ARGS}
+    return {k: getattr(args, k, None) for k in MODEL_ARGS + OPTIMIZER_ARGS + IDENTITY_ARGS + BLEND_ARGS}
+
+
+def _blend_key(sources) -> list | None:
+    """What of a blend must not change on resume: per source its name, union ids and weight."""
+    if not sources:
+        return None
+    return [(s["name"], [int(u) for u in s["channels"]], round(float(s["weight"]), 9)) for s in sources]
+
+
+def _describe_blend(sources) -> str:
+    if not sources:
+        return "one source"
+    return "--data-path " + " ".join(f"{float(s['weight']):.4g} {s['name']}" for s in sources)
 
 
 def _flag(key: str) -> str:
@@ -162,6 +178,13 @@ def check_compatible(args, universal: bool = False) -> str | None:
             f"cannot load {args.load}/{tag}: it was saved with {_flag(k)} {saved[k]} but the command line gives "
             f"{_flag(k)} {getattr(args, k)}{' (also ' + others[2:] + ')' if others else ''}. Use the checkpoint's "
             f"value ({fix}).")
+    saved_blend, blend = saved.get("data_sources"), getattr(args, "data_sources", None)
+    if _blend_key(saved_blend) != _blend_key(blend):
+        raise CheckpointError(
+            f"cannot load {args.load}/{tag}: it was trained on {_describe_blend(saved_blend)} but the command line "
+            f"gives {_describe_blend(blend)}. A resume continues the same blend (the same sources, in the same order, "
+            "with the same weights; their files may move): give the checkpoint's --data-path, or start a new run "
+            "from its weights with --finetune --pretrained-checkpoint on one source.")
     if universal or not getattr(args, "no_load_optim", False):  # a fresh optimizer takes any grouping
         for k in OPTIMIZER_ARGS:
             if k in saved and saved[k] != getattr(args, k):

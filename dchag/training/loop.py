@@ -20,6 +20,7 @@ from dchag.training.initialize import init_distributed, init_model_parallel
 from dchag.training.launch import LaunchError
 from dchag.training.logging_utils import invalid_input_values, comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
 from dchag.training.batch_checks import empty_samples
+from dchag.training.blend_log import SourceMeter, val_losses
 from dchag.training.lr import LRScheduler, ScheduleError
 from dchag.training.nonfinite import NonFiniteError, Streak, is_nonfinite
 from dchag.training.signals import ExitRequest, progress
@@ -166,7 +167,8 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     start_iteration = iteration
     _saved_normalization(args, load_tag, pretrained)
 
-    with startup.phase(f"opening {args.data_path} and its statistics"):
+    data = args.data_path if isinstance(args.data_path, str) else " ".join(args.data_path)
+    with startup.phase(f"opening {data} and its statistics"):
         train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
     bands = _bands_without_values(getattr(train_loader, "dataset", None), args)
     if hasattr(train_loader, "dataset") and hasattr(valid_factory, "dataset"):
@@ -177,15 +179,19 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     train_iter = iter(train_loader)
     from dchag.checkpointing import normalization
     # The statistics the data is normalized with, saved with every checkpoint.
-    norm = normalization.gather(getattr(train_loader, "dataset", None)) if args.save else None
+    norm = normalization.gather(getattr(train_loader, "dataset", None), cfg) if args.save else None
     writer = tensorboard_writer(args.tensorboard_dir) if dist.get_rank() == 0 else None
     history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "val_baselines": {}, "grad_norms": {},
                "summary": history_summary}
+    meter = SourceMeter.of(args)  # a blend: the loss and share of each source (None for one source)
+    if meter is not None:
+        history["source_losses"], history["val_source_losses"] = {}, {}
     dp_group = ps.get_data_parallel_group()
     device = comm_device()  # the engine's device: batches and loss sums go there
     skipped = nans = interval_empty = 0  # per log interval (Megatron)
     streak = Streak(args.max_consecutive_nan_iters, f"{args.load}/{load_tag}" if load_tag else None)
     history["lrs"], history["skipped"] = {}, []
+    history["iteration_ms"], history["peak_memory_mb"] = {}, {}  # per log interval
     interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
     interval_invalid = torch.zeros((), dtype=torch.int64, device=device)
     reset_peak_memory()
@@ -228,9 +234,12 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         history["lrs"][iteration] = lr_used
         history["losses"][iteration] = loss_value
         history["grad_norms"][iteration] = gn
-        if not history["skipped"] or history["skipped"][-1] != iteration:  # skipped ones are left out (Megatron)
+        counted = not history["skipped"] or history["skipped"][-1] != iteration  # skipped ones are left out (Megatron)
+        if counted:
             interval_loss += loss_value
             interval_good += 1
+        if meter is not None:
+            meter.step(iteration, loss_value if counted else None)
         interval_count += 1
         interval_time += dt
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
@@ -240,14 +249,20 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             ms = 1000 * interval_time / interval_count
             sps = args.global_batch_size * interval_count / max(interval_time, 1e-9)
             lr = lr_used
+            per_source = meter.interval(iteration) if meter is not None else {}
+            if per_source:
+                history["source_losses"][iteration] = per_source
+            history["iteration_ms"][iteration], history["peak_memory_mb"][iteration] = ms, mem  # the log line's
             _print0(log_line(iteration, args.train_iters, consumed, ms, lr, args.global_batch_size, avg_loss,
-                             gn, sps, mem, skipped, nans, invalid, interval_empty), args.log_file)
+                             gn, sps, mem, skipped, nans, invalid, interval_empty)
+                    + SourceMeter.log_fields(per_source), args.log_file)
             if writer is not None:
                 for tag, v in (("loss", avg_loss), ("learning-rate", lr), ("grad-norm", gn if gn is not None else float("nan")),
                                ("iteration-time", ms), ("samples-per-second", sps), ("peak-memory-mb", mem),
                                ("invalid-input-values", invalid), ("skipped-iterations", skipped),
                                ("nan-iterations", nans), ("empty-samples", interval_empty)):
                     writer.add_scalar(tag, v, iteration)
+                SourceMeter.write(writer, per_source, iteration)
                 writer.flush()
             interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
             interval_invalid.zero_()
@@ -260,11 +275,17 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             history["val_losses"][iteration] = val
             history["val_metrics"][iteration] = metrics
             history["val_baselines"][iteration] = baselines
+            per_source = val_losses(sums, meter.names) if meter is not None else {}
+            if per_source:
+                history["val_source_losses"][iteration] = per_source
             _print0(f"validation loss at iteration {iteration} | val loss: {val:.6E} |"
+                    + "".join(f" {name}: {v:.6E} |" for name, v in per_source.items())
                     + "".join(f" {name}: {v:.4g} |" for name, v in metrics.items())
                     + _scored_part(sums, valid_factory) + _baselines_part(val, baselines), args.log_file)
             if writer is not None:
                 writer.add_scalar("val/loss", val, iteration)
+                for name, v in per_source.items():
+                    writer.add_scalar(name, v, iteration)
                 for name, v in metrics.items():
                     writer.add_scalar(f"val/{name}", v, iteration)
                 for name, v in baselines.items():
@@ -330,16 +351,21 @@ def _bands_without_values(dataset, args) -> list[str]:
     valid-value counts over the channel-parallel ranks (each holds its own channels'); the same
     verdict on every rank. Data without any valid value is refused before training (every batch
     would be skipped); a few such channels are ignored, and the start-up summary says so (the
-    returned note)."""
+    returned notes). A blend: each source on its own, named."""
     from dchag.data.errors import DataError
-    dead = startup.bands_without_values(dataset)
-    if not dead:
-        return []
-    if len(dead) == dataset.source.num_channels:
-        raise DataError(f"{args.data_path} has no valid value at all (every value is NaN, Inf or the no-data value), "
-                        "so there is nothing to train on; check the file, --data-format and the no-data value of the "
-                        "data.")
-    return [startup.bands_note(dead, dataset.source.num_channels)]
+    parts = getattr(dataset, "datasets", None)
+    notes = []
+    for ds, where in (zip(parts, (f"data source {r['name']} ({r['path']})" for r in args.data_sources))
+                      if parts is not None else [(dataset, args.data_path)]):
+        dead = startup.bands_without_values(ds)
+        if not dead:
+            continue
+        if len(dead) == ds.source.num_channels:
+            raise DataError(f"{where} has no valid value at all (every value is NaN, Inf or the no-data value), so "
+                            "there is nothing to train on; check the file, --data-format and the no-data value of "
+                            "the data.")
+        notes.append(("" if parts is None else f"{where}: ") + startup.bands_note(dead, ds.source.num_channels))
+    return notes
 
 
 def invalid_values(batch: dict) -> torch.Tensor:
@@ -402,6 +428,8 @@ def _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> t
             loss, stats = out if isinstance(out, tuple) else (out, {})
             if baseline_stats is not None:  # the trivial predictors on the same pixels (no model)
                 stats = {**stats, **baseline_stats(batch)}
+            if "source" in batch and "loss_sums" in stats:  # a blend: each micro-batch is one source
+                stats = {**stats, f"loss_sums/{cfg.source_names[int(batch['source'][0])]}": stats["loss_sums"]}
             total += loss.detach().double()
             for name, value in stats.items():
                 sums[name] = sums.get(name, 0) + value.detach().double()

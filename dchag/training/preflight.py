@@ -52,6 +52,7 @@ class Found:
     samples: dict | None = None  # {"train": n, "valid": n} of the data (tiles, or forecast samples)
     notes: list = field(default_factory=list)  # lines for the start-up summary
     fingerprint: dict | None = None  # the data's (dchag/data/fingerprint.py), recorded with every checkpoint
+    blend: list | None = None  # a blend's sources (dchag.data.build.BlendSource), opened
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +157,9 @@ def check_data(args, found: Found) -> list[Exception]:
     """The data opens (path, format, readable header), has --num-channels channels, and is large
     enough for one tile and, for a forecast, for the lead time and the held-out period. Sets
     ``args.channel_names`` and ``args.wavelengths`` from the data's metadata."""
+    from dchag.data.blend import is_blend
+    if is_blend(args.data_path):
+        return check_blend(args, found)
     from dchag.data.build import open_data_source
     from dchag.data.errors import DataError
     from dchag.data.readers.open import check_channel_axis
@@ -189,6 +193,48 @@ def check_data(args, found: Found) -> list[Exception]:
     except DataError as e:
         return [e]
     return []
+
+
+def check_blend(args, found: Found) -> list[Exception]:
+    """A blended ``--data-path W1 P1 W2 P2 ...`` (dchag/data/blend.py): every source opens as it would
+    alone, their channels form one union (matched by name, then wavelength), and the run pretrains
+    (--task mae). Sets ``args.channel_names``/``args.wavelengths`` to the union's and
+    ``args.data_sources`` (per source: name, path, weight, union ids, sample counts), from which the
+    model's config takes its sources (``args.sources``, ``args.source_names``)."""
+    from dchag.data.blend import parse_data_path
+    from dchag.data.build import open_blend, union_identity
+    from dchag.data.errors import DataError
+    try:
+        spec = parse_data_path(args.data_path)
+    except DataError as e:
+        return [e]
+    if not spec.is_blend:  # '--data-path 1.0 A': one source, the run of --data-path A
+        args.data_path = spec.paths[0]
+        return check_data(args, found)
+    out = []
+    if args.task != "mae":
+        out.append(ConfigError(f"--task {args.task} with a blend of {len(spec.paths)} sources: a blend "
+                               "pretrains (--task mae); fine-tune or train a task on one source (--data-path FILE)."))
+    if getattr(args, "finetune", False):
+        out.append(ConfigError("--finetune with a blended --data-path: a fine-tune reads one source; give one "
+                               "--data-path (the blend's union is matched by --pretrained-checkpoint)."))
+    try:
+        union, sources = open_blend(spec, args.data_format, img_h=args.img_h, img_w=args.img_w,
+                                    valid_fraction=args.valid_fraction, seed=args.seed,
+                                    prefer=getattr(args, "match_channels", None))
+    except DataError as e:
+        return out + [e]
+    if args.num_channels is not None and args.num_channels != len(union):
+        out.append(DataError(
+            f"--num-channels {args.num_channels}, but the blend's sources hold {len(union)} distinct channels ("
+            + ", ".join(f"{s.name}: {s.source.num_channels}" for s in sources) + "; a channel two sources share, "
+            f"by name or wavelength, counts once); drop --num-channels or give {len(union)}."))
+    found.num_channels, found.blend = len(union), sources
+    args.channel_names, args.wavelengths = union_identity(union, sources)
+    args.data_sources = [s.record() for s in sources]
+    # the model's sources (DChagConfig.sources / source_names, through dchag.arguments.model_config)
+    args.sources, args.source_names = [list(s.channels) for s in sources], [s.name for s in sources]
+    return out
 
 
 def check_task(args, found: Found) -> list[Exception]:
@@ -279,14 +325,19 @@ def check_data_change(args, found: Found) -> list[Exception]:
     checkpoint recorded (dchag/checkpointing/fingerprint.py): changed data is refused unless
     --allow-data-change (a resume normalizes with its checkpoint's statistics, whatever
     the data: ``dchag.training.loop._saved_normalization``)."""
-    if found.source is None or not (args.save or found.load_tag):
+    if (found.source is None and not found.blend) or not (args.save or found.load_tag):
         return []
     from dchag.checkpointing import fingerprint as recorded
     from dchag.checkpointing.errors import CheckpointError
     from dchag.data.errors import DataError
     from dchag.data.fingerprint import fingerprint, source_record
     try:
-        found.fingerprint = fingerprint({"data": source_record(found.source, found.samples)})
+        if found.blend:  # every source of a blend under its name
+            found.fingerprint = fingerprint({s.name: source_record(s.source, {"train": s.train_samples,
+                                                                           "valid": s.valid_samples})
+                                             for s in found.blend})
+        else:
+            found.fingerprint = fingerprint({"data": source_record(found.source, found.samples)})
         if found.load_tag:
             note, _ = recorded.check_resume(args.load, found.load_tag, found.fingerprint,
                                                   getattr(args, "allow_data_change", False))

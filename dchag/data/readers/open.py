@@ -27,12 +27,14 @@ def open_source(path, data_format: str = "auto", *, num_channels: int | None = N
         raise DataError(f"--data-format {data_format!r} is not one of {', '.join(FORMATS)}.")
     path = str(path) if path is not None else "synthetic"
     if data_format == "synthetic" or (data_format == "auto" and (path == "synthetic" or path.startswith("synthetic:"))):
-        from .synthetic import SyntheticSource, parse_spec
+        from .synthetic import SyntheticSource, parse_spec, spec_channel_count
 
         kw = dict(opts)
         if num_channels is not None:
             kw.setdefault("num_channels", num_channels)
         kw.update(parse_spec(path))
+        if "num_channels" not in kw and spec_channel_count(kw) is not None:  # bands=s2: its 13 bands
+            kw["num_channels"] = spec_channel_count(kw)
         missing = [k for k in ("num_channels", "height", "width") if k not in kw]
         if missing:
             raise DataError(f"synthetic data needs {', '.join(missing)} (from --num-channels/--img-h/--img-w or "
