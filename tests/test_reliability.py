@@ -234,6 +234,50 @@ def test_damaged_latest_is_refused_with_its_content(tmp_path, content, expected)
     assert f"{run}/latest {expected}" in str(e.value) and "--ckpt-step 2" in str(e.value), str(e.value)
 
 
+def test_a_checkpoint_or_latest_linked_out_of_its_folder_is_refused(tmp_path):
+    """An iter_* that is a symbolic link to another run's checkpoint (newer than latest: "a save
+    stopped before updating latest") is refused on resume, --ckpt-step, conversion and fine-tune;
+    so is a latest linked out of the folder; a latest that is a folder says so."""
+    from dchag.checkpointing import compat, convert, reader
+    from dchag.checkpointing.errors import CheckpointError
+    from dchag.transfer.errors import FinetuneError
+    from dchag.transfer.pretrained import open_pretrained
+    run = _fake_run(tmp_path, complete=(2,), interrupted=(), latest=2)
+    other = str(tmp_path / "other")
+    shutil.copytree(os.path.join(run, "iter_0000002"), os.path.join(other, "iter_0000006"))
+    link = os.path.join(run, "iter_0000006")
+    os.symlink(os.path.join(other, "iter_0000006"), link)
+    args = argparse.Namespace(load=run, save=run, ckpt_step=None, no_load_optim=False)
+    refusal = f"{link} is a symbolic link to {other}/iter_0000006, outside {run}"
+    for load in (lambda: compat.check_compatible(args), lambda: compat.load_tag(argparse.Namespace(**{**vars(args),
+                                                                                                   "ckpt_step": 6})),
+                 lambda: reader.resolve_folder(run), lambda: reader.resolve_folder(link),
+                 lambda: convert.export_consolidated(run, str(tmp_path / "out"))):
+        with pytest.raises(CheckpointError, match=re.escape(refusal)):
+            load()
+    with pytest.raises(FinetuneError, match=re.escape(refusal)):
+        open_pretrained(run)
+    os.remove(link)
+    os.symlink(os.path.join(run, "iter_0000002"), link)  # a link to another checkpoint of the same run
+    with pytest.raises(CheckpointError, match="iter_0000006 is a symbolic link to another checkpoint of the same"):
+        compat.load_tag(args)
+    os.remove(link)
+    assert compat.load_tag(args) == "iter_0000002"
+    latest = os.path.join(run, "latest")
+    with open(os.path.join(other, "latest"), "w") as f:
+        f.write("iter_0000002")
+    os.remove(latest)
+    os.symlink(os.path.join(other, "latest"), latest)
+    with pytest.raises(CheckpointError, match=re.escape(f"{latest} is a symbolic link to {other}/latest, outside")):
+        compat.load_tag(args)
+    os.remove(latest)
+    os.symlink(os.path.join(run, "iter_0000002"), latest)  # latest linked to a folder (not only "Is a directory")
+    with pytest.raises(CheckpointError, match=re.escape(f"{latest} is a folder (a symbolic link to {run}/iter_0000002"
+                                                        "), not the one-line file naming a checkpoint")) as e:
+        compat.load_tag(args)
+    assert "--ckpt-step 2" in str(e.value)
+
+
 def test_damaged_args_file_is_named_with_the_ckpt_step_hint(tmp_path):
     from dchag.checkpointing import compat
     from dchag.checkpointing.errors import CheckpointError
