@@ -448,9 +448,10 @@ def test_no_planted_pickle_runs_in_any_file_a_tool_reads(tmp_path):
     assert merged["pictures"]["flat"]["mask"].dtype == np.bool_
 
 
-HUGE = r"""
-import json, os, sys, time
+EXPORTS = r"""
+import contextlib, io, json, os, shutil, sys, time
 import torch
+from safetensors.torch import load_file, save_file
 from dchag.checkpointing import consolidated, convert, manifest, shards
 from dchag.checkpointing.errors import CheckpointError
 from dchag.inference.runtime import build_serial_model
@@ -461,8 +462,47 @@ cfg = DChagConfig(num_channels=5, img_h=8, img_w=8, patch_dim=2, hidden_size=16,
                   num_attention_heads=2, ffn_hidden_size=32, aggregation="linear", groups=2)
 model = build_serial_model(cfg)
 consolidated.write(out, dict(model.named_parameters()), {"model": consolidated.config_to_dict(cfg),
-                   "parameters": shards.param_specs(model)})
+                   "parameters": shards.param_specs(model), "iteration": 4, "consumed_samples": 8})
 print("modes", sorted(oct(os.stat(os.path.join(out, f)).st_mode & 0o777) for f in os.listdir(out)))
+
+def attempt(name, load):
+    err = io.StringIO()
+    t0 = time.time()
+    try:
+        with contextlib.redirect_stderr(err):
+            load()
+        print(name, "loaded", "| stderr:", err.getvalue().replace(chr(10), " "))
+    except CheckpointError as e:
+        print(name, "refused in %.2f s:" % (time.time() - t0), e)
+
+# tampered exports, with and without their manifest
+first = sorted(dict(model.named_parameters()))[0]
+def variant(name, edit, keep_manifest):
+    dst = f"{out}_{name}"
+    shutil.copytree(out, dst)
+    tensors = load_file(os.path.join(dst, consolidated.WEIGHTS))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, consolidated.WEIGHTS))
+    if keep_manifest:
+        manifest.write_manifest(dst)  # a consistent tamper
+    else:
+        os.remove(os.path.join(dst, manifest.MANIFEST))
+    return dst
+def nan(t):
+    t[first].view(-1)[0] = float("nan")
+def boolean(t):
+    t[first] = t[first] != 0
+def half(t):
+    t[first] = t[first].half()
+for name, edit, keep in (("nan", nan, False), ("bool", boolean, False), ("f16", half, True), ("nan_m", nan, True),
+                         ("bare", lambda t: None, False)):
+    path = variant(name, edit, keep)
+    attempt(f"pretrained_{name}", lambda: dchag.load_pretrained(path, device="cpu"))
+attempt("deepspeed_bare", lambda: convert.to_deepspeed(out + "_bare", out + "_bare_ds", 1, 1))
+attempt("deepspeed_bare_accepted", lambda: convert.to_deepspeed(out + "_bare", out + "_bare_ds", 1, 1, True))
+print("verify_nan_m", json.dumps(convert.verify(out + "_nan_m")))
+
+# a config claiming hidden size 10^7 (the manifest rewritten to match)
 with open(os.path.join(out, "config.json")) as f:
     config = json.load(f)
 config["model"]["hidden_size"] = 10 ** 7
@@ -477,33 +517,57 @@ try:  # an export over the file-size limit
 except CheckpointError as e:
     print("write", "refused:", e)
 resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-for name, load in (("load_pretrained", lambda: dchag.load_pretrained(out, device="cpu")),
-                   ("to_deepspeed", lambda: convert.to_deepspeed(out, out + "_ds", 1, 1))):
-    t0 = time.time()
-    try:
-        load()
-        print(name, "loaded")
-    except CheckpointError as e:
-        print(name, "refused in %.2f s:" % (time.time() - t0), e)
+attempt("load_pretrained", lambda: dchag.load_pretrained(out, device="cpu"))
+attempt("to_deepspeed", lambda: convert.to_deepspeed(out, out + "_ds", 1, 1))
 """
 
 
-def test_export_config_claiming_a_huge_model_is_refused_fast(tmp_path):
-    """Also: exports are written 0644, and an export over the file-size limit names the cause and
-    leaves nothing."""
-    proc = subprocess.run([sys.executable, "-c", HUGE, str(tmp_path / "export")], cwd=REPO, capture_output=True,
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """One process writes a small export, tampers with copies of it and loads them (what it says)."""
+    tmp = tmp_path_factory.mktemp("exports")
+    proc = subprocess.run([sys.executable, "-c", EXPORTS, str(tmp / "export")], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)  # the refusal times, for the log
-    assert "modes ['0o644', '0o644', '0o644']" in proc.stdout, proc.stdout
+    return tmp, {ln.split(" ", 1)[0]: ln for ln in proc.stdout.splitlines()}
+
+
+def test_export_config_claiming_a_huge_model_is_refused_fast(exports):
+    """Also: exports are written 0644, and an export over the file-size limit names the cause and
+    leaves nothing."""
+    tmp, said = exports
+    assert said["modes"] == "modes ['0o644', '0o644', '0o644']", said
     for name in ("load_pretrained", "to_deepspeed"):
-        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(name))
+        line = said[name]
         assert "refused in" in line and "hidden size 10000000" in line and "nothing was allocated" in line, line
-    assert not os.path.exists(tmp_path / "export_ds")
-    assert f"write refused: cannot write {tmp_path}/export_small: file too large: over this process's file-size " \
-           "limit of 4 KB (ulimit -f 4); nothing was written" in proc.stdout, proc.stdout
-    assert not os.path.exists(tmp_path / "export_small") and not any(
-        n.startswith(".tmp-export_small") for n in os.listdir(tmp_path))
+    assert not os.path.exists(tmp / "export_ds")
+    assert f"write refused: cannot write {tmp}/export_small: file too large: over this process's file-size " \
+           "limit of 4 KB (ulimit -f 4); nothing was written" in said["write"], said["write"]
+    assert not os.path.exists(tmp / "export_small") and not any(n.startswith(".tmp-export_small")
+                                                                 for n in os.listdir(tmp))
+
+
+def test_an_export_is_verified_with_or_without_its_manifest(exports):
+    """NaN weights or tensors stored as BOOL / F16 where config.json says float32 are refused by
+    load_pretrained naming the tensor, manifest or not; an export without its manifest loads with a
+    warning naming the --verify command, and --format deepspeed refuses it unless told to accept it."""
+    tmp, said = exports
+    first = "refused in"
+    for name, why in (("nan", "hold NaN or infinite values: "), ("bool", "are not float32 (F32) as config.json says:"),
+                      ("f16", "are not float32 (F32) as config.json says:"), ("nan_m", "hold NaN or infinite values: ")):
+        line = said[f"pretrained_{name}"]
+        assert first in line and f"export {tmp}/export_{name} is damaged: 1 tensor(s) of " in line and why in line, line
+        assert ("It has no manifest.json" in line) == (not name.endswith("_m") and name != "f16"), line
+    assert "(BOOL)" in said["pretrained_bool"] and "(F16)" in said["pretrained_f16"]
+    assert "(1 of " in said["pretrained_nan"]
+    bare = said["pretrained_bare"]
+    assert bare.startswith("pretrained_bare loaded") and f"warning: {tmp}/export_bare has no manifest.json" in bare \
+        and f"python tools/convert_checkpoint.py --load-dir {tmp}/export_bare --verify" in bare, bare
+    assert "refused in" in said["deepspeed_bare"] and "--accept-export-without-manifest" in said["deepspeed_bare"]
+    assert said["deepspeed_bare_accepted"].startswith("deepspeed_bare_accepted loaded")
+    problems = json.loads(said["verify_nan_m"].split(" ", 1)[1])[0][1]
+    assert len(problems) == 1 and "hold NaN or infinite values" in problems[0], problems
 
 
 # ----------------------------------------------------------------------------------------------

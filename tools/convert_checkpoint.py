@@ -23,8 +23,12 @@ RUN/latest names the newest). This tool turns it into:
                   --load-dir RUN_OR_ITER_DIR --save-dir RUN2 --format universal
                 -> continue on any layout with: pretrain_dchag.py --load RUN2 ... (detected by itself).
 
-  --verify      check every file against the manifest saved with it (size + SHA-256):
+  --verify      check every file against the manifest saved with it (size + SHA-256), and an
+                export's tensors (dtypes as its config.json says, every value finite):
                   --load-dir RUN_OR_ITER_OR_EXPORT --verify      (exit 1 and the damaged file named)
+
+An export without its manifest is loaded with a warning (its dtypes, shapes and values checked)
+but not turned into a training checkpoint unless --accept-export-without-manifest is given.
 
 Every conversion first checks its input against the manifest, and refuses an existing,
 non-empty --save-dir (nothing is overwritten).
@@ -57,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--format deepspeed: T of the new layout (default 1)")
     p.add_argument("--target-channel-parallel-size", type=int, default=1,
                    help="--format deepspeed: P of the new layout, P | T and P | G (default 1)")
-    p.add_argument("--verify", action="store_true", help="only check the files against their manifest")
+    p.add_argument("--verify", action="store_true",
+                   help="only check the files against their manifest (an export: also its dtypes and that every "
+                        "value is finite)")
+    p.add_argument("--accept-export-without-manifest", action="store_true",
+                   help="--format deepspeed: convert an export that has no manifest.json (refused otherwise: nothing "
+                        "shows its files are the ones exported; its dtypes, shapes and values are still checked)")
     return p
 
 
@@ -82,7 +91,7 @@ def main(argv=None) -> int:
             convert.export_consolidated(args.load_dir, args.save_dir)
         elif args.format == "deepspeed":
             convert.to_deepspeed(args.load_dir, args.save_dir, args.target_tensor_parallel_size,
-                                 args.target_channel_parallel_size)
+                                 args.target_channel_parallel_size, args.accept_export_without_manifest)
         else:
             convert.to_universal(args.load_dir, args.save_dir)
     except CheckpointError as e:
