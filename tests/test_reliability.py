@@ -232,6 +232,13 @@ def test_damaged_latest_is_refused_with_its_content(tmp_path, content, expected)
     with pytest.raises(CheckpointError) as e:
         compat.load_tag(argparse.Namespace(load=run, save=None, ckpt_step=None))
     assert f"{run}/latest {expected}" in str(e.value) and "--ckpt-step 2" in str(e.value), str(e.value)
+    # a fine-tune (and the converter) takes a checkpoint folder, not --ckpt-step: the hint says so
+    from dchag.transfer.errors import FinetuneError
+    from dchag.transfer.pretrained import open_pretrained
+    with pytest.raises(FinetuneError) as e:
+        open_pretrained(run)
+    assert f"{run}/latest {expected}" in str(e.value) and "--ckpt-step" not in str(e.value) and \
+        f"name one of them instead of the run folder (e.g. {run}/iter_0000002)" in str(e.value), str(e.value)
 
 
 def test_a_checkpoint_or_latest_linked_out_of_its_folder_is_refused(tmp_path):
@@ -288,6 +295,13 @@ def test_damaged_args_file_is_named_with_the_ckpt_step_hint(tmp_path):
     with pytest.raises(CheckpointError) as e:
         compat.check_compatible(argparse.Namespace(load=run, save=None, ckpt_step=None, no_load_optim=False))
     assert f"{path} is damaged" in str(e.value) and "--ckpt-step 2 added" in str(e.value), str(e.value)
+    with open(path, "w") as f:  # edited, still valid JSON: damaged (the manifest says so), not a flag conflict
+        json.dump({"tensor_model_parallel_size": 2}, f)
+    with pytest.raises(CheckpointError) as e:
+        compat.check_compatible(argparse.Namespace(load=run, save=None, ckpt_step=None, no_load_optim=False,
+                                                   tensor_model_parallel_size=1))
+    assert f"{path} is damaged (dchag_args.json has a different SHA-256 than when it was saved" in str(e.value) and \
+        "--ckpt-step 2 added" in str(e.value), str(e.value)
 
 
 def test_missing_load_folder_says_so(crashed):

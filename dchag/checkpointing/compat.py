@@ -9,7 +9,7 @@ import os
 import zipfile
 
 from dchag.arguments import MODEL_ARGS
-from dchag.checkpointing import pickles
+from dchag.checkpointing import manifest, pickles
 from dchag.checkpointing.errors import CheckpointError
 from dchag.checkpointing.manifest import MANIFEST
 from dchag.checkpointing.ranks import say
@@ -23,6 +23,7 @@ OPTIMIZER_ARGS = ("dchag_partial_lr_mult", "new_params_lr_mult", "freeze_encoder
 LAYOUT_ARGS = ("tensor_model_parallel_size", "channel_parallel_size")
 # Recorded, not compared: the channels' identity (from the data; dchag/transfer matches by it) and provenance.
 IDENTITY_ARGS = ("channel_names", "wavelengths", "pretrained_checkpoint")
+ARGS_FILE = "dchag_args.json"
 
 
 def model_args(args) -> dict:
@@ -95,11 +96,15 @@ def saved_args(folder: str, how=None) -> dict:
     """The model/layout arguments a checkpoint was saved with: ``dchag_args.json``, or (for
     ds_to_universal output, which does not copy it) the client state of the model-states file.
     A damaged file is refused by name (``how``: a callable saying how to go on, called only then)."""
-    path = os.path.join(folder, "dchag_args.json")
+    path = os.path.join(folder, ARGS_FILE)
     files = sorted(glob.glob(os.path.join(folder, "mp_rank_*_model_states.pt")))
     source = path if os.path.exists(path) or not files else files[0]
     try:
         if source == path and os.path.exists(path):
+            table = manifest.read_manifest(folder)  # an edit that keeps valid JSON: damaged, not a flag conflict
+            problems = manifest.check_files(folder, table, [ARGS_FILE]) if table and ARGS_FILE in table else []
+            if problems:
+                raise ValueError(problems[0])
             with open(path) as f:
                 doc = json.load(f)
             if not isinstance(doc, dict):

@@ -23,7 +23,7 @@ import torch
 
 from dchag.checkpointing import manifest, pickles
 from dchag.checkpointing.errors import CheckpointError
-from dchag.checkpointing.tags import TAG_RE, check_own, is_complete, is_universal_folder, resume_point
+from dchag.checkpointing.tags import TAG_RE, check_own, folder_hint, is_complete, is_universal_folder, resume_point
 
 _MP_RE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 
@@ -42,7 +42,7 @@ def resolve_folder(path: str) -> str:
             raise CheckpointError(f"{path} is an interrupted save (it has no {manifest.MANIFEST}: the save did not "
                                   "finish); convert a complete checkpoint of that run.")
         return path
-    tag, note = resume_point(path)
+    tag, note = resume_point(path, pick=folder_hint)  # the converter and a fine-tune take no --ckpt-step
     if tag is None:
         tags = sorted(n for n in os.listdir(path) if TAG_RE.match(n))
         raise CheckpointError(f"{path} holds no model-states files and no complete checkpoint"

@@ -98,10 +98,21 @@ def _describe(raw: bytes) -> str | None:
     return None
 
 
-def read_latest(directory: str, name: str = "latest") -> str | None:
+def ckpt_step_hint(directory: str, iteration: int) -> str:
+    """How training picks a checkpoint of ``directory`` instead of the one ``latest`` names."""
+    return f"pass --ckpt-step N to load one (e.g. --ckpt-step {iteration})"
+
+
+def folder_hint(directory: str, iteration: int) -> str:
+    """How the converter and a fine-tune pick one (they take a checkpoint folder, not --ckpt-step)."""
+    return f"name one of them instead of the run folder (e.g. {os.path.join(directory, tag_for(iteration))})"
+
+
+def read_latest(directory: str, name: str = "latest", pick=ckpt_step_hint) -> str | None:
     """The tag a pointer file names (``latest``; ds_to_universal output: ``latest_universal``), or
     None when there is no such file. Refuses (:class:`CheckpointError`, the content described)
-    an empty, binary or foreign pointer, and a tag that leads out of ``directory``."""
+    an empty, binary or foreign pointer, and a tag that leads out of ``directory``; ``pick``
+    (directory, iteration) -> how the caller's command loads another checkpoint instead."""
     path = os.path.join(directory, name)
     if not os.path.lexists(path):
         return None
@@ -129,20 +140,22 @@ def read_latest(directory: str, name: str = "latest") -> str | None:
             problem = f"holds {tag[:80]!r}, not a checkpoint tag of pretrain_dchag.py (iter_NNNNNNN)"
     if problem:
         complete = saved_iterations(directory, complete=True)
-        have = (f"complete checkpoints there: {', '.join(tag_for(i) for i in complete[-3:])}; pass --ckpt-step N to "
-                f"load one (e.g. --ckpt-step {complete[-1]})" if complete else "there is no complete checkpoint there")
+        have = (f"complete checkpoints there: {', '.join(tag_for(i) for i in complete[-3:])}; "
+                f"{pick(directory, complete[-1])}" if complete else "there is no complete checkpoint there")
         raise CheckpointError(f"{path} {problem}: it is damaged or was written by something else; {have}.")
     return tag
 
 
-def resume_point(directory: str, universal: bool = False) -> tuple[str | None, str | None]:
+def resume_point(directory: str, universal: bool = False, pick=ckpt_step_hint) -> tuple[str | None, str | None]:
     """(tag, note): the checkpoint a resume from ``directory`` continues from, and a note when it
     is not the one the pointer names. That is the newest complete checkpoint: the pointer's, or a
     newer complete one (a save stopped after its manifest, before the pointer), or the newest
     complete one when the pointer is missing or names an interrupted save. (None, None): there is
     no complete checkpoint. ``universal``: ``latest_universal`` is a pointer too (ds_to_universal
-    output, whose folder has no manifest of ours). Raises on a damaged pointer."""
-    pointer = read_latest(directory) or (read_latest(directory, "latest_universal") if universal else None)
+    output, whose folder has no manifest of ours). Raises on a damaged pointer, saying how to pick
+    another checkpoint with ``pick`` (see :func:`read_latest`)."""
+    pointer = read_latest(directory, pick=pick) or \
+        (read_latest(directory, "latest_universal", pick) if universal else None)
     complete = saved_iterations(directory, complete=True)
     newest = tag_for(complete[-1]) if complete else None
     if pointer is None:
@@ -151,9 +164,10 @@ def resume_point(directory: str, universal: bool = False) -> tuple[str | None, s
     folder = os.path.join(directory, pointer)
     check_own(directory, pointer)
     if not os.path.isdir(folder):
+        how = f"; {pick(directory, complete[-1])}" if complete else ""
         raise CheckpointError(f"{os.path.join(directory, 'latest')} names {pointer!r}, which is not a folder there: the "
                               f"checkpoint was moved or deleted (complete checkpoints: "
-                              f"{', '.join(tag_for(i) for i in complete[-5:]) or 'none'}; pass --ckpt-step N to pick one).")
+                              f"{', '.join(tag_for(i) for i in complete[-5:]) or 'none'}{how}).")
     usable = is_complete(folder) or is_universal_folder(folder)
     it = iteration_of(pointer)
     if usable and (newest is None or it is None or complete[-1] <= it):
