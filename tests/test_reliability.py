@@ -658,6 +658,60 @@ def test_two_jobs_on_one_folder_and_a_write_over_the_size_limit(tmp_path):
     assert _read(os.path.join(run, "latest")) == last and not os.path.exists(os.path.join(run, "dchag.lock"))
 
 
+READ_ONLY_MID_RUN = r"""
+# In a private mount namespace: $1 becomes a tmpfs, the job (the rest of the arguments) writes
+# its --save folder there, and the file system turns read-only once its first checkpoint is complete.
+mount -t tmpfs tmpfs "$1" || exit 99
+folder=$1; shift
+"$@" > "$folder.out" 2> "$folder.err" &
+job=$!
+until [ -e "$folder/latest" ]; do kill -0 $job 2>/dev/null || break; sleep 0.05; done
+mount -o remount,ro "$folder" || echo "remount failed" >> "$folder.err"
+wait $job
+"""
+
+
+def test_a_save_folder_turned_read_only_mid_run_is_one_message(tmp_path):
+    """The --save folder's file system turns read-only mid-run (a tmpfs remounted ro in a private
+    mount namespace; else the folder made immutable with chattr +i): the next save fails with one
+    line naming the cause, not DeepSpeed's raw OSError from its zero_to_fp32.py copy (outside the
+    checkpoint engine) nor a second error from releasing the lock."""
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    argv = ONE + ["--train-iters", "8", "--save-interval", "4", "--save", run]
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    job = [sys.executable, os.path.join(REPO, "pretrain_dchag.py")] + argv
+    mount = ["unshare", "--mount", "--map-root-user"]
+    if subprocess.run(mount + ["true"], capture_output=True).returncode == 0:
+        proc = subprocess.run(mount + ["bash", "-c", READ_ONLY_MID_RUN, "ro", run] + job, cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        code, err, cause = proc.returncode, _read(run + ".err"), "read-only file system"
+    elif subprocess.run(["chattr", "+i", run], capture_output=True).returncode == 0:
+        subprocess.run(["chattr", "-i", run], check=True)
+        with open(run + ".out", "w") as fo, open(run + ".err", "w") as fe:
+            proc = subprocess.Popen(job, cwd=REPO, env=env, stdout=fo, stderr=fe)
+        try:
+            while not os.path.exists(os.path.join(run, "latest")):
+                assert proc.poll() is None, _read(run + ".err")[-3000:]
+                time.sleep(0.05)
+            subprocess.run(["chattr", "+i", run], check=True)
+            code = proc.wait(timeout=600)
+        finally:
+            subprocess.run(["chattr", "-i", run])
+            if proc.poll() is None:
+                proc.kill()
+        err, cause = _read(run + ".err"), "operation not permitted"
+    else:
+        pytest.skip("this machine lets the test make no folder unwritable to itself (no mount namespace, no chattr)")
+    assert code == 1, err[-3000:]
+    errors = [ln for ln in err.splitlines() if "error" in ln.lower() and "warn" not in ln.lower()]
+    assert "Traceback" not in err and len(errors) == 1, err[-3000:]
+    assert errors[0].startswith(f"error: cannot save checkpoint {run}/iter_0000008: writing {run}/") and \
+        f"failed on rank 0: {cause}" in errors[0] and f"the last complete checkpoint is {run}/iter_0000004" in \
+        errors[0], errors[0]
+
+
 def test_second_sigint_during_the_handled_stop_is_not_a_traceback(capfd):
     """Real signals to this process: the first Ctrl-C is the handled stop; the second arrives
     after the run restored its handlers, during shutdown, and must not raise KeyboardInterrupt."""
@@ -814,8 +868,35 @@ def test_lock_records_the_heartbeat_and_release_removes_only_its_own(tmp_path, c
     assert lock._read(path)["token"] == "someone-else", "a job never deletes a lock it does not own"
     os.remove(path)
     held = lock.acquire(save)
-    os.chmod(save, 0o500)  # the folder turned read-only: the lock cannot be removed
+    with _unwritable(save) as how:  # the lock cannot be removed: release says nothing, raises nothing
+        held.release()
+        assert os.path.exists(path), how
+    os.remove(path)
+    with _unwritable(save) as how:  # a start on an unwritable folder: the cause, not a PermissionError
+        with pytest.raises(CheckpointError, match=f"cannot write to --save {save}: creating its lock file {path} "
+                                                  "failed: (operation not permitted|permission denied). Make the"):
+            lock.acquire(save)
+
+
+@contextlib.contextmanager
+def _unwritable(folder):
+    """``folder`` made unwritable to this process: immutable (chattr +i, as root), else mode 0500
+    (a user other than root)."""
+    if subprocess.run(["chattr", "+i", folder], capture_output=True).returncode == 0:
+        try:
+            yield "chattr +i"
+        finally:
+            subprocess.run(["chattr", "-i", folder], check=True)
+        return
+    os.chmod(folder, 0o500)
     try:
-        held.release()  # no exception
+        probe = os.path.join(folder, "probe")
+        try:
+            open(probe, "w").close()
+        except OSError:
+            yield "chmod 0500"
+            return
+        os.remove(probe)
+        pytest.skip("this process can make no folder unwritable to itself (root without CAP_LINUX_IMMUTABLE)")
     finally:
-        os.chmod(save, 0o700)
+        os.chmod(folder, 0o700)
