@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from dchag.checkpointing import manifest, sizes
+from dchag.checkpointing import durable, manifest, sizes
 from dchag.checkpointing.errors import CheckpointError
 from dchag.checkpointing.write_errors import cause_of, os_code
 
@@ -90,9 +90,11 @@ def staged_output(save_dir: str):
         yield tmp
         _readable(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        durable.fsync_tree(tmp)  # what the converter and the export wrote, on disk before it is published
         if os.path.isdir(save_dir):
             os.rmdir(save_dir)  # empty (checked above)
         os.replace(tmp, save_dir)
+        durable.fsync_dir(parent)
     except BaseException as e:
         failed_os = isinstance(e, Exception) and not isinstance(e, CheckpointError) and os_code(e, tmp) is not None
         cause = cause_of(e, tmp) if failed_os else None  # before the partial files go
