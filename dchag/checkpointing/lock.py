@@ -147,8 +147,8 @@ def _held_here(path: str) -> bool:
 
 class _Probe:
     """The OS lock of an existing lock file, tried without waiting: ``state`` is 'held' (another
-    process holds it: its owner is alive), 'free' (this probe holds it now, until closed) or
-    'unknown' (no ``flock`` here, or the file could not be opened)."""
+    process holds it: its owner is alive), 'free' (this probe holds it now, until closed),
+    'unknown' (no ``flock`` here, or the file could not be opened) or 'gone' (removed meanwhile)."""
 
     def __init__(self, path: str, exclusive: bool, tries: int = 10):
         self.fd, self.state, self.age = None, "unknown", None
