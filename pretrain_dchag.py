@@ -23,7 +23,7 @@ def forward_step(model, batch, args, cfg, iteration: int):
 
 
 def loss_weight(batch, args):
-    """A micro-batch's loss weight (forecast: sum of cos(lat) over its valid target pixels; dense
+    """A micro-batch's loss weight (forecast: sum of the latitude weights of its valid target pixels; dense
     tasks: its valid target values): the loop pools the training loss over the global batch with
     it. None for MAE (mean per micro-batch)."""
     from dchag.tasks import get_task
@@ -38,7 +38,11 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
                                         img_w=args.img_w, channels=channels, num_channels=args.num_channels,
                                         lead_time=args.lead_time, valid_fraction=args.valid_fraction,
                                         strict=args.data_strict, seed=args.seed, target_path=args.target_path,
-                                        num_classes=args.num_classes, ignore_index=args.ignore_index)
+                                        num_classes=args.num_classes, ignore_index=args.ignore_index,
+                                        lat_weighting=args.lat_weighting,
+                                        channels_last=args.channels_last,
+                                        # --allow-data-change on changed data: the checkpoint's statistics
+                                        stats_path=getattr(args, "saved_statistics", None))
     if args.data_strict:  # refuse bad data before training, not when the bad tile is first drawn
         from dchag.training.startup import strict_scan
         strict_scan(train_ds, valid_ds)
@@ -51,8 +55,13 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
         if len(valid_ds) == 0:
             return []
         return build_eval_loader(valid_ds, args.micro_batch_size, data_parallel_rank=dp_rank,
-                                 data_parallel_size=dp_size, num_micro_batches=args.eval_iters * k)
+                                 data_parallel_size=dp_size,
+                                 num_micro_batches=None if args.eval_iters is None else args.eval_iters * k)
     valid.dataset = valid_ds  # the opened data (wavelengths, channel names, statistics, targets), for the callbacks
+    from dchag.tasks import get_task
+    task = get_task(args.task)
+    # the task's trivial predictors on the same held-out pixels, added to every evaluation (the loop's baselines)
+    valid.baseline_stats = lambda batch: task.baseline_stats(batch, args, cfg, valid_ds)
     return train, valid
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from dchag.checkpointing import manifest, normalization
 from dchag.checkpointing.shards import channel_rows
-from dchag.inference.predict import tile_starts
+from dchag.inference.tiling import tile_starts
 from dchag.model.aggregation import build_partial_aggregation
 from dchag.model.heads import ChannelReconstructionHead
 from dchag.model.tokenizer import ChannelTokenizer

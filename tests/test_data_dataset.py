@@ -26,12 +26,26 @@ def npy_stack(tmp_path, n=2, c=13, h=10, w=12, seed=0):
 
 def test_tiles_non_overlapping_and_cover_the_image(tmp_path):
     path, x = npy_stack(tmp_path, n=2, h=10, w=12)
-    ds = TileDataset(open_source(path), img_h=4, img_w=6, split="all")
-    assert len(ds) == 2 * (10 // 4) * (12 // 6)  # 2 images x 2 x 2 tiles, remainder rows dropped
+    src = open_source(path)
+    ds = TileDataset(src, img_h=4, img_w=6, split="all")
+    assert len(ds) == 2 * 3 * 2  # 2 images x ceil(10 / 4) x 12 / 6 tiles: the last tile row padded
     item = ds[3]  # image 0, tile row 1, col 1
     np.testing.assert_array_equal(item["images"].numpy(), x[0, :, 4:8, 6:12])
-    assert item["valid"].all() and item["index"].item() == 3
-    np.testing.assert_array_equal(ds[4]["images"].numpy(), x[1, :, 0:4, 0:6])
+    assert item["valid"].all() and item["in_image"].all() and item["index"].item() == 3
+    np.testing.assert_array_equal(ds[6]["images"].numpy(), x[1, :, 0:4, 0:6])
+    # the last tile row: rows 8-9 read, rows 10-11 padding (invalid, zero-filled, not counted as bad data)
+    src.reset_counters()
+    edge = ds[5]  # image 0, tile row 2, col 1
+    assert src.elements_read == 13 * 2 * 6  # only the part inside the image is asked for
+    np.testing.assert_array_equal(edge["images"][:, :2].numpy(), x[0, :, 8:10, 6:12])
+    assert edge["valid"][:, :2].all() and not edge["valid"][:, 2:].any() and (edge["images"][:, 2:] == 0).all()
+    assert edge["in_image"][:2].all() and not edge["in_image"][2:].any() and ds.invalid_count == 0
+    # every pixel of every image lies in exactly one tile
+    seen = np.zeros((2, 12, 12), int)
+    for i in range(len(ds)):
+        t = ds.index.tile(i)
+        seen[t.image, t.rows, t.cols] += ds[i]["in_image"].numpy()
+    assert (seen[:, :10] == 1).all() and (seen[:, 10:] == 0).all()
 
 
 def test_image_smaller_than_tile_is_clear(tmp_path):
@@ -97,18 +111,22 @@ def test_invalid_values_masked_counted_and_strict(tmp_path):
 def test_bundled_fenix_mae_items():
     ch = ChannelPartition(450, 8, 4).rank_channels(1)  # groups of 57, 57, 56, ...: channels 114..225
     train, valid = build_datasets(FENIX, task="mae", img_h=8, img_w=8, num_channels=450, channels=ch)
-    assert len(train) + len(valid) == (38 // 8) * (23 // 8)
+    assert len(train) + len(valid) == 5 * 3  # ceil(38 / 8) x ceil(23 / 8): the last row and column padded
     item = train[0]
     assert item["images"].shape == (len(ch), 8, 8) and item["images"].dtype == torch.float32
     assert item["valid"].dtype == torch.bool
     assert abs(float(item["images"].mean())) < 3  # normalized by the bundled statistics
     assert train.source.channels_read == set(ch)
-    # the cube's 12 no-data zeros sit in bands 0-4; those inside the tiled area (rows < 32,
-    # cols < 16: 8 x 8 tiles of 38 x 23) are masked and counted by rank 0
+    # the cube's 12 no-data zeros sit in bands 0-4; every one of them (the tiles cover the whole
+    # cube, 8 x 8 tiles of 38 x 23, the last row and column padded) is masked and counted by rank 0;
+    # the padding is masked too but not counted as bad data
     raw = np.fromfile(FENIX[:-4] + ".dat", "<u2").reshape(450, 38, 23)
     t0, _ = build_datasets(FENIX, task="mae", img_h=8, img_w=8, channels=range(0, 112), valid_fraction=0.0)
-    masked = sum(int((~t0[i]["valid"]).sum()) for i in range(len(t0)))
-    assert masked == t0.invalid_count == int((raw[:112, :32, :16] == 0).sum()) > 0
+    items = [t0[i] for i in range(len(t0))]
+    masked = sum(int((~it["valid"] & it["in_image"]).sum()) for it in items)
+    padding = sum(int((~it["in_image"]).sum()) for it in items) * 112
+    assert padding == (40 * 24 - 38 * 23) * 112
+    assert masked == t0.invalid_count == int((raw[:112] == 0).sum()) == 12
 
 
 def test_bundled_era5_forecast_items():

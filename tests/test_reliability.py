@@ -295,13 +295,6 @@ def test_damaged_args_file_is_named_with_the_ckpt_step_hint(tmp_path):
     with pytest.raises(CheckpointError) as e:
         compat.check_compatible(argparse.Namespace(load=run, save=None, ckpt_step=None, no_load_optim=False))
     assert f"{path} is damaged" in str(e.value) and "--ckpt-step 2 added" in str(e.value), str(e.value)
-    with open(path, "w") as f:  # edited, still valid JSON: damaged (the manifest says so), not a flag conflict
-        json.dump({"tensor_model_parallel_size": 2}, f)
-    with pytest.raises(CheckpointError) as e:
-        compat.check_compatible(argparse.Namespace(load=run, save=None, ckpt_step=None, no_load_optim=False,
-                                                   tensor_model_parallel_size=1))
-    assert f"{path} is damaged (dchag_args.json has a different SHA-256 than when it was saved" in str(e.value) and \
-        "--ckpt-step 2 added" in str(e.value), str(e.value)
 
 
 def test_missing_load_folder_says_so(crashed):
@@ -900,3 +893,23 @@ def _unwritable(folder):
         pytest.skip("this process can make no folder unwritable to itself (root without CAP_LINUX_IMMUTABLE)")
     finally:
         os.chmod(folder, 0o700)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 30 (part B): the small files the pre-flight reads are checked against the manifest first
+
+
+def test_an_edited_args_file_is_named_as_damaged_not_as_a_flag_conflict(tmp_path):
+    """Issue 30: an edited dchag_args.json that is still valid JSON was reported as a flag conflict
+    (its advice cost another start before the checksum error). Its manifest entry is checked first."""
+    from dchag.checkpointing import compat
+    from dchag.checkpointing.errors import CheckpointError
+    run = _fake_run(tmp_path, complete=(2, 4), interrupted=(), latest=4)
+    path = os.path.join(run, "iter_0000004", "dchag_args.json")
+    with open(path, "w") as f:
+        json.dump({"tensor_model_parallel_size": 2}, f)  # valid JSON, another value
+    args = argparse.Namespace(load=run, save=None, ckpt_step=None, no_load_optim=False, tensor_model_parallel_size=1)
+    with pytest.raises(CheckpointError) as e:
+        compat.check_compatible(args)
+    assert f"cannot load {run}/iter_0000004: {path} is damaged: has a different SHA-256 than when it was saved" in \
+        str(e.value) and "--ckpt-step 2 added" in str(e.value), str(e.value)

@@ -226,3 +226,44 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(tmp_path):
     assert len(loaded) == 1 and 1 <= int(loaded[0]) < RESTART_ITERS, text[-4000:]
     lr = _losses(text)
     assert lr[RESTART_ITERS] == lb[RESTART_ITERS], (lr, lb)
+
+
+INTERRUPTED = r"""
+import sys, time
+from dchag.training import signals
+signals.progress.update(iteration=7, saved="RUN/iter_0000006")
+signals.install_interrupt_handler()
+print("training", flush=True)
+try:
+    while True:
+        time.sleep(0.01)
+finally:
+    time.sleep(60)  # a cleanup that blocks: a collective with a peer that has already exited
+"""
+
+
+def test_the_first_ctrl_c_prints_its_line_before_anything_can_kill_the_rank(tmp_path):
+    """Issue 30: under torchrun a second Ctrl-C makes the agent SIGTERM its workers; rank 0, still
+    unwinding its KeyboardInterrupt through a cleanup blocked on a peer already gone, died without
+    its line. The handler prints the line at once and exits: Ctrl-C twice gives exit 130 and the line
+    within seconds (without the handler the cleanup still runs after 20 s, and the SIGTERM then sent
+    kills the process without its line)."""
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, env={**os.environ, "RANK": "3"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline() == "training\n"
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        try:  # the handler exits at once; a KeyboardInterrupt would sit in the 60 s cleanup
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # what torchrun's agent sends after a second Ctrl-C
+            code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert code == 130, (code, err)
+    assert err == ("rank 3: interrupted (SIGINT) at iteration 7; stopping (last checkpoint RUN/iter_0000006). To "
+                   "save on a signal, run with --exit-signal-handler [--exit-signal SIGINT].\n"), err

@@ -27,6 +27,13 @@ RUN/latest names the newest). This tool turns it into:
                 export's tensors (dtypes as its config.json says, every value finite):
                   --load-dir RUN_OR_ITER_OR_EXPORT --verify      (exit 1 and the damaged file named)
 
+  --describe    what a checkpoint or export is, without loading it: task, architecture, layout and
+                iteration, channels (names, wavelength range), tile size, the data it was trained
+                on, normalization, size on disk:
+                  --describe RUN_OR_ITER_OR_EXPORT
+                Reads only the JSON files dchag writes (config.json; dchag_args.json,
+                normalization.json) and file names and sizes: no weights, no pickle.
+
 An export without its manifest is loaded with a warning (its dtypes, shapes and values checked)
 but not turned into a training checkpoint unless --accept-export-without-manifest is given.
 
@@ -51,7 +58,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--load-dir", required=True,
+    p.add_argument("--describe", metavar="PATH", default=None,
+                   help="say what PATH (an export, a run folder or an iter_* folder) is; loads no weights")
+    p.add_argument("--load-dir",
                    help="a run folder (its 'latest' checkpoint), one RUN/iter_NNNNNNN folder, or a consolidated "
                         "export (--format deepspeed, --verify)")
     p.add_argument("--save-dir", help="output folder; must not exist or be empty")
@@ -77,6 +86,12 @@ def main(argv=None) -> int:
     from dchag.checkpointing import convert
     from dchag.checkpointing.errors import CheckpointError
     try:
+        if args.describe:
+            from dchag.checkpointing import describe
+            print("\n".join(describe.lines(describe.describe(args.describe))))
+            return 0
+        if not args.load_dir:
+            raise CheckpointError("give --load-dir (with --format or --verify), or --describe PATH.")
         if args.verify:
             bad = 0
             for folder, problems in convert.verify(args.load_dir):

@@ -9,8 +9,8 @@ import os
 import zipfile
 
 from dchag.arguments import MODEL_ARGS
-from dchag.checkpointing import manifest, pickles
 from dchag.checkpointing.errors import CheckpointError
+from dchag.checkpointing import fingerprint, manifest
 from dchag.checkpointing.manifest import MANIFEST
 from dchag.checkpointing.ranks import say
 from dchag.checkpointing.recovery import hint, move_aside, set_aside_damaged
@@ -21,9 +21,9 @@ from dchag.checkpointing.tags import (check_own, interrupted_iterations, is_comp
 # values (DeepSpeed's own error for a changed grouping names parameter alignment, not the flag).
 OPTIMIZER_ARGS = ("dchag_partial_lr_mult", "new_params_lr_mult", "freeze_encoder")
 LAYOUT_ARGS = ("tensor_model_parallel_size", "channel_parallel_size")
-# Recorded, not compared: the channels' identity (from the data; dchag/transfer matches by it) and provenance.
-IDENTITY_ARGS = ("channel_names", "wavelengths", "pretrained_checkpoint")
-ARGS_FILE = "dchag_args.json"
+# Recorded, not compared: the channels' identity (from the data; dchag/transfer matches by it; a blend: the
+# union's channels and each source's ids in it) and provenance.
+IDENTITY_ARGS = ("channel_names", "wavelengths", "pretrained_checkpoint", "sources", "source_names")
 
 
 def model_args(args) -> dict:
@@ -96,30 +96,46 @@ def saved_args(folder: str, how=None) -> dict:
     """The model/layout arguments a checkpoint was saved with: ``dchag_args.json``, or (for
     ds_to_universal output, which does not copy it) the client state of the model-states file.
     A damaged file is refused by name (``how``: a callable saying how to go on, called only then)."""
-    path = os.path.join(folder, ARGS_FILE)
+    path = os.path.join(folder, "dchag_args.json")
     files = sorted(glob.glob(os.path.join(folder, "mp_rank_*_model_states.pt")))
     source = path if os.path.exists(path) or not files else files[0]
     try:
         if source == path and os.path.exists(path):
-            table = manifest.read_manifest(folder)  # an edit that keeps valid JSON: damaged, not a flag conflict
-            problems = manifest.check_files(folder, table, [ARGS_FILE]) if table and ARGS_FILE in table else []
-            if problems:
-                raise ValueError(problems[0])
             with open(path) as f:
                 doc = json.load(f)
             if not isinstance(doc, dict):
                 raise ValueError(f"it holds a JSON {type(doc).__name__}, not the arguments")
             return doc
-        if files:
+        if files:  # torch, imported only here: the pre-flight reads dchag_args.json without it
+            from dchag.checkpointing import pickles
             state = pickles.load(files[0], mmap=True)
             if isinstance(state, dict) and isinstance(state.get("args"), dict):
                 return state["args"]
-    except pickles.UnsafeCheckpointError:
-        raise
+    except CheckpointError:
+        raise  # pickles.UnsafeCheckpointError: a refused pickle, named
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, EOFError) as e:
         raise CheckpointError(f"cannot load {folder}: {source} is damaged ({e}). {how() if how else ''}".rstrip()) from e
     raise CheckpointError(f"cannot load {folder}: it has no dchag_args.json (nor arguments in a model-states file), "
                           "so it is not a checkpoint of pretrain_dchag.py.")
+
+
+# The small files the pre-flight reads before the run checks the whole manifest (collectively, under the
+# process group): checked against it first, so that an edited one is named as such, not taken at its word.
+READ_BEFORE_THE_MANIFEST = ("dchag_args.json", fingerprint.FILE)
+
+
+def check_small_files(folder: str, how) -> None:
+    """Refuse ``folder`` when a file of :data:`READ_BEFORE_THE_MANIFEST` differs from its manifest
+    entry (an edited ``dchag_args.json`` that is still valid JSON was reported as a flag conflict,
+    whose advice cost another start before the checksum error). ``how()``: how to go on."""
+    table = manifest.read_manifest(folder)
+    if table is None:
+        return
+    for name in READ_BEFORE_THE_MANIFEST:
+        problems = manifest.check_files(folder, table, [name]) if name in table else []
+        if problems:
+            why = problems[0][len(name) + 1:]
+            raise CheckpointError(f"cannot load {folder}: {os.path.join(folder, name)} is damaged: {why}. {how()}")
 
 
 def check_compatible(args, universal: bool = False) -> str | None:
@@ -133,7 +149,9 @@ def check_compatible(args, universal: bool = False) -> str | None:
     tag = load_tag(args, universal)
     if tag is None:
         return None
-    saved = saved_args(os.path.join(args.load, tag), lambda: hint(args.load, iteration_of(tag)))
+    how = lambda: hint(args.load, iteration_of(tag))  # noqa: E731
+    check_small_files(os.path.join(args.load, tag), how)
+    saved = saved_args(os.path.join(args.load, tag), how)
     keys = [k for k in MODEL_ARGS if not (universal and k in LAYOUT_ARGS)]
     diffs = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
     if diffs:

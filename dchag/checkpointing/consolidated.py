@@ -2,7 +2,9 @@
 
 - ``model.safetensors``: every parameter whole, fp32, by its canonical name (the name in the
   serial, T = P = 1 model's ``named_parameters()``); safetensors, so no pickle is needed to read it.
-- ``config.json``: ``model`` (the DChagConfig fields: sizes, G, aggregation, tree levels, task),
+- ``config.json``: ``model`` (the DChagConfig fields: sizes, G, aggregation, tree levels, task;
+  for a blend of data sources ``sources``, per source its channels' ids in the union, and
+  ``source_names``),
   ``channel_names`` and ``wavelengths`` (when known), ``normalization`` (statistics training
   applied), ``iteration``, ``consumed_samples``, ``lr_scheduler``, ``training_args``,
   ``source`` (the layout it came from), ``parameters`` (each parameter's shard kind, for
@@ -34,9 +36,11 @@ _SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "f
 def config_to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)
     d.pop("extra", None)
-    for key in ("out_channels", "channel_names", "wavelengths"):
+    for key in ("out_channels", "channel_names", "wavelengths", "source_names"):
         if d.get(key) is not None:
             d[key] = list(d[key])
+    if d.get("sources") is not None:  # a blend: per source its union channel ids
+        d["sources"] = [list(ids) for ids in d["sources"]]
     return d
 
 
@@ -207,18 +211,26 @@ def _refuse(path: str, problems: list[str], manifested: bool) -> None:
                               "again from the training checkpoint (tools/convert_checkpoint.py --format consolidated).")
 
 
+def refuse_non_finite(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """For a caller that read the export's tensors itself (slices): refuse NaN or infinite values."""
+    _refuse(path, finite_problems(path, tensors), has_manifest(path))
+
+
 def warn_without_manifest(path: str) -> None:
     print(f"warning: {path} has no {manifest.MANIFEST}, so a changed byte in it cannot be detected (its dtypes, shapes "
           f"and values were checked). Exports written by tools/convert_checkpoint.py have one; check this one with: "
           f"{verify_command(path)}", file=sys.stderr, flush=True)
 
 
-def read(path: str, verify: bool = True, check_model: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+def read(path: str, verify: bool = True, check_model: bool = True, load: bool = True
+         ) -> tuple[dict[str, torch.Tensor] | None, dict]:
     """(tensors, config). Before reading a tensor: the manifest (a damaged file is refused by
     name; a missing one is a warning); the safetensors header against the parameter table of
     config.json, its dtypes against config.json's, and (``check_model``) its shapes against the
     model config.json describes; the memory the tensors and that model need. After: every value
-    finite. Whether or not a manifest vouches for the files, a tampered export is refused."""
+    finite. Whether or not a manifest vouches for the files, a tampered export is refused.
+    ``load=False``: the checks only, tensors None (a caller that reads slices of them checks their
+    values with :func:`refuse_non_finite`)."""
     from safetensors.torch import load_file
     if not is_consolidated(path):
         raise CheckpointError(f"{path} holds no {CONFIG} + {WEIGHTS}; export one with tools/convert_checkpoint.py "
@@ -234,7 +246,7 @@ def read(path: str, verify: bool = True, check_model: bool = True) -> tuple[dict
     if declared:
         sizes.compare(declared, held, f"the parameter table of {config_path}", f"the tensors of {weights}")
     _refuse(path, dtype_problems(path, config), manifested)
-    need = os.path.getsize(weights)
+    need = os.path.getsize(weights) if load else 0
     if check_model:
         if not isinstance(config.get("model"), dict):
             raise CheckpointError(f"{config_path} has no model description; export it again.")
@@ -246,6 +258,10 @@ def read(path: str, verify: bool = True, check_model: bool = True) -> tuple[dict
                       f"the tensors it declares ({weights})")
         need += sizes.nbytes(implied)
     sizes.check_memory(need, f"loading {path}")
+    if not load:
+        if verify and not manifested:
+            warn_without_manifest(path)
+        return None, config
     try:
         tensors = load_file(weights)
     except Exception as e:  # noqa: BLE001

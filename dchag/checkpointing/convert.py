@@ -24,9 +24,9 @@ import sys
 
 import torch
 
-from dchag.checkpointing import consolidated, manifest, normalization, pickles, reader, shards, sizes
+from dchag.checkpointing import consolidated, fingerprint, frozen, manifest, normalization, pickles, reader, shards, sizes
 from dchag.checkpointing.errors import CheckpointError
-from dchag.checkpointing.tags import read_latest, saved_iterations, tag_for
+from dchag.checkpointing.tags import is_universal, read_latest, saved_iterations, tag_for  # noqa: F401 - is_universal: re-exported
 from dchag.tasks import get_task
 
 
@@ -43,27 +43,14 @@ def config_of_run(ns: argparse.Namespace, norm: dict | None = None):
     return model_config(ns)
 
 
-def export_consolidated(load_dir: str, save_dir: str) -> dict:
-    """Merge a training checkpoint into OUT/model.safetensors + OUT/config.json; returns the config."""
-    from dchag.inference.runtime import build_serial_model
-    folder = reader.resolve_folder(load_dir)
-    if not reader.check_integrity(folder):
-        _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
-    consolidated.check_output(save_dir)  # refuse early, before the work
-    ns = reader.run_args(folder)
+def run_config(folder: str, state: dict | None = None) -> tuple[dict, object]:
+    """(the export's config.json without its parameter table, the DChagConfig) of the training
+    checkpoint ``folder``: read from its client state (``state``, when already read), its
+    arguments and normalization.json, no weights."""
+    state = reader.client_state(folder) if state is None else state
+    ns = reader.run_args(folder, state)
     norm = normalization.read(folder)
     cfg = config_of_run(ns, norm)
-    serial = dataclasses.replace(cfg, bf16=False, sequence_parallel=False, recompute_activations=False)
-    with torch.device("meta"):  # shapes only: the arguments may claim any size
-        specs = shards.param_specs(build_serial_model(serial))
-    # the merged fp32 tensors, and one model-parallel rank's shards while they are merged
-    sizes.check_memory(2 * sizes.nbytes({n: spec["shape"] for n, spec in specs.items()}),
-                       f"converting {folder} (a model of {sizes.config_summary(vars(ns))})")
-    tensors, state = reader.read_full_state_dict(folder, list(specs))
-    for name, spec in specs.items():
-        if list(tensors[name].shape) != spec["shape"]:
-            raise CheckpointError(f"{folder}: merged {name} has shape {list(tensors[name].shape)}, the model "
-                                  f"{spec['shape']}.")
     T, P = int(ns.tensor_model_parallel_size), int(ns.channel_parallel_size)
     config = {
         "model": consolidated.config_to_dict(cfg),
@@ -79,11 +66,33 @@ def export_consolidated(load_dir: str, save_dir: str) -> dict:
                    "data_parallel_size": int(state.get("dp_world_size", 1)),
                    "zero_stage": int(((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)),
                    "bf16": bool(cfg.bf16), "ds_version": state.get("ds_version")},
-        "parameters": specs,
-        "dtype": consolidated.DTYPE,
-        "versions": consolidated.versions(),
     }
+    return config, cfg
+
+
+def export_consolidated(load_dir: str, save_dir: str) -> dict:
+    """Merge a training checkpoint into OUT/model.safetensors + OUT/config.json; returns the config."""
+    from dchag.inference.runtime import build_serial_model
+    folder = reader.resolve_folder(load_dir)
+    if not reader.check_integrity(folder):
+        _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
+    consolidated.check_output(save_dir)  # refuse early, before the work
+    state = reader.client_state(folder)
+    config, cfg = run_config(folder, state)
+    serial = dataclasses.replace(cfg, bf16=False, sequence_parallel=False, recompute_activations=False)
+    with torch.device("meta"):  # shapes only: the arguments may claim any size
+        specs = shards.param_specs(build_serial_model(serial))
+    # the merged fp32 tensors, and one model-parallel rank's shards while they are merged
+    sizes.check_memory(2 * sizes.nbytes({n: spec["shape"] for n, spec in specs.items()}),
+                       f"converting {folder} (a model of {sizes.config_summary(config['training_args'])})")
+    tensors, _ = reader.read_full_state_dict(folder, list(specs))
+    for name, spec in specs.items():
+        if list(tensors[name].shape) != spec["shape"]:
+            raise CheckpointError(f"{folder}: merged {name} has shape {list(tensors[name].shape)}, the model "
+                                  f"{spec['shape']}.")
+    config.update(parameters=specs, dtype=consolidated.DTYPE, versions=consolidated.versions())
     consolidated.write(save_dir, tensors, config)
+    T, P = config["source"]["tensor_model_parallel_size"], config["source"]["channel_parallel_size"]
     _log(f"> wrote {save_dir}/{consolidated.WEIGHTS} ({len(tensors)} tensors, "
          f"{sum(t.numel() for t in tensors.values()):,} parameters) and {consolidated.CONFIG} "
          f"(iteration {config['iteration']}, from T={T}, P={P})")
@@ -186,9 +195,13 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CheckpointError(f"ds_to_universal failed on {folder}:\n{(proc.stdout + proc.stderr)[-3000:]}")
-        for name in ("dchag_args.json", normalization.FILE):
+        for name in ("dchag_args.json", normalization.FILE, fingerprint.FILE):
             if os.path.exists(os.path.join(folder, name)):
                 shutil.copy2(os.path.join(folder, name), os.path.join(tmp, tag, name))
+        kept = frozen.add_to_universal(folder, os.path.join(tmp, tag), _parameter_names(folder))
+        if kept:
+            _log(f"> {len(kept)} frozen parameter(s) written whole (ds_to_universal keeps only model-parallel rank "
+                 f"0's shard of what the optimizer does not hold), e.g. {', '.join(kept[:3])}")
         manifest.write_manifest(os.path.join(tmp, tag))
         with open(os.path.join(tmp, "latest_universal"), "w") as f:
             f.write(tag)
@@ -197,9 +210,12 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
     return os.path.join(save_dir, tag)
 
 
-def is_universal(load_dir: str | None) -> bool:
-    """A folder written by :func:`to_universal` (``latest_universal``, no ``latest``)."""
-    return bool(load_dir) and read_latest(load_dir) is None and read_latest(load_dir, "latest_universal") is not None
+def _parameter_names(folder: str) -> list[str]:
+    """Every parameter of the run that saved ``folder`` (its affine maps)."""
+    from deepspeed.checkpoint import constants as C
+    state = reader.client_state(folder)
+    maps = ((state.get("universal_checkpoint_info") or {}).get(C.AFFINE_MAP) or {}).get(C.AFFINE_MAP_PARAMS) or {}
+    return [reader.param_name(pattern) for pattern in maps]
 
 
 def verify(path: str) -> list[tuple[str, list[str]]]:

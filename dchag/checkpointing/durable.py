@@ -42,3 +42,19 @@ def write_text(path: str, text: str) -> str:
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
     return path
+
+
+def write_json(path: str, doc) -> str:
+    """``doc`` as indented JSON, written atomically (:func:`write_text`)."""
+    import json
+    return write_text(path, json.dumps(doc, indent=1) + "\n")
+
+
+def read_json(path: str):
+    """The JSON document at ``path``, or None when there is no such file (a damaged one raises
+    ``ValueError``)."""
+    import json
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -17,7 +17,6 @@ normalizes); :func:`gather` assembles all C over the channel-parallel group, onc
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -87,15 +86,11 @@ def gather(dataset) -> dict | None:
 
 
 def write(folder: str, doc: dict) -> str:
-    return durable.write_text(os.path.join(folder, FILE), json.dumps(doc, indent=1) + "\n")
+    return durable.write_json(os.path.join(folder, FILE), doc)
 
 
 def read(folder: str) -> dict | None:
-    path = os.path.join(folder, FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return durable.read_json(os.path.join(folder, FILE))
 
 
 def arrays(doc: dict | None) -> tuple[np.ndarray, np.ndarray] | None:

@@ -39,6 +39,12 @@ def is_universal_folder(folder: str) -> bool:
     return os.path.isdir(os.path.join(folder, "zero"))
 
 
+def is_universal(load_dir: str | None) -> bool:
+    """A run folder written by ``tools/convert_checkpoint.py --format universal``
+    (``latest_universal``, no ``latest``)."""
+    return bool(load_dir) and read_latest(load_dir) is None and read_latest(load_dir, "latest_universal") is not None
+
+
 def saved_iterations(directory: str | None, complete: bool = False) -> list[int]:
     """Iterations of the checkpoint folders under ``directory``; with ``complete``, only the
     complete ones (with a manifest)."""

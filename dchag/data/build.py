@@ -8,11 +8,15 @@ from .readers.base import Source
 
 
 def open_data_source(data_path, data_format: str = "auto", *, task: str, img_h: int, img_w: int,
-                     num_channels: int | None = None, seed: int = 0, source_opts: dict | None = None) -> Source:
+                     num_channels: int | None = None, seed: int = 0, source_opts: dict | None = None,
+                     channels_last: bool = False) -> Source:
     """The Source training reads (metadata only until read; numpy only, no torch: the pre-flight
     opens the data with it): synthetic data takes its C/H/W from num_channels/img_h/img_w and its
-    seed from ``seed`` unless the path or ``source_opts`` say otherwise."""
+    seed from ``seed`` unless the path or ``source_opts`` say otherwise. ``channels_last``
+    (--channels-last): plain arrays are stored [H, W, C] / [N, H, W, C]."""
     opts = dict(source_opts or {})
+    if channels_last:
+        opts["channels_last"] = True
     if data_format == "synthetic" or str(data_path).startswith("synthetic"):
         if num_channels is None:
             raise DataError("synthetic data needs --num-channels.")
@@ -28,7 +32,8 @@ def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: in
                    channels: range | None = None, num_channels: int | None = None, lead_time: int = 1,
                    valid_fraction: float = 0.1, stats_path: str | None = None, normalize: bool = True,
                    strict: bool = False, seed: int = 0, source_opts: dict | None = None,
-                   target_path: str | None = None, num_classes: int | None = None, ignore_index: int | None = 255
+                   target_path: str | None = None, num_classes: int | None = None, ignore_index: int | None = 255,
+                   lat_weighting: str = "area", channels_last: bool = False
                    ) -> tuple[TileDataset, TileDataset]:  # noqa: F821 - imported inside (torch)
     """(train, valid) datasets of this rank's ``channels`` over one shared source.
 
@@ -39,12 +44,14 @@ def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: in
       on the fly for the channels this rank needs (its own; all target channels for forecast).
     - regress/segment: the targets at ``target_path`` (dchag/data/targets.py), fitted on the
       training tiles, shared by both splits.
+    - forecast: ``lat_weighting`` (--lat-weighting, "area" or "cos") weighs the rows of a grid
+      with latitudes (``dchag.data.dataset.latitude_axis_weights``).
     """
     from .dataset import TileDataset  # torch: the pre-flight opens the data with open_data_source alone
     from .stats import resolve_stats
     from .targets import KINDS as TARGET_KINDS, attach_targets
     source = open_data_source(data_path, data_format, task=task, img_h=img_h, img_w=img_w, num_channels=num_channels,
-                              seed=seed, source_opts=source_opts)
+                              seed=seed, source_opts=source_opts, channels_last=channels_last)
     C = source.num_channels
     channels = range(C) if channels is None else channels
     stats = None
@@ -52,7 +59,7 @@ def build_datasets(data_path, data_format: str = "auto", *, task: str, img_h: in
         need = range(C) if task == "forecast" else channels
         stats = resolve_stats(source, need, data_path=str(data_path), stats_path=stats_path)
     common = dict(task=task, img_h=img_h, img_w=img_w, channels=channels, stats=stats,
-                  valid_fraction=valid_fraction, lead_time=lead_time, strict=strict)
+                  valid_fraction=valid_fraction, lead_time=lead_time, strict=strict, lat_weighting=lat_weighting)
     train, valid = TileDataset(source, split="train", **common), TileDataset(source, split="valid", **common)
     if task in TARGET_KINDS:
         attach_targets(train, valid, target_path, kind=task, num_classes=num_classes, ignore_index=ignore_index)

@@ -11,7 +11,8 @@
               endmember abundances (regress, K = its endmember count) or their argmax (segment).
 
 A target tile is read at the input tile's image, rows and columns, so it shares the input's
-tiles and train/held-out split. Regression targets are normalized per target with the mean and
+tiles and train/held-out split; the padding of a tile past the image's edge is invalid
+(``target_valid`` False), as in the input. Regression targets are normalized per target with the mean and
 standard deviation of the *training* tiles' valid values (``fit``); the statistics travel with
 every checkpoint and the export (``describe``), as the channels' do. Dataset items gain
 
@@ -24,12 +25,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 
 from .errors import DataError
 from .readers import open_source
 from .readers.base import Source, require_file
 from .stats import ChannelStats
+from .tiles import pad_to_tile
 
 SYNTHETIC = "synthetic"
 KINDS = ("regress", "segment")  # the tasks whose samples carry per-pixel targets
@@ -101,9 +102,14 @@ class TargetMaps:
             return self.source.read(0, range(image, image + 1), rows, cols)
         return self.source.read(image, range(self.num_planes), rows, cols)
 
+    def read_tile(self, tile) -> np.ndarray:
+        """float32 [K, h, w] of a tile (``dchag.data.tiles.Tile``): NaN (invalid) on its padding."""
+        h, w = tile.rows.stop - tile.rows.start, tile.cols.stop - tile.cols.start
+        return pad_to_tile(self.read(tile.image, tile.read_rows, tile.read_cols), h, w)
+
     def _training_blocks(self, tiles):
         for tile in tiles:
-            yield self.read(tile.image, tile.rows, tile.cols).astype(np.float64)
+            yield self.read(tile.image, tile.read_rows, tile.read_cols).astype(np.float64)
 
 
 class RegressionTargets(TargetMaps):
@@ -142,12 +148,13 @@ class RegressionTargets(TargetMaps):
         std = np.sqrt(m2 / count)
         self.stats = ChannelStats(mean, std, count, self.names)
 
-    def item(self, image: int, rows: slice, cols: slice) -> dict:
-        y = self.read(image, rows, cols)  # float32 [K, h, w]
+    def item(self, tile) -> dict:
+        y = self.read_tile(tile)  # float32 [K, h, w], NaN on padding
         valid = np.isfinite(y)
         y = (y - self.stats.safe_mean.astype(np.float32)[:, None, None]) / self.stats.safe_std.astype(
             np.float32)[:, None, None]
         y[~valid] = 0.0
+        import torch  # here, not at the top: the pre-flight opens the targets without torch
         return {"target": torch.from_numpy(y), "target_valid": torch.from_numpy(valid)}
 
     def describe(self) -> dict:
@@ -192,7 +199,7 @@ class ClassTargets(TargetMaps):
         counts = np.zeros(K, np.int64)
         train = {(t.image, t.rows.start, t.cols.start) for t in train_tiles}
         for tile in list(train_tiles) + [t for t in all_tiles if (t.image, t.rows.start, t.cols.start) not in train]:
-            y = self.read(tile.image, tile.rows, tile.cols)[0]
+            y = self.read(tile.image, tile.read_rows, tile.read_cols)[0]
             cls, valid = self.classes(y)
             bad = valid & ((y != np.round(y)) | (y < 0) | (y >= K))
             if bad.any():
@@ -210,8 +217,9 @@ class ClassTargets(TargetMaps):
                             f"--ignore-index {self.ignore_index}); nothing to learn from.")
         self.class_counts = counts
 
-    def item(self, image: int, rows: slice, cols: slice) -> dict:
-        cls, valid = self.classes(self.read(image, rows, cols)[0])
+    def item(self, tile) -> dict:
+        cls, valid = self.classes(self.read_tile(tile)[0])
+        import torch
         return {"target": torch.from_numpy(cls), "target_valid": torch.from_numpy(valid)}
 
     def describe(self) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dchag.parallel.comm import reduce_from_channel_parallel_region
-from dchag.tasks.base import Task, pictured_methods, valid_images
+from dchag.tasks.base import Task, baseline_keys, pictured_methods, valid_images
 
 
 def _permutation(seed: int, sample: int, iteration: int, num_patches: int) -> torch.Tensor:
@@ -80,7 +80,8 @@ def reconstruction_planes(model, batch: dict, cfg, channels: range, picked: list
 
     Every rank of the model runs the forward (TP collectives need all of them); each rank holds
     only its channels [c_r], so the planes are summed over the channel group (a rank contributes
-    the planes it owns, zeros elsewhere). The mask is the one evaluation uses (iteration 0)."""
+    the planes it owns, zeros elsewhere). The mask is the one evaluation uses (iteration 0). Invalid
+    pixels (no-data, the padding of a tile past the image's edge) are NaN in both planes."""
     valid = batch["valid"][sample:sample + 1]
     images = batch["images"][sample:sample + 1]
     images = torch.where(valid, images, torch.zeros_like(images))  # [1, c_r, H, W]
@@ -89,11 +90,13 @@ def reconstruction_planes(model, batch: dict, cfg, channels: range, picked: list
     pred = model(images, patch_mask=mask).float()  # [1, c_r, H, W]
     hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim)[0, 0]  # [H, W]
     pred = torch.where(hidden, pred, images.float())
+    nan = torch.tensor(float("nan"), device=images.device)
     planes = images.new_zeros(2, len(picked), cfg.img_h, cfg.img_w, dtype=torch.float32)
     for k, c in enumerate(picked):
-        if c in channels:
-            planes[0, k] = images[0, c - channels.start].float()
-            planes[1, k] = pred[0, c - channels.start]
+        if c in channels:  # invalid pixels (no-data, a tile's padding past the image's edge) are NaN: grey
+            ok = valid[0, c - channels.start]
+            planes[0, k] = torch.where(ok, images[0, c - channels.start].float(), nan)
+            planes[1, k] = torch.where(ok, pred[0, c - channels.start], nan)
     return reduce_from_channel_parallel_region(planes).cpu(), mask[0].cpu()
 
 
@@ -164,28 +167,23 @@ class MAETask(Task):
         loss = sums[0] / sums[1].clamp_min(1.0)
         return loss if iteration >= 0 else (loss, {"loss_sums": sums})
 
-    @torch.no_grad()
-    def baselines(self, loader, cfg, args) -> dict:
-        """- ``channel mean``: predict every hidden pixel as its channel's mean over the data (0
-        after normalization): the loss of knowing nothing about the tile;
+    def baseline_stats(self, batch, args, cfg, heldout) -> dict:
+        """- ``channel mean``: predict every hidden pixel as its channel's mean over the training
+        data (0 after normalization): the loss of knowing nothing about the tile;
         - ``visible-pixel mean``: predict a hidden pixel as the mean of its channel's visible,
         valid pixels in the same tile: a local mean spectrum, what a model gets for free from the input.
-        Scored with the training loss's sums on exactly the batches and masks evaluation uses,
-        pooled the same way: sum of squared errors over the number of terms, over every scored
-        sample (padding carries no weight)."""
-        totals = {}
-        for batch in loader:
-            valid = batch["valid"]
-            images = torch.where(valid, batch["images"], torch.zeros_like(batch["images"]))
-            mask = patch_mask(batch["index"], cfg.num_patches, args.mask_ratio, args.seed, 0)  # evaluation's masks
-            hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim).expand_as(images)
-            preds = {"channel mean": torch.zeros_like(images),
-                     "visible-pixel mean": _visible_mean(images, valid, hidden)}
-            for name, pred in preds.items():
-                totals[name] = totals.get(name, 0) + error_sums(pred, images, valid, mask, cfg.grid,
-                                                                cfg.patch_dim).double()
-        return {name: {"val_loss": float(total[0] / total[1]) if total[1] > 0 else float("nan"), "metrics": {}}
-                for name, total in totals.items()}
+        Scored with the training loss's sums on exactly the pixels and masks evaluation uses (the
+        masks of iteration 0), summed over the channel group like the model's."""
+        valid = batch["valid"]
+        images = valid_images(batch)
+        mask = patch_mask(batch["index"].cpu(), cfg.num_patches, args.mask_ratio, args.seed, 0).to(images.device)
+        hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim).expand_as(images)
+        preds = {"channel mean": torch.zeros_like(images), "visible-pixel mean": _visible_mean(images, valid, hidden)}
+        out = {}
+        for name, pred in preds.items():
+            out.update(baseline_keys(name, {"loss_sums": error_sums(pred, images, valid, mask, cfg.grid,
+                                                                    cfg.patch_dim)}))
+        return out
 
     def picture(self, model, valid_factory, args, cfg, iteration: int, out_dir: str | None) -> str | None:
         """A PNG of up to 8 held-out tiles (input | masked input | reconstruction)."""
@@ -240,5 +238,5 @@ class MAETask(Task):
         return input_rgb(y)  # the input's channels, colours and stretch
 
     def predict_tiles(self, model, x, index, options: dict):
-        return model.reconstruct(x, mask_ratio=options.get("mask_ratio"), seed=options.get("seed", 0),
-                                 sample_index=index, complementary=options.get("complementary", False))
+        return model.reconstruct_tiles(x, mask_ratio=options.get("mask_ratio"), seed=options.get("seed", 0),
+                                       sample_index=index, complementary=options.get("complementary", False))

@@ -24,6 +24,7 @@ from dchag.training.lr import LRScheduler, ScheduleError
 from dchag.training.nonfinite import NonFiniteError, Streak, is_nonfinite
 from dchag.training.signals import ExitRequest, progress
 from dchag import transfer
+from dchag.tasks.base import baseline_losses
 from dchag.transfer.errors import FinetuneError
 
 USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, CheckpointError, ScheduleError, DeviceError,
@@ -162,8 +163,10 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
 
     with startup.phase(f"opening {args.data_path} and its statistics"):
         train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
+    bands = _bands_without_values(getattr(train_loader, "dataset", None), args)
     if hasattr(train_loader, "dataset") and hasattr(valid_factory, "dataset"):
-        history_summary = startup.summary(args, cfg, ds_config, engine, train_loader.dataset, valid_factory.dataset)
+        history_summary = startup.summary(args, cfg, ds_config, engine, train_loader.dataset, valid_factory.dataset,
+                                          notes=bands + found.notes)
     else:
         history_summary = []
     train_iter = iter(train_loader)
@@ -171,10 +174,10 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     # The statistics the data is normalized with, saved with every checkpoint.
     norm = normalization.gather(getattr(train_loader, "dataset", None)) if args.save else None
     writer = tensorboard_writer(args.tensorboard_dir) if dist.get_rank() == 0 else None
-    history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}, "summary": history_summary}
+    history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "val_baselines": {}, "grad_norms": {},
+               "summary": history_summary}
     dp_group = ps.get_data_parallel_group()
     device = comm_device()  # the engine's device: batches and loss sums go there
-    _refuse_data_without_values(getattr(train_loader, "dataset", None), args)
     skipped = nans = interval_empty = 0  # per log interval (Megatron)
     streak = Streak(args.max_consecutive_nan_iters, f"{args.load}/{load_tag}" if load_tag else None)
     history["lrs"], history["skipped"] = {}, []
@@ -192,13 +195,13 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         if loss_weight_func is not None and empty < samples:
             _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, num_micro * dp, device)
         for batch in batches if empty < samples else ():  # an all-empty batch: no update at all
-            interval_invalid += (~batch["valid"]).sum()
+            interval_invalid += invalid_values(batch)
             loss = forward_step(engine, batch, args, cfg, iteration)
             engine.backward(loss)
             engine.step()
             total += loss.detach().double()
         if empty == samples:
-            interval_invalid += sum((~b["valid"]).sum() for b in batches)
+            interval_invalid += sum(invalid_values(b) for b in batches)
         dist.all_reduce(total, group=dp_group)
         loss_value = total.item() / (num_micro * dp) if empty < samples else float("nan")
         iteration += 1
@@ -247,25 +250,30 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         if args.eval_interval and iteration % args.eval_interval == 0:
             val, sums = evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp)
             metrics = eval_metrics_func(sums, args, valid_factory) if eval_metrics_func and sums else {}
+            baselines = baseline_losses(sums)
             history["val_losses"][iteration] = val
             history["val_metrics"][iteration] = metrics
+            history["val_baselines"][iteration] = baselines
             _print0(f"validation loss at iteration {iteration} | val loss: {val:.6E} |"
-                    + "".join(f" {name}: {v:.4g} |" for name, v in metrics.items()), args.log_file)
+                    + "".join(f" {name}: {v:.4g} |" for name, v in metrics.items())
+                    + _scored_part(sums, valid_factory) + _baselines_part(val, baselines), args.log_file)
             if writer is not None:
                 writer.add_scalar("val/loss", val, iteration)
                 for name, v in metrics.items():
                     writer.add_scalar(f"val/{name}", v, iteration)
+                for name, v in baselines.items():
+                    writer.add_scalar(f"baseline/{name}", v, iteration)
                 writer.flush()
         saved = False
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            saved = _save(engine, args, iteration, consumed, scheduler, norm, streak)
+            saved = _save(engine, args, iteration, consumed, scheduler, norm, streak, found.fingerprint)
         progress["iteration"] = iteration
         reason = built["exit_request"].check()  # every rank agrees (one tiny all-reduce)
         if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
             reason = f"--exit-interval {args.exit_interval}"
         if reason is not None:
             if args.save and not saved:
-                saved = _save(engine, args, iteration, consumed, scheduler, norm, streak)
+                saved = _save(engine, args, iteration, consumed, scheduler, norm, streak, found.fingerprint)
             where = (f"checkpoint {args.save}/{tags.tag_for(iteration)}" if saved else streak.not_saved(iteration)
                      if args.save else "no --save: nothing saved")
             _print0(f"> exiting at iteration {iteration} of {args.train_iters}: {reason}; {where}", args.log_file)
@@ -273,7 +281,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             break
     else:
         if args.save and iteration > start_iteration and not (args.save_interval and iteration % args.save_interval == 0):
-            _save(engine, args, iteration, consumed, scheduler, norm, streak)
+            _save(engine, args, iteration, consumed, scheduler, norm, streak, found.fingerprint)
     if non_loss_data_func is not None and "exit_reason" not in history:  # pictures etc. of the trained model, on every rank
         engine.eval()
         non_loss_data_func(engine, valid_factory, args, cfg, iteration, writer)
@@ -284,32 +292,42 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     return history
 
 
-def _save(engine, args, iteration, consumed, scheduler, normalization, streak) -> bool:
+def _save(engine, args, iteration, consumed, scheduler, normalization, streak, data_fingerprint=None) -> bool:
     """Save, unless the iterations since the last update include a non-finite one; True if saved."""
     if streak.blocks_saving:
         _print0(f"> checkpoint at iteration {iteration} {streak.not_saved(iteration)}", args.log_file)
         return False
-    ckpt.save(engine, args, iteration, consumed, scheduler, normalization)
+    ckpt.save(engine, args, iteration, consumed, scheduler, normalization, data_fingerprint=data_fingerprint)
     progress["saved"] = f"{args.save}/{tags.tag_for(iteration)}"
     streak.saved(progress["saved"])
     _print0(f"> saved checkpoint {progress['saved']}", args.log_file)
     return True
 
 
-def _refuse_data_without_values(dataset, args) -> None:
-    """Data with no valid value at all (every value NaN, Inf or no-data) is refused before
-    training: every batch would be skipped. Judged by the statistics' valid-value counts, summed
-    over the channel-parallel ranks (each holds its own channels'); the same verdict on every rank."""
-    from megatron.core import parallel_state as ps
-    stats = getattr(dataset, "stats", None)
-    if stats is None:  # raw values: the streak limit catches it (empty batches count)
-        return
-    count = torch.tensor([int(stats.count.sum())], dtype=torch.int64, device=comm_device())
-    dist.all_reduce(count, group=ps.get_channel_parallel_group())
-    if count.item() == 0:
+def _bands_without_values(dataset, args) -> list[str]:
+    """Channels with no valid value (every value NaN, Inf or no-data), judged by the statistics'
+    valid-value counts over the channel-parallel ranks (each holds its own channels'); the same
+    verdict on every rank. Data without any valid value is refused before training (every batch
+    would be skipped); a few such channels are ignored, and the start-up summary says so (the
+    returned note)."""
+    from dchag.data.errors import DataError
+    dead = startup.bands_without_values(dataset)
+    if not dead:
+        return []
+    if len(dead) == dataset.source.num_channels:
         raise DataError(f"{args.data_path} has no valid value at all (every value is NaN, Inf or the no-data value), "
                         "so there is nothing to train on; check the file, --data-format and the no-data value of the "
                         "data.")
+    return [startup.bands_note(dead, dataset.source.num_channels)]
+
+
+def invalid_values(batch: dict) -> torch.Tensor:
+    """The micro-batch's invalid input values (zero-filled, masked): the padding of tiles past an
+    image's edge (``in_image`` False) is invalid too but no fault of the data, so not counted."""
+    invalid = ~batch["valid"]
+    if "in_image" in batch:
+        invalid = invalid & batch["in_image"][:, None]
+    return invalid.sum()
 
 
 def _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, count: int, device) -> None:
@@ -334,7 +352,10 @@ def evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> tu
     and data-parallel ranks (e.g. the sums behind an RMSE). With ``loss_sums`` ([2]: the loss's
     numerator and weight) the validation loss is pooled over every scored sample, sum / weight, so
     a padded or partial micro-batch weighs what its samples weigh; without, it is the mean of the
-    micro-batch losses. Leaves every RNG
+    micro-batch losses. ``samples_scored`` counts the held-out samples scored (each once; not the
+    padding of the last micro-batches). With ``valid_factory.baseline_stats(batch)`` (the task's
+    ``baseline_stats``, set by the datasets provider) the sums also hold every baseline's
+    ``baseline/<name>/<key>`` on the same batches. Leaves every RNG
     stream as it found it (the eval loader draws a seed from the global generator), so training
     is the same whatever --eval-interval is."""
     state = rng.rng_state()
@@ -348,15 +369,25 @@ def _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> t
     engine.eval()
     device = comm_device()
     total, n, sums = torch.zeros(1, dtype=torch.float64, device=device), 0, {}
+    scored, counted = torch.zeros((), dtype=torch.float64, device=device), False
+    baseline_stats = getattr(valid_factory, "baseline_stats", None)
     with torch.no_grad():
         for batch in valid_factory():
-            out = forward_step(engine, to_device(batch, device), args, cfg, -1)
+            if "scored" in batch:  # padding of the last micro-batches is not a sample
+                scored += batch["scored"].to(device).sum()
+                counted = True
+            batch = to_device(batch, device)
+            out = forward_step(engine, batch, args, cfg, -1)
             loss, stats = out if isinstance(out, tuple) else (out, {})
+            if baseline_stats is not None:  # the trivial predictors on the same pixels (no model)
+                stats = {**stats, **baseline_stats(batch)}
             total += loss.detach().double()
             for name, value in stats.items():
                 sums[name] = sums.get(name, 0) + value.detach().double()
             n += 1
     dist.all_reduce(total, group=dp_group)
+    if counted:  # every rank evaluates the same number of batches: the same keys everywhere
+        sums["samples_scored"] = scored
     for name in sorted(sums):  # every rank evaluates the same number of batches, so the same names
         dist.all_reduce(sums[name], group=dp_group)
     engine.train()
@@ -366,6 +397,29 @@ def _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> t
     else:
         val = total.item() / max(n * dp, 1)
     return val, {name: v.cpu() for name, v in sums.items()}
+
+
+def _scored_part(sums: dict, valid_factory) -> str:
+    """The validation line's ' scored: n of N held-out samples |' (N: the held-out split's size)."""
+    if "samples_scored" not in sums:
+        return ""
+    held_out = getattr(valid_factory, "dataset", None)
+    of = f" of {len(held_out)}" if held_out is not None else ""
+    return f" scored: {int(sums['samples_scored'])}{of} held-out samples |"
+
+
+def _baselines_part(val: float, baselines: dict) -> str:
+    """The validation line's baselines (' baseline <name>: <loss> |' each) and, when the model's loss
+    is not below the best of them, ' NOT BELOW baseline <name> |'."""
+    if not baselines:
+        return ""
+    out = "".join(f" baseline {name}: {v:.6E} |" for name, v in baselines.items())
+    finite = {name: v for name, v in baselines.items() if math.isfinite(v)}
+    if finite:
+        best = min(finite, key=finite.get)
+        if not val < finite[best]:
+            out += f" NOT BELOW baseline {best} |"
+    return out
 
 
 def _record_fp32_grad_norm(engine) -> None:

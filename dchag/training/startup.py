@@ -55,9 +55,37 @@ def strict_scan(*datasets) -> None:
     agree(lambda: scan(datasets, progress), DataError)
 
 
+def bands_without_values(dataset) -> list[tuple[int, str]]:
+    """Collective over the channel-parallel group: (channel, name) of every channel whose
+    statistics count no valid value (every value NaN, Inf or the format's no-data value). Empty
+    for a dataset without statistics (raw values: nothing counted)."""
+    from megatron.core import parallel_state as ps
+    stats = getattr(dataset, "stats", None)
+    mine = [] if stats is None else [(c, str(dataset.source.channel_names[c]))
+                                     for c, n in zip(stats.channels, stats.count) if int(n) == 0]
+    if dist.is_initialized() and ps.model_parallel_is_initialized():
+        group = ps.get_channel_parallel_group()
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, mine, group=group)
+        mine = sorted({band for part in every for band in part})
+    return mine
+
+
+def bands_note(dead: list[tuple[int, str]], num_channels: int) -> str:
+    """The start-up line on channels without any valid value: named, ignored, and how to drop them."""
+    named = ", ".join(f"{c} ({name})" for c, name in dead[:8]) + (f" and {len(dead) - 8} more" if len(dead) > 8 else "")
+    keep = num_channels - len(dead)
+    one = len(dead) == 1
+    return (f"{'channel' if one else 'channels'} {named} of the {num_channels} {'has' if one else 'have'} no valid "
+            f"value (every value is NaN, Inf or the no-data value). {'It is' if one else 'They are'} ignored: "
+            "zero-filled in the input, left out of the loss and the metrics, and counted as invalid input values in "
+            f"the log line. To leave {'it' if one else 'them'} out of the model, keep the other {keep} channels of "
+            f"the data and set --num-channels {keep}.")
+
+
 def _parameters(module) -> tuple[int, int]:
     """(this rank's parameter count, the whole model's): a tensor-parallel shard is 1/T of its
-    parameter, a channel shard holds ``rows`` of ``global_rows``; ZeRO 3 keeps the full size in ds_numel."""
+    parameter, a channel shard holds ``channel_ids`` of ``global_rows``; ZeRO 3 keeps the full size in ds_numel."""
     from megatron.core import parallel_state as ps
     from dchag.parallel.state_dict import shard_kind
     T = ps.get_tensor_model_parallel_world_size()
@@ -69,15 +97,15 @@ def _parameters(module) -> tuple[int, int]:
         if kind == "tensor":
             total += n * T
         elif kind == "channel":
-            a, b = p.channel_rows
-            total += n // max(b - a, 1) * int(p.channel_global_rows)
+            total += n // max(len(p.channel_ids), 1) * int(p.channel_global_rows)
         else:
             total += n
     return local, total
 
 
 def _scored(args, num_valid: int) -> str:
-    """How many held-out samples --eval-iters global batches score (each once)."""
+    """How many held-out samples an evaluation scores (each once): all (--eval-iters not given), or
+    those of --eval-iters global batches."""
     from dchag.data.sampler import eval_scored
     n = eval_scored(num_valid, args.global_batch_size, 1, args.eval_iters)
     return f"all {n}" if n == num_valid else f"the first {n} (--eval-iters {args.eval_iters})"
@@ -88,8 +116,9 @@ def _span(names) -> str:
     return ", ".join(names) if len(names) <= 4 else f"{names[0]}, {names[1]} ... {names[-1]}"
 
 
-def summary(args, cfg, ds_config, engine, train_ds, valid_ds) -> list[str]:
-    """The start-up summary (rank 0 prints it; every rank returns it)."""
+def summary(args, cfg, ds_config, engine, train_ds, valid_ds, notes=()) -> list[str]:
+    """The start-up summary (rank 0 prints it; every rank returns it), ending with ``notes`` (what
+    the pre-flight found worth saying once: how a plain array was read, a changed data set)."""
     from megatron.core import parallel_state as ps
     src = train_ds.source
     N, C, H, W = src.shape
@@ -131,6 +160,7 @@ def summary(args, cfg, ds_config, engine, train_ds, valid_ds) -> list[str]:
                  f"{args.lr:g} -> {args.min_lr:g}, warmup {args.lr_warmup_iters}, decay over {decay} iterations"
                  + (f"; partial aggregation at {args.dchag_partial_lr_mult:g} x the LR"
                     if args.dchag_partial_lr_mult != 1 and cfg.aggregation != "flat" else ""))
+    lines += [f"note: {note}" for note in notes]
     for line in lines:
         say(f"> {line}")
     return lines

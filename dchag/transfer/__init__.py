@@ -47,10 +47,11 @@ def resolve_groups(args, pretrained: Pretrained) -> None:
     _resolve_groups(args, pretrained.cfg)
 
 
-def plan_for(model, pretrained: Pretrained) -> TransferPlan:
-    """The transfer plan for ``model`` (any layout; refuses a checkpoint that shares nothing)."""
+def plan_for(model, pretrained: Pretrained, prefer: str | None = None) -> TransferPlan:
+    """The transfer plan for ``model`` (any layout; refuses a checkpoint that shares nothing);
+    ``prefer``: --match-channels."""
     return plan_transfer(pretrained.cfg, pretrained.shapes, model.cfg, full_shapes(model),
-                         set(model.task_parameter_names()))
+                         set(model.task_parameter_names()), prefer)
 
 
 def apply(model, pretrained: Pretrained, args, load_weights: bool = True, log=print) -> TransferPlan:
@@ -58,7 +59,7 @@ def apply(model, pretrained: Pretrained, args, load_weights: bool = True, log=pr
     weights (``load_weights``; a resume from --load takes its own), the marks behind
     --new-params-lr-mult and the --freeze-encoder probe, which a resume needs too (the same
     optimizer groups). ``log`` prints on rank 0."""
-    plan = plan_for(model, pretrained)
+    plan = plan_for(model, pretrained, getattr(args, "match_channels", None))
     frozen = freeze_encoder(model) if getattr(args, "freeze_encoder", False) else None
     mark_new_parameters(model, plan)
     if load_weights:

@@ -12,10 +12,14 @@ new task gets a new head; the wavelength embedding is a fixed buffer, no weight)
 
 The groups (:func:`resolve_groups`) are formed by count over the new channels, in the data's
 order (the same contiguous near-equal split as pretraining, ``ChannelPartition``):
-``--dchag-groups`` when given; else the pretrained G; else, when the new data has fewer channels
-than that, the largest multiple of P not above C'. Per-group weights then follow the group
-whose centre is nearest (dchag/transfer/channels.py), and the final aggregation has no
-per-group weight, so any G works.
+``--dchag-groups`` when given; else, when the new channels are a subset of the pretrained ones
+(every one copied by name or wavelength, none twice), the multiple of P that keeps the most
+pretrained groups whole (the same channels in the same order: such a group's token is the
+pretrained one, so a subset made of whole groups starts as the pretrained computation on them);
+else the pretrained G; else, when the new data has fewer channels than that, the largest multiple
+of P not above C'. Per-group weights then follow the group kept whole or the one whose centre is
+nearest (dchag/transfer/channels.py), and the final aggregation has no per-group weight, so any G
+works.
 """
 
 from __future__ import annotations
@@ -79,11 +83,33 @@ def take_architecture(args, pretrained: DChagConfig, where: str) -> None:
             setattr(args, dest, getattr(pretrained, attr))
 
 
+def data_channels(args):
+    """This run's channels as the matching sees them (count, names, wavelengths)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(num_channels=args.num_channels, channel_names=getattr(args, "channel_names", None),
+                           wavelengths=getattr(args, "wavelengths", None))
+
+
+def group_rule(pretrained: DChagConfig, matches: list, channel_parallel_size: int) -> tuple[int, str]:
+    """(G, why) for the new channels, each matched as ``matches`` say (module docstring)."""
+    from dchag.transfer.channels import subset_groups
+    C, G, P = len(matches), pretrained.groups, channel_parallel_size
+    subset = subset_groups(pretrained, matches, P)
+    if subset is not None:
+        return subset[0], (f"the {C} channels are a subset of the pretrained ones: G = {subset[0]} keeps "
+                           f"{subset[1]} pretrained group(s) whole")
+    if C >= G:
+        return G, "the pretrained G"
+    return max(P, C // P * P), (f"fewer channels than the pretrained G: the largest multiple of "
+                                f"--channel-parallel-size {P} not above {C}")
+
+
 def resolve_groups(args, pretrained: DChagConfig) -> None:
-    """Set ``args.dchag_groups`` for the new channels when the command line does not give it
-    (module docstring)."""
+    """Match this run's channels to the pretrained ones (its refusals, before any process group), and
+    set ``args.dchag_groups`` when the command line does not give it (module docstring)."""
+    from dchag.transfer.channels import match_channels
+    matches = match_channels(pretrained, data_channels(args), getattr(args, "match_channels", None))
     given = getattr(args, "given", None)
     if pretrained.aggregation == "flat" or given is None or "dchag_groups" in given:
         return
-    C, G, P = args.num_channels, pretrained.groups, args.channel_parallel_size
-    args.dchag_groups = G if C >= G else max(P, C // P * P)
+    args.dchag_groups = group_rule(pretrained, matches, args.channel_parallel_size)[0]

@@ -20,8 +20,8 @@ def copy_into(model, plan: TransferPlan, tensors: dict[str, torch.Tensor]) -> No
             continue
         old = tensors[p.source]
         if p.rows is not None:
-            start, stop = getattr(param, "channel_rows", (0, param.shape[0]))
-            for local, sources in enumerate(p.rows[start:stop]):
+            rows = getattr(param, "channel_ids", range(param.shape[0]))  # a blend: the rank's home ids
+            for local, sources in enumerate(p.rows[u] for u in rows):
                 if sources:  # in float64: a copied row (weight 1) stays bit-exact
                     row = sum(w * old[i].double() for i, w in sources)
                     param[local].copy_(row.to(param.dtype))
