@@ -41,8 +41,9 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
                                         num_classes=args.num_classes, ignore_index=args.ignore_index,
                                         lat_weighting=args.lat_weighting,
                                         channels_last=args.channels_last,
-                                        # --allow-data-change on changed data: the checkpoint's statistics
-                                        stats_path=getattr(args, "saved_statistics", None))
+                                        # a resume or fine-tune: the statistics its checkpoint or export saved
+                                        saved_normalization=getattr(args, "saved_normalization", None),
+                                        saved_from=getattr(args, "saved_normalization_from", "the checkpoint"))
     if args.data_strict:  # refuse bad data before training, not when the bad tile is first drawn
         from dchag.training.startup import strict_scan
         strict_scan(train_ds, valid_ds)

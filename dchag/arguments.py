@@ -9,7 +9,8 @@ from dchag.model.config import TASKS, DChagConfig, default_channel_chunk
 # Arguments that define the model and layout: a checkpoint refuses to load if these differ.
 MODEL_ARGS = ("task", "num_channels", "img_h", "img_w", "patch_dim", "num_layers", "hidden_size",
               "num_attention_heads", "ffn_hidden_size", "dchag_aggregation", "dchag_groups", "dchag_tree_levels",
-              "tensor_model_parallel_size", "channel_parallel_size", "bf16", "channel_embedding", "num_outputs")
+              "tensor_model_parallel_size", "channel_parallel_size", "bf16", "channel_embedding", "num_outputs",
+              "lora_rank", "lora_alpha", "lora_targets")
 
 
 def integer(text: str) -> int:
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-channels", type=integer, default=None)
     g.add_argument("--img-h", type=integer, required=True)
     g.add_argument("--img-w", type=integer, required=True)
-    g.add_argument("--patch-dim", type=integer, required=True)
+    g.add_argument("--patch-dim", type=integer, required=True)  # except with --finetune (parse_args)
     g.add_argument("--valid-fraction", type=float, default=0.1)
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--data-strict", action="store_true")
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-encoder", action="store_true")
     g.add_argument("--new-params-lr-mult", type=float, default=1.0)
     g.add_argument("--match-channels", choices=("name", "wavelength"), default=None)
+    g.add_argument("--lora-rank", type=int, default=0)
+    g.add_argument("--lora-alpha", type=float, default=None)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", default=None)
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
@@ -151,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse; batch size, --bf16 and --clip-grad stay None when not given (resolved against the
     DeepSpeed JSON by ``dchag.training.ds_config.build_ds_config``)."""
-    args = build_parser().parse_args(argv)
+    import sys
+    parser = build_parser()
+    if "--finetune" in (sys.argv[1:] if argv is None else argv):  # the pretrained model's patch size stands in
+        next(a for a in parser._actions if a.dest == "patch_dim").required = False
+    args = parser.parse_args(argv)
     if args.finetune:  # flags not given take the pretrained model's values (dchag.transfer.prepare)
         args.given = given_on_command_line(argv)
     return args
@@ -182,4 +191,15 @@ def model_config(args, num_channels: int | None = None) -> DChagConfig:
         channel_names=getattr(args, "channel_names", None), wavelengths=getattr(args, "wavelengths", None),
         channel_embedding=getattr(args, "channel_embedding", "learned"),
         # a blend of data sources: per source its union channel ids (dchag/parallel/sources.py), set from the data
-        sources=getattr(args, "sources", None), source_names=getattr(args, "source_names", None))
+        sources=getattr(args, "sources", None), source_names=getattr(args, "source_names", None),
+        # getattr: checkpoints saved before LoRA existed
+        lora_rank=getattr(args, "lora_rank", 0) or 0, lora_alpha=getattr(args, "lora_alpha", None),
+        lora_dropout=getattr(args, "lora_dropout", 0.0) or 0.0, lora_targets=lora_targets(args))
+
+
+def lora_targets(args) -> tuple[str, ...] | None:
+    """--lora-targets as a tuple (None: the default set)."""
+    value = getattr(args, "lora_targets", None)
+    if value is None or isinstance(value, (tuple, list)):
+        return None if value is None else tuple(value)
+    return tuple(t.strip() for t in str(value).split(",") if t.strip())

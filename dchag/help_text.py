@@ -27,7 +27,8 @@ HELP = {
                "(where the tile does not divide the image, the last row/column of tiles is padded with invalid "
                "pixels, reported at start-up)",
     "--img-w": "tile width in pixels",
-    "--patch-dim": "ViT patch size p (p divides --img-h and --img-w)",
+    "--patch-dim": "ViT patch size p (p divides --img-h and --img-w); required, except with --finetune, where it is "
+                   "the pretrained model's",
     "--valid-fraction": "fraction of the tiles (mae) or time steps (forecast) held out for validation: the last "
                         "ones, no shuffling",
     "--channels-last": "plain arrays (.npy, HDF5/Zarr arrays) are stored channels-last, [H, W, C] or [N, H, W, C]; "
@@ -111,6 +112,17 @@ HELP = {
                         "at 865 nm against 'B05' at 705 nm: name (the name match is taken) or wavelength (the name is "
                         "ignored for that channel: matched, interpolated or new by its wavelength). Not given: such a "
                         "contradiction is refused at start-up, naming both channels",
+    "--lora-rank": "with --finetune: R > 0 adds LoRA adapters (y = W x + alpha/R B A x, B zero at the start) to "
+                   "megatron-core's tensor-parallel linears named by --lora-targets, split like them over "
+                   "--tensor-model-parallel-size; the pretrained weights they adapt are frozen. What trains: the "
+                   "adapters, the task head and conditioning, and every tensor the fine-tune made new or "
+                   "interpolated (whole tensors; the start-up table lists them with the trainable share). The "
+                   "export merges the adapters into the weights (README, 'LoRA')",
+    "--lora-alpha": "LoRA's alpha: the adapters' output is scaled by alpha / --lora-rank (default: the rank, scale 1)",
+    "--lora-dropout": "dropout on the adapters' input (a function of seed, sample, iteration and position: the same "
+                      "masks on every layout)",
+    "--lora-targets": "comma list of the linears to adapt: qkv, proj (attention), fc1, fc2 (MLP) of every backbone "
+                      "layer, and final.kv, final.proj (the final aggregation); default qkv,proj,fc1,fc2",
     # checkpointing and logging
     "--save": "folder for checkpoints (DIR/iter_NNNNNNN, DIR/latest); never overwrites a complete checkpoint "
               "beyond the starting iteration",

@@ -117,7 +117,7 @@ def test_allow_data_change_goes_on_with_the_saved_statistics(runs):
     allowed = ranks[0]["allowed"]
     assert sorted(allowed["losses"]) == [3, 4], allowed["losses"]
     out = allowed["out"]
-    assert f"> statistics: file {tmp}/run/iter_0000002/normalization.json" in out, out[-3000:]
+    assert f"> statistics: saved with checkpoint {tmp}/run/iter_0000002" in out, out[-3000:]
     assert f"> note: the data differs from the data {tmp}/run/iter_0000002 was trained on (images 4 -> 8;" in out
     assert "--allow-data-change: training goes on with this data, normalized with the checkpoint's statistics" in out
     with open(os.path.join(tmp, "run", "iter_0000004", "data_fingerprint.json")) as f:

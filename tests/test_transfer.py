@@ -1,9 +1,11 @@
 """Fine-tuning a pretrained model onto another channel set, tile size and task (dchag/transfer).
 
 Pure functions, in the pytest process: channel matching (name, then wavelength, interpolation,
-generated names, an unknown channel), the group rule (fewer channels than G), the per-row plan,
-the architecture defaults and conflicts, the position-embedding interpolation against a bicubic
-written out in numpy, the wavelength embedding against numpy.
+generated names, an unknown channel), its refusals (a name contradicting its wavelength, wavelengths in
+micrometres or angstrom), the group rule (fewer channels than G; a subset keeps whole groups), the
+per-row plan, the start-up table, the architecture defaults and conflicts, the position-embedding
+interpolation against a bicubic written out in numpy, the wavelength embedding against numpy. One
+1-rank model check: a subset of whole groups starts as the pretrained computation.
 
 One job on 2 gloo ranks through the real entry point (pretrain_dchag.py's providers):
 
@@ -12,11 +14,15 @@ One job on 2 gloo ranks through the real entry point (pretrain_dchag.py's provid
 * fine-tune onto 3 bands (400, 650, 900 nm: one interpolated), 12 x 12 tiles, the forecast task:
   a frozen encoder (--freeze-encoder) through 3 iterations, each rank's shards compared with what
   its first forward saw, then its checkpoint exported (ZeRO 1 keeps the frozen encoder only in the
-  model-states files) and forecasting in a plain process; T = P = 2 and T = P = 1 from the export (the T = P = 1 run's transferred
-  weights checked against the export with numpy), T = P = 1 from the DeepSpeed folder, the same
-  first losses; a resume with --load continues the fine-tune exactly; a foreign checkpoint refused;
+  model-states files) and forecasting in a plain process; T = P = 2 and T = P = 1 from the export
+  (the T = P = 1 run's transferred weights checked against the export with numpy), T = P = 1 from the
+  DeepSpeed folder, the same first losses; a resume with --load continues the fine-tune exactly; a
+  foreign checkpoint refused;
 * fine-tune onto the dense tasks (regress, segment) on the pretraining's own bands and tiles at
-  T = P = 1: the encoder arrives bit-equal to the export, the dense head is new, the MAE head dropped.
+  T = P = 1: the encoder arrives bit-equal to the export, the dense head is new, the MAE head dropped;
+* LoRA (rank 2, dropout 0.1, every target) at T = P = 2: what changes and what the optimizer holds; its
+  checkpoint made universal and continued at T = P = 1; exported merged, apart and merged back, against
+  the unmerged model, in a plain process.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ FINETUNE = ["--task", "forecast", "--data-path", "synthetic:num_images=24", "--n
 DENSE = ["--data-path", "synthetic:num_images=24", "--num-channels", str(PRE_BANDS), "--target-path", "synthetic",
          "--img-h", "8", "--img-w", "8", "--patch-dim", "2"] + COMMON
 DENSE_TASKS = {"regress": [], "segment": ["--num-classes", "4"]}
+LORA = ["--lora-rank", "2", "--lora-alpha", "4", "--lora-dropout", "0.1", "--lora-targets",
+        "qkv,proj,fc1,fc2,final.kv,final.proj"]
 TP2, TP1 = ["--tensor-model-parallel-size", "2", "--channel-parallel-size", "2"], \
     ["--tensor-model-parallel-size", "1", "--channel-parallel-size", "1"]
 
@@ -339,6 +347,11 @@ def test_architecture_comes_from_the_pretrained_model_and_conflicts_are_listed_a
     take_architecture(args, pre, "P")
     assert (args.hidden_size, args.num_layers, args.ffn_hidden_size, args.dchag_aggregation, args.task) == \
         (16, 3, 24, "cross", "forecast")  # not given: the pretrained values; the task may change
+    args = parse_args(base)  # --patch-dim, required without --finetune, is the pretrained one's here
+    take_architecture(args, pre, "P")
+    assert args.patch_dim == 2
+    with pytest.raises(SystemExit):
+        parse_args(base[3:])
     args = parse_args(base + ["--patch-dim", "4", "--hidden-size", "32", "--num-layers", "3", "--dchag-aggregation",
                               "linear"])
     with pytest.raises(FinetuneError) as e:
@@ -459,6 +472,19 @@ def _job(tmp):
                          snapshot=True)
     r["foreign"] = _refused(zero1 + FINETUNE + TP2 + ["--finetune", "--pretrained-checkpoint",
                                                       os.path.join(tmp, "foreign"), "--train-iters", "1"])
+    # LoRA on every target, with dropout, at T = P = 2 (saved at 2 and 4); its checkpoint of iteration 2 made
+    # universal and continued at T = P = 1 (DP 2). (tests/test_lora.py compares the layouts at the model level.)
+    lora = ft + LORA + ["--dchag-groups", "2", "--train-iters", "4"]
+    r["lora2"] = _train(lora + TP2 + ["--save", os.path.join(tmp, "lora"), "--save-interval", "2", "--log-file",
+                                      os.path.join(tmp, "lora.log")], snapshot=True)
+    if dist.get_rank() == 0:
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "--load-dir",
+                               os.path.join(tmp, "lora", "iter_0000002"), "--save-dir", os.path.join(tmp, "lora-univ"),
+                               "--format", "universal"], capture_output=True, text=True,
+                              env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    dist.barrier()
+    r["lora_resumed"] = _train(lora + TP1 + ["--load", os.path.join(tmp, "lora-univ")])
     return r
 
 
@@ -468,6 +494,7 @@ def job(tmp_path_factory):
     ranks = run_distributed(_job, 2, tmp)
     r = ranks[0]
     r["frozen_ranks"] = [x["frozen"] for x in ranks]
+    r["lora_ranks"] = [x["lora2"] for x in ranks]
     from safetensors.torch import load_file
     r["export"] = {k: v.double().numpy() for k, v in load_file(os.path.join(tmp, "export", "model.safetensors")).items()}
     with open(os.path.join(tmp, "export", "config.json")) as f:
@@ -478,7 +505,56 @@ def job(tmp_path_factory):
         with open(os.path.join(tmp, f"{task}.log")) as f:
             r[task]["start_log"] = f.read()
     r["probe_export"] = _export_and_forecast(os.path.join(tmp, "probe"), os.path.join(tmp, "probe-export"))
+    with open(os.path.join(tmp, "lora.log")) as f:
+        r["lora_log"] = f.read()
+    r["lora_exports"] = _lora_exports(tmp)
     return r
+
+
+LORA_EXPORTS = """
+import json, os, sys, numpy as np, torch, dchag
+from safetensors.torch import load_file
+from dchag.checkpointing import consolidated
+from dchag.checkpointing.convert import consolidate, export_consolidated
+from dchag.inference.runtime import build_serial_model
+from dchag.parallel.state_dict import load_full_state_dict
+from dchag.transfer import adapters
+from dchag.transfer.pretrained import open_pretrained
+run, tmp = sys.argv[1], sys.argv[2]
+merged, apart, remerged = (os.path.join(tmp, n) for n in ("lora-merged", "lora-apart", "lora-remerged"))
+export_consolidated(run, merged)                              # the default: adapters merged
+adapters.export_apart(run, apart)                             # adapters.safetensors + the base's reference
+adapters.merge_apart(apart, remerged)                         # ... merged back with that base
+tensors, config = consolidate(run, merge_adapters=False)      # the unmerged model
+cfg = consolidated.config_from_dict(config["model"], bf16=False, sequence_parallel=False, recompute_activations=False)
+unmerged = build_serial_model(cfg)
+load_full_state_dict(unmerged, tensors)
+m = dchag.load_pretrained(merged, device="cpu")
+x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+lead = torch.ones(2)
+unmerged.eval()
+with torch.no_grad():
+    a, b = unmerged(x, lead_time=lead), m.forward_normalized(x, lead_time=lead)
+forecast = m.forecast(x.numpy(), lead_time=1)
+M, R = load_file(os.path.join(merged, "model.safetensors")), load_file(os.path.join(remerged, "model.safetensors"))
+from_run = open_pretrained(run).tensors()                     # --finetune from the LoRA run's folder
+out = {"rel": float((a - b).norm() / b.norm()), "merged_lora": json.load(open(os.path.join(merged, "config.json")))["model"]["lora_rank"],
+       "remerged": max(float((M[k] - R[k]).abs().max()) for k in M), "same_names": sorted(M) == sorted(R) == sorted(from_run),
+       "from_run": max(float((M[k] - from_run[k]).abs().max()) for k in M), "forecast_finite": bool(np.isfinite(forecast).all()),
+       "apart_tensors": sorted(load_file(os.path.join(apart, "adapters.safetensors"))),
+       "apart_bytes": os.path.getsize(os.path.join(apart, "adapters.safetensors")),
+       "merged_bytes": os.path.getsize(os.path.join(merged, "model.safetensors"))}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _lora_exports(tmp):
+    """The LoRA run's checkpoint (iteration 4) exported merged, apart and merged back, the unmerged model
+    beside the merged export, and the run's folder read as a pretrained model, in one plain process."""
+    proc = subprocess.run([sys.executable, "-c", LORA_EXPORTS, os.path.join(tmp, "lora"), tmp], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=600)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(lines[-1][7:]) if proc.returncode == 0 and lines else proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _export_and_forecast(run, export):
@@ -568,6 +644,54 @@ def test_a_frozen_probe_exports_and_predicts(job):
     for name in trained:  # replicated: every rank holds them whole
         assert np.array_equal(tensors[name], job["frozen"]["last"][name].double().numpy()), name
     assert forecast.shape == (2, 3, 12, 12) and np.isfinite(forecast).all()
+
+
+LORA_TRAINS = {"head.linear.weight", "head.linear.bias", "lead_time_embed.weight", "lead_time_embed.bias",
+               "tokenizer.weight", "tokenizer.bias", "tokenizer.channel_embed", "partial.levels.0.weight", "pos_embed"}
+
+
+def test_lora_trains_only_what_it_should(job):
+    """--lora-rank 2 on every target with dropout 0.1 at T = P = 2: on each rank's shards, only the adapters,
+    the head and lead-time embedding and the tensors the transfer interpolated (the 650 nm band's rows, the
+    coefficients, the resized position embedding) change; every other tensor stays bit-equal to what it
+    loaded; the optimizer holds exactly what trains; the start-up table says so."""
+    assert list(job["lora2"]["losses"]) == [1, 2, 3, 4]
+    assert all(math.isfinite(v) for v in job["lora2"]["losses"].values())
+    for run in job["lora_ranks"]:
+        adapters = {n for n in run["first"] if ".lora." in n}
+        assert len(adapters) == 12  # A, B of qkv, proj, fc1, fc2 (1 layer) and of the final aggregation's kv, proj
+        assert set(run["trainable"]) == set(run["in_optimizer"]) == adapters | LORA_TRAINS
+        for name, last in run["last"].items():
+            moved = not torch.equal(last, run["first"][name])
+            assert moved == (name in adapters | LORA_TRAINS), name
+    log = job["lora_log"]
+    for line in ("LoRA: rank 2, alpha 4 (scale 2), dropout 0.1, on qkv, proj, fc1, fc2, final.kv, final.proj: 6 linears, "
+                 "12 adapter tensors", "frozen: 19 tensors loaded from the pretrained model", "(and the 12 LoRA adapter "
+                 "tensors)"):
+        assert line in log, log
+
+
+def test_lora_resharded_from_two_ranks_to_one_continues_the_run(job):
+    """The T = P = 2 LoRA checkpoint of iteration 2 as a universal checkpoint, continued at T = P = 1 (DP 2):
+    iterations 3 and 4 give the uninterrupted T = P = 2 run's losses (adapters, their optimizer state and
+    the frozen base all arrive; T = P = 1 trains as T = P = 2, dropout included)."""
+    resumed, t2 = job["lora_resumed"]["losses"], job["lora2"]["losses"]
+    assert list(resumed) == [3, 4]
+    for it in resumed:
+        assert abs(resumed[it] - t2[it]) <= 1e-6 * max(1.0, abs(t2[it])), (it, resumed[it], t2[it])
+
+
+def test_lora_exports_merged_or_apart_and_predicts(job):
+    """The LoRA checkpoint's export merges the adapters (a plain model, lora_rank 0) and forecasts as the
+    unmerged model does (1e-5); written apart (adapters.safetensors: the adapters and what trained, beside
+    a reference to the base) and merged back with its base it is the merged export again; the run's own
+    folder read as a pretrained model (--finetune from it) is the merged model too."""
+    r = job["lora_exports"]
+    assert isinstance(r, dict), r
+    assert r["rel"] < 1e-5 and r["merged_lora"] == 0 and r["forecast_finite"] and r["same_names"], r
+    assert r["remerged"] < 1e-6 and r["from_run"] < 1e-6, r
+    assert set(r["apart_tensors"]) == {n for n in job["lora2"]["first"] if ".lora." in n} | LORA_TRAINS
+    assert r["apart_bytes"] < r["merged_bytes"]
 
 
 def test_finetunes_on_two_layouts_and_from_either_format_give_the_same_losses(job):

@@ -62,13 +62,16 @@ def _result(stage, method, regime, seed, val_loss, r2=None):
 
 def test_report_intervals_follow_the_student_t_formula(tmp_path):
     cfg = StudyConfig(seeds=5, methods="flat,linear")
-    assert len(plan(cfg, str(tmp_path))) == 2 * 5 + 2 * 2 * 3 * 5
+    runs = plan(cfg, str(tmp_path))
+    assert len(runs) == 2 * 5 + 2 * 2 * 4 * 5  # pretraining; 2 downstreams x 2 methods x 4 regimes x 5 seeds
+    lora = [r for r in runs if r.regime == "lora"]
+    assert len(lora) == 20 and all("--finetune" in r.argv and "--lora-rank" in r.argv for r in lora)
     rng = np.random.default_rng(0)
     results = []
     for m in ("flat", "linear"):
         for s in cfg.seed_list():
             results.append(_result("pretrain", m, None, s, 1.0 + rng.normal()))
-            for reg in ("finetune", "scratch", "probe"):
+            for reg in ("finetune", "scratch", "probe", "lora"):
                 results.append(_result("s2", m, reg, s, 1.0 + rng.normal(0, 0.1)))
                 results.append(_result("regress", m, reg, s, 1.0, r2=0.5 + rng.normal(0, 0.1)))
     summary = summarize(results, cfg)
@@ -81,6 +84,9 @@ def test_report_intervals_follow_the_student_t_formula(tmp_path):
         got = row["finetune_minus_scratch"]
         assert got["mean"] == pytest.approx(d.mean(), abs=1e-12)
         assert got["half_width"] == pytest.approx(half, rel=5e-4)
+        lora = np.array([value(by[(stage, "linear", "lora", s)]) - value(by[(stage, "linear", "scratch", s)])
+                         for s in cfg.seed_list()])
+        assert row["lora_minus_scratch"]["mean"] == pytest.approx(lora.mean(), abs=1e-12)
         probe = np.array([value(by[(stage, "linear", "probe", s)]) for s in cfg.seed_list()])
         assert row["regimes"]["probe"]["half_width"] == pytest.approx(2.776445 * probe.std(ddof=1) / math.sqrt(5),
                                                                       rel=5e-4)

@@ -11,6 +11,13 @@ RUN/latest names the newest). This tool turns it into:
                 Works from any T, P, data-parallel size, ZeRO 0-3, fp32 or bf16.
                 Use it with dchag.load_pretrained(OUT) or tools/predict.py --load OUT.
 
+                A LoRA run (--lora-rank) is exported with its adapters merged into the weights
+                (W + alpha/r B A: a plain model, for any use). --adapters apart writes instead
+                OUT/adapters.safetensors (what the run trained: adapters, head, new and
+                interpolated tensors) and OUT/config.json referring to the base (the run's
+                --pretrained-checkpoint, with its manifest's checksum); the same command on that
+                folder (--load-dir OUT --save-dir FULL) merges it with its base into a full export.
+
   deepspeed     a training checkpoint for another layout, from a consolidated export (or a
                 training checkpoint, consolidated on the way):
                   --load-dir OUT --save-dir RUN2 --format deepspeed \\
@@ -70,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--format deepspeed: T of the new layout (default 1)")
     p.add_argument("--target-channel-parallel-size", type=int, default=1,
                    help="--format deepspeed: P of the new layout, P | T and P | G (default 1)")
+    p.add_argument("--adapters", choices=("merge", "apart"), default="merge",
+                   help="--format consolidated of a LoRA run: merge the adapters into the weights (default), or write "
+                        "them apart beside a reference to the base")
     p.add_argument("--verify", action="store_true",
                    help="only check the files against their manifest (an export: also its dtypes and that every "
                         "value is finite)")
@@ -102,7 +112,14 @@ def main(argv=None) -> int:
             return 1 if bad else 0
         if not args.format or not args.save_dir:
             raise CheckpointError("give --format {consolidated,deepspeed,universal} and --save-dir OUT (or --verify).")
-        if args.format == "consolidated":
+        from dchag.transfer import adapters
+        if args.adapters == "apart" and args.format != "consolidated":
+            raise CheckpointError("--adapters apart is an option of --format consolidated.")
+        if args.format == "consolidated" and adapters.is_apart(args.load_dir):
+            adapters.merge_apart(args.load_dir, args.save_dir)
+        elif args.format == "consolidated" and args.adapters == "apart":
+            adapters.export_apart(args.load_dir, args.save_dir)
+        elif args.format == "consolidated":
             convert.export_consolidated(args.load_dir, args.save_dir)
         elif args.format == "deepspeed":
             convert.to_deepspeed(args.load_dir, args.save_dir, args.target_tensor_parallel_size,
@@ -112,9 +129,10 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # layout errors etc.: one line, non-zero
+    except ValueError as e:  # layout errors, a base that cannot be read (FinetuneError): one line, non-zero
         from dchag.parallel.partition import LayoutError
-        if isinstance(e, LayoutError):
+        from dchag.transfer.errors import FinetuneError
+        if isinstance(e, (FinetuneError, LayoutError)):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

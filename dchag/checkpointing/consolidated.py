@@ -48,8 +48,9 @@ def config_from_dict(d: dict, **overrides):
     from dchag.model.config import DChagConfig
     names = {f.name for f in dataclasses.fields(DChagConfig)} - {"extra"}
     kw = {k: v for k, v in d.items() if k in names}
-    if kw.get("out_channels") is not None:
-        kw["out_channels"] = tuple(kw["out_channels"])
+    for key in ("out_channels", "lora_targets"):
+        if kw.get(key) is not None:
+            kw[key] = tuple(kw[key])
     kw.update(overrides)
     return DChagConfig(**kw)
 

@@ -47,11 +47,13 @@ def run_config(folder: str, state: dict | None = None) -> tuple[dict, object]:
     """(the export's config.json without its parameter table, the DChagConfig) of the training
     checkpoint ``folder``: read from its client state (``state``, when already read), its
     arguments and normalization.json, no weights."""
+    from dchag.model.lora import spec_of
     state = reader.client_state(folder) if state is None else state
     ns = reader.run_args(folder, state)
     norm = normalization.read(folder)
     cfg = config_of_run(ns, norm)
     T, P = int(ns.tensor_model_parallel_size), int(ns.channel_parallel_size)
+    lora = spec_of(cfg)
     config = {
         "model": consolidated.config_to_dict(cfg),
         "task": cfg.task, "aggregation": cfg.aggregation, "groups": cfg.num_groups,
@@ -65,18 +67,39 @@ def run_config(folder: str, state: dict | None = None) -> tuple[dict, object]:
         "source": {"path": os.path.abspath(folder), "tensor_model_parallel_size": T, "channel_parallel_size": P,
                    "data_parallel_size": int(state.get("dp_world_size", 1)),
                    "zero_stage": int(((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)),
-                   "bf16": bool(cfg.bf16), "ds_version": state.get("ds_version")},
+                   "bf16": bool(cfg.bf16), "ds_version": state.get("ds_version"),
+                   "frozen_parameters": state.get("frozen_parameters"),
+                   "lora": lora and {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                                     "targets": list(lora.targets), "merged": False}},
     }
     return config, cfg
 
 
-def export_consolidated(load_dir: str, save_dir: str) -> dict:
-    """Merge a training checkpoint into OUT/model.safetensors + OUT/config.json; returns the config."""
+def export_consolidated(load_dir: str, save_dir: str, merge_adapters: bool = True) -> dict:
+    """Merge a training checkpoint into OUT/model.safetensors + OUT/config.json; returns the config.
+    A LoRA run's adapters are merged into the weights (W + alpha/r B A: a plain model); with
+    ``merge_adapters=False`` they are kept apart as tensors (the layout conversion does, to continue
+    the LoRA run)."""
+    consolidated.check_output(save_dir)  # refuse early, before the work
+    tensors, config = consolidate(load_dir, merge_adapters)
+    consolidated.write(save_dir, tensors, config)
+    lora = config["source"].get("lora")
+    _log(f"> wrote {save_dir}/{consolidated.WEIGHTS} ({len(tensors)} tensors, "
+         f"{sum(t.numel() for t in tensors.values()):,} parameters) and {consolidated.CONFIG} "
+         f"(iteration {config['iteration']}, from T={config['source']['tensor_model_parallel_size']}, "
+         f"P={config['source']['channel_parallel_size']})"
+         + (f"; LoRA adapters ({lora['rank']}, alpha {lora['alpha']:g}) "
+            f"{'merged into the weights' if lora['merged'] else 'kept as tensors'}" if lora else ""))
+    return config
+
+
+def consolidate(load_dir: str, merge_adapters: bool = True) -> tuple[dict, dict]:
+    """(every parameter whole, fp32; the export's config.json) of a training checkpoint."""
     from dchag.inference.runtime import build_serial_model
+    from dchag.model.lora import merge, spec_of
     folder = reader.resolve_folder(load_dir)
     if not reader.check_integrity(folder):
         _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
-    consolidated.check_output(save_dir)  # refuse early, before the work
     state = reader.client_state(folder)
     config, cfg = run_config(folder, state)
     serial = dataclasses.replace(cfg, bf16=False, sequence_parallel=False, recompute_activations=False)
@@ -90,13 +113,15 @@ def export_consolidated(load_dir: str, save_dir: str) -> dict:
         if list(tensors[name].shape) != spec["shape"]:
             raise CheckpointError(f"{folder}: merged {name} has shape {list(tensors[name].shape)}, the model "
                                   f"{spec['shape']}.")
+    lora = spec_of(cfg)
+    if lora is not None and merge_adapters:
+        tensors = merge(tensors, lora)
+        specs = {n: spec for n, spec in specs.items() if n in tensors}
+        cfg = dataclasses.replace(cfg, lora_rank=0, lora_alpha=None, lora_dropout=0.0, lora_targets=None)
+        config["model"] = consolidated.config_to_dict(cfg)
+        config["source"]["lora"]["merged"] = True
     config.update(parameters=specs, dtype=consolidated.DTYPE, versions=consolidated.versions())
-    consolidated.write(save_dir, tensors, config)
-    T, P = config["source"]["tensor_model_parallel_size"], config["source"]["channel_parallel_size"]
-    _log(f"> wrote {save_dir}/{consolidated.WEIGHTS} ({len(tensors)} tensors, "
-         f"{sum(t.numel() for t in tensors.values()):,} parameters) and {consolidated.CONFIG} "
-         f"(iteration {config['iteration']}, from T={T}, P={P})")
-    return config
+    return tensors, config
 
 
 def _universal_info(maps: dict) -> dict:
@@ -123,7 +148,7 @@ def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channe
     if not consolidated.is_consolidated(load_dir):  # a training checkpoint: consolidate it first
         consolidated.check_output(save_dir)
         with tempfile.TemporaryDirectory(prefix="dchag_consolidated_") as tmp:
-            export_consolidated(load_dir, os.path.join(tmp, "c"))
+            export_consolidated(load_dir, os.path.join(tmp, "c"), merge_adapters=False)  # a LoRA run continues
             return to_deepspeed(os.path.join(tmp, "c"), save_dir, T, P, accept_without_manifest)
     if not accept_without_manifest and not consolidated.has_manifest(load_dir):
         raise CheckpointError(

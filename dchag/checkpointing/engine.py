@@ -125,6 +125,8 @@ def save(engine, args, iteration: int, consumed_samples: int, scheduler, normali
         "rng_states": gather_over_data_parallel(rng_state()),
         "lr_scheduler": scheduler.state_dict(),
         "universal_checkpoint_info": universal_checkpoint_info(engine.module),
+        # what the optimizer does not hold (--freeze-encoder, LoRA's base): read from the module, not its shards
+        "frozen_parameters": [n for n, p in engine.module.named_parameters() if not p.requires_grad],
     }
     engine.save_checkpoint(args.save, tag=tag, client_state=client_state, save_latest=False)
     failures = list(files.failures) if files is not None else []

@@ -93,6 +93,15 @@ def read(folder: str) -> dict | None:
     return durable.read_json(os.path.join(folder, FILE))
 
 
+def saved(folder: str) -> dict | None:
+    """The normalization saved with a checkpoint folder (``normalization.json``) or a consolidated
+    export (its config.json's ``normalization``), or None."""
+    from dchag.checkpointing import consolidated
+    if consolidated.is_consolidated(folder):
+        return consolidated.read_config(folder).get("normalization")
+    return read(folder)
+
+
 def arrays(doc: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
     """(mean, std) float32 [C] to apply, or None when the model was trained on raw values."""
     if not doc or not doc.get("normalized") or doc.get("mean") is None:

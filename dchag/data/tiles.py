@@ -143,6 +143,35 @@ def mae_split(num_samples: int, split: str, valid_fraction: float) -> range:
     raise DataError(f"split must be 'train', 'valid' or 'all', got {split!r}.")
 
 
+def training_windows(image_sizes: list[tuple[int, int]], task: str, img_h: int, img_w: int, valid_fraction: float,
+                     lead_time: int = 1) -> list[tuple[int, slice, slice]]:
+    """The pixels of the training samples of a split, as few windows (image, rows, cols) inside the
+    images: whole images, then the first tile rows and tiles of the image the held-out part starts
+    in (mae, regress, segment: tiles in storage order), or the training period's time steps
+    (forecast). What normalization statistics are computed over: no held-out pixel is in them."""
+    if task == "forecast":
+        N = len(image_sizes)
+        H, W = image_sizes[0] if N else (0, 0)
+        return [(t, slice(0, H), slice(0, W)) for t in forecast_train_period(N, lead_time, valid_fraction)]
+    index = TileIndex(image_sizes, img_h, img_w)
+    stop = mae_split(index.num_samples, "train", valid_fraction).stop
+    out = []
+    for image, (H, W) in enumerate(index.sizes):
+        first, last = int(index.starts[image]), int(index.starts[image + 1])
+        if stop >= last:
+            out.append((image, slice(0, H), slice(0, W)))
+            continue
+        if stop > first:  # the held-out tiles start inside this image: its first tiles in storage order
+            gx = index.grids[image][1]
+            rows, cols = divmod(stop - first, gx)
+            if rows:
+                out.append((image, slice(0, min(rows * img_h, H)), slice(0, W)))
+            if cols:
+                out.append((image, slice(rows * img_h, min(rows * img_h + img_h, H)), slice(0, min(cols * img_w, W))))
+        break
+    return out
+
+
 def forecast_train_period(num_times: int, lead_time: int, valid_fraction: float) -> range:
     """Time steps before the held-out period, [0, b): every training input and target lies in it
     (all time steps when nothing is held out). The climatology of the anomaly correlation is the

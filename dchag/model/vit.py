@@ -93,6 +93,8 @@ class DChagViT(nn.Module):
                                                   seed, owner, self.bank.plans)
         else:
             self.head = DenseHead(D, cfg.dense_planes, cfg.patch_dim, cfg.grid)
+        from dchag.model.lora import attach as attach_lora
+        attach_lora(self, cfg, T, layout.tensor_parallel_rank)  # --lora-rank: adapters on the TP linears
         mark_linear_weight_matrices(self)
         if cfg.bf16:
             # In place (``.data``), which is what Module.to does for real tensors; Module.to would

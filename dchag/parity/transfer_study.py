@@ -8,9 +8,11 @@ One synthetic world (``seed=0``: the same endmember spectra everywhere), three d
 - ``regress``: abundance regression (``--task regress --target-path synthetic``) on the full band
   set, from a few labelled tiles: the task changes.
 
-Each downstream data set is trained in three regimes at equal steps and the same flags: ``finetune``
-(``--finetune --pretrained-checkpoint``), ``scratch`` (no pretrained weights) and ``probe``
-(``--finetune --freeze-encoder``), for each architecture (flat and D-CHAG-L) and seed. The seed sets
+Each downstream data set is trained in four regimes at equal steps and the same flags: ``finetune``
+(``--finetune --pretrained-checkpoint``), ``scratch`` (no pretrained weights), ``probe``
+(``--finetune --freeze-encoder``) and ``lora`` (``--finetune`` with ``--lora-rank 4 --lora-alpha 8``:
+adapters on the backbone's qkv, proj, fc1, fc2; the loaded tensors frozen), for each architecture
+(flat and D-CHAG-L) and seed. The seed sets
 the initial weights, data order and masks; the pretrained model of seed s starts the fine-tunes of
 seed s, so every comparison is paired by seed. Each run is ``dchag.training.run`` in-process and
 leaves ``results/NAME.json`` (a run whose JSON exists is skipped: the study resumes) and
@@ -31,8 +33,9 @@ from dchag.data.tiles import valid_count
 from dchag.parity.methods import Method, parse_methods
 from dchag.parity.stats import mean_interval
 
-REGIMES = ("finetune", "scratch", "probe")
-REGIME_LABELS = {"finetune": "fine-tuned", "scratch": "from scratch", "probe": "frozen probe"}
+REGIMES = ("finetune", "scratch", "probe", "lora")
+REGIME_LABELS = {"finetune": "fine-tuned", "scratch": "from scratch", "probe": "frozen probe", "lora": "LoRA r4"}
+COMPARED = ("finetune", "probe", "lora")  # each against scratch, paired by seed
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class StudyConfig:
     model: tuple[str, ...] = ("--patch-dim", "4", "--num-layers", "2", "--hidden-size", "32",
                               "--num-attention-heads", "2")
     groups: int = 8
+    lora: tuple[str, ...] = ("--lora-rank", "4", "--lora-alpha", "8")
     training: tuple[str, ...] = ("--deepspeed", "--deepspeed_config", "ds_configs/zero1_fp32.json",
                                  "--micro-batch-size", "8", "--global-batch-size", "8", "--lr", "2e-3",
                                  "--weight-decay", "0.05", "--log-interval", "50")
@@ -153,6 +157,8 @@ def plan(cfg: StudyConfig, out_dir: str) -> list[RunSpec]:
                         argv += ["--finetune", "--pretrained-checkpoint", pretrained[(method.spec, seed)]]
                     if regime == "probe":
                         argv += ["--freeze-encoder"]
+                    if regime == "lora":
+                        argv += list(cfg.lora)
                     runs.append(RunSpec(f"{ds.name}-{_slug(method)}-{regime}-seed{seed}", ds.name, method, regime,
                                         seed, tuple(argv)))
     return runs
@@ -221,7 +227,7 @@ def summarize(results: list[dict], cfg: StudyConfig) -> dict:
                             if (ds.name, method.spec, reg, s) in by} for reg in REGIMES}
             row = {"label": method.label(cfg.groups, 1), "values": values,
                    "regimes": {reg: mean_interval(list(v.values())) for reg, v in values.items() if v}}
-            for reg in ("finetune", "probe"):
+            for reg in COMPARED:
                 common = [s for s in cfg.seed_list() if s in values[reg] and s in values["scratch"]]
                 if common:
                     row[f"{reg}_minus_scratch"] = mean_interval([values[reg][s] - values["scratch"][s]
@@ -257,15 +263,16 @@ def report_markdown(summary: dict, commands: dict[str, str]) -> str:
     for ds in summary["downstream"].values():
         what = "held-out MAE loss (lower is better)" if ds["metric"] == "val_loss" else \
             "held-out R² (mean over the abundances; higher is better)"
+        short = {"finetune": "fine-tuned", "probe": "probe", "lora": "LoRA"}
         lines += ["", f"## {ds['title']}: {what}", "",
-                  "| method | fine-tuned | from scratch | frozen probe | fine-tuned - scratch | probe - scratch |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | " + " | ".join(REGIME_LABELS[reg] for reg in REGIMES) + " | "
+                  + " | ".join(f"{short[reg]} - scratch" for reg in COMPARED) + " |",
+                  "|---|" + "---|" * (len(REGIMES) + len(COMPARED))]
         for row in ds["rows"].values():
             r = row["regimes"]
-            ft, pr = row.get("finetune_minus_scratch"), row.get("probe_minus_scratch")
-            lines.append(f"| {row['label']} | {_fmt(r.get('finetune'))} | {_fmt(r.get('scratch'))} | "
-                         f"{_fmt(r.get('probe'))} | {_fmt(ft)} ({verdict(ft, ds['metric'])}) | "
-                         f"{_fmt(pr)} ({verdict(pr, ds['metric'])}) |")
+            diffs = [row.get(f"{reg}_minus_scratch") for reg in COMPARED]
+            lines.append(f"| {row['label']} | " + " | ".join(_fmt(r.get(reg)) for reg in REGIMES) + " | "
+                         + " | ".join(f"{_fmt(d)} ({verdict(d, ds['metric'])})" for d in diffs) + " |")
     lines += ["", "## Commands (seed 1; the study runs each in-process)", ""]
     for what, cmd in commands.items():
         lines += [f"{what}:", "", f"    {cmd}", ""]
@@ -296,7 +303,7 @@ def save_picture(summary: dict, path: str) -> str:
         width = 0.8 / len(REGIMES)
         for j, reg in enumerate(REGIMES):
             ivs = [row["regimes"].get(reg) for row in rows]
-            xs = [i + (j - 1) * width for i in range(len(rows))]
+            xs = [i + (j - (len(REGIMES) - 1) / 2) * width for i in range(len(rows))]
             ax.bar(xs, [iv["mean"] if iv else 0 for iv in ivs], width,
                    yerr=[iv["half_width"] if iv and iv["n"] > 1 else 0 for iv in ivs], capsize=3,
                    label=REGIME_LABELS[reg])

@@ -31,13 +31,15 @@ def prepare_args(args, task: str | None = None) -> None:
                             f"[0, {num_classes}); choose a value outside them (the common 255, or -1).")
     elif num_classes:
         raise DataError("--num-classes is read by --task segment only; drop it for --task regress.")
-    # The target file must exist and fit the input (image count and sizes); its values are checked
-    # when the datasets are built.
+    # The target file must exist and fit the input (image count and sizes); a class map's values are
+    # checked here (the count needed named), a regression map's when the datasets are built.
     from dchag.data.build import open_data_source
     from dchag.data.targets import open_targets
     data = open_data_source(args.data_path, args.data_format, task=task, img_h=args.img_h, img_w=args.img_w,
                             num_channels=args.num_channels, seed=args.seed,
                             channels_last=getattr(args, "channels_last", False))
     targets = open_targets(args.target_path, data, kind=task, num_classes=num_classes, ignore_index=ignore)
+    if task == "segment":
+        targets.check_classes(data)
     args.num_outputs = targets.num_planes if task == "regress" else targets.num_classes
 

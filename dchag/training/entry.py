@@ -90,6 +90,8 @@ def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_los
 def _pretrain(model_provider, forward_step, datasets_provider, argv, non_loss_data_func, eval_metrics_func,
               loss_weight_func) -> dict:
     from dchag.arguments import parse_args
+    from megatron_patches.optional import quiet
+    quiet()  # megatron-core's notes about absent optional libraries: the run prints one line instead
     args = parse_args(argv)
     try:
         launch.resolve()

@@ -25,6 +25,7 @@ from dchag.training.nonfinite import NonFiniteError, Streak, is_nonfinite
 from dchag.training.signals import ExitRequest, progress
 from dchag import transfer
 from dchag.tasks.base import baseline_losses
+from dchag.model.lora import dropout_keys as lora_dropout_keys
 from dchag.transfer.errors import FinetuneError
 
 USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, CheckpointError, ScheduleError, DeviceError,
@@ -124,6 +125,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     from megatron.core import parallel_state as ps
 
     init_distributed()
+    from megatron_patches.optional import startup_line
+    if startup_line():
+        _print0(startup_line(), args.log_file)
     dp = found.data_parallel_size
     ds_config, cfg = found.ds_config, found.cfg
     universal, load_tag, pretrained = found.universal, found.load_tag, found.pretrained
@@ -160,6 +164,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     elif args.load:
         _print0(f"> no checkpoint in {args.load} yet: starting from iteration 0", args.log_file)
     start_iteration = iteration
+    _saved_normalization(args, load_tag, pretrained)
 
     with startup.phase(f"opening {args.data_path} and its statistics"):
         train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
@@ -196,8 +201,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, num_micro * dp, device)
         for batch in batches if empty < samples else ():  # an all-empty batch: no update at all
             interval_invalid += invalid_values(batch)
-            loss = forward_step(engine, batch, args, cfg, iteration)
-            engine.backward(loss)
+            with lora_dropout_keys(batch["index"], iteration):  # LoRA's dropout masks: (sample, iteration)
+                loss = forward_step(engine, batch, args, cfg, iteration)
+                engine.backward(loss)
             engine.step()
             total += loss.detach().double()
         if empty == samples:
@@ -302,6 +308,21 @@ def _save(engine, args, iteration, consumed, scheduler, normalization, streak, d
     streak.saved(progress["saved"])
     _print0(f"> saved checkpoint {progress['saved']}", args.log_file)
     return True
+
+
+def _saved_normalization(args, load_tag, pretrained) -> None:
+    """A resumed run normalizes with the statistics its checkpoint saved, a fine-tune with its
+    pretrained model's (for the channels it names; docs/DATA.md): ``args.saved_normalization``
+    and ``args.saved_normalization_from``, which the datasets provider hands to build_datasets."""
+    from dchag.checkpointing import normalization
+    if load_tag:
+        folder, where = os.path.join(args.load, load_tag), f"checkpoint {args.load}/{load_tag}"
+    elif pretrained is not None:
+        folder, where = pretrained.folder, f"the pretrained model {pretrained.folder}"
+    else:
+        return
+    args.saved_normalization, args.saved_normalization_from = normalization.saved(folder), where
+
 
 
 def _bands_without_values(dataset, args) -> list[str]:

@@ -124,7 +124,8 @@ def check_deepspeed_config(args, found: Found) -> list[Exception]:
     return []
 
 
-FINETUNE_FLAGS = ("finetune", "pretrained_checkpoint", "freeze_encoder")
+FINETUNE_FLAGS = ("finetune", "pretrained_checkpoint", "freeze_encoder", "lora_rank", "lora_alpha", "lora_dropout",
+                  "lora_targets")
 
 
 def check_finetune(args, found: Found) -> list[Exception]:
@@ -276,23 +277,19 @@ def check_data_change(args, found: Found) -> list[Exception]:
     """The data's fingerprint (sizes, shapes, channels, sample counts, a digest of fixed windows:
     dchag/data/fingerprint.py), recorded with every checkpoint; on resume, compared with the one the
     checkpoint recorded (dchag/checkpointing/fingerprint.py): changed data is refused unless
-    --allow-data-change, which then normalizes it with the checkpoint's statistics
-    (``args.saved_statistics``)."""
+    --allow-data-change (a resume normalizes with its checkpoint's statistics, whatever
+    the data: ``dchag.training.loop._saved_normalization``)."""
     if found.source is None or not (args.save or found.load_tag):
         return []
-    import os
-    from dchag.checkpointing import fingerprint as recorded, normalization
+    from dchag.checkpointing import fingerprint as recorded
     from dchag.checkpointing.errors import CheckpointError
     from dchag.data.errors import DataError
     from dchag.data.fingerprint import fingerprint, source_record
     try:
         found.fingerprint = fingerprint({"data": source_record(found.source, found.samples)})
         if found.load_tag:
-            note, changed = recorded.check_resume(args.load, found.load_tag, found.fingerprint,
+            note, _ = recorded.check_resume(args.load, found.load_tag, found.fingerprint,
                                                   getattr(args, "allow_data_change", False))
-            folder = os.path.join(args.load, found.load_tag)
-            if changed and normalization.arrays(normalization.read(folder)) is not None:
-                args.saved_statistics = os.path.join(folder, normalization.FILE)
             if note:
                 found.notes.append(note)
     except (CheckpointError, DataError) as e:

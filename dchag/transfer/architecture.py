@@ -56,6 +56,32 @@ def check_flags(args) -> None:
                 raise FinetuneError(f"{flag} applies to a fine-tune: add --finetune --pretrained-checkpoint PATH.")
     if getattr(args, "new_params_lr_mult", 1.0) < 0:
         raise FinetuneError(f"--new-params-lr-mult {args.new_params_lr_mult}: a learning-rate multiplier must be >= 0.")
+    _check_lora(args, finetune)
+
+
+def _check_lora(args, finetune: bool) -> None:
+    from dchag.arguments import lora_targets
+    from dchag.model.lora import LoRAError, LoRASpec, check
+    rank = getattr(args, "lora_rank", 0) or 0
+    others = [flag for flag, used in (("--lora-alpha", getattr(args, "lora_alpha", None) is not None),
+                                      ("--lora-dropout", bool(getattr(args, "lora_dropout", 0.0))),
+                                      ("--lora-targets", getattr(args, "lora_targets", None) is not None)) if used]
+    if not rank:
+        if others:
+            raise FinetuneError(f"{', '.join(others)} without --lora-rank R: add --lora-rank (e.g. 8), or drop them.")
+        return
+    if not finetune:
+        raise FinetuneError("--lora-rank adapts a pretrained model: add --finetune --pretrained-checkpoint PATH (LoRA "
+                            "on a randomly initialized, frozen base would learn only the adapters).")
+    if getattr(args, "freeze_encoder", False):
+        raise FinetuneError("--lora-rank and --freeze-encoder exclude each other: LoRA freezes the pretrained weights "
+                            "and trains adapters on them; --freeze-encoder trains only the head. Give one.")
+    alpha = getattr(args, "lora_alpha", None)
+    try:
+        check(LoRASpec(rank, float(rank if alpha is None else alpha), float(getattr(args, "lora_dropout", 0.0) or 0.0),
+                       lora_targets(args) or ("qkv", "proj", "fc1", "fc2")))
+    except LoRAError as e:
+        raise FinetuneError(str(e)) from e
 
 
 def take_architecture(args, pretrained: DChagConfig, where: str) -> None:
@@ -77,10 +103,14 @@ def take_architecture(args, pretrained: DChagConfig, where: str) -> None:
     if conflicts:
         raise FinetuneError(
             f"--finetune: the command line's architecture differs from the pretrained model's ({where}): "
-            f"{', '.join(conflicts)}. Leave these flags out to take the pretrained values: its weights fit only those.")
+            f"{', '.join(conflicts)}. Leave these flags out (each then takes the pretrained value) or give the "
+            "pretrained values: its weights fit only those.")
     for dest, attr in DEFAULT_ONLY.items():
         if dest not in given:
             setattr(args, dest, getattr(pretrained, attr))
+    if getattr(args, "lora_rank", 0) and args.transformer_impl != "local":
+        raise FinetuneError(f"--lora-rank adapts megatron-core's local Column/RowParallelLinear layers, but the model "
+                            f"is built with --transformer-impl {args.transformer_impl} ({where}).")
 
 
 def data_channels(args):

@@ -48,3 +48,24 @@ def freeze_encoder(model) -> list[str]:
         if name not in keep:
             param.requires_grad_(False)
     return sorted(keep)
+
+
+def freeze_for_lora(model, plan: TransferPlan) -> dict[str, list[str]]:
+    """--lora-rank: the adapters train, with the task's head and conditioning and every tensor the plan
+    made new or interpolated (whole tensors: a tensor with one interpolated row trains whole); every
+    tensor loaded from the pretrained model is frozen. Returns the names by role: "adapters", "task",
+    "transferred" (new or interpolated), "frozen"."""
+    from dchag.model.lora import is_adapter
+    task = set(model.task_parameter_names())
+    out = {"adapters": [], "task": [], "transferred": [], "frozen": []}
+    for name, param in model.named_parameters():
+        if is_adapter(param):
+            out["adapters"].append(name)
+        elif name in task:
+            out["task"].append(name)
+        elif plan.params[name].category != "loaded":
+            out["transferred"].append(name)
+        else:
+            param.requires_grad_(False)
+            out["frozen"].append(name)
+    return out

@@ -71,8 +71,25 @@ def _listed(plan: TransferPlan, name: str) -> str:
     return f"{name} (per channel: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ")"
 
 
+def _lora_lines(plan: TransferPlan, new_shapes: dict, roles: dict) -> list[str]:
+    """What trains under --lora-rank, and the trainable share (dchag/transfer/load.py freeze_for_lora)."""
+    from dchag.model.lora import spec_of
+    values = {role: sum(math.prod(new_shapes[n]) for n in names) for role, names in roles.items()}
+    total = sum(values.values())
+    trains = total - values["frozen"]
+    linears = len(roles["adapters"]) // 2
+    return [f"  LoRA: {spec_of(plan.cfg).describe()}: {linears} linears, {len(roles['adapters'])} adapter tensors "
+            f"({values['adapters']:,} values)",
+            f"    trains besides the adapters: the head and the task's conditioning ({_names(roles['task'])}; "
+            f"{values['task']:,} values); the new and interpolated tensors ({_names(roles['transferred'])}; "
+            f"{values['transferred']:,} values)",
+            f"    frozen: {len(roles['frozen'])} tensors loaded from the pretrained model ({values['frozen']:,} values); "
+            f"trainable: {trains:,} of {total:,} values ({100.0 * trains / max(total, 1):.2f} %)"]
+
+
 def format_table(plan: TransferPlan, where: str, shapes: dict, new_shapes: dict, groups_given: bool,
-                 channel_parallel_size: int, frozen: list[str] | None = None, lr_mult: float = 1.0) -> str:
+                 channel_parallel_size: int, frozen: list[str] | None = None, lr_mult: float = 1.0,
+                 lora: dict | None = None) -> str:
     from dchag.transfer.architecture import group_rule
     old, cfg = plan.pretrained, plan.cfg
     kinds = {k: [c for c, m in enumerate(plan.matches) if m.kind == k] for k in KINDS}
@@ -97,11 +114,11 @@ def format_table(plan: TransferPlan, where: str, shapes: dict, new_shapes: dict,
         G, why = group_rule(old, list(plan.matches), channel_parallel_size)
         if groups_given:
             line += "; --dchag-groups"
-        elif why != "the pretrained G" or G != old.num_groups:
+        elif G != old.num_groups:
             line += f"; {why} (--dchag-groups chooses)"
         whole = sum(same for _, same in plan.groups)
         if whole:
-            line += f"; {whole} of {cfg.num_groups} groups are pretrained groups kept whole"
+            line += f"; {whole} of {cfg.num_groups} are pretrained groups, whole"
         lines.append(line)
     if old.grid != cfg.grid:
         lines.append(f"  tile: {old.img_h} x {old.img_w} -> {cfg.img_h} x {cfg.img_w} pixels: position embedding "
@@ -117,11 +134,16 @@ def format_table(plan: TransferPlan, where: str, shapes: dict, new_shapes: dict,
     for category in ("loaded", "interpolated", "new"):
         lines.append(f"    {category:<12}{len(plan.names(category)):>8}{values[category]:>14,}")
     lines.append(f"    {'dropped':<12}{len(plan.dropped):>8}{sum(numel(shapes[n]) for n in plan.dropped):>14,}")
+    adapters = set(lora["adapters"]) if lora else set()
+    new = _names([n for n in plan.names("new") if n not in adapters]) + \
+        (f" (and the {len(adapters)} LoRA adapter tensors)" if adapters else "")
     lines += [f"  interpolated: {_names([_listed(plan, n) for n in plan.names('interpolated')])}",
-              f"  new: {_names(plan.names('new'))}", f"  dropped: {_names(list(plan.dropped))}"]
+              f"  new: {new}", f"  dropped: {_names(list(plan.dropped))}"]
     if lr_mult != 1.0:
         lines.append(f"  --new-params-lr-mult {lr_mult:g}: the new and interpolated tensors train at {lr_mult:g}x the rate")
     if frozen is not None:
         lines.append(f"  --freeze-encoder: only {_names(frozen)} train "
                      f"({sum(numel(new_shapes[n]) for n in frozen):,} values)")
+    if lora is not None:
+        lines += _lora_lines(plan, new_shapes, lora)
     return "\n".join(lines)
