@@ -23,9 +23,10 @@ def init_distributed() -> None:
         torch.cuda.set_device(device)
     if device.type == "cpu":
         _skip_deepspeed_shm_op()
-    store = elastic_attempt_store()
+    import torch.distributed as dist
+    # Once per process: a study or a notebook trains several times in one process.
+    store = None if dist.is_initialized() else elastic_attempt_store()
     if store is not None:  # DeepSpeed adopts a process group that exists
-        import torch.distributed as dist
         world = int(os.environ["WORLD_SIZE"])
         extra = {"device_id": device} if device.type == "cuda" and world > 1 else {}
         dist.init_process_group(comm_backend(), store=store, rank=int(os.environ["RANK"]), world_size=world, **extra)
