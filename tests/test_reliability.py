@@ -232,6 +232,57 @@ def test_damaged_latest_is_refused_with_its_content(tmp_path, content, expected)
     with pytest.raises(CheckpointError) as e:
         compat.load_tag(argparse.Namespace(load=run, save=None, ckpt_step=None))
     assert f"{run}/latest {expected}" in str(e.value) and "--ckpt-step 2" in str(e.value), str(e.value)
+    # a fine-tune (and the converter) takes a checkpoint folder, not --ckpt-step: the hint says so
+    from dchag.transfer.errors import FinetuneError
+    from dchag.transfer.pretrained import open_pretrained
+    with pytest.raises(FinetuneError) as e:
+        open_pretrained(run)
+    assert f"{run}/latest {expected}" in str(e.value) and "--ckpt-step" not in str(e.value) and \
+        f"name one of them instead of the run folder (e.g. {run}/iter_0000002)" in str(e.value), str(e.value)
+
+
+def test_a_checkpoint_or_latest_linked_out_of_its_folder_is_refused(tmp_path):
+    """An iter_* that is a symbolic link to another run's checkpoint (newer than latest: "a save
+    stopped before updating latest") is refused on resume, --ckpt-step, conversion and fine-tune;
+    so is a latest linked out of the folder; a latest that is a folder says so."""
+    from dchag.checkpointing import compat, convert, reader
+    from dchag.checkpointing.errors import CheckpointError
+    from dchag.transfer.errors import FinetuneError
+    from dchag.transfer.pretrained import open_pretrained
+    run = _fake_run(tmp_path, complete=(2,), interrupted=(), latest=2)
+    other = str(tmp_path / "other")
+    shutil.copytree(os.path.join(run, "iter_0000002"), os.path.join(other, "iter_0000006"))
+    link = os.path.join(run, "iter_0000006")
+    os.symlink(os.path.join(other, "iter_0000006"), link)
+    args = argparse.Namespace(load=run, save=run, ckpt_step=None, no_load_optim=False)
+    refusal = f"{link} is a symbolic link to {other}/iter_0000006, outside {run}"
+    for load in (lambda: compat.check_compatible(args), lambda: compat.load_tag(argparse.Namespace(**{**vars(args),
+                                                                                                   "ckpt_step": 6})),
+                 lambda: reader.resolve_folder(run), lambda: reader.resolve_folder(link),
+                 lambda: convert.export_consolidated(run, str(tmp_path / "out"))):
+        with pytest.raises(CheckpointError, match=re.escape(refusal)):
+            load()
+    with pytest.raises(FinetuneError, match=re.escape(refusal)):
+        open_pretrained(run)
+    os.remove(link)
+    os.symlink(os.path.join(run, "iter_0000002"), link)  # a link to another checkpoint of the same run
+    with pytest.raises(CheckpointError, match="iter_0000006 is a symbolic link to another checkpoint of the same"):
+        compat.load_tag(args)
+    os.remove(link)
+    assert compat.load_tag(args) == "iter_0000002"
+    latest = os.path.join(run, "latest")
+    with open(os.path.join(other, "latest"), "w") as f:
+        f.write("iter_0000002")
+    os.remove(latest)
+    os.symlink(os.path.join(other, "latest"), latest)
+    with pytest.raises(CheckpointError, match=re.escape(f"{latest} is a symbolic link to {other}/latest, outside")):
+        compat.load_tag(args)
+    os.remove(latest)
+    os.symlink(os.path.join(run, "iter_0000002"), latest)  # latest linked to a folder (not only "Is a directory")
+    with pytest.raises(CheckpointError, match=re.escape(f"{latest} is a folder (a symbolic link to {run}/iter_0000002"
+                                                        "), not the one-line file naming a checkpoint")) as e:
+        compat.load_tag(args)
+    assert "--ckpt-step 2" in str(e.value)
 
 
 def test_damaged_args_file_is_named_with_the_ckpt_step_hint(tmp_path):
@@ -404,9 +455,10 @@ def test_no_planted_pickle_runs_in_any_file_a_tool_reads(tmp_path):
     assert merged["pictures"]["flat"]["mask"].dtype == np.bool_
 
 
-HUGE = r"""
-import json, os, sys, time
+EXPORTS = r"""
+import contextlib, io, json, os, shutil, sys, time
 import torch
+from safetensors.torch import load_file, save_file
 from dchag.checkpointing import consolidated, convert, manifest, shards
 from dchag.checkpointing.errors import CheckpointError
 from dchag.inference.runtime import build_serial_model
@@ -417,8 +469,47 @@ cfg = DChagConfig(num_channels=5, img_h=8, img_w=8, patch_dim=2, hidden_size=16,
                   num_attention_heads=2, ffn_hidden_size=32, aggregation="linear", groups=2)
 model = build_serial_model(cfg)
 consolidated.write(out, dict(model.named_parameters()), {"model": consolidated.config_to_dict(cfg),
-                   "parameters": shards.param_specs(model)})
+                   "parameters": shards.param_specs(model), "iteration": 4, "consumed_samples": 8})
 print("modes", sorted(oct(os.stat(os.path.join(out, f)).st_mode & 0o777) for f in os.listdir(out)))
+
+def attempt(name, load):
+    err = io.StringIO()
+    t0 = time.time()
+    try:
+        with contextlib.redirect_stderr(err):
+            load()
+        print(name, "loaded", "| stderr:", err.getvalue().replace(chr(10), " "))
+    except CheckpointError as e:
+        print(name, "refused in %.2f s:" % (time.time() - t0), e)
+
+# tampered exports, with and without their manifest
+first = sorted(dict(model.named_parameters()))[0]
+def variant(name, edit, keep_manifest):
+    dst = f"{out}_{name}"
+    shutil.copytree(out, dst)
+    tensors = load_file(os.path.join(dst, consolidated.WEIGHTS))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, consolidated.WEIGHTS))
+    if keep_manifest:
+        manifest.write_manifest(dst)  # a consistent tamper
+    else:
+        os.remove(os.path.join(dst, manifest.MANIFEST))
+    return dst
+def nan(t):
+    t[first].view(-1)[0] = float("nan")
+def boolean(t):
+    t[first] = t[first] != 0
+def half(t):
+    t[first] = t[first].half()
+for name, edit, keep in (("nan", nan, False), ("bool", boolean, False), ("f16", half, True), ("nan_m", nan, True),
+                         ("bare", lambda t: None, False)):
+    path = variant(name, edit, keep)
+    attempt(f"pretrained_{name}", lambda: dchag.load_pretrained(path, device="cpu"))
+attempt("deepspeed_bare", lambda: convert.to_deepspeed(out + "_bare", out + "_bare_ds", 1, 1))
+attempt("deepspeed_bare_accepted", lambda: convert.to_deepspeed(out + "_bare", out + "_bare_ds", 1, 1, True))
+print("verify_nan_m", json.dumps(convert.verify(out + "_nan_m")))
+
+# a config claiming hidden size 10^7 (the manifest rewritten to match)
 with open(os.path.join(out, "config.json")) as f:
     config = json.load(f)
 config["model"]["hidden_size"] = 10 ** 7
@@ -433,33 +524,57 @@ try:  # an export over the file-size limit
 except CheckpointError as e:
     print("write", "refused:", e)
 resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-for name, load in (("load_pretrained", lambda: dchag.load_pretrained(out, device="cpu")),
-                   ("to_deepspeed", lambda: convert.to_deepspeed(out, out + "_ds", 1, 1))):
-    t0 = time.time()
-    try:
-        load()
-        print(name, "loaded")
-    except CheckpointError as e:
-        print(name, "refused in %.2f s:" % (time.time() - t0), e)
+attempt("load_pretrained", lambda: dchag.load_pretrained(out, device="cpu"))
+attempt("to_deepspeed", lambda: convert.to_deepspeed(out, out + "_ds", 1, 1))
 """
 
 
-def test_export_config_claiming_a_huge_model_is_refused_fast(tmp_path):
-    """Also: exports are written 0644, and an export over the file-size limit names the cause and
-    leaves nothing."""
-    proc = subprocess.run([sys.executable, "-c", HUGE, str(tmp_path / "export")], cwd=REPO, capture_output=True,
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """One process writes a small export, tampers with copies of it and loads them (what it says)."""
+    tmp = tmp_path_factory.mktemp("exports")
+    proc = subprocess.run([sys.executable, "-c", EXPORTS, str(tmp / "export")], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)  # the refusal times, for the log
-    assert "modes ['0o644', '0o644', '0o644']" in proc.stdout, proc.stdout
+    return tmp, {ln.split(" ", 1)[0]: ln for ln in proc.stdout.splitlines()}
+
+
+def test_export_config_claiming_a_huge_model_is_refused_fast(exports):
+    """Also: exports are written 0644, and an export over the file-size limit names the cause and
+    leaves nothing."""
+    tmp, said = exports
+    assert said["modes"] == "modes ['0o644', '0o644', '0o644']", said
     for name in ("load_pretrained", "to_deepspeed"):
-        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(name))
+        line = said[name]
         assert "refused in" in line and "hidden size 10000000" in line and "nothing was allocated" in line, line
-    assert not os.path.exists(tmp_path / "export_ds")
-    assert f"write refused: cannot write {tmp_path}/export_small: file too large: over this process's file-size " \
-           "limit of 4 KB (ulimit -f 4); nothing was written" in proc.stdout, proc.stdout
-    assert not os.path.exists(tmp_path / "export_small") and not any(
-        n.startswith(".tmp-export_small") for n in os.listdir(tmp_path))
+    assert not os.path.exists(tmp / "export_ds")
+    assert f"write refused: cannot write {tmp}/export_small: file too large: over this process's file-size " \
+           "limit of 4 KB (ulimit -f 4); nothing was written" in said["write"], said["write"]
+    assert not os.path.exists(tmp / "export_small") and not any(n.startswith(".tmp-export_small")
+                                                                 for n in os.listdir(tmp))
+
+
+def test_an_export_is_verified_with_or_without_its_manifest(exports):
+    """NaN weights or tensors stored as BOOL / F16 where config.json says float32 are refused by
+    load_pretrained naming the tensor, manifest or not; an export without its manifest loads with a
+    warning naming the --verify command, and --format deepspeed refuses it unless told to accept it."""
+    tmp, said = exports
+    first = "refused in"
+    for name, why in (("nan", "hold NaN or infinite values: "), ("bool", "are not float32 (F32) as config.json says:"),
+                      ("f16", "are not float32 (F32) as config.json says:"), ("nan_m", "hold NaN or infinite values: ")):
+        line = said[f"pretrained_{name}"]
+        assert first in line and f"export {tmp}/export_{name} is damaged: 1 tensor(s) of " in line and why in line, line
+        assert ("It has no manifest.json" in line) == (not name.endswith("_m") and name != "f16"), line
+    assert "(BOOL)" in said["pretrained_bool"] and "(F16)" in said["pretrained_f16"]
+    assert "(1 of " in said["pretrained_nan"]
+    bare = said["pretrained_bare"]
+    assert bare.startswith("pretrained_bare loaded") and f"warning: {tmp}/export_bare has no manifest.json" in bare \
+        and f"python tools/convert_checkpoint.py --load-dir {tmp}/export_bare --verify" in bare, bare
+    assert "refused in" in said["deepspeed_bare"] and "--accept-export-without-manifest" in said["deepspeed_bare"]
+    assert said["deepspeed_bare_accepted"].startswith("deepspeed_bare_accepted loaded")
+    problems = json.loads(said["verify_nan_m"].split(" ", 1)[1])[0][1]
+    assert len(problems) == 1 and "hold NaN or infinite values" in problems[0], problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,6 +649,60 @@ def test_two_jobs_on_one_folder_and_a_write_over_the_size_limit(tmp_path):
     assert f"the last complete checkpoint is {run}/{last}" in err, err[-3000:]
     assert not os.path.exists(failed), "the partial checkpoint is removed"
     assert _read(os.path.join(run, "latest")) == last and not os.path.exists(os.path.join(run, "dchag.lock"))
+
+
+READ_ONLY_MID_RUN = r"""
+# In a private mount namespace: $1 becomes a tmpfs, the job (the rest of the arguments) writes
+# its --save folder there, and the file system turns read-only once its first checkpoint is complete.
+mount -t tmpfs tmpfs "$1" || exit 99
+folder=$1; shift
+"$@" > "$folder.out" 2> "$folder.err" &
+job=$!
+until [ -e "$folder/latest" ]; do kill -0 $job 2>/dev/null || break; sleep 0.05; done
+mount -o remount,ro "$folder" || echo "remount failed" >> "$folder.err"
+wait $job
+"""
+
+
+def test_a_save_folder_turned_read_only_mid_run_is_one_message(tmp_path):
+    """The --save folder's file system turns read-only mid-run (a tmpfs remounted ro in a private
+    mount namespace; else the folder made immutable with chattr +i): the next save fails with one
+    line naming the cause, not DeepSpeed's raw OSError from its zero_to_fp32.py copy (outside the
+    checkpoint engine) nor a second error from releasing the lock."""
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    argv = ONE + ["--train-iters", "8", "--save-interval", "4", "--save", run]
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    job = [sys.executable, os.path.join(REPO, "pretrain_dchag.py")] + argv
+    mount = ["unshare", "--mount", "--map-root-user"]
+    if subprocess.run(mount + ["true"], capture_output=True).returncode == 0:
+        proc = subprocess.run(mount + ["bash", "-c", READ_ONLY_MID_RUN, "ro", run] + job, cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        code, err, cause = proc.returncode, _read(run + ".err"), "read-only file system"
+    elif subprocess.run(["chattr", "+i", run], capture_output=True).returncode == 0:
+        subprocess.run(["chattr", "-i", run], check=True)
+        with open(run + ".out", "w") as fo, open(run + ".err", "w") as fe:
+            proc = subprocess.Popen(job, cwd=REPO, env=env, stdout=fo, stderr=fe)
+        try:
+            while not os.path.exists(os.path.join(run, "latest")):
+                assert proc.poll() is None, _read(run + ".err")[-3000:]
+                time.sleep(0.05)
+            subprocess.run(["chattr", "+i", run], check=True)
+            code = proc.wait(timeout=600)
+        finally:
+            subprocess.run(["chattr", "-i", run])
+            if proc.poll() is None:
+                proc.kill()
+        err, cause = _read(run + ".err"), "operation not permitted"
+    else:
+        pytest.skip("this machine lets the test make no folder unwritable to itself (no mount namespace, no chattr)")
+    assert code == 1, err[-3000:]
+    errors = [ln for ln in err.splitlines() if "error" in ln.lower() and "warn" not in ln.lower()]
+    assert "Traceback" not in err and len(errors) == 1, err[-3000:]
+    assert errors[0].startswith(f"error: cannot save checkpoint {run}/iter_0000008: writing {run}/") and \
+        f"failed on rank 0: {cause}" in errors[0] and f"the last complete checkpoint is {run}/iter_0000004" in \
+        errors[0], errors[0]
 
 
 def test_second_sigint_during_the_handled_stop_is_not_a_traceback(capfd):
@@ -692,11 +861,38 @@ def test_lock_records_the_heartbeat_and_release_removes_only_its_own(tmp_path, c
     assert lock._read(path)["token"] == "someone-else", "a job never deletes a lock it does not own"
     os.remove(path)
     held = lock.acquire(save)
-    os.chmod(save, 0o500)  # the folder turned read-only: the lock cannot be removed
+    with _unwritable(save) as how:  # the lock cannot be removed: release says nothing, raises nothing
+        held.release()
+        assert os.path.exists(path), how
+    os.remove(path)
+    with _unwritable(save) as how:  # a start on an unwritable folder: the cause, not a PermissionError
+        with pytest.raises(CheckpointError, match=f"cannot write to --save {save}: creating its lock file {path} "
+                                                  "failed: (operation not permitted|permission denied). Make the"):
+            lock.acquire(save)
+
+
+@contextlib.contextmanager
+def _unwritable(folder):
+    """``folder`` made unwritable to this process: immutable (chattr +i, as root), else mode 0500
+    (a user other than root)."""
+    if subprocess.run(["chattr", "+i", folder], capture_output=True).returncode == 0:
+        try:
+            yield "chattr +i"
+        finally:
+            subprocess.run(["chattr", "-i", folder], check=True)
+        return
+    os.chmod(folder, 0o500)
     try:
-        held.release()  # no exception
+        probe = os.path.join(folder, "probe")
+        try:
+            open(probe, "w").close()
+        except OSError:
+            yield "chmod 0500"
+            return
+        os.remove(probe)
+        pytest.skip("this process can make no folder unwritable to itself (root without CAP_LINUX_IMMUTABLE)")
     finally:
-        os.chmod(save, 0o700)
+        os.chmod(folder, 0o700)
 
 
 # ----------------------------------------------------------------------------------------------

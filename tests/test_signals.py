@@ -8,9 +8,10 @@ in the environment), and a rank killed under torchrun's restarts.
   iteration R gives weights bit-identical to an uninterrupted run of R iterations.
 * SIGINT (Ctrl-C: every rank gets it) without the handler: each rank exits 130 with one line,
   no traceback.
-* torchrun --max-restarts 1 (gloo, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): rank 1 killed with
-  SIGKILL after a checkpoint; torchrun restarts both ranks, they resume from the last checkpoint,
-  the run completes and its last loss is the uninterrupted run's.
+* torchrun --max-restarts 2 --master_port P (gloo; the workers share the agent's TCP store across
+  restarts, which hung the restarted workers in init_process_group): rank 1 killed with SIGKILL
+  after a checkpoint; torchrun restarts both ranks, they resume from the last checkpoint, the run
+  completes and its last loss is the uninterrupted run's.
 
 The interrupted runs ask for 100000 iterations (they never end by themselves) with a fixed
 ``--lr-decay-iters 12``, so the LR schedule does not depend on --train-iters and the resume, the
@@ -99,14 +100,18 @@ def _wait_for(logs, text, procs, timeout=600):
 
 
 def _torchrun(argv, folder, name):
-    """torchrun --max-restarts 1 with 2 workers on gloo; returns the agent and its output path."""
+    """torchrun --max-restarts 2 --master_port P with 2 workers on gloo (static rendezvous: the
+    workers share the agent's TCP store across restarts; no TORCH_DISABLE_SHARE_RDZV_TCP_STORE);
+    returns the agent and its output path."""
     out = os.path.join(folder, f"{name}.out")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT") and not k.startswith("SLURM_")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # pytorch#135712
+                                                             "MASTER_PORT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+           and not k.startswith("SLURM_")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     with open(out, "w") as f:
-        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                                  "--max-restarts", "1", os.path.join(REPO, "pretrain_dchag.py")] + argv,
+        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                  "--max-restarts", "2", "--master_port", str(free_port()),
+                                  os.path.join(REPO, "pretrain_dchag.py")] + argv,
                                  stdout=f, stderr=subprocess.STDOUT, cwd=folder, env=env)
     return agent, out
 

@@ -30,7 +30,8 @@ RUN/latest names the newest). This tool turns it into:
                   --load-dir RUN_OR_ITER_DIR --save-dir RUN2 --format universal
                 -> continue on any layout with: pretrain_dchag.py --load RUN2 ... (detected by itself).
 
-  --verify      check every file against the manifest saved with it (size + SHA-256):
+  --verify      check every file against the manifest saved with it (size + SHA-256), and an
+                export's tensors (dtypes as its config.json says, every value finite):
                   --load-dir RUN_OR_ITER_OR_EXPORT --verify      (exit 1 and the damaged file named)
 
   --describe    what a checkpoint or export is, without loading it: task, architecture, layout and
@@ -39,6 +40,9 @@ RUN/latest names the newest). This tool turns it into:
                   --describe RUN_OR_ITER_OR_EXPORT
                 Reads only the JSON files dchag writes (config.json; dchag_args.json,
                 normalization.json) and file names and sizes: no weights, no pickle.
+
+An export without its manifest is loaded with a warning (its dtypes, shapes and values checked)
+but not turned into a training checkpoint unless --accept-export-without-manifest is given.
 
 Every conversion first checks its input against the manifest, and refuses an existing,
 non-empty --save-dir (nothing is overwritten).
@@ -76,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", choices=("merge", "apart"), default="merge",
                    help="--format consolidated of a LoRA run: merge the adapters into the weights (default), or write "
                         "them apart beside a reference to the base")
-    p.add_argument("--verify", action="store_true", help="only check the files against their manifest")
+    p.add_argument("--verify", action="store_true",
+                   help="only check the files against their manifest (an export: also its dtypes and that every "
+                        "value is finite)")
+    p.add_argument("--accept-export-without-manifest", action="store_true",
+                   help="--format deepspeed: convert an export that has no manifest.json (refused otherwise: nothing "
+                        "shows its files are the ones exported; its dtypes, shapes and values are still checked)")
     return p
 
 
@@ -114,7 +123,7 @@ def main(argv=None) -> int:
             convert.export_consolidated(args.load_dir, args.save_dir)
         elif args.format == "deepspeed":
             convert.to_deepspeed(args.load_dir, args.save_dir, args.target_tensor_parallel_size,
-                                 args.target_channel_parallel_size)
+                                 args.target_channel_parallel_size, args.accept_export_without_manifest)
         else:
             convert.to_universal(args.load_dir, args.save_dir)
     except CheckpointError as e:

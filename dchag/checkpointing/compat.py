@@ -14,8 +14,8 @@ from dchag.checkpointing import fingerprint, manifest
 from dchag.checkpointing.manifest import MANIFEST
 from dchag.checkpointing.ranks import say
 from dchag.checkpointing.recovery import hint, move_aside, set_aside_damaged
-from dchag.checkpointing.tags import (interrupted_iterations, is_complete, is_universal_folder, iteration_of,
-                                      resume_point, saved_iterations, tag_for)
+from dchag.checkpointing.tags import (check_own, interrupted_iterations, is_complete, is_universal_folder,
+                                      iteration_of, resume_point, saved_iterations, tag_for)
 
 # Arguments that shape the optimizer's parameter groups: its saved state loads only under the same
 # values (DeepSpeed's own error for a changed grouping names parameter alignment, not the flag).
@@ -86,6 +86,7 @@ def load_tag(args, universal: bool = False) -> str | None:
     if args.ckpt_step is not None:
         tag = tag_for(args.ckpt_step)
         folder = os.path.join(load, tag)
+        check_own(load, tag)
         if not os.path.isdir(folder):
             raise CheckpointError(f"--load {load} --ckpt-step {args.ckpt_step}: there is no {tag} there "
                                   f"(complete checkpoints: {have}).")

@@ -120,7 +120,7 @@ def consolidate(load_dir: str, merge_adapters: bool = True) -> tuple[dict, dict]
         cfg = dataclasses.replace(cfg, lora_rank=0, lora_alpha=None, lora_dropout=0.0, lora_targets=None)
         config["model"] = consolidated.config_to_dict(cfg)
         config["source"]["lora"]["merged"] = True
-    config.update(parameters=specs, dtype="float32", versions=consolidated.versions())
+    config.update(parameters=specs, dtype=consolidated.DTYPE, versions=consolidated.versions())
     return tensors, config
 
 
@@ -142,11 +142,17 @@ def _universal_info(maps: dict) -> dict:
                 "^" + re.escape(name) + "$": amap.to_dict() for name, amap in maps.items()}}}
 
 
-def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channel_parallel_size: int) -> str:
+ACCEPT_NO_MANIFEST = "--accept-export-without-manifest"
+
+
+def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channel_parallel_size: int,
+                 accept_without_manifest: bool = False) -> str:
     """Cut a consolidated export into a DeepSpeed checkpoint for layout (T, P): per
     model-parallel rank a model-states file holding its shards (fp32) and the client state
     (iteration, consumed samples, LR schedule, arguments with the new layout, affine maps), no
-    optimizer state. Returns the checkpoint folder."""
+    optimizer state. Returns the checkpoint folder. An export without its manifest is refused
+    (the new checkpoint's manifest would vouch for files nobody checked) unless
+    ``accept_without_manifest`` (the tool's ``--accept-export-without-manifest``)."""
     import tempfile
     from dchag.arguments import MODEL_ARGS
     from dchag.checkpointing.compat import model_args
@@ -155,7 +161,14 @@ def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channe
         consolidated.check_output(save_dir)
         with tempfile.TemporaryDirectory(prefix="dchag_consolidated_") as tmp:
             export_consolidated(load_dir, os.path.join(tmp, "c"), merge_adapters=False)  # a LoRA run continues
-            return to_deepspeed(os.path.join(tmp, "c"), save_dir, T, P)
+            return to_deepspeed(os.path.join(tmp, "c"), save_dir, T, P, accept_without_manifest)
+    if not accept_without_manifest and not consolidated.has_manifest(load_dir):
+        raise CheckpointError(
+            f"{load_dir} has no {manifest.MANIFEST}, so whether its files are the ones exported cannot be checked, and "
+            f"--format deepspeed would turn them into a training checkpoint with a manifest of its own. Export it again "
+            f"from the training checkpoint (tools/convert_checkpoint.py --format consolidated); if you know where this "
+            f"copy came from, add {ACCEPT_NO_MANIFEST} (its dtypes, shapes and values are still checked). Nothing was "
+            f"written.")
     tensors, config = consolidated.read(load_dir)  # its sizes checked before anything is allocated
     import deepspeed
     cfg = consolidated.config_from_dict(config["model"])
@@ -258,7 +271,13 @@ def verify(path: str) -> list[tuple[str, list[str]]]:
     out = []
     for folder in folders:
         try:
-            out.append((folder, manifest.verify(folder, require=True)))
+            problems = manifest.verify(folder, require=True)
         except manifest.IntegrityError as e:
-            out.append((folder, [str(e)]))
+            problems = [str(e)]
+        if consolidated.is_consolidated(folder):  # an export is checked whether or not its manifest is there
+            try:
+                problems += consolidated.content_problems(folder)
+            except CheckpointError as e:
+                problems.append(str(e))
+        out.append((folder, problems))
     return out

@@ -17,7 +17,7 @@ import re
 
 from dchag.checkpointing import consolidated, normalization
 from dchag.checkpointing.errors import CheckpointError
-from dchag.checkpointing.tags import TAG_RE, iteration_of, resume_point
+from dchag.checkpointing.tags import TAG_RE, folder_hint, iteration_of, resume_point
 
 _AGGREGATIONS = {"flat": "flat (every channel its own token)", "linear": "D-CHAG-L (linear)",
                  "cross": "D-CHAG-C (cross-attention)"}
@@ -49,7 +49,7 @@ def _checkpoint_folder(path: str) -> str:
                               "iter_NNNNNNN folders.")
     if glob.glob(os.path.join(path, "*model_states.pt")) or os.path.exists(os.path.join(path, "dchag_args.json")):
         return path
-    tag, _ = resume_point(path)
+    tag, _ = resume_point(path, pick=folder_hint)  # --describe takes a folder, not --ckpt-step
     if tag is None:
         raise CheckpointError(f"{path} is neither a consolidated export nor a checkpoint of pretrain_dchag.py (no "
                               "config.json, no dchag_args.json, no complete iter_NNNNNNN folder).")

@@ -19,6 +19,19 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: str) -> None:
+    """Every file and folder under ``folder`` on disk (before a rename publishes the folder: a crash
+    after the rename must not leave empty or short files under the new name)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
 def write_text(path: str, text: str) -> str:
     """Write ``path`` atomically: a temporary sibling (``.tmp``), fsynced, renamed over it."""
     tmp = path + ".tmp"

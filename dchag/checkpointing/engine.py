@@ -97,9 +97,12 @@ def _agree(failures: list[tuple[str, BaseException]], args, tag: str) -> None:
         else ""
     complete = saved_iterations(args.save, complete=True)
     last = (f"the last complete checkpoint is {os.path.join(args.save, tag_for(complete[-1]))}, and the same command "
-            "resumes from it" if complete else f"no complete checkpoint is in {args.save} yet")
-    raise CheckpointError(f"cannot save checkpoint {folder}: writing {path} failed on rank {r}: {cause}{more}. The "
-                          f"partial {tag} was removed; {last} once the cause is fixed.")
+            "resumes from it once the cause is fixed" if complete else
+            f"no complete checkpoint is in {args.save} yet: the same command starts afresh once the cause is fixed")
+    partial = (f"The partial {tag} could not be removed (the next start sets it aside)" if os.path.exists(folder)
+               else f"Nothing of {tag} is left")
+    raise CheckpointError(f"cannot save checkpoint {folder}: writing {path} failed on rank {r}: {cause}{more}. "
+                          f"{partial}; {last}.")
 
 
 def save(engine, args, iteration: int, consumed_samples: int, scheduler, normalization: dict | None = None,

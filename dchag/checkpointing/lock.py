@@ -147,8 +147,8 @@ def _held_here(path: str) -> bool:
 
 class _Probe:
     """The OS lock of an existing lock file, tried without waiting: ``state`` is 'held' (another
-    process holds it: its owner is alive), 'free' (this probe holds it now, until closed) or
-    'unknown' (no ``flock`` here, or the file could not be opened)."""
+    process holds it: its owner is alive), 'free' (this probe holds it now, until closed),
+    'unknown' (no ``flock`` here, or the file could not be opened) or 'gone' (removed meanwhile)."""
 
     def __init__(self, path: str, exclusive: bool, tries: int = 10):
         self.fd, self.state, self.age = None, "unknown", None
@@ -305,35 +305,61 @@ class SaveLock:
                 pass
 
 
+def _flock_supported(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: only "unsupported" can fail
+    except OSError as e:
+        if e.errno not in _NO_FLOCK:
+            raise
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def _hold(path: str, os_lock: str | None) -> int:
+    """A descriptor of ``path`` kept for the run, holding its OS lock. Read-only where the file
+    system allows it (a writable descriptor held for days would keep the file system from being
+    remounted read-only); NFS wants a writable one for an exclusive lock (EBADF otherwise)."""
+    fd = os.open(path, os.O_RDONLY)
+    if os_lock != "flock":
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError as e:
+        os.close(fd)
+        if e.errno != errno.EBADF:
+            raise
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
 def _create(path: str, record: dict) -> int | None:
     """Create ``path`` holding ``record`` unless it exists (atomically), holding its OS lock from
     before it appears; returns the open descriptor (the lock lives as long as it), or None."""
     tmp = f"{path}.{record['host']}.{record['pid']}.{record['token'][:8]}.tmp"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    linked = False
+    held = -1
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: only "unsupported" can fail
-            record["os_lock"] = "flock"
-        except OSError as e:
-            if e.errno not in _NO_FLOCK:
-                raise
-            record["os_lock"] = None
-        os.write(fd, json.dumps(record, indent=1).encode())
-        os.fsync(fd)
+            record["os_lock"] = "flock" if _flock_supported(fd) else None
+            os.write(fd, json.dumps(record, indent=1).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        held = _hold(tmp, record["os_lock"])  # locked before the file appears under its name
         try:
             os.link(tmp, path)  # fails if path exists; atomic on local and network file systems
-            linked = True
         except FileExistsError:
             return None
         except OSError:  # no hard links here: exclusive create instead
-            os.close(fd)
-            fd = -1
             return _create_exclusive(path, record)
+        fd, held = held, -1
         return fd
     finally:
-        if not linked and fd >= 0:
-            os.close(fd)
+        if held >= 0:
+            os.close(held)
         os.remove(tmp)
 
 
@@ -342,7 +368,7 @@ def _create_exclusive(path: str, record: dict) -> int | None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return None
-    try:
+    try:  # locked at once: the file is visible from its creation
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         record["os_lock"] = None
@@ -361,8 +387,9 @@ def acquire(save_dir: str, log=print) -> SaveLock:
             os.makedirs(save_dir, exist_ok=True)
             fd = _create(path, me)
         except OSError as e:
-            raise CheckpointError(f"cannot write to --save {save_dir}: creating {path} failed: "
-                                  f"{cause_of(e, path)}.") from e
+            raise CheckpointError(f"cannot write to --save {save_dir}: creating its lock file {path} failed: "
+                                  f"{cause_of(e, path)}. Make the folder writable (read-only, immutable or another "
+                                  "user's?), or choose another --save folder.") from e
         if fd is not None:
             lock = SaveLock(save_dir, me, created, fd)
             _held.append(lock)

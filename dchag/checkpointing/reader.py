@@ -23,7 +23,7 @@ import torch
 
 from dchag.checkpointing import manifest, pickles
 from dchag.checkpointing.errors import CheckpointError
-from dchag.checkpointing.tags import TAG_RE, is_complete, is_universal_folder, resume_point
+from dchag.checkpointing.tags import TAG_RE, check_own, folder_hint, is_complete, is_universal_folder, resume_point
 
 _MP_RE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 
@@ -35,11 +35,14 @@ def resolve_folder(path: str) -> str:
         raise CheckpointError(f"{path} is not a folder: give a run folder (with a 'latest' file) or one of its "
                               "iter_NNNNNNN folders.")
     if glob.glob(os.path.join(path, "*model_states.pt")):
+        parent, name = os.path.split(os.path.normpath(os.path.abspath(path)))
+        if TAG_RE.match(name):  # RUN/iter_N named directly: it must be RUN's own
+            check_own(parent, name)
         if not is_complete(path) and not is_universal_folder(path):
             raise CheckpointError(f"{path} is an interrupted save (it has no {manifest.MANIFEST}: the save did not "
                                   "finish); convert a complete checkpoint of that run.")
         return path
-    tag, note = resume_point(path)
+    tag, note = resume_point(path, pick=folder_hint)  # the converter and a fine-tune take no --ckpt-step
     if tag is None:
         tags = sorted(n for n in os.listdir(path) if TAG_RE.match(n))
         raise CheckpointError(f"{path} holds no model-states files and no complete checkpoint"

@@ -428,6 +428,7 @@ def read_model(path: str, build, dtype: torch.dtype = torch.float32):
                 raise CheckpointError(f"{weights} does not fit the model of its config.json: missing {missing[:3]}, "
                                       f"unexpected {extra[:3]}.")
             load_full_state_dict(model, {n: f.get_slice(n) for n in names})
+        consolidated.refuse_non_finite(path, {n: p.detach() for n, p in model.named_parameters()})
     else:
         tensors, _ = reader.read_full_state_dict(folder, names)
         load_full_state_dict(model, tensors)

@@ -98,15 +98,15 @@ def exit_interrupted() -> None:
     already be gone, and tearing down gloo groups against a dead peer can hang or abort). The line
     comes first, written straight to the file descriptor (a signal may have interrupted a print),
     and neither a second Ctrl-C nor the launcher's SIGTERM can stop it: both are ignored from here."""
-    from dchag.checkpointing.lock import release_held
-    for name in ("SIGINT", "SIGTERM"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for name in ("SIGINT", "SIGTERM"):  # first: a second Ctrl-C arriving during an import below would
+        signal.signal(getattr(signal, name), signal.SIG_IGN)  # re-enter this handler mid-import (ImportError)
     try:
         sys.stdout.flush()
     except Exception:  # noqa: BLE001 - the signal may have interrupted a write to stdout
         pass
-    os.write(2, (interrupted_line() + "\n").encode())
     try:
+        os.write(2, (interrupted_line() + "\n").encode())
+        from dchag.checkpointing.lock import release_held
         release_held()  # the --save lock (os._exit skips atexit)
     finally:
         os._exit(130)
