@@ -7,14 +7,16 @@ statistics, target statistics) is built once, in this process, and shared by the
   predicts what the original does; without the sidecar it is taken by position (and differs);
   a missing band is refused by name, and zero-filled as invalid input with
   --allow-missing-channels; an extra band is dropped; in Python, ``channels=`` (names or
-  wavelengths) does the same;
+  wavelengths) does the same; a name that contradicts its wavelength is refused, and --match-channels
+  (match_channels= in Python) says which identity stands;
 * whole images in Python equal tools/predict.py on the same pixels ([1, 13, 100, 90] -> [1, 1, 100,
   90]), with and without overlap, numpy or torch;
 * overlap: the stitched result equals an independent numpy blend of the tiles' own outputs; a model
   whose output does not depend on the position gives the same result with and without overlap;
 * ENVI and NetCDF scenes predict what the .npy does, and the output keeps map info and lat/lon;
 * a model pretrained on a blend runs an input as the source that covers it best.
-(Distributed prediction and --describe: tests/test_checkpoint_convert.py, on its trained checkpoints.)
+(Distributed prediction and --describe: tests/test_checkpoint_convert.py, on its trained checkpoints; a
+blended model's prediction: tests/test_blend_predict.py.)
 """
 
 from __future__ import annotations
@@ -143,6 +145,32 @@ def test_python_methods_match_channels_by_name_or_wavelength(model, capsys):
     err = capsys.readouterr().err
     assert err.count("carries no channel names or wavelengths") == 1, err  # said once
 
+
+
+def test_match_channels_decides_a_name_that_contradicts_its_wavelength(export, model, tmp_path, capsys):
+    """A file whose band named B05 carries B8A's wavelength (865 nm) and B8A the 705 nm of B05: refused,
+    naming both and --match-channels; --match-channels name reads the bands by their names (the
+    original order), wavelength by their wavelengths (B05 and B8A swapped); in Python match_channels= does
+    the same."""
+    x = _scene((1, C, TILE, TILE))
+    d = str(tmp_path)
+    i5, i8a = NAMES.index("B05"), NAMES.index("B8A")
+    wl = list(WAVELENGTHS)
+    wl[i5], wl[i8a] = wl[i8a], wl[i5]
+    data = _save(d, "contradicts", x, NAMES, wl)
+    capsys.readouterr()
+    assert _predict(export, data, f"{d}/refused.npy") == 1
+    err = capsys.readouterr().err
+    assert "'B05' at 865 nm" in err and "--match-channels name" in err, err
+    swapped = x.copy()
+    swapped[:, [i5, i8a]] = x[:, [i8a, i5]]
+    by_name, by_wavelength = model.regress(x, channels=NAMES), model.regress(swapped, channels=NAMES)
+    assert np.nanmax(np.abs(by_name - by_wavelength)) > 1e-4
+    for prefer, want in (("name", by_name), ("wavelength", by_wavelength)):
+        assert _predict(export, data, f"{d}/{prefer}.npy", "--match-channels", prefer) == 0
+        np.testing.assert_allclose(np.load(f"{d}/{prefer}.npy"), want, rtol=0, atol=1e-6)
+        got = model.regress(x, channels={"names": NAMES, "wavelengths": wl}, match_channels=prefer)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 # ---- whole images of any size, seamless tiles --------------------------------------------------
 

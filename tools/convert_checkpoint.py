@@ -35,8 +35,8 @@ RUN/latest names the newest). This tool turns it into:
                   --load-dir RUN_OR_ITER_OR_EXPORT --verify      (exit 1 and the damaged file named)
 
   --describe    what a checkpoint or export is, without loading it: task, architecture, layout and
-                iteration, channels (names, wavelength range), tile size, the data it was trained
-                on, normalization, size on disk:
+                iteration, channels (names, wavelength range; a model pretrained on a blend: every
+                source's too), tile size, the data it was trained on, normalization, size on disk:
                   --describe RUN_OR_ITER_OR_EXPORT
                 Reads only the JSON files dchag writes (config.json; dchag_args.json,
                 normalization.json) and file names and sizes: no weights, no pickle.

@@ -42,7 +42,15 @@ FILE.channels.json) are matched to the model's by name, then by wavelength, and 
 model's order; channels the model does not know are dropped (one line says which). A model
 channel the file lacks is refused, naming it, unless --allow-missing-channels (then it is
 zero-filled as invalid input, as training does, and named). A file that names no channels is
-taken in the model's channel order, and the output says so.
+taken in the model's channel order, and the output says so. A channel whose name and wavelength
+point at different model channels is refused unless --match-channels name|wavelength says which
+stands.
+
+A model pretrained on a blend of sources (docs/BLENDS.md) predicts a file as the source whose
+channels the file covers best (by identity; the first line says which): that source's channels
+in its order, its normalization statistics, the model run as that source; --task mae returns that
+source's channels. A file that names no channels is refused (positions mean nothing across
+sources) unless its channel count is exactly one source's.
 """
 
 from __future__ import annotations
@@ -91,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing-channels", action="store_true",
                    help="predict even when the file lacks some of the model's channels (matched by name, then "
                         "wavelength): they are zero-filled as invalid input, and named (default: refused, naming them)")
+    p.add_argument("--match-channels", choices=("name", "wavelength"), default=None,
+                   help="which identity stands when a file's channel has the name of a model channel but a wavelength "
+                        "further away than the band's width (default: refused, naming both): name (the names stand) or "
+                        "wavelength (the wavelengths stand), as pretrain_dchag.py --match-channels for fine-tuning")
     p.add_argument("--picture", default=None, help="also write a PNG of the first image: input | output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -142,6 +154,7 @@ def predict(model, args, share):
                         mask_ratio=args.mask_ratio, seed=args.seed, lead_time=args.lead_time,
                         batch_size=args.batch_size, progress=not args.no_progress, picture=args.picture,
                         complementary=args.complementary_masks, allow_missing_channels=args.allow_missing_channels,
+                        match_channels=args.match_channels,
                         channels_last=args.channels_last,
                         overlap=args.overlap, share=share)
 

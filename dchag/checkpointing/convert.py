@@ -124,6 +124,17 @@ def consolidate(load_dir: str, merge_adapters: bool = True) -> tuple[dict, dict]
     return tensors, config
 
 
+def identity_args(config: dict) -> dict:
+    """The channel identity an export records (its config.json: the channels' names and wavelengths;
+    a blend: every source's union ids and names), as the run's arguments name it (dchag_args.json)."""
+    model = config.get("model") or {}
+    out = {"channel_names": config.get("channel_names") or model.get("channel_names"),
+           "wavelengths": config.get("wavelengths") or model.get("wavelengths")}
+    if model.get("sources") is not None:
+        out.update(sources=model["sources"], source_names=model.get("source_names"))
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _universal_info(maps: dict) -> dict:
     from deepspeed.checkpoint import constants as C
     return {C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
@@ -144,6 +155,7 @@ def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channe
     ``accept_without_manifest`` (the tool's ``--accept-export-without-manifest``)."""
     import tempfile
     from dchag.arguments import MODEL_ARGS
+    from dchag.checkpointing.compat import model_args
     T, P = int(tensor_parallel_size), int(channel_parallel_size)
     if not consolidated.is_consolidated(load_dir):  # a training checkpoint: consolidate it first
         consolidated.check_output(save_dir)
@@ -172,8 +184,9 @@ def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channe
                               f"e.g. {missing[:3]}.")
     with consolidated.staged_output(save_dir) as tmp:
         args = dict(config.get("training_args") or {})
-        args.update(tensor_model_parallel_size=T, channel_parallel_size=P)
-        margs = {k: args.get(k) for k in MODEL_ARGS}
+        args.update(tensor_model_parallel_size=T, channel_parallel_size=P, **identity_args(config))
+        # as training records them (the model, layout, channel identity and blend), less what the export does not know
+        margs = {k: v for k, v in model_args(argparse.Namespace(**args)).items() if k in MODEL_ARGS or k in args}
         iteration, consumed = int(config["iteration"]), int(config["consumed_samples"])
         tag = tag_for(iteration)
         folder = os.path.join(tmp, tag)

@@ -76,6 +76,9 @@ def describe(path: str) -> dict:
                 "wavelengths": config.get("wavelengths") or model.get("wavelengths"),
                 "normalization": config.get("normalization"), "targets": config.get("targets"),
                 "mask_ratio": config.get("mask_ratio"), "lead_time": config.get("lead_time"),
+                "sources": _sources(model.get("sources"), model.get("source_names"),
+                                    config.get("wavelengths") or model.get("wavelengths"),
+                                    args.get("data_sources"), config.get("normalization")),
                 "parameters": count, "size": size, "files": files, "versions": config.get("versions")}
     folder = _checkpoint_folder(path)
     margs = _read_json(os.path.join(folder, "dchag_args.json"))
@@ -106,7 +109,33 @@ def describe(path: str) -> dict:
             "channel_names": margs.get("channel_names") or norm.get("channel_names"),
             "wavelengths": margs.get("wavelengths") or norm.get("wavelengths"),
             "normalization": norm or None, "targets": norm.get("targets"), "mask_ratio": None, "lead_time": None,
+            "sources": _sources(margs.get("sources"), margs.get("source_names"),
+                                margs.get("wavelengths") or norm.get("wavelengths"), margs.get("data_sources"), norm),
             "parameters": None, "size": size, "files": files, "versions": None}
+
+
+def _sources(sources, names, wavelengths, data_sources, norm) -> list[dict] | None:
+    """A model pretrained on a blend: per source its name, union ids and wavelength range (the
+    model's record, else the normalization's per-source documents), with its path and weight where
+    the run's arguments recorded them; None for a model of one source."""
+    per_norm = (norm or {}).get("sources") or []
+    if sources is None and per_norm:  # a checkpoint whose arguments lack the blend: its normalization has it
+        sources = [d.get("union_ids") for d in per_norm]
+        names = [d.get("name") for d in per_norm]
+        if any(ids is None for ids in sources):
+            return None
+    if not sources:
+        return None
+    data = {d.get("name"): d for d in data_sources or [] if isinstance(d, dict)}
+    out = []
+    for s, ids in enumerate(sources):
+        name = names[s] if names and s < len(names) else str(s)
+        known = [float(wavelengths[u]) for u in ids if wavelengths and wavelengths[u] is not None]
+        rec = data.get(name, {})
+        out.append({"name": name, "union_ids": [int(u) for u in ids], "num_channels": len(ids),
+                    "wavelength_range": [min(known), max(known)] if known else None, "with_wavelength": len(known),
+                    "path": rec.get("path"), "weight": rec.get("weight")})
+    return out
 
 
 def _numel(shape) -> int:
@@ -122,6 +151,15 @@ def _human(nbytes: int) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     return ""
+
+
+def _shared_counts(blend: list[dict]) -> list[int]:
+    """Per source, how many of its channels another source has too (one set of weights for both)."""
+    owners: dict[int, int] = {}
+    for src in blend:
+        for u in set(src["union_ids"]):
+            owners[u] = owners.get(u, 0) + 1
+    return [sum(owners[u] > 1 for u in set(src["union_ids"])) for src in blend]
 
 
 def _names(names: list, limit: int = 6) -> str:
@@ -171,20 +209,45 @@ def lines(d: dict) -> list[str]:
         ch += f" ({min(known):g}-{max(known):g} nm, {len(known)} with a wavelength)"
     elif not names:
         ch += " (no names or wavelengths recorded: inputs are taken by position)"
+    blend = d.get("sources")
+    if blend:
+        ch += f"; the union of {len(blend)} sources' channels"
     out.append(f"  channels       {ch}")
+    if blend:
+        shared = _shared_counts(blend)
+        for s, src in enumerate(blend):
+            line = f"{src['num_channels']} channel(s)"
+            if names:
+                line += ": " + _names([names[u] for u in src["union_ids"]], 4)
+            lo_hi = src.get("wavelength_range")
+            if lo_hi:
+                span = f"{lo_hi[0]:g}" if lo_hi[0] == lo_hi[1] else f"{lo_hi[0]:g}-{lo_hi[1]:g}"
+                line += f" ({span} nm, {src['with_wavelength']} with a wavelength)"
+            if shared[s]:
+                line += f"; {shared[s]} shared with another source"
+            if src.get("weight") is not None:
+                line += f"; weight {float(src['weight']):.3g}"
+            if src.get("path"):
+                line += f"; {src['path']}"
+            out.append(f"  source {src['name']!s:<8}{line}")
     if m.get("img_h"):
         p = m.get("patch_dim")
         out.append(f"  tile           {m['img_h']} x {m['img_w']} pixels, patches of {p} x {p} "
                    f"({m['img_h'] // p} x {m['img_w'] // p} tokens)")
     data = a.get("data_path")
+    if isinstance(data, (list, tuple)):  # a blend's --data-path: weights and paths
+        data = "--data-path " + " ".join(str(t) for t in data)
+    elif not data and blend:
+        data = f"a blend of {len(blend)} sources (above)"
     out.append(f"  data           {data if data else 'not recorded'}"
                + (f" (--data-format {a['data_format']})" if data and a.get("data_format") else ""))
     n = d.get("normalization") or {}
     if n.get("normalized") and n.get("mean") is not None:
         mean = [v for v in n["mean"] if v is not None]
         std = [v for v in n["std"] if v is not None]
-        out.append(f"  normalization  per-channel mean/std of the training data: mean {min(mean):.4g}..{max(mean):.4g}, "
-                   f"std {min(std):.4g}..{max(std):.4g}")
+        whose = f" (each source's own; {len(n['sources'])} sources)" if n.get("sources") else ""
+        out.append(f"  normalization  per-channel mean/std of the training data{whose}: mean "
+                   f"{min(mean):.4g}..{max(mean):.4g}, std {min(std):.4g}..{max(std):.4g}")
     elif n:
         out.append("  normalization  none (trained on raw values)")
     else:

@@ -29,6 +29,7 @@ import os
 import numpy as np
 
 from dchag.checkpointing import durable
+from dchag.checkpointing.errors import CheckpointError
 
 FILE = "normalization.json"
 FORMAT = "dchag-normalization"
@@ -135,3 +136,25 @@ def arrays(doc: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
     if not doc or not doc.get("normalized") or doc.get("mean") is None:
         return None
     return np.asarray(doc["mean"], np.float32), np.asarray(doc["std"], np.float32)
+
+
+def source_arrays(doc: dict | None, source: int, union_ids) -> tuple[np.ndarray, np.ndarray] | None:
+    """A blend's source ``source`` (its channels: ``union_ids``, in its order): (mean, std) float32
+    [C_s] in its own channel order, as its training steps applied them, or None when it was
+    trained on raw values. A document without per-source statistics (written by hand) gives each
+    channel the union's (the first source's that has it)."""
+    parts = (doc or {}).get("sources")
+    if parts is not None and source < len(parts) and parts[source].get("mean") is not None:
+        part = parts[source]
+        if not part.get("normalized", doc.get("normalized")):
+            return None
+        mean, std = np.asarray(part["mean"], np.float32), np.asarray(part["std"], np.float32)
+        if len(mean) != len(union_ids):
+            raise CheckpointError(f"the saved normalization of source {source} has {len(mean)} channels; the model's "
+                                  f"source {source} has {len(union_ids)}: the checkpoint's files do not belong together.")
+        return mean, std
+    union = arrays(doc)
+    if union is None:
+        return None
+    ids = list(union_ids)
+    return union[0][ids], union[1][ids]

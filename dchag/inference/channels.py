@@ -12,9 +12,16 @@ and/or wavelengths) are matched to the model's by name, then wavelength
   that records none, is taken by position, in the model's channel order, and the output says so.
 
 A model pretrained on a blend of sources (``DChagConfig.sources``: per source the union ids of its
-channels) is run as the source whose channel set the input covers best (most channels found; the
-first such source): :func:`map_channels` returns that source's index beside the reordering (one
-source, the usual case: always 0, every model channel).
+channels) is run as the source whose channel set the input covers best (most channels found; of
+those, the one missing fewest; then the first): :func:`map_channels` returns that source's index
+beside the reordering into that source's channel order (one source, the usual case: always 0,
+every model channel). Positions mean nothing across sources: an input without identity is refused
+by a blended model unless its channel count is exactly one source's (then it is taken by position
+as that source, and the output says so).
+
+A name whose wavelength contradicts the model's channel of that name is refused unless ``prefer``
+(``--match-channels name|wavelength``, ``match_channels=`` in Python) says which identity stands
+(:mod:`dchag.data.identity`).
 """
 
 from __future__ import annotations
@@ -117,16 +124,54 @@ def _list(ids: Sequence[ChannelId], which: Sequence[int], limit: int = 8) -> str
     return shown + (f" and {len(which) - limit} more" if len(which) > limit else "")
 
 
+def _source_label(cfg, s: int) -> str:
+    return repr(cfg.source_names[s]) if cfg.source_names else str(s)
+
+
+def _by_position_as_source(cfg, count: int, where: str, known_given: bool, only: int | None = None) -> ChannelMap:
+    """A blended model meets an input whose channels say nothing (or a model recording no identity):
+    the one source of exactly ``count`` channels (``only``: that source), by position; else refused
+    (positions mean nothing across sources)."""
+    sizes = [len(ids) for ids in cfg.sources]
+    fits = [s for s, n in enumerate(sizes) if n == count and only in (None, s)]
+    if only is not None and not fits:
+        raise DataError(f"{where} has {count} channels and carries no channel names or wavelengths, so they are taken "
+                        f"by position; source {_source_label(cfg, only)} of the model takes {sizes[only]}. Give data "
+                        f"with its {sizes[only]} channels in its order, or name the input's channels (a sidecar "
+                        "FILE.channels.json, channels= in Python) so they are matched by identity.")
+    if len(fits) == 1:
+        s = fits[0]
+        line = (f"channels: {where} carries no channel names or wavelengths; its {count} channels are taken by position "
+                f"as source {_source_label(cfg, s)} of the {len(sizes)} the model trained on (the one of {count} "
+                "channels), in its channel order")
+        return ChannelMap(tuple(range(count)), ("position",) * count, (), s, (line,))
+    listed = ", ".join(f"{_source_label(cfg, s)} {n}" for s, n in enumerate(sizes))
+    why = (f"{len(fits)} of them have {count} channels" if fits else f"none has {count} channels")
+    said = "carries no channel names or wavelengths" if not known_given else \
+        "names its channels, but the model records no channel names or wavelengths to match them by"
+    raise DataError(f"{where} has {count} channels and {said}; the model was pretrained on a blend of {len(sizes)} "
+                    f"sources with different channels ({listed} channels) and {why}, so positions say nothing about "
+                    "which source's channels these are. Name the input's channels (a sidecar FILE.channels.json with "
+                    "channel_names and/or wavelengths; channels= in Python) so they are matched by identity.")
+
+
 def map_channels(cfg, given: list[ChannelId] | None, count: int, *, allow_missing: bool = False,
-                 where: str = "the input", flag: str = "--allow-missing-channels") -> ChannelMap:
-    """The input's ``count`` channels (identities ``given``, None: none) as the model's (``cfg``).
+                 where: str = "the input", flag: str = "--allow-missing-channels",
+                 prefer: str | None = None, source: int | None = None) -> ChannelMap:
+    """The input's ``count`` channels (identities ``given``, None: none) as the model's (``cfg``): for a
+    blended model, as the channels of the source it covers best (``source``: of that source), in that
+    source's order. ``prefer``: which identity stands where a name contradicts its wavelength (None:
+    refused).
 
     Raises DataError naming the model channels the input lacks (unless ``allow_missing``), or
-    when an input without identity does not have the model's channel count."""
+    when an input without identity does not have the model's channel count (a blend: exactly one
+    source's)."""
     model = model_channels(cfg)
     C = cfg.num_channels
     known_given = given is not None and any(c.known for c in given)
     if not known_given or not any(c.known for c in model):
+        if cfg.sources is not None:
+            return _by_position_as_source(cfg, count, where, known_given, source)
         if count != C:
             if not known_given:
                 raise DataError(f"{where} has {count} channels and carries no channel names or wavelengths, so they are "
@@ -143,16 +188,19 @@ def map_channels(cfg, given: list[ChannelId] | None, count: int, *, allow_missin
     sources = [tuple(range(C))] if cfg.sources is None else [tuple(s) for s in cfg.sources]
     best = None
     for s, ids in enumerate(sources):
-        where_s, how_s, extra_s = match_to([model[u] for u in ids], given)
+        if source is not None and s != source:
+            continue
+        where_s, how_s, extra_s = match_to([model[u] for u in ids], given, prefer=prefer, given_label=where)
         found = sum(w is not None for w in where_s)
-        if best is None or found > best[0]:
-            best = (found, s, where_s, how_s, extra_s)
-    found, source, take, how, extra = best
+        key = (found, found - len(ids))  # most found, then fewest missing; ties: the first source
+        if best is None or key > best[0]:
+            best = (key, s, where_s, how_s, extra_s)
+    (found, _), source, take, how, extra = best
     ids = sources[source]
     src_model = [model[u] for u in ids]
     missing = [c for c, w in enumerate(take) if w is None]
-    label = "" if cfg.sources is None else (f" (as source {cfg.source_names[source]!r}" if cfg.source_names
-                                            else f" (as source {source}") + f" of the {len(sources)} it trained on)"
+    label = "" if cfg.sources is None else (f" (as source {_source_label(cfg, source)} of the {len(sources)} it "
+                                            "trained on)")
     if missing and not allow_missing:
         raise DataError(f"{where} lacks {len(missing)} of the model's {len(ids)} channels{label}: "
                         f"{_list(src_model, missing)} (matched by name, then wavelength, against its channels "

@@ -15,7 +15,8 @@ What the input says about where and what its values are travels with the output:
 Kept: the task, the source, the planes' names (and wavelengths), the latitudes/longitudes of rows
 and columns (NetCDF/Zarr coordinates), the time steps, and an ENVI header's ``map info`` /
 ``coordinate system string`` (for ``embed``, one value per patch: the patch centre's coordinates,
-the map pixel size times the patch size).
+the map pixel size times the patch size); for a model pretrained on a blend, ``model_source``: the
+training source the input was run as (a reconstruction's planes are that source's channels).
 """
 
 from __future__ import annotations
@@ -130,9 +131,9 @@ def output_metadata(model, task: str, src, data_path) -> dict:
     cfg = model.cfg
     meta: dict = {"task": task, "source": str(data_path), "producer": "dchag tools/predict.py"}
     names, wavelengths = cfg.channel_names, cfg.wavelengths
-    if task == "mae":
-        meta["channel_names"] = list(names) if names else None
-        meta["wavelengths"] = list(wavelengths) if wavelengths else None
+    if task == "mae":  # the channels of the source the input was run as (one source: the model's)
+        meta["channel_names"] = list(model.channel_names) if model.channel_names else None
+        meta["wavelengths"] = list(model.wavelengths) if model.wavelengths else None
     elif task == "forecast":
         pc = list(cfg.predicted_channels)
         meta["channel_names"] = [names[c] for c in pc] if names else None
@@ -141,6 +142,8 @@ def output_metadata(model, task: str, src, data_path) -> dict:
         meta["channel_names"] = (model.config.get("targets") or {}).get("names")
     elif task == "segment":
         meta["planes"] = ["class index"]
+    if cfg.sources is not None:  # a model pretrained on a blend: which of its sources the input was run as
+        meta["model_source"] = cfg.source_names[model.source] if cfg.source_names else model.source
     p = cfg.patch_dim if task == "embed" else 1
     for key, values in (("latitudes", src.latitudes), ("longitudes", src.longitudes)):
         if values is not None:

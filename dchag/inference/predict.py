@@ -70,7 +70,7 @@ class TilePrediction:
             return cls(cfg.hidden_size, cfg.hidden_size, cfg.patch_dim,
                        lambda x, index: _embed_map(model, x, options.get("lead_time")), lambda block: block)
         t = get_task(task)
-        return cls(t.stitch_planes(cfg), t.output_planes(cfg), 1,
+        return cls(t.stitch_planes(model), t.output_planes(model), 1,
                    lambda x, index: np.asarray(t.predict_tiles(model, x, index, options), np.float32),
                    t.finish_stitched)
 
@@ -216,13 +216,17 @@ def describe_stats(stats: dict) -> str:
 def predict_file(model, data_path: str, task: str, output: str, *, data_format: str = "auto",
                  mask_ratio: float | None = None, seed: int = 0, lead_time: float | None = None, batch_size: int = 8,
                  progress: bool = True, picture: str | None = None, complementary: bool = False,
-                 allow_missing_channels: bool = False, overlap: int = 0, share=None, channels_last: bool = False):
+                 allow_missing_channels: bool = False, match_channels: str | None = None, overlap: int = 0,
+                 share=None, channels_last: bool = False):
     """Predict over every image of ``data_path`` with ``model`` (a :class:`PretrainedDChag`);
     writes ``output`` (.npy or .zarr) and returns it (read-only memory map / zarr array; None in a
     process that does not write). MAE: ``mask_ratio`` None = the training run's; ``complementary``
     = every patch predicted while hidden. The file's channels are matched to the model's by
-    identity (:mod:`dchag.inference.channels`): read in the model's order, extra ones dropped,
-    missing ones refused unless ``allow_missing_channels`` (then read as invalid values)."""
+    identity (:mod:`dchag.inference.channels`; ``match_channels``: which identity stands where a
+    name contradicts its wavelength): read in the model's order, extra ones dropped, missing ones
+    refused unless ``allow_missing_channels`` (then read as invalid values). A model pretrained on a
+    blend predicts the file as the source whose channels it covers best: that source's channels
+    and statistics, the model run as that source."""
     from dchag.data import open_source
     from dchag.inference.output import open_output, output_metadata
     share = share or OneProcess()
@@ -234,7 +238,9 @@ def predict_file(model, data_path: str, task: str, output: str, *, data_format: 
                          "or embed.")
     check_overlap(cfg, task, overlap)
     src = open_source(data_path, data_format, channels_last=channels_last)  # --channels-last: [N, H, W, C] arrays
-    cmap = file_channel_map(model, src, data_path, allow_missing_channels, quiet=not share.writes)
+    cmap = file_channel_map(model, src, data_path, allow_missing_channels, quiet=not share.writes,
+                            match_channels=match_channels)
+    model = model.as_source(cmap.source)  # every rank maps the same file the same way: the same source
     N, _, H, W = src.shape
     if H is None:
         raise ValueError(f"{data_path} mixes image sizes; predict one file (or one image size) at a time.")
@@ -286,17 +292,22 @@ def predict_array(model, task: str, x, options: dict, *, overlap: int = 0, batch
     return out
 
 
-def file_channel_map(model, src, data_path, allow_missing_channels: bool = False, quiet: bool = False):
+def file_channel_map(model, src, data_path, allow_missing_channels: bool = False, quiet: bool = False,
+                     match_channels: str | None = None):
     """How the channels of the data source ``src`` are read as the model's (by identity; by position
-    when the file names none, then only with the model's channel count, channels first); what it
-    says is printed once (not when ``quiet``)."""
+    when the file names none, then only with the model's channel count, channels first; a blended
+    model: one source's count); what it says is printed once (not when ``quiet``)."""
     from dchag.data.readers.open import check_channel_axis
     from dchag.inference.channels import map_channels, source_channels
     given = source_channels(src)
+    cfg = model.cfg
     if given is None:  # positional: the model's channel count decides the axis (never a guess)
-        check_channel_axis(src, model.cfg.num_channels, f"the model's {model.cfg.num_channels} channels")
-    cmap = map_channels(model.cfg, given, src.num_channels, allow_missing=allow_missing_channels,
-                        where=str(data_path))
+        if cfg.sources is None:
+            check_channel_axis(src, cfg.num_channels, f"the model's {cfg.num_channels} channels")
+        elif src.num_channels in {len(ids) for ids in cfg.sources}:  # else refused below, naming the sources
+            check_channel_axis(src, src.num_channels, f"the {src.num_channels} channels of one of the model's sources")
+    cmap = map_channels(cfg, given, src.num_channels, allow_missing=allow_missing_channels, where=str(data_path),
+                        prefer=match_channels)
     if not quiet:
         model.say(*cmap.lines)
     return cmap

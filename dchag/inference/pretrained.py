@@ -19,6 +19,15 @@ in nm, or ``{"names": [...], "wavelengths": [...]}``); they are matched to the m
 wavelength, and reordered; extra ones are dropped; a model channel the input lacks is refused,
 naming it, unless ``allow_missing_channels=True`` (then it is zero-filled as invalid input).
 Without ``channels=`` the input is taken in the model's channel order (said once, on stderr).
+``match_channels="name"|"wavelength"``: which identity stands where a channel's name and wavelength
+point at different model channels (refused otherwise, naming both).
+
+**A model pretrained on a blend of sources** meets an input as the source whose channels it covers
+best (:func:`dchag.inference.channels.map_channels`): the methods above return that source's
+channels (MAE) and normalize with its statistics, and the model runs as that source. Without
+``channels=`` the input must have exactly one source's channel count (taken by position as that
+source); the ``*_tiles`` methods need the source said: ``model.as_source("s2").reconstruct_tiles(x)``
+(that source's channels, in its order).
 
 Inputs are numpy arrays or tensors in the units the data files hold (what the readers return);
 they are normalized with the saved statistics, invalid values (NaN/Inf) zero-filled as in
@@ -42,24 +51,87 @@ from dchag.checkpointing.errors import CheckpointError
 
 
 class PretrainedDChag:
-    def __init__(self, model, config: dict, device: torch.device):
+    """A trained model with its normalization, run on raw arrays (see the module). A model pretrained
+    on a blend of sources meets data as one of them (``as_source``; the whole-image methods pick it
+    from the input's channel identities): its channels, statistics and slots are that source's."""
+
+    def __init__(self, model, config: dict, device: torch.device, source: int | None = None,
+                 said: set[str] | None = None):
         self.model, self.config, self.device = model, config, device
         self.cfg = model.cfg
-        stats = normalization.arrays(config.get("normalization"))
+        self._said: set[str] = set() if said is None else said  # shared by every source's view: said once
+        # One source: always bound to it. A blend: unbound until a source is chosen (as_source).
+        self.source = 0 if self.cfg.sources is None else source
+        self._bind()
+
+    # ---- which channels this process reads, per source ------------------------------------
+    def _bind(self) -> None:
+        """The input and output of the bound source: ``num_channels`` (the source's channels; one
+        source: the model's), their ``channel_names``/``wavelengths`` and statistics (``mean``/``std``,
+        in the source's order), ``channels`` (the distinct ones this process reads), the slots it feeds
+        the model (``_slot_channels``, repeats where a source has fewer channels than groups) and how
+        the gathered slots give each channel once (``all_channels``)."""
+        cfg, doc = self.cfg, self.config.get("normalization")
+        names = cfg.channel_names or self.config.get("channel_names")
+        wavelengths = cfg.wavelengths or self.config.get("wavelengths")
+        if self.source is None:  # a blend, no source chosen: the union's identity, nothing to read yet
+            self.num_channels, self.channel_names, self.wavelengths = cfg.num_channels, names, wavelengths
+            self.channels = self.mean = self.std = None
+            return
+        layout = getattr(self.model, "source_layout", None)
+        if layout is None:  # a stand-in module (tests): one source, one process
+            layout = cfg.source_layout(1)
+        rank = self.model.layout.channel_parallel_rank if hasattr(self.model, "layout") else 0
+        ids = layout.source_ids(self.source)
+        self.num_channels = len(ids)
+        self.channel_names = None if names is None else [names[u] for u in ids]
+        self.wavelengths = None if wavelengths is None else [wavelengths[u] for u in ids]
+        self._slot_channels = list(layout.rank_source_channels(self.source, rank))
+        self.channels = list(layout.rank_reads(self.source, rank))
+        self._expand = None if self._slot_channels == self.channels else \
+            [self.channels.index(c) for c in self._slot_channels]
+        self.rows_per_rank = [len(layout.rank_slot_range(self.source, r)) for r in range(layout.channel_parallel_size)]
+        first = list(layout.first_slots(self.source))
+        self._first_slots = None if first == list(range(sum(self.rows_per_rank))) else first
+        stats = normalization.arrays(doc) if cfg.sources is None else normalization.source_arrays(doc, self.source, ids)
         self.mean, self.std = (None, None) if stats is None else stats
-        self.channel_names = config.get("channel_names")
-        self.wavelengths = config.get("wavelengths")
-        # The model channels this process reads and tokenizes (all of them in one process).
-        self.channels = list(getattr(model, "channels", range(self.cfg.num_channels)))
-        partition = getattr(model, "partition", None)
-        self.rows_per_rank = [len(partition.rank_channels(r)) for r in range(partition.channel_parallel_size)] \
-            if partition is not None else [self.cfg.num_channels]
-        self._said: set[str] = set()
+
+    def as_source(self, source) -> "PretrainedDChag":
+        """The model as it meets data of one of the sources it was pretrained on (an index, or a
+        source's name): inputs in that source's channels and order, normalized with its statistics,
+        the model run as that source. A model of one source: itself."""
+        if self.cfg.sources is None:
+            if source not in (0, None):
+                raise ValueError(f"source {source!r}: this model was trained on one source (its channels are "
+                                 "source 0).")
+            return self
+        names = list(self.cfg.source_names or [])
+        s = names.index(source) if isinstance(source, str) and source in names else source
+        if not isinstance(s, int) or not 0 <= s < len(self.cfg.sources):
+            raise ValueError(f"source {source!r}: this model was pretrained on {self._sources_listed()}; give one "
+                             "of their names or indices.")
+        if s == self.source:
+            return self
+        return PretrainedDChag(self.model, self.config, self.device, source=s, said=self._said)
+
+    def _sources_listed(self) -> str:
+        names = self.cfg.source_names or [str(s) for s in range(len(self.cfg.sources))]
+        return (f"a blend of {len(self.cfg.sources)} sources ("
+                + ", ".join(f"{n!r}: {len(ids)} channels" for n, ids in zip(names, self.cfg.sources)) + ")")
+
+    def _need_source(self, what: str) -> None:
+        if self.source is None:
+            raise ValueError(f"{what}: this model was pretrained on {self._sources_listed()}; say which source's "
+                             "channels the input holds: model.as_source(NAME) (its *_tiles methods take that source's "
+                             "channels, in its order), or call reconstruct/embed(x, channels=...), which pick the "
+                             "source from the channels' names or wavelengths.")
 
     # ---- normalization ---------------------------------------------------------------------
     def normalize(self, x) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw [B, c, H, W] (this process's ``channels``) -> (normalized float32 tensor with invalid
-        values set to 0, valid mask)."""
+        values set to 0, valid mask), both over the slots the model takes ([B, slots, H, W]: the
+        channels again, repeated where the source has fewer channels than groups)."""
+        self._need_source("the tile methods")
         t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(torch.float32).cpu()
         if t.ndim == 3:
             t = t[None]
@@ -72,24 +144,28 @@ class PretrainedDChag:
         if self.mean is not None:
             mean, std = self.mean[self.channels], self.std[self.channels]
             t = (t - torch.from_numpy(mean)[:, None, None]) / torch.from_numpy(std)[:, None, None]
-        return torch.where(valid, t, torch.zeros_like(t)), valid
+        t = torch.where(valid, t, torch.zeros_like(t))
+        if self._expand is not None:
+            t, valid = t[:, self._expand], valid[:, self._expand]
+        return t, valid
 
     def denormalize(self, y: torch.Tensor, channels=None) -> torch.Tensor:
-        """[B, c, H, W] normalized values of model channels ``channels`` (default: this process's) in data units."""
+        """[B, c, H, W] normalized values of channels ``channels`` (default: this process's slots) in data units."""
         y = y.to(torch.float32).cpu()
         if self.mean is None:
             return y
-        idx = self.channels if channels is None else list(channels)
+        idx = self._slot_channels if channels is None else list(channels)
         mean, std = torch.from_numpy(self.mean[idx]), torch.from_numpy(self.std[idx])
         return y * std[:, None, None] + mean[:, None, None]
 
     def all_channels(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, c, ...] of this process's channels -> [B, C, ...] of every model channel (a gather
-        over the channel-parallel group; nothing in one process)."""
-        if len(self.rows_per_rank) == 1:
-            return t
-        from dchag.parallel.comm import gather_channel_rows
-        return gather_channel_rows(t, self.rows_per_rank, dim=1)
+        """[B, slots, ...] of this process's slots -> [B, C, ...] of every channel (of the bound source),
+        each once, in order (a gather over the channel-parallel group; nothing in one process but
+        dropping a source's repeated slots)."""
+        if len(self.rows_per_rank) > 1:
+            from dchag.parallel.comm import gather_channel_rows
+            t = gather_channel_rows(t, self.rows_per_rank, dim=1)
+        return t if self._first_slots is None else t[:, self._first_slots]
 
     def any_valid(self, x) -> torch.Tensor:
         """[B, H, W] bool: pixels of raw ``x`` [B, c, H, W] where any model channel is valid."""
@@ -113,6 +189,9 @@ class PretrainedDChag:
             args["patch_mask"] = patch_mask.to(self.device)
         if lead_time is not None:
             args["lead_time"] = lead_time.to(self.device)
+        if self.cfg.sources is not None:  # a blend: the model runs the bound source's slots
+            self._need_source("forward_normalized")
+            args["source"] = self.source
         return self.model(images.to(self.device), **args)
 
     def mask(self, batch_size: int, mask_ratio: float, seed: int = 0, sample_index=None) -> torch.Tensor:
@@ -206,43 +285,45 @@ class PretrainedDChag:
     # ---- whole images of any size, channels by identity ------------------------------------
     def reconstruct(self, x, mask_ratio: float | None = None, seed: int = 0, return_mask: bool = False,
                     sample_index=None, complementary: bool = False, *, channels=None,
-                    allow_missing_channels: bool = False, overlap: int = 0, batch_size: int = 8):
-        """MAE reconstruction [B, C, H, W] (the model's channels, data units) of ``x`` [B, C_in, H, W]
-        of any size (see :meth:`reconstruct_tiles`). Tile k of the call (image, tile row, tile column
-        order) hides the patches of sample index k, as tools/predict.py does. ``return_mask`` and
-        ``sample_index`` need images of exactly one tile."""
+                    allow_missing_channels: bool = False, match_channels: str | None = None, overlap: int = 0,
+                    batch_size: int = 8):
+        """MAE reconstruction [B, C, H, W] (the model's channels, data units; a blended model: the channels
+        of the source the input is run as) of ``x`` [B, C_in, H, W] of any size (see
+        :meth:`reconstruct_tiles`). Tile k of the call (image, tile row, tile column order) hides the
+        patches of sample index k, as tools/predict.py does. ``return_mask`` and ``sample_index`` need
+        images of exactly one tile."""
         self._need("mae", "reconstruct")
-        x = self.model_channels_of(x, channels, allow_missing_channels)
+        model, x = self.for_input(x, channels, allow_missing_channels, match_channels)
         if return_mask or sample_index is not None:
             if tuple(x.shape[2:]) != (self.cfg.img_h, self.cfg.img_w) or overlap:
                 raise ValueError("return_mask and sample_index apply to images of exactly the training tile size "
                                  f"({self.cfg.img_h} x {self.cfg.img_w}) without overlap.")
-            return self.reconstruct_tiles(x, mask_ratio, seed, return_mask, sample_index, complementary)
-        return self._whole("mae", x, {"mask_ratio": mask_ratio, "seed": seed, "complementary": complementary},
-                           overlap, batch_size)
+            return model.reconstruct_tiles(x, mask_ratio, seed, return_mask, sample_index, complementary)
+        return model._whole("mae", x, {"mask_ratio": mask_ratio, "seed": seed, "complementary": complementary},
+                            overlap, batch_size)
 
     def forecast(self, x, lead_time: float | None = None, *, channels=None, allow_missing_channels: bool = False,
-                 overlap: int = 0, batch_size: int = 8):
+                 match_channels: str | None = None, overlap: int = 0, batch_size: int = 8):
         """Forecast [B, V, H, W] of ``x`` [B, C_in, H, W] of any size (see :meth:`forecast_tiles`)."""
         self._need("forecast", "forecast")
-        return self._whole("forecast", self.model_channels_of(x, channels, allow_missing_channels),
-                           {"lead_time": lead_time}, overlap, batch_size)
+        model, x = self.for_input(x, channels, allow_missing_channels, match_channels)
+        return model._whole("forecast", x, {"lead_time": lead_time}, overlap, batch_size)
 
-    def regress(self, x, *, channels=None, allow_missing_channels: bool = False, overlap: int = 0,
-                batch_size: int = 8):
+    def regress(self, x, *, channels=None, allow_missing_channels: bool = False, match_channels: str | None = None,
+                overlap: int = 0, batch_size: int = 8):
         """The K target maps [B, K, H, W] of ``x`` [B, C_in, H, W] of any size (see :meth:`regress_tiles`)."""
         self._need("regress", "regress")
-        return self._whole("regress", self.model_channels_of(x, channels, allow_missing_channels), {}, overlap,
-                           batch_size)
+        model, x = self.for_input(x, channels, allow_missing_channels, match_channels)
+        return model._whole("regress", x, {}, overlap, batch_size)
 
     def segment(self, x, return_probabilities: bool = False, *, channels=None, allow_missing_channels: bool = False,
-                overlap: int = 0, batch_size: int = 8):
+                match_channels: str | None = None, overlap: int = 0, batch_size: int = 8):
         """Class map int64 [B, H, W] (-1 where no input channel is valid) of ``x`` [B, C_in, H, W] of any
         size; ``return_probabilities``: [B, K, H, W] (NaN there). With overlap the tiles' class
         probabilities are blended, then the most probable class taken."""
         self._need("segment", "segment")
-        prob = self._whole("segment", self.model_channels_of(x, channels, allow_missing_channels), {}, overlap,
-                           batch_size, finish=False)
+        model, x = self.for_input(x, channels, allow_missing_channels, match_channels)
+        prob = model._whole("segment", x, {}, overlap, batch_size, finish=False)
         if return_probabilities:
             return prob
         t = prob if torch.is_tensor(prob) else torch.from_numpy(prob)
@@ -250,11 +331,11 @@ class PretrainedDChag:
         return self._like(classes, prob)
 
     def embed(self, x, lead_time: float | None = None, *, channels=None, allow_missing_channels: bool = False,
-              overlap: int = 0, batch_size: int = 8):
+              match_channels: str | None = None, overlap: int = 0, batch_size: int = 8):
         """[B, D, H/p, W/p]: the backbone's token of every whole patch of ``x`` [B, C_in, H, W] of any size,
         as a feature map (NaN for a patch with no valid value); see :meth:`embed_tiles`."""
-        return self._whole("embed", self.model_channels_of(x, channels, allow_missing_channels),
-                           {"lead_time": lead_time}, overlap, batch_size)
+        model, x = self.for_input(x, channels, allow_missing_channels, match_channels)
+        return model._whole("embed", x, {"lead_time": lead_time}, overlap, batch_size)
 
     def _whole(self, task: str, x, options: dict, overlap: int, batch_size: int, finish: bool = True):
         from dchag.inference.predict import predict_array
@@ -262,28 +343,35 @@ class PretrainedDChag:
         return torch.from_numpy(out) if torch.is_tensor(x) else out
 
     # ---- channels by identity --------------------------------------------------------------
-    def channel_map(self, channels, count: int, allow_missing_channels: bool = False):
+    def channel_map(self, channels, count: int, allow_missing_channels: bool = False,
+                    match_channels: str | None = None):
         """How an input of ``count`` channels (identities ``channels``: names and/or wavelengths,
-        None: none) is read as the model's (:func:`dchag.inference.channels.map_channels`); what it
-        says is reported once (stderr)."""
+        None: none) is read as the model's (:func:`dchag.inference.channels.map_channels`; a blended
+        model: as the source it covers best, or as the source this view is bound to, ``as_source``);
+        ``match_channels`` ("name" or "wavelength"): which identity stands where a name contradicts its
+        wavelength. What it says is reported once (stderr)."""
         from dchag.inference.channels import given_channels, map_channels
         cmap = map_channels(self.cfg, given_channels(channels, count), count, allow_missing=allow_missing_channels,
-                            where="the input", flag="allow_missing_channels=True")
+                            where="the input", flag="allow_missing_channels=True", prefer=match_channels,
+                            source=None if self.cfg.sources is None else self.source)
         self.say(*cmap.lines)
         return cmap
 
-    def model_channels_of(self, x, channels=None, allow_missing_channels: bool = False):
-        """``x`` [B, C_in, H, W] (or [C_in, H, W]) with its channels matched to the model's by name,
-        then wavelength (``channels``: the input's names and/or wavelengths), reordered, extra ones
-        dropped and missing ones NaN (invalid input; refused unless ``allow_missing_channels``).
-        Without ``channels`` the input is taken in the model's channel order."""
+    def for_input(self, x, channels=None, allow_missing_channels: bool = False, match_channels: str | None = None):
+        """(the model as the source ``x`` is run as, ``x`` [B, C_in, H, W] (or [C_in, H, W]) in that
+        source's channels): matched by name, then wavelength (``channels``: the input's names and/or
+        wavelengths), reordered, extra ones dropped and missing ones NaN (invalid input; refused unless
+        ``allow_missing_channels``). Without ``channels`` the input is taken in the model's channel
+        order (a blended model: as the one source of its channel count, if there is one; a view bound
+        to a source, ``as_source``: always as that source)."""
         if not torch.is_tensor(x):
             x = np.asarray(x)
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4:
             raise ValueError(f"input of shape {tuple(x.shape)}: give [B, C, H, W] (or one image [C, H, W]).")
-        return self.channel_map(channels, x.shape[1], allow_missing_channels).select(x)
+        cmap = self.channel_map(channels, x.shape[1], allow_missing_channels, match_channels)
+        return self.as_source(cmap.source), cmap.select(x)
 
     def say(self, *lines: str) -> None:
         """Print each line to stderr the first time this model says it."""

@@ -127,6 +127,19 @@ class SourceLayout:
         per_slot = self.source_slot_channels(source)
         return tuple(per_slot[i] for i in self.rank_slot_range(source, rank))
 
+    def rank_reads(self, source: int, rank: int) -> tuple[int, ...]:
+        """The distinct positions (the source's own channel order, sorted) ``rank`` reads of ``source``:
+        its slots' channels, each once (repeats are made in memory)."""
+        return tuple(sorted(set(self.rank_source_channels(source, rank))))
+
+    def first_slots(self, source: int) -> tuple[int, ...]:
+        """Per channel of ``source`` (its order), the index of its first slot in ``slots(source)``: the
+        source's channels, each once, out of an output over all its slots (prediction)."""
+        first: dict[int, int] = {}
+        for i, c in enumerate(self.source_slot_channels(source)):
+            first.setdefault(c, i)
+        return tuple(first[c] for c in range(len(self.source_ids(source))))
+
     def scored_slots(self, source: int, rank: int) -> tuple[bool, ...]:
         """Per slot of ``rank``: True where the slot is its channel's first slot in the source, so a
         loss over the source's channels counts each channel once when slots repeat."""

@@ -24,9 +24,10 @@ A task is a stateless object (``dchag.tasks.get_task(name)``); its callers:
     picture_arrays(...) / report_picture(results, output_dir)
                                           tools/parity.py: the same pictures, one row per method
     export_fields(args, normalization)    what the export's config.json needs (mask ratio, lead time, targets)
-    output_planes(cfg) / predict_tiles(model, x, index, options) / stitch_planes(cfg) / finish_stitched(block)
+    output_planes(model) / predict_tiles(model, x, index, options) / stitch_planes(model) / finish_stitched(block)
                                           tools/predict.py: [B, planes, h, w] in data or target units per
-                                          tile, blended where tiles overlap, then the output
+                                          tile, blended where tiles overlap, then the output (``model``: a
+                                          PretrainedDChag, as the input's source sees it)
     predict_plan(model, options)          tools/predict.py: a line on how it predicts (MAE: the masks)
     prediction_title / prediction_rgb(y, model, input_rgb)
                                           tools/predict.py --picture: the output panel
@@ -109,7 +110,8 @@ class Task:
     def export_fields(self, args, normalization: dict | None) -> dict:
         return {}
 
-    def output_planes(self, cfg) -> int:
+    def output_planes(self, model) -> int:
+        """The output's planes for ``model`` (a :class:`PretrainedDChag`)."""
         raise NotImplementedError
 
     def predict_tiles(self, model, x, index, options: dict):
@@ -117,9 +119,9 @@ class Task:
         what neighbouring tiles' outputs are blended over."""
         raise NotImplementedError
 
-    def stitch_planes(self, cfg) -> int:
+    def stitch_planes(self, model) -> int:
         """Planes of :meth:`predict_tiles`, blended where tiles overlap (default: the output's)."""
-        return self.output_planes(cfg)
+        return self.output_planes(model)
 
     def finish_stitched(self, block):
         """Blended [stitch_planes, rows, W] -> the output [output_planes, rows, W] (default: as it is)."""

@@ -172,8 +172,8 @@ class ForecastTask(Task):
     def export_fields(self, args, normalization) -> dict:
         return {"lead_time": getattr(args, "lead_time", None)}
 
-    def output_planes(self, cfg) -> int:
-        return len(cfg.predicted_channels)
+    def output_planes(self, model) -> int:
+        return len(model.cfg.predicted_channels)
 
     def predict_tiles(self, model, x, index, options: dict):
         return model.forecast_tiles(x, lead_time=options.get("lead_time"))  # NaN where the input was invalid

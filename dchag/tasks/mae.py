@@ -260,8 +260,8 @@ class MAETask(Task):
         return mae_plan(options.get("mask_ratio"), model.config.get("mask_ratio"), options.get("complementary", False),
                         model.cfg.num_patches)
 
-    def output_planes(self, cfg) -> int:
-        return cfg.num_channels
+    def output_planes(self, model) -> int:
+        return model.num_channels  # a blended model: the channels of the source the input is run as
 
     def prediction_rgb(self, y, model, input_rgb):
         return input_rgb(y)  # the input's channels, colours and stretch

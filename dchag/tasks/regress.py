@@ -90,8 +90,8 @@ class RegressTask(DenseTask):
         return np.where(batch["target_valid"].cpu().numpy(), y, np.nan)
 
     # ---- inference --------------------------------------------------------------------------
-    def output_planes(self, cfg) -> int:
-        return cfg.num_outputs
+    def output_planes(self, model) -> int:
+        return model.cfg.num_outputs
 
     def predict(self, model, x):
         return model.regress_tiles(x)

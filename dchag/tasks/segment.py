@@ -88,7 +88,7 @@ class SegmentTask(DenseTask):
         return np.where(batch["target_valid"].cpu().numpy(), batch["target"].cpu().numpy(), np.nan)
 
     # ---- inference --------------------------------------------------------------------------
-    def output_planes(self, cfg) -> int:
+    def output_planes(self, model) -> int:
         return 1
 
     def prediction_rgb(self, y, model, input_rgb):
@@ -96,8 +96,8 @@ class SegmentTask(DenseTask):
         K = model.cfg.num_outputs
         return class_colours(K)(np.ma.masked_invalid(np.asarray(y[0], np.float64)).astype(np.int64))[..., :3]
 
-    def stitch_planes(self, cfg) -> int:
-        return cfg.num_outputs  # the class probabilities are blended, then the most probable class taken
+    def stitch_planes(self, model) -> int:
+        return model.cfg.num_outputs  # the class probabilities are blended, then the most probable class taken
 
     def predict(self, model, x):
         """[B, K, h, w] float32: the class probabilities, NaN where the input pixel holds no valid value."""
