@@ -700,9 +700,16 @@ def test_a_save_folder_turned_read_only_mid_run_is_one_message(tmp_path):
     assert code == 1, err[-3000:]
     errors = [ln for ln in err.splitlines() if "error" in ln.lower() and "warn" not in ln.lower()]
     assert "Traceback" not in err and len(errors) == 1, err[-3000:]
-    assert errors[0].startswith(f"error: cannot save checkpoint {run}/iter_0000008: writing {run}/") and \
-        f"failed on rank 0: {cause}" in errors[0] and f"the last complete checkpoint is {run}/iter_0000004" in \
-        errors[0], errors[0]
+    # The remount races the job: it lands before the save of iteration 8 (the usual case) or after it,
+    # before the closing pictures; either write fails with one line naming the cause.
+    # (The tmpfs lives in the job's own mount namespace: which case happened shows only in the message.)
+    if not errors[0].startswith("error: the pictures"):
+        assert errors[0].startswith(f"error: cannot save checkpoint {run}/iter_0000008: writing {run}/") and \
+            f"failed on rank 0: {cause}" in errors[0] and f"the last complete checkpoint is {run}/iter_0000004" in \
+            errors[0], errors[0]
+    else:
+        assert errors[0].startswith(f"error: the pictures of iteration 8 could not be written: {run}/") and \
+            f": {cause}. The checkpoints saved so far are kept" in errors[0], errors[0]
 
 
 def test_second_sigint_during_the_handled_stop_is_not_a_traceback(capfd):

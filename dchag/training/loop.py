@@ -14,6 +14,7 @@ from dchag.device import DeviceError, to_device
 from dchag.parallel.partition import LayoutError
 from dchag.checkpointing import compat, engine as ckpt, lock as save_lock, rng, tags, universal as ckpt_universal
 from dchag.checkpointing.errors import CheckpointError
+from dchag.checkpointing.write_errors import cause_of
 from dchag.training import preflight, startup
 from dchag.training.ds_config import ConfigError
 from dchag.training.initialize import init_distributed, init_model_parallel
@@ -311,7 +312,13 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             _save(engine, args, iteration, consumed, scheduler, norm, streak, found.fingerprint)
     if non_loss_data_func is not None and "exit_reason" not in history:  # pictures etc. of the trained model, on every rank
         engine.eval()
-        non_loss_data_func(engine, valid_factory, args, cfg, iteration, writer)
+        try:
+            non_loss_data_func(engine, valid_factory, args, cfg, iteration, writer)
+        except OSError as e:  # a --save turned read-only after the last save: one line, as a save says it
+            where = e.filename or args.save or args.tensorboard_dir or "."
+            raise CheckpointError(f"the pictures of iteration {iteration} could not be written: {where}: "
+                                  f"{cause_of(e, where)}. The checkpoints saved so far are kept; make the folder "
+                                  "writable (or move the run) before resuming.") from e
         engine.train()
     if writer is not None:
         writer.close()
