@@ -33,6 +33,18 @@ def loss_weight(batch, args):
 def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: int):
     from megatron.core import parallel_state as ps
     from dchag.data import build_datasets, build_eval_loader, build_train_loader
+    from dchag.data.blend import is_blend
+    if is_blend(args.data_path):  # several sources, one per step (dchag/data/blend.py)
+        from dchag.data.blend_loader import build_blend
+        train, valid = build_blend(args, cfg, ps.get_channel_parallel_rank(), dp_rank, dp_size, consumed_samples)
+        if args.data_strict:
+            from dchag.training.startup import strict_scan
+            strict_scan(*train.dataset.datasets, *valid.dataset.datasets)
+        from dchag.tasks import get_task
+        task, parts = get_task(args.task), valid.dataset.parts
+        # the task's trivial predictors on the same held-out pixels (the loop's baselines), per micro-batch's source
+        valid.baseline_stats = lambda batch: task.baseline_stats(batch, args, cfg, parts[int(batch["source"][0])].dataset)
+        return train, valid
     channels = cfg.partition(args.channel_parallel_size).rank_channels(ps.get_channel_parallel_rank())
     train_ds, valid_ds = build_datasets(args.data_path, args.data_format, task=args.task, img_h=args.img_h,
                                         img_w=args.img_w, channels=channels, num_channels=args.num_channels,
@@ -40,6 +52,8 @@ def datasets_provider(args, cfg, dp_rank: int, dp_size: int, consumed_samples: i
                                         strict=args.data_strict, seed=args.seed, target_path=args.target_path,
                                         num_classes=args.num_classes, ignore_index=args.ignore_index,
                                         lat_weighting=args.lat_weighting,
+                                        channels_last=args.channels_last,
+                                        # a resume or fine-tune: the statistics its checkpoint or export saved
                                         saved_normalization=getattr(args, "saved_normalization", None),
                                         saved_from=getattr(args, "saved_normalization_from", "the checkpoint"))
     if args.data_strict:  # refuse bad data before training, not when the bad tile is first drawn

@@ -157,6 +157,9 @@ def test_regress_targets_shapes_statistics_and_invalid_values(tmp_path):
     first = train[0]  # the NaN row: marked invalid, zero-filled
     assert not first["target_valid"][1, 0, :3].any() and first["target_valid"].sum() == 2 * 16 - 3
     assert (first["target"][1, 0, :3] == 0).all()
+    assert train.targets.invalid == {"train": (3, 3 * 2 * 64), "valid": (0, 2 * 64)}  # counted for the summary
+    assert "invalid target value(s) (NaN, Inf, no-data) ignored: 3 of 384 (0.8%) in the training tiles, 0 of 128 " \
+        "(0.0%) in the held-out tiles" in train.targets.summary()
     # [K, H, W] for a one-image input; a wrong image count or size is refused, naming both
     one = _npy(tmp_path, "x1.npy", x[0])
     tr, _ = build_datasets(one, **{**kw, "target_path": _npy(tmp_path, "y1.npy", y[0])})
@@ -222,6 +225,7 @@ def test_class_maps_in_every_layout_with_ignored_pixels(tmp_path, layout):
     counts = np.bincount(np.concatenate([cls[i][np.isfinite(cls[i]) & (cls[i] != 255)] for i in range(len(train))])
                          .astype(int), minlength=3)
     np.testing.assert_array_equal(train.targets.class_counts, counts)
+    assert train.targets.invalid["train"][0] == 2  # the 255 and the NaN, counted for the summary
 
 
 def test_class_values_outside_the_classes_are_refused_by_value_and_flag(tmp_path):
@@ -235,6 +239,24 @@ def test_class_values_outside_the_classes_are_refused_by_value_and_flag(tmp_path
     cls[1, 2, 3] = 1.5
     with pytest.raises(DataError, match="holds 1.5"):
         build_datasets(_npy(tmp_path, "x.npy", x), target_path=_npy(tmp_path, "c.npy", cls), **kw)
+
+
+def test_the_class_count_is_checked_before_the_start_naming_the_count_needed(tmp_path):
+    """--num-classes 2 with labels 0 .. 2: the task's pre-flight check reads the whole map and names 3."""
+    from dchag.arguments import parse_args
+    from dchag.data import DataError
+    from dchag.tasks import get_task
+    cls = np.zeros((2, 4, 4), np.float32)
+    cls[1, 3, 3], cls[0, 0, 0] = 2, 255  # 255: --ignore-index, not a class
+    argv = ["--task", "segment", "--data-path", _npy(tmp_path, "x.npy", np.zeros((2, 2, 4, 4), np.float32)),
+            "--target-path", _npy(tmp_path, "c.npy", cls), "--img-h", "4", "--img-w", "4", "--patch-dim", "2",
+            "--train-iters", "1"]
+    with pytest.raises(DataError, match=r"holds class values 0 \.\. 2 and not --ignore-index 255, so it needs "
+                                        r"--num-classes 3, not 2"):
+        get_task("segment").prepare_args(parse_args(argv + ["--num-classes", "2"]))
+    args = parse_args(argv + ["--num-classes", "3"])
+    get_task("segment").prepare_args(args)
+    assert args.num_outputs == 3
 
 
 def test_flags_are_checked_by_the_task():

@@ -101,6 +101,16 @@ def tile_latitude_weights(axis_weights: np.ndarray | None, rows: slice, h: int) 
     return out
 
 
+def covering_range(channels) -> range:
+    """The smallest contiguous range holding ``channels`` (a range is its own)."""
+    if isinstance(channels, range):
+        return channels
+    channels = [int(c) for c in channels]
+    if not channels:
+        return range(0)
+    return range(min(channels), max(channels) + 1)
+
+
 class TileDataset(Dataset):
     def __init__(self, source: Source, *, task: str = "mae", img_h: int, img_w: int, channels: range | None = None,
                  stats: ChannelStats | None = None, split: str = "train", valid_fraction: float = 0.1,
@@ -112,9 +122,16 @@ class TileDataset(Dataset):
         self.source, self.task, self.split, self.strict = source, task, split, strict
         self.img_h, self.img_w, self.lead_time = int(img_h), int(img_w), int(lead_time)
         self.channels = range(C) if channels is None else channels
-        if not isinstance(self.channels, range) or self.channels.step != 1 or not (
-                0 <= self.channels.start < self.channels.stop <= C):
-            raise DataError(f"rank channels {self.channels} are not a non-empty contiguous range inside [0, {C}) of "
+        # A blend's rank reads a tuple of the source's channels (may repeat: slots of a source with fewer
+        # channels than groups, dchag/parallel/sources.py): the covering range is read once, then indexed.
+        self.read_range, self._pick = covering_range(self.channels), None
+        if not isinstance(self.channels, range):
+            if task == "forecast":
+                raise DataError("forecast reads a contiguous range of channels per rank; a channel tuple is for "
+                                "blended MAE sources.")
+            self._pick = np.asarray(self.channels, np.int64) - self.read_range.start
+        if self.read_range.step != 1 or not (0 <= self.read_range.start < self.read_range.stop <= C):
+            raise DataError(f"rank channels {self.channels} are not a non-empty set of channels inside [0, {C}) of "
                             f"{source.describe()}; check --num-channels against the data.")
         self.target_channels = range(C) if target_channels is None else target_channels
 
@@ -137,7 +154,7 @@ class TileDataset(Dataset):
 
         self.stats = self.target_stats = None
         if stats is not None:
-            self.stats = stats.select(self.channels)
+            self.stats = stats.select(self.read_range)
             if task == "forecast":
                 self.target_stats = stats.select(self.target_channels)
         self._climatology = None  # forecast, valid split: [V, H, W], computed on first use
@@ -153,7 +170,7 @@ class TileDataset(Dataset):
     @property
     def wavelengths(self) -> np.ndarray | None:
         wl = self.source.wavelengths
-        return None if wl is None else wl[self.channels.start:self.channels.stop]
+        return None if wl is None else np.asarray(wl)[list(self.channels)]
 
     def _image_name(self) -> str:
         return f"{self.source.format} image of {self.source.path}" if self.source.num_images == 1 \
@@ -168,7 +185,9 @@ class TileDataset(Dataset):
             raise IndexError(f"sample {i} outside [0, {len(self)}) of the {self.split} split")
         if self.task != "forecast":
             tile = self.index.tile(self.samples[i])
-            x, valid, bad = self._load(tile.image, self.channels, tile, self.stats)
+            x, valid, bad = self._load(tile.image, self.read_range, tile, self.stats)
+            if self._pick is not None:  # the covering range -> this rank's channels (repeats copied)
+                x, valid = x[self._pick], valid[self._pick]
             self._tally(bad)
             item = {"images": torch.from_numpy(x), "valid": torch.from_numpy(valid),
                     "in_image": torch.from_numpy(self._in_image(tile)),

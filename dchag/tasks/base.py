@@ -24,8 +24,9 @@ A task is a stateless object (``dchag.tasks.get_task(name)``); its callers:
     picture_arrays(...) / report_picture(results, output_dir)
                                           tools/parity.py: the same pictures, one row per method
     export_fields(args, normalization)    what the export's config.json needs (mask ratio, lead time, targets)
-    output_planes(cfg) / predict_tiles(model, x, index, options)
-                                          tools/predict.py: [B, planes, h, w] in data or target units
+    output_planes(cfg) / predict_tiles(model, x, index, options) / stitch_planes(cfg) / finish_stitched(block)
+                                          tools/predict.py: [B, planes, h, w] in data or target units per
+                                          tile, blended where tiles overlap, then the output
     predict_plan(model, options)          tools/predict.py: a line on how it predicts (MAE: the masks)
     prediction_title / prediction_rgb(y, model, input_rgb)
                                           tools/predict.py --picture: the output panel
@@ -52,16 +53,10 @@ class Task:
 
     # ---- arguments ------------------------------------------------------------------------
     def prepare_args(self, args) -> None:
-        """Refuse flags this task does not read; set ``args.num_outputs``."""
-        from dchag.data.errors import DataError
-        if not self.needs_target_path:
-            given = [flag for flag, value in (("--target-path", getattr(args, "target_path", None)),
-                                              ("--num-classes", getattr(args, "num_classes", None))) if value]
-            if given:
-                raise DataError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} read by --task regress "
-                                f"and segment only, not by --task {self.name}; drop {' and '.join(given)} or change "
-                                "--task.")
-        args.num_outputs = None
+        """Refuse flags this task does not read; set ``args.num_outputs`` (dchag/tasks/flags.py:
+        torch-free, so that the pre-flight runs it before any heavy import)."""
+        from dchag.tasks.flags import prepare_args
+        prepare_args(args, self.name)
 
     # ---- training and evaluation ----------------------------------------------------------
     def forward_step(self, model, batch, args, cfg, iteration: int):
@@ -118,8 +113,17 @@ class Task:
         raise NotImplementedError
 
     def predict_tiles(self, model, x, index, options: dict):
-        """[B, C, h, w] raw tiles -> [B, output_planes, h, w] (a :class:`PretrainedDChag` ``model``)."""
+        """[B, C, h, w] raw tiles -> [B, stitch_planes, h, w] (a :class:`PretrainedDChag` ``model``):
+        what neighbouring tiles' outputs are blended over."""
         raise NotImplementedError
+
+    def stitch_planes(self, cfg) -> int:
+        """Planes of :meth:`predict_tiles`, blended where tiles overlap (default: the output's)."""
+        return self.output_planes(cfg)
+
+    def finish_stitched(self, block):
+        """Blended [stitch_planes, rows, W] -> the output [output_planes, rows, W] (default: as it is)."""
+        return block
 
     def predict_plan(self, model, options: dict) -> str | None:
         """tools/predict.py: one line saying how the prediction will be made, or None."""

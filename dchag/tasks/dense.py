@@ -32,9 +32,6 @@ class DenseTask(Task):
         """{name: prediction like the model's output} for the held-out ``batch``."""
         raise NotImplementedError
 
-    def num_outputs(self, args, targets) -> int:
-        raise NotImplementedError
-
     def display(self, pred: torch.Tensor, targets) -> np.ndarray:
         """The model's output [B, K, H, W] (normalized / logits) as pictures show it."""
         raise NotImplementedError
@@ -49,18 +46,6 @@ class DenseTask(Task):
     def colour_scale(self, tiles: list[dict], plane: int | None, names: list[str]) -> dict:
         """imshow's cmap / vmin / vmax for one shown plane (invalid pixels grey)."""
         raise NotImplementedError
-
-    # ---- arguments ------------------------------------------------------------------------
-    def prepare_args(self, args) -> None:
-        """The target file must exist and fit the input (image count and sizes); K = its maps
-        (regress) or --num-classes (segment). Values are checked when the datasets are built."""
-        from dchag.data.build import open_data_source
-        from dchag.data.targets import open_targets
-        data = open_data_source(args.data_path, args.data_format, task=self.name, img_h=args.img_h,
-                                img_w=args.img_w, num_channels=args.num_channels, seed=args.seed)
-        targets = open_targets(args.target_path, data, kind=self.name, num_classes=getattr(args, "num_classes", None),
-                               ignore_index=getattr(args, "ignore_index", 255))
-        args.num_outputs = self.num_outputs(args, targets)
 
     # ---- training and evaluation ----------------------------------------------------------
     def forward_step(self, model, batch, args, cfg, iteration: int):

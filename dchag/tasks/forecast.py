@@ -176,10 +176,7 @@ class ForecastTask(Task):
         return len(cfg.predicted_channels)
 
     def predict_tiles(self, model, x, index, options: dict):
-        import numpy as np
-        y = model.forecast(x, lead_time=options.get("lead_time"))
-        valid = np.isfinite(x)[:, list(model.cfg.predicted_channels)]
-        return np.where(valid, y, np.nan)
+        return model.forecast_tiles(x, lead_time=options.get("lead_time"))  # NaN where the input was invalid
 
     def prediction_rgb(self, y, model, input_rgb):
         """Every channel forecast: the input's colours and stretch; fewer: three of them, with those
