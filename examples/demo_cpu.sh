@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The README's main job: a short D-CHAG-L MAE pretraining on the bundled 450-band Fenix cube,
 # T = P = 2 on 2 CPU ranks (gloo). The cube is only 38 x 23 pixels, so it is cut into 4 x 4 tiles
-# (45 tiles; the last 9, the bottom of the cube, are held out) with one-pixel patches: every token
-# is one pixel's 450-band spectrum, and half of each tile's pixels are hidden. Leaves under
+# (60 tiles, the last row and column padded with invalid pixels; the last 12, the bottom 6 rows of
+# the cube, are held out) with one-pixel patches: every token is one pixel's 450-band spectrum, and
+# half of each tile's pixels are hidden. Leaves under
 # runs/demo: checkpoints (iter_0000300, iter_0000600, latest), the TensorBoard log (tb/) and
 # reconstruction_iter_0000600.png, a false-colour picture of 8 held-out tiles: input | masked input
-# | reconstruction. A rerun keeps runs/demo and writes to runs/demo-<time>. The baselines it must
-# beat: see README ("What the demo shows") and docs/PARITY.md.
+# | reconstruction. A rerun keeps runs/demo and writes to runs/demo-<time>. The validation line
+# prints the baselines; this model does not beat the visible-pixel mean (README, "What the numbers
+# mean"; docs/PARITY.md section 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source examples/common.sh
