@@ -45,6 +45,9 @@ HELP = {
     "--dchag-groups": "G, channel groups aggregated before the all-gather (a model hyperparameter; "
                       "--channel-parallel-size divides it)",
     "--dchag-tree-levels": "levels of the partial aggregation inside each group (2: sub-groups first)",
+    "--dchag-cross-projections": "D-CHAG-C's per-group projections: per-group (the paper's: key, value and output "
+                                 "D x D matrices per group) or none (the group's learned query attends over the "
+                                 "channel tokens themselves: D parameters per group)",
     "--dchag-channel-chunk": "K: stream tokenization and the partial aggregation over K channels at a time, "
                              "recomputing each chunk in backward: the channel stage's memory stops growing with the "
                              "channel count (linear/cross; 0 = off). Default: 64 for linear (it is also faster: "

@@ -9,6 +9,7 @@ the page. ``DChagViT`` at T = P = 1 must equal it in output, loss and every grad
     x [B, C, H, W]
       per-channel patch embedding     tok[b, c, l] = W_c . patch_l(x[b, c]) + b_c + e_c (+ s(lambda_c))  [B, C, L, D]
       partial aggregation (per group) linear: sum_i w_i tok_i    cross: learned-query attention  [B, G, L, D]
+         (cross without projections: the query attends over the tokens themselves, keys = values = tokens)
          tree of k levels: level 1 reduces each of the 2^(k-1) sub-groups of a group, later levels pairs
       final aggregation               learned-query multi-head cross-attention over the G tokens [B, L, D]
       MAE: masked positions -> mask token;  + position embedding;  forecast: + lead-time embedding
@@ -55,6 +56,7 @@ class ReferenceConfig:
     out_vars: tuple[int, ...]
     eps: float = 1e-5
     wavelengths: tuple | None = None  # --channel-embedding wavelength: each channel's wavelength (nm) or None
+    cross_projections: str = "per-group"  # none: the group's query attends over the tokens themselves
 
 
 def near_equal_sizes(n: int, parts: int) -> list[int]:
@@ -151,6 +153,8 @@ class ReferenceDChag(nn.Module):
                 if self.cfg.aggregation == "linear":
                     w = self.p(f"agg{j}.coef")[start:start + size]
                     out.append((seg * w[None, :, None, None]).sum(1))
+                elif self.cfg.cross_projections == "none":  # keys = values = the tokens, no output projection
+                    out.append(self.attend(self.p(f"agg{j}.query")[n], seg, seg))
                 else:
                     keys = seg @ self.p(f"agg{j}.key")[n]
                     values = seg @ self.p(f"agg{j}.value")[n]
@@ -256,6 +260,8 @@ def name_map(cfg: ReferenceConfig) -> dict[str, str]:
     for j in range(len(segments_per_level(cfg))):
         if cfg.aggregation == "linear":
             m[f"agg{j}.coef"] = f"partial.levels.{j}.weight"
+        elif cfg.cross_projections == "none":
+            m[f"agg{j}.query"] = f"partial.levels.{j}.query"
         else:
             for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value"), ("proj", "proj"),
                                  ("proj_b", "proj_bias")):

@@ -41,6 +41,9 @@ CASES = {
     "cross-tree3-streamed": dict(aggregation="cross", groups=2, tree_levels=3, channel_chunk=3),
     # --channel-embedding wavelength (a channel without a wavelength included), unstreamed and streamed.
     "linear-wavelength": dict(aggregation="linear", channel_embedding="wavelength", wavelengths=WAVELENGTHS),
+    # D-CHAG-C without projections (--dchag-cross-projections none), a tree, unstreamed and streamed.
+    "cross-noproj-tree2": dict(aggregation="cross", cross_projections="none", tree_levels=2),
+    "cross-noproj-streamed": dict(aggregation="cross", cross_projections="none", channel_chunk=3),
     "cross-streamed-wavelength": dict(aggregation="cross", channel_chunk=3, channel_embedding="wavelength",
                                       wavelengths=WAVELENGTHS),
 }
@@ -52,7 +55,8 @@ def reference_config(cfg) -> ReferenceConfig:
                            mlp_dim=cfg.ffn_size, aggregation=cfg.aggregation, groups=cfg.num_groups,
                            tree_levels=cfg.tree_levels, task=cfg.task, out_vars=cfg.predicted_channels,
                            eps=cfg.layernorm_epsilon,
-                           wavelengths=cfg.wavelengths if cfg.channel_embedding == "wavelength" else None)
+                           wavelengths=cfg.wavelengths if cfg.channel_embedding == "wavelength" else None,
+                           cross_projections=cfg.cross_projections)
 
 
 def _batch(cfg, gen):
@@ -201,7 +205,8 @@ def _init_properties() -> dict:
     setup_layout(1, 1)
     out = {}
     for name, kwargs in (("flat", dict(aggregation="flat")), ("linear", dict(aggregation="linear")),
-                         ("cross", dict(aggregation="cross")), ("cross-tree2", dict(aggregation="cross", tree_levels=2))):
+                         ("cross", dict(aggregation="cross")), ("cross-tree2", dict(aggregation="cross", tree_levels=2)),
+                         ("cross-noproj", dict(aggregation="cross", cross_projections="none"))):
         cfg = tiny_config(**kwargs)
         model = DChagViT(cfg)
         images = torch.randn(8, cfg.num_channels, cfg.img_h, cfg.img_w, generator=torch.Generator().manual_seed(9))
@@ -228,7 +233,8 @@ def _init_properties() -> dict:
     images = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(5))  # 4 groups of 4 (tree: 2 + 2)
     content = {}
     for name, kwargs in (("flat", dict(aggregation="flat")), ("linear", dict(aggregation="linear")),
-                         ("cross", dict(aggregation="cross")), ("cross-tree2", dict(aggregation="cross", tree_levels=2))):
+                         ("cross", dict(aggregation="cross")), ("cross-tree2", dict(aggregation="cross", tree_levels=2)),
+                         ("cross-noproj", dict(aggregation="cross", cross_projections="none"))):
         setup_layout(1, 1)  # the same seed for every model, as every run of a study gets
         with torch.no_grad():
             content[name] = DChagViT(tiny_config(num_channels=16, groups=4, **kwargs)).aggregate_channels(images)
@@ -287,7 +293,7 @@ DECAYED = re.compile(r"^(tokenizer\.weight|partial\.levels\.\d+\.(key|value|proj
                      r"|head\.weight|head\.linear\.weight|lead_time_embed\.weight)$")
 
 
-@pytest.mark.parametrize("agg", ["flat", "linear", "cross", "cross-tree2"])
+@pytest.mark.parametrize("agg", ["flat", "linear", "cross", "cross-tree2", "cross-noproj"])
 def test_untrained_aggregation_is_the_mean_and_the_image_is_visible(results, agg):
     """Zero queries: uniform attention, so the channel stage starts as the projected mean of the
     tokens (as LinearReduce starts from the group mean). Unit-gain final projections: the image
@@ -298,7 +304,7 @@ def test_untrained_aggregation_is_the_mean_and_the_image_is_visible(results, agg
     assert r["content_over_pos"] > 0.1, r
 
 
-@pytest.mark.parametrize("agg", ["linear", "cross", "cross-tree2"])
+@pytest.mark.parametrize("agg", ["linear", "cross", "cross-tree2", "cross-noproj"])
 def test_untrained_dchag_is_flats_function(results, agg):
     """Equal groups: D-CHAG-L and D-CHAG-C start as exactly the flat model (D-CHAG-L: the group mean;
     D-CHAG-C: zero query, identity value and output projections in CrossReduce). Fails with random

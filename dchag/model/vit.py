@@ -37,6 +37,7 @@ from dchag.model.backbone import (build_backbone, mark_linear_weight_matrices, t
 from dchag.model.config import DChagConfig
 from dchag.model.heads import ChannelReconstructionHead, DenseHead, sincos_2d
 from dchag.model.init import init_rows_
+from dchag.model.query_reduce import build_query_partial_aggregation
 from dchag.model.streaming import streamed_partial_aggregation
 from dchag.model.tokenizer import ChannelTokenizer
 from dchag.parallel.comm import gather_from_channel_parallel_region
@@ -64,8 +65,12 @@ class DChagViT(nn.Module):
         attention = resolve_attention_backend(cfg.attention_backend)  # sdpa | unfused
         # --dchag-channel-chunk K: the same number of chunks on every channel rank (dchag/model/streaming.py)
         self.stream_chunks = cfg.channel_chunk and self.partition.stream_chunks(cfg.channel_chunk)
-        self.partial = build_partial_aggregation(cfg.aggregation, self.partition, layout.channel_parallel_rank,
-                                                 cfg.tree_levels, D, cfg.num_attention_heads, seed, owner, attention)
+        if cfg.aggregation == "cross" and cfg.cross_projections == "none":  # D-CHAG-C without projections
+            self.partial = build_query_partial_aggregation(self.partition, layout.channel_parallel_rank,
+                                                           cfg.tree_levels, D, cfg.num_attention_heads, owner, attention)
+        else:
+            self.partial = build_partial_aggregation(cfg.aggregation, self.partition, layout.channel_parallel_rank,
+                                                     cfg.tree_levels, D, cfg.num_attention_heads, seed, owner, attention)
         self.final = FinalAggregation(without_sequence_parallel(self.config), D, cfg.num_attention_heads,
                                       T, attention)
 

@@ -1,16 +1,18 @@
-"""Method specs of the parity study: ``NAME[:g=G][:k=K][:lrm=M]``.
+"""Method specs of the parity study: ``NAME[:g=G][:k=K][:lrm=M][:proj=P]``.
 
 ``flat`` is the baseline (ClimaX/ORBIT aggregation over all C channels) and always runs with
 channel-parallel size 1; ``linear`` (D-CHAG-L) and ``cross`` (D-CHAG-C) run with the study's
 --dchag-groups, --dchag-tree-levels and --channel-parallel-size unless the spec overrides G or k
 (e.g. ``cross:k=2`` is D-CHAG-C with 2 tree levels, ``linear:g=32`` D-CHAG-L with 32 groups);
-``lrm=M`` sets --dchag-partial-lr-mult for that method (``cross:lrm=0.1``).
+``lrm=M`` sets --dchag-partial-lr-mult for that method (``cross:lrm=0.1``), ``proj=none``
+--dchag-cross-projections (``cross:proj=none``, D-CHAG-C without its per-group projections).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dchag.model.config import CROSS_PROJECTIONS
 from dchag.parallel.partition import LayoutError
 
 NAMES = {"flat": "flat (baseline)", "linear": "D-CHAG-L", "cross": "D-CHAG-C"}
@@ -23,6 +25,7 @@ class Method:
     groups: int | None = None  # None: the study's --dchag-groups
     tree_levels: int | None = None
     partial_lr_mult: float | None = None  # None: the study's --dchag-partial-lr-mult
+    cross_projections: str | None = None  # None: the study's --dchag-cross-projections
 
     def label(self, default_groups: int, default_levels: int) -> str:
         if self.aggregation == "flat":
@@ -30,7 +33,8 @@ class Method:
         g = self.groups or default_groups
         k = self.tree_levels or default_levels
         return (f"{NAMES[self.aggregation]} G={g}" + (f" k={k}" if k > 1 else "")
-                + (f" partial lr x{self.partial_lr_mult:g}" if self.partial_lr_mult is not None else ""))
+                + (f" partial lr x{self.partial_lr_mult:g}" if self.partial_lr_mult is not None else "")
+                + (f" projections {self.cross_projections}" if self.cross_projections is not None else ""))
 
     def overrides(self, args) -> dict:
         """The argument values this method sets on top of the study's flags."""
@@ -40,6 +44,8 @@ class Method:
                "dchag_tree_levels": self.tree_levels or args.dchag_tree_levels}
         if self.partial_lr_mult is not None:
             out["dchag_partial_lr_mult"] = self.partial_lr_mult
+        if self.cross_projections is not None:
+            out["dchag_cross_projections"] = self.cross_projections
         return out
 
 
@@ -62,9 +68,13 @@ def parse_methods(text: str) -> list[Method]:
             key, _, value = opt.partition("=")
             if key == "lrm" and _non_negative(value):
                 kw["partial_lr_mult"] = float(value)
+            elif key == "proj" and name == "cross" and value in CROSS_PROJECTIONS:
+                kw["cross_projections"] = value
             elif key not in ("g", "k") or not value.isdigit() or int(value) < 1:
                 raise LayoutError(f"--methods: bad option {opt!r} in {spec!r}; options are g=G and k=K (positive "
-                                  "integers) and lrm=M (a number >= 0), e.g. linear:g=32, cross:k=2 or cross:lrm=0.1.")
+                                  "integers), lrm=M (a number >= 0) and, for cross, proj=P (one of "
+                                  f"{', '.join(CROSS_PROJECTIONS)}), e.g. linear:g=32, cross:k=2, cross:lrm=0.1 or "
+                                  "cross:proj=none.")
             else:
                 kw["groups" if key == "g" else "tree_levels"] = int(value)
             if name == "flat":
