@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "gradient norm; each such update is skipped on every rank")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--dchag-partial-lr-mult", type=float, default=1.0)
+    g.add_argument("--dchag-coefficient-lr-scale", choices=("size", "none"), default="none")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)

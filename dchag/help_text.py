@@ -72,6 +72,9 @@ HELP = {
     "--lr-warmup-iters": "linear warmup iterations",
     "--lr-decay-style": "decay after the warmup",
     "--weight-decay": "AdamW weight decay",
+    "--dchag-coefficient-lr-scale": "size: D-CHAG-L's coefficients of segments of n tokens (n = C/G at the first "
+                                    "tree level, 2 above it) train at 1/n x their rate, the same relative step for "
+                                    "every group size (they start at 1/n); none: at the rate of the rest",
     "--dchag-partial-lr-mult": "learning-rate multiplier of D-CHAG's partial aggregation (its parameter groups' "
                                "lr_mult, as megatron's); below 1 that stage learns slower than the rest of the model, "
                                "0 freezes it. 0.1 let every D-CHAG-C run of docs/PARITY.md's MAE study leave the "

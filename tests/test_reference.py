@@ -186,9 +186,10 @@ def _decayed_parameters() -> dict:
     args = SimpleNamespace(weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, dchag_partial_lr_mult=0.5)
     out = {}
     for name, kwargs in (("cross-tree2", dict(aggregation="cross", tree_levels=2)),
-                         ("linear-forecast", dict(aggregation="linear", task="forecast"))):
+                         ("linear-forecast", dict(aggregation="linear", task="forecast")),
+                         ("linear-tree2-size", dict(aggregation="linear", tree_levels=2))):
         model = DChagViT(tiny_config(**kwargs))
-        opt = _build_optimizer(model, args)
+        opt = _build_optimizer(model, SimpleNamespace(**vars(args), dchag_coefficient_lr_scale=name.split("-")[-1]))
         names = {id(p): n for n, p in model.named_parameters()}
         by_decay, by_lr_mult = {}, {}
         for g in opt.param_groups:
@@ -333,3 +334,15 @@ def test_partial_lr_mult_reaches_exactly_the_partial_stage(results, case):
     assert not [n for n in groups[1.0] if n.startswith("partial.")]
     if case == "cross-tree2":
         assert {n.split(".")[2] for n in groups[0.5]} == {"0", "1"}  # both levels of the tree
+
+
+def test_coefficient_lr_scale_is_one_over_the_segment_size(results):
+    """--dchag-coefficient-lr-scale size (13 channels, G = 4, k = 2: 8 sub-groups of 13/8 channels,
+    then pairs): level 1's coefficients at 8/13, level 2's at 1/2, times --dchag-partial-lr-mult 0.5;
+    nothing else moves."""
+    groups = results["decay"]["linear-tree2-size"]["lr_mult"]
+    assert sorted(groups) == pytest.approx(sorted([0.5 * 8 / 13, 0.25, 1.0]))
+    by_name = {n: m for m, names in groups.items() for n in names}
+    assert by_name["partial.levels.0.weight"] == pytest.approx(0.5 * 8 / 13)
+    assert by_name["partial.levels.1.weight"] == pytest.approx(0.25)
+    assert all(m == 1.0 for n, m in by_name.items() if not n.startswith("partial."))

@@ -1,11 +1,12 @@
-"""Method specs of the parity study: ``NAME[:g=G][:k=K][:lrm=M][:proj=P]``.
+"""Method specs of the parity study: ``NAME[:g=G][:k=K][:lrm=M][:proj=P][:clr=S]``.
 
 ``flat`` is the baseline (ClimaX/ORBIT aggregation over all C channels) and always runs with
 channel-parallel size 1; ``linear`` (D-CHAG-L) and ``cross`` (D-CHAG-C) run with the study's
 --dchag-groups, --dchag-tree-levels and --channel-parallel-size unless the spec overrides G or k
 (e.g. ``cross:k=2`` is D-CHAG-C with 2 tree levels, ``linear:g=32`` D-CHAG-L with 32 groups);
 ``lrm=M`` sets --dchag-partial-lr-mult for that method (``cross:lrm=0.1``), ``proj=none``
---dchag-cross-projections (``cross:proj=none``, D-CHAG-C without its per-group projections).
+--dchag-cross-projections (``cross:proj=none``, D-CHAG-C without its per-group projections),
+``clr=size|none`` --dchag-coefficient-lr-scale (``linear:clr=size``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Method:
     tree_levels: int | None = None
     partial_lr_mult: float | None = None  # None: the study's --dchag-partial-lr-mult
     cross_projections: str | None = None  # None: the study's --dchag-cross-projections
+    coefficient_lr_scale: str | None = None  # None: the study's --dchag-coefficient-lr-scale
 
     def label(self, default_groups: int, default_levels: int) -> str:
         if self.aggregation == "flat":
@@ -34,7 +36,8 @@ class Method:
         k = self.tree_levels or default_levels
         return (f"{NAMES[self.aggregation]} G={g}" + (f" k={k}" if k > 1 else "")
                 + (f" partial lr x{self.partial_lr_mult:g}" if self.partial_lr_mult is not None else "")
-                + (f" projections {self.cross_projections}" if self.cross_projections is not None else ""))
+                + (f" projections {self.cross_projections}" if self.cross_projections is not None else "")
+                + (f" coefficient lr {self.coefficient_lr_scale}" if self.coefficient_lr_scale is not None else ""))
 
     def overrides(self, args) -> dict:
         """The argument values this method sets on top of the study's flags."""
@@ -46,6 +49,8 @@ class Method:
             out["dchag_partial_lr_mult"] = self.partial_lr_mult
         if self.cross_projections is not None:
             out["dchag_cross_projections"] = self.cross_projections
+        if self.coefficient_lr_scale is not None:
+            out["dchag_coefficient_lr_scale"] = self.coefficient_lr_scale
         return out
 
 
@@ -70,11 +75,13 @@ def parse_methods(text: str) -> list[Method]:
                 kw["partial_lr_mult"] = float(value)
             elif key == "proj" and name == "cross" and value in CROSS_PROJECTIONS:
                 kw["cross_projections"] = value
+            elif key == "clr" and name == "linear" and value in ("size", "none"):
+                kw["coefficient_lr_scale"] = value
             elif key not in ("g", "k") or not value.isdigit() or int(value) < 1:
                 raise LayoutError(f"--methods: bad option {opt!r} in {spec!r}; options are g=G and k=K (positive "
-                                  "integers), lrm=M (a number >= 0) and, for cross, proj=P (one of "
-                                  f"{', '.join(CROSS_PROJECTIONS)}), e.g. linear:g=32, cross:k=2, cross:lrm=0.1 or "
-                                  "cross:proj=none.")
+                                  "integers), lrm=M (a number >= 0), for cross proj=P (one of "
+                                  f"{', '.join(CROSS_PROJECTIONS)}) and for linear clr=size|none, e.g. linear:g=32, "
+                                  "cross:k=2, cross:lrm=0.1, cross:proj=none or linear:clr=size.")
             else:
                 kw["groups" if key == "g" else "tree_levels"] = int(value)
             if name == "flat":
