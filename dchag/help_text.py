@@ -72,6 +72,8 @@ HELP = {
     "--lr-warmup-iters": "linear warmup iterations",
     "--lr-decay-style": "decay after the warmup",
     "--weight-decay": "AdamW weight decay",
+    "--dchag-group-norm": "layernorm: normalize every group token over the hidden size (a scale and shift per "
+                          "group) before the final aggregation; none: as the paper",
     "--dchag-coefficient-lr-scale": "size: D-CHAG-L's coefficients of segments of n tokens (n = C/G at the first "
                                     "tree level, 2 above it) train at 1/n x their rate, the same relative step for "
                                     "every group size (they start at 1/n); none: at the rate of the rest",

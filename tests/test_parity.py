@@ -58,10 +58,13 @@ def test_method_specs():
     light = parse_methods("flat,cross:proj=none")[1]
     assert light.overrides(args)["dchag_cross_projections"] == "none"
     assert light.label(8, 1) == "D-CHAG-C G=8 projections none"
-    assert parse_methods("flat,linear:clr=size")[1].overrides(args)["dchag_coefficient_lr_scale"] == "size"
+    both = parse_methods("flat,linear:clr=size:gn=layernorm")[1]
+    assert both.overrides(args) == {"dchag_aggregation": "linear", "dchag_groups": 8, "dchag_tree_levels": 1,
+                                    "dchag_coefficient_lr_scale": "size", "dchag_group_norm": "layernorm"}
+    assert both.label(8, 1) == "D-CHAG-L G=8 coefficient lr size group norm layernorm"
     for bad in ("linear,flat", "flat,mean", "flat,cross:q=2", "flat:g=2", "flat,linear,linear", "flat,flat", "",
                 "flat,cross:lrm=-1", "flat,cross:lrm=x", "flat:lrm=0.1", "flat,linear:proj=none",
-                "flat,cross:proj=identity", "flat,cross:clr=size", "flat,linear:clr=x"):
+                "flat,cross:proj=identity", "flat,cross:clr=size", "flat,linear:clr=x", "flat:gn=layernorm"):
         with pytest.raises(LayoutError):
             parse_methods(bad)
 

@@ -44,6 +44,9 @@ CASES = {
     # D-CHAG-C without projections (--dchag-cross-projections none), a tree, unstreamed and streamed.
     "cross-noproj-tree2": dict(aggregation="cross", cross_projections="none", tree_levels=2),
     "cross-noproj-streamed": dict(aggregation="cross", cross_projections="none", channel_chunk=3),
+    # --dchag-group-norm layernorm after the (streamed) linear stage and after a cross tree.
+    "linear-groupnorm-streamed": dict(aggregation="linear", group_norm="layernorm", channel_chunk=3),
+    "cross-tree2-groupnorm": dict(aggregation="cross", tree_levels=2, group_norm="layernorm"),
     "cross-streamed-wavelength": dict(aggregation="cross", channel_chunk=3, channel_embedding="wavelength",
                                       wavelengths=WAVELENGTHS),
 }
@@ -56,7 +59,7 @@ def reference_config(cfg) -> ReferenceConfig:
                            tree_levels=cfg.tree_levels, task=cfg.task, out_vars=cfg.predicted_channels,
                            eps=cfg.layernorm_epsilon,
                            wavelengths=cfg.wavelengths if cfg.channel_embedding == "wavelength" else None,
-                           cross_projections=cfg.cross_projections)
+                           cross_projections=cfg.cross_projections, group_norm=cfg.group_norm)
 
 
 def _batch(cfg, gen):

@@ -35,6 +35,7 @@ from dchag.model.attention import resolve_attention_backend
 from dchag.model.backbone import (build_backbone, mark_linear_weight_matrices, transformer_config,
                                   without_sequence_parallel)
 from dchag.model.config import DChagConfig
+from dchag.model.group_norm import GroupTokenNorm
 from dchag.model.heads import ChannelReconstructionHead, DenseHead, sincos_2d
 from dchag.model.init import init_rows_
 from dchag.model.query_reduce import build_query_partial_aggregation
@@ -71,6 +72,9 @@ class DChagViT(nn.Module):
         else:
             self.partial = build_partial_aggregation(cfg.aggregation, self.partition, layout.channel_parallel_rank,
                                                      cfg.tree_levels, D, cfg.num_attention_heads, seed, owner, attention)
+        if cfg.group_norm == "layernorm":  # --dchag-group-norm (dchag/model/group_norm.py)
+            self.group_norm = GroupTokenNorm(self.partition.rank_groups(layout.channel_parallel_rank),
+                                             self.partition.num_groups, D, owner, cfg.layernorm_epsilon)
         self.final = FinalAggregation(without_sequence_parallel(self.config), D, cfg.num_attention_heads,
                                       T, attention)
 
@@ -110,6 +114,8 @@ class DChagViT(nn.Module):
         else:
             tokens = self.tokenizer(images)  # [B, c_r, L, D]
             local_groups = self.partial(tokens)  # [B, G/P, L, D]
+        if hasattr(self, "group_norm"):
+            local_groups = self.group_norm(local_groups)
         all_groups = gather_from_channel_parallel_region(local_groups, dim=1)  # [B, G, L, D]
         return self.final(all_groups)  # [B, L, D]
 
