@@ -20,20 +20,33 @@ HELP = {
                      "--ignore-index is an error at start-up)",
     "--ignore-index": "segment: the class-map value of pixels left out of the loss and the metrics (NaN too)",
     "--data-path": "a file or a folder of files ([C, H, W] or [N, C, H, W]; for forecast a time series "
-                   "[T, C, H, W]), or 'synthetic[:k=v,...]' for generated data",
+                   "[T, C, H, W]), or 'synthetic[:k=v,...]' for generated data. Several sources blend (--task mae, "
+                   "Megatron's syntax): '0.4 A 0.3 B 0.3 C' (weights, then paths; normalized) or 'A B C' (in "
+                   "proportion to the sources' training samples); each source keeps its own format, channels, "
+                   "statistics and held-out split, and each training step reads one source (docs/BLENDS.md)",
     "--data-format": "the reader; auto detects it from the file name or contents",
-    "--num-channels": "C, the channel count; default: read from the data (a mismatch with the data is an error)",
-    "--img-h": "tile height in pixels; images larger than --img-h x --img-w are cut into tiles (remainders at the "
-               "bottom/right edges are reported at start-up)",
+    "--num-channels": "C, the channel count; default: read from the data (a mismatch with the data is an error). "
+                      "With a blend: the model's channels, the union of the sources' channels (given, it must equal "
+                      "that count); a synthetic source of a blend gives its own count in its spec (synthetic:c=13,...)",
+    "--img-h": "tile height in pixels; images larger than --img-h x --img-w are cut into tiles covering every pixel "
+               "(where the tile does not divide the image, the last row/column of tiles is padded with invalid "
+               "pixels, reported at start-up)",
     "--img-w": "tile width in pixels",
-    "--patch-dim": "ViT patch size p (p divides --img-h and --img-w)",
+    "--patch-dim": "ViT patch size p (p divides --img-h and --img-w); required, except with --finetune, where it is "
+                   "the pretrained model's",
     "--valid-fraction": "fraction of the tiles (mae) or time steps (forecast) held out for validation: the last "
                         "ones, no shuffling",
+    "--channels-last": "plain arrays (.npy, HDF5/Zarr arrays) are stored channels-last, [H, W, C] or [N, H, W, C]; "
+                       "without it they are read in the documented channels-first layout [C, H, W] / [N, C, H, W] "
+                       "(docs/DATA.md, the channel axis)",
     "--data-strict": "read every sample at start-up and refuse invalid values (NaN/Inf, no-data) before training; "
                      "without it they are zero-filled, masked out of the loss and counted",
     "--num-workers": "DataLoader worker processes per rank",
     "--mask-ratio": "mae: fraction of the patches masked in every tile",
     "--lead-time": "forecast: how many time steps ahead to predict",
+    "--lat-weighting": "forecast on a grid with latitudes: the weight of each row in the loss, RMSE and ACC; area = "
+                       "WeatherBench 2's cell-area weights (a pole row weighs its half cell), cos = cos(latitude) "
+                       "(ClimaX; a pole row weighs 0); the same on a cell-centred grid without pole rows",
     # model
     "--num-layers": "transformer layers of the backbone",
     "--hidden-size": "hidden size D of the tokens",
@@ -85,6 +98,9 @@ HELP = {
     "--adam-beta1": "AdamW beta1",
     "--adam-beta2": "AdamW beta2",
     "--adam-eps": "AdamW epsilon",
+    "--skip-memory-check": "start even when the pre-flight's estimate (dchag/planner: parameters, optimizer state, "
+                           "activations and the batch, per rank) exceeds the memory of this machine's GPU or host "
+                           "(only if you know the estimate is wrong for your run)",
     "--seed": "seed of the weights, MAE masks, dropout and data order (the same for every layout)",
     # fine-tuning
     "--finetune": "start from --pretrained-checkpoint's weights only: iteration 0, a fresh optimizer and LR schedule, "
@@ -104,14 +120,36 @@ HELP = {
                             "any new or interpolated row (e.g. the tokenizer when one band is new) gets it whole, "
                             "because AdamW's step does not scale with a per-row gradient factor. Multiplies "
                             "--dchag-partial-lr-mult",
+    "--match-channels": "with --finetune (and between the sources of a blended --data-path): which identity stands when a channel's name matches a pretrained channel "
+                        "whose wavelength lies further away than the bands' width (20 nm where unknown), e.g. 'B05' "
+                        "at 865 nm against 'B05' at 705 nm: name (the name match is taken) or wavelength (the name is "
+                        "ignored for that channel: matched, interpolated or new by its wavelength). Not given: such a "
+                        "contradiction is refused at start-up, naming both channels",
+    "--lora-rank": "with --finetune: R > 0 adds LoRA adapters (y = W x + alpha/R B A x, B zero at the start) to "
+                   "megatron-core's tensor-parallel linears named by --lora-targets, split like them over "
+                   "--tensor-model-parallel-size; the pretrained weights they adapt are frozen. What trains: the "
+                   "adapters, the task head and conditioning, and every tensor the fine-tune made new or "
+                   "interpolated (whole tensors; the start-up table lists them with the trainable share). The "
+                   "export merges the adapters into the weights (README, 'LoRA')",
+    "--lora-alpha": "LoRA's alpha: the adapters' output is scaled by alpha / --lora-rank (default: the rank, scale 1)",
+    "--lora-dropout": "dropout on the adapters' input (a function of seed, sample, iteration and position: the same "
+                      "masks on every layout)",
+    "--lora-targets": "comma list of the linears to adapt: qkv, proj (attention), fc1, fc2 (MLP) of every backbone "
+                      "layer, and final.kv, final.proj (the final aggregation); default qkv,proj,fc1,fc2",
     # checkpointing and logging
     "--save": "folder for checkpoints (DIR/iter_NNNNNNN, DIR/latest); never overwrites a complete checkpoint "
               "beyond the starting iteration",
     "--load": "folder to resume from (the iteration in DIR/latest); --load DIR --save DIR on an empty DIR starts "
               "fresh",
+    "--allow-data-change": "resume although the data differs from the data the checkpoint was trained on (its "
+                           "fingerprint: sizes, shapes, channels, sample counts, a digest of fixed windows); the "
+                           "new data is normalized with the checkpoint's statistics. Without it such a resume is "
+                           "refused, naming what changed",
     "--save-interval": "save every this many iterations (and at the end)",
     "--eval-interval": "validate every this many iterations",
-    "--eval-iters": "validation iterations (global batches) per evaluation",
+    "--eval-iters": "validation iterations (global batches) per evaluation; default: every held-out sample, each "
+                    "once (the last batch padded with samples that weigh nothing); fewer scores the first "
+                    "--eval-iters x global batch held-out samples, and the validation line says how many of how many",
     "--log-interval": "print the log line and write TensorBoard scalars every this many iterations",
     "--tensorboard-dir": "TensorBoard log folder (rank 0 writes it)",
     # deepspeed

@@ -3,9 +3,6 @@ export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 # DeepSpeed's JIT-built ops cached in this checkout's environment (not shared with other environments,
 # which would rebuild each other's op on every start; the run sets the same default when unset).
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/torch_extensions}
-# torchrun's --max-restarts on gloo: each restart needs a TCP store of its own (pytorch#135712); without
-# this, restart 1 is refused and restart 2 hangs.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # Exit status: 0 after a finished run, --exit-interval, or a stop signal handled with
 # --exit-signal-handler on every rank; torchrun itself exits 1 after a SIGTERM it received too (its
 # SignalException), although the ranks saved and exited 0: check "> exiting at iteration" or DIR/latest.

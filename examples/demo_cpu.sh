@@ -19,5 +19,5 @@ RUN_DIR=$(run_dir runs/demo)
     --dchag-aggregation linear --dchag-groups 8 \
     --tensor-model-parallel-size 2 --channel-parallel-size 2 \
     --micro-batch-size 3 --global-batch-size 9 --train-iters 600 --lr 2e-3 --lr-warmup-iters 30 --weight-decay 0.05 \
-    --log-interval 50 --eval-interval 100 --eval-iters 1 --save-interval 300 \
+    --log-interval 50 --eval-interval 100 --save-interval 300 \
     --save "$RUN_DIR" --tensorboard-dir "$RUN_DIR/tb" "$@"

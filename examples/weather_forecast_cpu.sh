@@ -19,5 +19,5 @@ RUN_DIR=$(run_dir runs/weather)
     --dchag-aggregation cross --dchag-groups 4 \
     --tensor-model-parallel-size 2 --channel-parallel-size 2 \
     --micro-batch-size 2 --global-batch-size 4 --train-iters 100 --lr 1e-3 --lr-warmup-iters 10 \
-    --log-interval 10 --eval-interval 50 --eval-iters 1 --save-interval 100 \
+    --log-interval 10 --eval-interval 50 --save-interval 100 \
     --save "$RUN_DIR" --tensorboard-dir "$RUN_DIR/tb" "$@"

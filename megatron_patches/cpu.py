@@ -120,6 +120,8 @@ def apply_cpu_patches() -> None:
     if _APPLIED or not runs_on_cpu():
         return
     _check_version()
+    from megatron_patches.optional import quiet
+    quiet(cpu=True)  # megatron's CUDA_DEVICE_MAX_CONNECTIONS advice is for GPUs
 
     _patch_rng()
     for module_name in _CPU_DEVICE_MODULES:

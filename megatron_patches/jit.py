@@ -25,6 +25,8 @@ def _identity_compile(model=None, **kwargs):
 
 
 def import_megatron() -> None:
+    from megatron_patches.optional import quiet
+    quiet()  # megatron-core's notes about absent Apex / Transformer Engine: one start-up line instead
     if "megatron.core" in sys.modules:
         return
     from dchag.device import runs_on_cpu

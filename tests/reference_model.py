@@ -21,6 +21,13 @@ Channels are cut into G contiguous groups whose sizes differ by at most one, the
 first (13 channels over 4 groups: 4, 3, 3, 3); a group is cut the same way into 2^(k-1)
 sub-groups at the first tree level.
 
+A blend of data sources (``source``): the model's per-channel parameters have one row per channel
+of the union of the sources, and the input holds one source's channels, ``source`` being their rows
+(union ids) in the input's order. A source with fewer channels than the G 2^(k-1) first-level
+segments is read as that many tokens, token i being channel floor(i C_s / (G 2^(k-1))) (each group
+gets a share of the few channels); every token uses its channel's rows, and the MAE head predicts
+one plane per token. Flat aggregation attends over the source's C_s tokens.
+
 Parameters are read from ``DChagViT``'s full state dict through ``name_map`` (the only place
 that knows the other side's names). Layout conventions of the other side that are part of its
 checkpoint format, and so of the map:
@@ -59,6 +66,17 @@ class ReferenceConfig:
     wavelengths: tuple | None = None  # --channel-embedding wavelength: each channel's wavelength (nm) or None
     cross_projections: str = "per-group"  # none: the group's query attends over the tokens themselves
     group_norm: str = "none"  # layernorm: each group token normalized over D, then a per-group scale and shift
+    source: tuple[int, ...] | None = None  # a blend: the union row of each input channel, in the input's order
+
+
+def token_channels(cfg: ReferenceConfig) -> list[tuple[int, int]]:
+    """Per channel token: (its channel's position in the input, its parameter row)."""
+    if cfg.source is None:
+        return [(c, c) for c in range(cfg.num_channels)]
+    n = len(cfg.source)
+    need = 1 if cfg.aggregation == "flat" else cfg.groups * 2 ** (cfg.tree_levels - 1)
+    positions = range(n) if n >= need else [i * n // need for i in range(need)]
+    return [(c, cfg.source[c]) for c in positions]
 
 
 def near_equal_sizes(n: int, parts: int) -> list[int]:
@@ -72,7 +90,7 @@ def segments_per_level(cfg: ReferenceConfig) -> list[list[int]]:
         return []
     k = cfg.tree_levels
     fan = 2 ** (k - 1)
-    level1 = [s for g in near_equal_sizes(cfg.num_channels, cfg.groups) for s in near_equal_sizes(g, fan)]
+    level1 = [s for g in near_equal_sizes(len(token_channels(cfg)), cfg.groups) for s in near_equal_sizes(g, fan)]
     levels = [level1]
     for j in range(2, k + 1):
         levels.append([2] * (cfg.groups * 2 ** (k - j)))
@@ -114,11 +132,11 @@ class ReferenceDChag(nn.Module):
     def tokenize(self, img: torch.Tensor) -> torch.Tensor:
         patches = self.patchify(img)  # [B, C, L, p*p]
         tokens = []
-        for c in range(self.cfg.num_channels):
-            w = self.p("embed.w")[c].reshape(self.cfg.dim, -1)  # [D, p*p]
-            tokens.append(patches[:, c] @ w.T + self.p("embed.b")[c] + self.p("embed.channel")[c]
-                          + self.spectral_embedding(c))
-        return torch.stack(tokens, dim=1)  # [B, C, L, D]
+        for c, row in token_channels(self.cfg):
+            w = self.p("embed.w")[row].reshape(self.cfg.dim, -1)  # [D, p*p]
+            tokens.append(patches[:, c] @ w.T + self.p("embed.b")[row] + self.p("embed.channel")[row]
+                          + self.spectral_embedding(row))
+        return torch.stack(tokens, dim=1)  # [B, tokens, L, D]
 
     def spectral_embedding(self, c: int) -> torch.Tensor:
         """Panopticon's fixed embedding of channel c's wavelength lambda (nm), [D]: feature k < D/2 is
@@ -147,13 +165,14 @@ class ReferenceDChag(nn.Module):
         return (weights[..., None] * v).sum(1).reshape(B, L, D)
 
     def partial_aggregation(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, C, L, D] -> [B, G, L, D]."""
+        """[B, tokens, L, D] -> [B, G, L, D]."""
+        rows = [row for _, row in token_channels(self.cfg)]  # the first level's coefficient of each token
         for j, sizes in enumerate(segments_per_level(self.cfg)):
             out, start = [], 0
             for n, size in enumerate(sizes):
                 seg = tokens[:, start:start + size]  # [B, S, L, D]
                 if self.cfg.aggregation == "linear":
-                    w = self.p(f"agg{j}.coef")[start:start + size]
+                    w = self.p(f"agg{j}.coef")[rows[start:start + size] if j == 0 else slice(start, start + size)]
                     out.append((seg * w[None, :, None, None]).sum(1))
                 elif self.cfg.cross_projections == "none":  # keys = values = the tokens, no output projection
                     out.append(self.attend(self.p(f"agg{j}.query")[n], seg, seg))
@@ -217,8 +236,9 @@ class ReferenceDChag(nn.Module):
             x = self.block(x, i)
         x = self.layer_norm(x, "norm")
         if self.cfg.task == "mae":
-            pixels = torch.einsum("bld,cqd->bclq", x, self.p("head.w")) + self.p("head.b")[None, :, None, :]
-            return self.unpatchify(pixels)  # [B, C, H, W]
+            rows = [row for _, row in token_channels(self.cfg)]  # one plane per channel token
+            pixels = torch.einsum("bld,cqd->bclq", x, self.p("head.w")[rows]) + self.p("head.b")[rows][None, :, None, :]
+            return self.unpatchify(pixels)  # [B, tokens, H, W]
         V = len(self.cfg.out_vars)
         pixels = (x @ self.p("head.w").T + self.p("head.b")).reshape(x.shape[0], x.shape[1], V, -1)
         return self.unpatchify(pixels.transpose(1, 2))  # [B, V, H, W]

@@ -296,7 +296,7 @@ raw = _fixed_batch().numpy() * m.std[None, :, None, None] + m.mean[None, :, None
 rec, mask = m.reconstruct(raw, mask_ratio=0.5, seed=99, return_mask=True)
 raw[0, 5, 1, 1] = np.nan
 rec_nan = m.reconstruct(raw, mask_ratio=0.5, seed=99)
-emb = m.embed(raw)
+emb = m.embed_tiles(raw)
 torch.save({{"y": y, "rec": rec, "rec_nan": rec_nan, "mask": mask, "emb": emb, "mean": m.mean, "std": m.std}},
            {os.path.join(tmp, 'pretrained.pt')!r})
 """
@@ -331,7 +331,7 @@ for i in range(2):  # embed: 6 x 9 whole 2 x 2 patches (the 13th row / 19th colu
     for r in (0, 4):
         for c in (0, 8, 10):
             tile = x[i:i + 1, :, r:r + 8, c:c + 8]
-            emb[i, :, r // 2:r // 2 + 4, c // 2:c // 2 + 4] = m.embed(tile)[0].T.reshape(32, 4, 4)
+            emb[i, :, r // 2:r // 2 + 4, c // 2:c // 2 + 4] = m.embed_tiles(tile)[0].T.reshape(32, 4, 4)
 np.save(sys.argv[3], rec); np.save(sys.argv[4], emb)
 """
 
@@ -373,3 +373,78 @@ def test_predict_over_a_file_equals_tile_by_tile_forwards(job, tmp_path):
     assert (tmp_path / "rec.png").stat().st_size > 1000
     proc = run("--task", "mae", "--output", str(tmp_path / "rec.npy"))
     assert proc.returncode == 1 and "already exists" in proc.stderr
+
+
+def test_distributed_prediction_equals_one_process(job, tmp_path):
+    """tools/predict.py under torchrun: 2 ranks at T = P = 2 from the training's --save folder (ZeRO 1,
+    shards merged as conversion merges them, each rank its shard, its channels) equal 1 process on
+    the export (1e-5), with overlapping tiles; 2 data-parallel ranks sharing the tiles (embed, from
+    the export) equal it too."""
+    from tests.distributed import free_port
+    tmp, _, _, _ = job
+    x = np.random.RandomState(3).normal(0.5, 0.2, (2, 13, 21, 19)).astype(np.float32)
+    x[0, 3, 12, 18] = np.nan
+    data = str(tmp_path / "scene.npy")
+    np.save(data, x)
+    common = ["--data-path", data, "--mask-ratio", "0.5", "--seed", "5", "--batch-size", "3", "--overlap", "2",
+              "--no-progress"]
+    one = f"""
+import sys
+sys.path.insert(0, "tools")
+import predict
+for task in ("mae", "embed"):
+    assert predict.main(["--load", {os.path.join(tmp, 'z1_c4')!r}, "--task", task, "--output",
+                         {str(tmp_path)!r} + f"/one_{{task}}.npy", *{common!r}]) == 0
+import dchag, torch  # one process loads the --save folder too (any layout), the same model
+from tests.test_checkpoint_convert import _fixed_batch, _fixed_mask
+a, b = (dchag.load_pretrained(p, device="cpu") for p in ({os.path.join(tmp, 'z1')!r}, {os.path.join(tmp, 'z1_c4')!r}))
+assert torch.equal(a.forward_normalized(_fixed_batch(), _fixed_mask()), b.forward_normalized(_fixed_batch(), _fixed_mask()))
+"""
+    proc = subprocess.run([sys.executable, "-c", one], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, load, task, layout in (("tp", "z1", "mae", ["--tensor-model-parallel-size", "2",
+                                                           "--channel-parallel-size", "2"]),
+                                     ("dp", "z1_c4", "embed", [])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "tools/predict.py", "--load", os.path.join(tmp, load), "--task", task, "--output",
+               str(tmp_path / f"{name}.npy"), *layout, *common]
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert proc.stdout.count("> wrote") == 1, proc.stdout  # one output, written by rank 0
+        got, want = np.load(tmp_path / f"{name}.npy"), np.load(tmp_path / f"one_{task}.npy")
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        print(f"{name}: largest difference from one process {np.nanmax(np.abs(got - want)):.2e}")
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_describe_says_what_a_checkpoint_is_without_loading_it(job, monkeypatch):
+    """--describe on the export, the --save folder and one iter_* folder: task, architecture, layout
+    and iteration, channels, tile, data, normalization, size; no pickle or tensor file is opened."""
+    import builtins
+    from dchag.checkpointing import describe
+    tmp, _, _, _ = job
+    real_open = builtins.open
+
+    def guarded(file, *a, **k):
+        assert not str(file).endswith((".pt", ".safetensors")), f"--describe opened {file}"
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("--describe loaded a pickle"))
+    for path, it in ((os.path.join(tmp, "z1_c4"), 4), (os.path.join(tmp, "z1"), 4),
+                     (os.path.join(tmp, "z1", "iter_0000003"), 3)):
+        text = "\n".join(describe.lines(describe.describe(path)))
+        print(text)
+        for words in (f"iteration {it}", "task           mae", "D-CHAG-L (linear), G = 4 groups", "T = 2, P = 2",
+                      "channels       13", "tile           8 x 8 pixels, patches of 2 x 2", "normalization  per-channel",
+                      "size on disk"):
+            assert words in text, (words, text)
+        assert "consolidated export" in text if path.endswith("c4") else "DeepSpeed" in text
+    text = "\n".join(describe.lines(describe.describe(os.path.join(tmp, "z1_c4"))))
+    assert "mask ratio 0.5" in text and "ZeRO 1" in text and "parameters" in text
+    monkeypatch.setattr(builtins, "open", real_open)
+    proc = _tool("--describe", os.path.join(tmp, "z1"))
+    assert proc.returncode == 0 and "iteration 4" in proc.stdout, proc.stderr[-2000:]
+    proc = _tool("--describe", tmp)
+    assert proc.returncode == 1 and "neither a consolidated export nor a checkpoint" in proc.stderr, proc.stderr

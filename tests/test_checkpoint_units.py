@@ -10,7 +10,7 @@ import pytest
 
 from dchag.checkpointing import manifest, normalization
 from dchag.checkpointing.shards import channel_rows
-from dchag.inference.predict import tile_starts
+from dchag.inference.tiling import tile_starts
 from dchag.model.aggregation import build_partial_aggregation
 from dchag.model.heads import ChannelReconstructionHead
 from dchag.model.tokenizer import ChannelTokenizer
@@ -85,3 +85,31 @@ def test_normalization_shares_merge_into_all_channels():
     assert mean.dtype == np.float32 and std.tolist() == [1, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="channels"):
         normalization.merge(shares[:1])
+
+
+def test_every_file_of_an_export_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
+    """The converter's and the export's outputs are staged in a temporary folder and renamed into
+    place: every file in it is fsynced before the rename (a crash after it must not leave empty
+    files under the new name)."""
+    import torch
+
+    from dchag.checkpointing import consolidated
+    synced, published = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        published.append((src, set(synced)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = str(tmp_path / "export")
+    consolidated.write(out, {"w": torch.ones(3)}, {"model": {}, "iteration": 1})
+    staged, on_disk = next((src, seen) for src, seen in published if os.path.basename(src).startswith(".tmp-export"))
+    for name in sorted(os.listdir(out)):
+        assert os.path.join(staged, name) in on_disk, (name, sorted(on_disk))
+    assert staged in on_disk  # the folder's entries too

@@ -261,15 +261,40 @@ def test_plain_array_without_a_channel_count_is_refused_naming_both_readings(tmp
 
 
 @pytest.mark.parametrize("fmt", ["npy", "hdf5", "zarr"])
-def test_num_channels_on_the_last_axis_is_refused_naming_the_transpose(tmp_path, fmt):
+def test_num_channels_on_the_last_axis_is_refused_naming_the_flag_and_the_transpose(tmp_path, fmt):
     path = _plain(tmp_path, fmt, np.zeros((2, 9, 7, 5), np.float32))  # [N, H, W, C] with C = 5
-    with pytest.raises(DataError, match=r"channels-last.*a.transpose\(0, 3, 1, 2\)"):
+    with pytest.raises(DataError, match=r"channels-last.*Add --channels-last.*a.transpose\(0, 3, 1, 2\)"):
         open_source(path, num_channels=5)
     with pytest.raises(DataError, match=r"has 9 channels but --num-channels is 4"):
         open_source(path, num_channels=4)  # on neither axis: the count does not fit
-    square = _plain(tmp_path / "square", fmt, np.zeros((6, 3, 6), np.float32))
-    with pytest.raises(DataError, match=r"both its first and its last axis have 6 entries"):
-        open_source(square, num_channels=6)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "hdf5", "zarr"])
+def test_a_square_stack_is_read_channels_first_unless_declared_channels_last(tmp_path, fmt):
+    """Issue 30: [4, 16, 16, 16] with --num-channels 16 (16 bands of 16 x 16, the documented layout)
+    was refused because its last axis has 16 entries too. The count on the first axis is enough (a
+    note says how it was read); --channels-last reads the same file as [N, H, W, C]."""
+    data = np.arange(4 * 16 * 16 * 16, dtype=np.float32).reshape(4, 16, 16, 16)
+    path = _plain(tmp_path, fmt, data)
+    src = open_source(path, num_channels=16)
+    assert src.shape == (4, 16, 16, 16)
+    assert "read channels-first, the documented layout: 16 channels of 16 x 16" in src.channel_axis_note
+    assert "add --channels-last" in src.channel_axis_note
+    np.testing.assert_array_equal(src.read(1, range(2, 5), slice(3, 11), slice(4, 12)), data[1, 2:5, 3:11, 4:12])
+    last = open_source(path, num_channels=16, channels_last=True)
+    assert last.channel_axis_note is None
+    np.testing.assert_array_equal(last.read(1, range(2, 5), slice(3, 11), slice(4, 12)),
+                                  np.moveaxis(data, -1, 1)[1, 2:5, 3:11, 4:12])
+    hwc = _plain(tmp_path / "hwc", fmt, data[:2, :9, :7, :5])  # [N, H, W, C] with C = 5: declared, read so
+    src = open_source(hwc, num_channels=5, channels_last=True)
+    assert src.shape == (2, 5, 9, 7)
+    np.testing.assert_array_equal(src.read(1, [4, 0]), np.moveaxis(data[1, :9, :7, :5], -1, 0)[[4, 0]])
+    with pytest.raises(DataError, match=r"--channels-last reads its last axis as the channels, but that axis has 5 "
+                                        r"entries, not the channel count \(--num-channels 9\); its first axis has 9: "
+                                        r"drop --channels-last"):
+        open_source(hwc, num_channels=9, channels_last=True)
+    with pytest.raises(DataError, match=r"--channels-last is for plain arrays.*drop --channels-last"):
+        open_source("synthetic", num_channels=3, height=8, width=8, channels_last=True)
 
 
 @pytest.mark.parametrize("fmt", ["npy", "hdf5", "zarr"])

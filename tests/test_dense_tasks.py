@@ -157,6 +157,9 @@ def test_regress_targets_shapes_statistics_and_invalid_values(tmp_path):
     first = train[0]  # the NaN row: marked invalid, zero-filled
     assert not first["target_valid"][1, 0, :3].any() and first["target_valid"].sum() == 2 * 16 - 3
     assert (first["target"][1, 0, :3] == 0).all()
+    assert train.targets.invalid == {"train": (3, 3 * 2 * 64), "valid": (0, 2 * 64)}  # counted for the summary
+    assert "invalid target value(s) (NaN, Inf, no-data) ignored: 3 of 384 (0.8%) in the training tiles, 0 of 128 " \
+        "(0.0%) in the held-out tiles" in train.targets.summary()
     # [K, H, W] for a one-image input; a wrong image count or size is refused, naming both
     one = _npy(tmp_path, "x1.npy", x[0])
     tr, _ = build_datasets(one, **{**kw, "target_path": _npy(tmp_path, "y1.npy", y[0])})
@@ -169,6 +172,36 @@ def test_regress_targets_shapes_statistics_and_invalid_values(tmp_path):
         build_datasets(data, **{**kw, "target_path": _npy(tmp_path, "y3.npy", np.moveaxis(y, 1, -1))})
     with pytest.raises(DataError, match="needs --target-path"):
         build_datasets(data, **{**kw, "target_path": None})
+
+
+def test_dense_targets_of_tiles_past_the_edge(tmp_path):
+    """10 x 12 images in 4 x 6 tiles: the last tile row is padded; its padding is no target
+    (target_valid False), every pixel's target is in exactly one tile of one split, and the
+    training statistics / class counts are those of exactly the training tiles' pixels."""
+    from dchag.data import build_datasets
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3, 10, 12)).astype(np.float32)
+    y = rng.normal(5.0, 2.0, size=(2, 2, 10, 12)).astype(np.float32)
+    cls = rng.integers(0, 3, size=(2, 10, 12)).astype(np.float32)
+    data = _npy(tmp_path, "x.npy", x)
+    kw = dict(img_h=4, img_w=6, valid_fraction=0.25)  # 2 x 3 x 2 = 12 tiles, the last 3 held out
+    train, valid = build_datasets(data, task="regress", target_path=_npy(tmp_path, "y.npy", y), **kw)
+    assert (len(train), len(valid)) == (9, 3)
+    in_train = np.zeros((2, 10, 12), bool)
+    seen = np.zeros((2, 10, 12), int)
+    for ds in (train, valid):
+        for i in range(len(ds)):
+            t, item = ds.index.tile(ds.samples[i]), ds[i]
+            h = t.read_rows.stop - t.read_rows.start
+            assert item["target_valid"][:, :h].all() and not item["target_valid"][:, h:].any()
+            seen[t.image, t.read_rows, t.read_cols] += 1
+            in_train[t.image, t.read_rows, t.read_cols] |= ds is train
+    assert (seen == 1).all()
+    train_y = np.moveaxis(y, 1, 0)[:, in_train]  # [K, training pixels]
+    np.testing.assert_allclose(train.targets.stats.mean, train_y.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(train.targets.stats.std, train_y.std(1), rtol=1e-5)
+    train, _ = build_datasets(data, task="segment", target_path=_npy(tmp_path, "c.npy", cls), num_classes=3, **kw)
+    np.testing.assert_array_equal(train.targets.class_counts, np.bincount(cls[in_train].astype(int), minlength=3))
 
 
 @pytest.mark.parametrize("layout", ["HW", "NHW", "N1HW"])
@@ -192,6 +225,7 @@ def test_class_maps_in_every_layout_with_ignored_pixels(tmp_path, layout):
     counts = np.bincount(np.concatenate([cls[i][np.isfinite(cls[i]) & (cls[i] != 255)] for i in range(len(train))])
                          .astype(int), minlength=3)
     np.testing.assert_array_equal(train.targets.class_counts, counts)
+    assert train.targets.invalid["train"][0] == 2  # the 255 and the NaN, counted for the summary
 
 
 def test_class_values_outside_the_classes_are_refused_by_value_and_flag(tmp_path):
@@ -205,6 +239,24 @@ def test_class_values_outside_the_classes_are_refused_by_value_and_flag(tmp_path
     cls[1, 2, 3] = 1.5
     with pytest.raises(DataError, match="holds 1.5"):
         build_datasets(_npy(tmp_path, "x.npy", x), target_path=_npy(tmp_path, "c.npy", cls), **kw)
+
+
+def test_the_class_count_is_checked_before_the_start_naming_the_count_needed(tmp_path):
+    """--num-classes 2 with labels 0 .. 2: the task's pre-flight check reads the whole map and names 3."""
+    from dchag.arguments import parse_args
+    from dchag.data import DataError
+    from dchag.tasks import get_task
+    cls = np.zeros((2, 4, 4), np.float32)
+    cls[1, 3, 3], cls[0, 0, 0] = 2, 255  # 255: --ignore-index, not a class
+    argv = ["--task", "segment", "--data-path", _npy(tmp_path, "x.npy", np.zeros((2, 2, 4, 4), np.float32)),
+            "--target-path", _npy(tmp_path, "c.npy", cls), "--img-h", "4", "--img-w", "4", "--patch-dim", "2",
+            "--train-iters", "1"]
+    with pytest.raises(DataError, match=r"holds class values 0 \.\. 2 and not --ignore-index 255, so it needs "
+                                        r"--num-classes 3, not 2"):
+        get_task("segment").prepare_args(parse_args(argv + ["--num-classes", "2"]))
+    args = parse_args(argv + ["--num-classes", "3"])
+    get_task("segment").prepare_args(args)
+    assert args.num_outputs == 3
 
 
 def test_flags_are_checked_by_the_task():
@@ -261,7 +313,7 @@ def _train_job(tmp):
                            pretrain_dchag.datasets_provider, argv, non_loss_data_func=pretrain_dchag.task_picture,
                            eval_metrics_func=pretrain_dchag.task_metrics, loss_weight_func=pretrain_dchag.loss_weight)
         out[task] = {"val_loss": history["val_losses"][ITERS], "metrics": history["val_metrics"][ITERS],
-                     "first_loss": history["losses"][1]}
+                     "first_loss": history["losses"][1], "baselines": history["val_baselines"][ITERS]}
         release(history)
     return out
 
@@ -321,6 +373,7 @@ def test_regress_training_beats_the_training_mean_on_held_out_tiles(trained):
     print(f"regress held-out: val loss {got['val_loss']:.4f} (training mean {baseline['val_loss']:.4f}); "
           + ", ".join(f"R^2 {n} {got['metrics'][f'r2/{n}']:.3f} ({baseline['metrics'][f'r2/{n}']:.3f})" for n in names))
     assert got["val_loss"] < 0.6 * baseline["val_loss"]
+    assert got["baselines"] == {"training mean": pytest.approx(baseline["val_loss"], rel=1e-6)}  # the loop's, P = 2
     for n in names:
         assert abs(baseline["metrics"][f"r2/{n}"]) < 0.05  # the mean of the training tiles: R^2 about 0
         assert got["metrics"][f"r2/{n}"] > 0.3
@@ -335,7 +388,8 @@ def test_regress_training_beats_the_training_mean_on_held_out_tiles(trained):
 def test_segment_training_beats_the_majority_class_on_held_out_tiles(trained):
     _, r = trained
     got = r["segment"]
-    (baseline,) = _heldout_baselines("segment").values()
+    ((name, baseline),) = _heldout_baselines("segment").items()
+    assert got["baselines"] == {name: pytest.approx(baseline["val_loss"], rel=1e-6)}  # the loop's, P = 2
     print(f"segment held-out: val loss {got['val_loss']:.4f} ({baseline['val_loss']:.4f}), accuracy "
           f"{got['metrics']['accuracy']:.3f} ({baseline['metrics']['accuracy']:.3f}), mIoU {got['metrics']['miou']:.3f} "
           f"({baseline['metrics']['miou']:.3f}) (baseline: training class prior / majority class)")
@@ -353,6 +407,7 @@ def test_log_tensorboard_and_picture(trained):
         acc.Tags()["scalars"])
     log = open(os.path.join(tmp, "segment.log")).read()
     assert f"validation loss at iteration {ITERS} | val loss:" in log and "| accuracy: " in log and "| miou: " in log
+    assert "| scored: 16 of 16 held-out samples | baseline training class prior (majority class): " in log
     for task in RUNS:
         assert os.path.getsize(os.path.join(tmp, task, f"{task}_iter_{ITERS:07d}.png")) > 1000
 

@@ -18,9 +18,10 @@ own layer and the layers below it):
 8.  ``dchag.inference.runtime``                the one-process layout a serial model is built in
 9.  ``dchag.checkpointing``                    save, load, check, convert, export
 10. ``dchag.transfer``                         fine-tuning: a pretrained model's weights onto a new model
-11. ``dchag.training``                         pre-flight, process groups, the loop
-12. ``dchag.inference``                        a trained model in one process; prediction
-13. ``dchag.planner``                          memory / communication / FLOPs arithmetic
+11. ``dchag.planner``                          memory / communication / FLOPs arithmetic (the pre-flight's
+                                               memory check asks it)
+12. ``dchag.training``                         pre-flight, process groups, the loop
+13. ``dchag.inference``                        a trained model in one process; prediction
 14. ``dchag.bench``                            benchmarks of the real code
 15. ``dchag.sim``                              the real code at cluster scale on fake tensors, beside the planner
 16. ``dchag.parity``                           studies of whole training runs: parity, transfer
@@ -47,9 +48,9 @@ LAYERS = [
     ("dchag.inference.runtime",),
     ("dchag.checkpointing",),
     ("dchag.transfer",),
+    ("dchag.planner",),
     ("dchag.training",),
     ("dchag.inference",),
-    ("dchag.planner",),
     ("dchag.bench",),
     ("dchag.sim",),
     ("dchag.parity",),

@@ -29,3 +29,24 @@ def test_invalid_values_counted_once_per_value():
     for r in run_distributed(_count_worker, 2):
         assert (r[(2, 2)], r[(2, 1)], r[(1, 1)]) == (8, 4, 8)
         assert r["line"].endswith("number of invalid input values: 8 |")
+
+
+def test_megatron_notes_about_absent_libraries_become_one_start_up_line(monkeypatch):
+    """megatron-core 0.16's UserWarnings for absent Apex / Transformer Engine (and its own deprecated
+    default) are filtered; other warnings pass; one line names what is absent and what stands in."""
+    import importlib.util
+    import warnings
+    from megatron_patches import optional
+    notes = ["Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
+             "Apex is not installed. Falling back to Torch Norm",
+             "full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer."]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        optional.quiet()
+        for note in notes + ["something else"]:
+            warnings.warn(note, UserWarning)
+    assert [str(w.message) for w in seen] == ["something else"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "apex" else object())
+    assert optional.startup_line() == ("> optional libraries absent: Apex; in their place: " + optional.FALLBACKS)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert optional.startup_line() is None

@@ -196,7 +196,7 @@ def _ops_job(tmp):
     resume = base + ["--train-iters", "6", "--load", p("e"), "--save", p("e")]
     r["err_damaged"] = _refused(resume, p("e"))
     r["recovered"] = _history(resume + ["--ckpt-step", "3"])
-    # .npy data: 3 images of 13 channels, 19 x 16 (4 tiles of 8 x 8 each, 3 rows left over);
+    # .npy data: 3 images of 13 channels, 19 x 16 (6 tiles of 8 x 8 each, the last row of tiles padded);
     # tile 0 of image 0 has no valid value; names and wavelengths from the sidecar.
     npy = p("cube.npy")
     if dist.get_rank() == 0:
@@ -206,7 +206,7 @@ def _ops_job(tmp):
     data[data.index("--data-path") + 1] = npy
     npy_base = _ds("zero1_fp32.json") + data + ["--channel-parallel-size", "2", "--valid-fraction", "0"]
     r["err_strict"] = _refused(npy_base + ["--train-iters", "2", "--data-strict", "--save", p("strict")])
-    r["empty"] = _history(npy_base + ["--train-iters", "12", "--micro-batch-size", "1", "--log-interval", "12"],
+    r["empty"] = _history(npy_base + ["--train-iters", "18", "--micro-batch-size", "1", "--log-interval", "18"],
                           snapshot=True)
     # The same model in one layout without sharding (T = P = 1), for the summary's parameter count.
     from dchag.arguments import model_config, parse_args
@@ -323,13 +323,13 @@ def test_empty_sample_is_skipped_and_counted(ops):
     _, ranks = ops
     for r in ranks:
         h = r["empty"]
-        assert len(h["skipped"]) == 1, h["skipped"]  # one epoch of 12 tiles, one of them empty
+        assert len(h["skipped"]) == 1, h["skipped"]  # one epoch of 18 tiles, one of them empty
         it = h["skipped"][0]
         assert math.isnan(h["losses"][it]) and h["grad_norms"][it] is None
         assert all(math.isfinite(v) for i, v in h["losses"].items() if i != it)
-        assert h["adam_steps"] == [11], "11 updates in 12 iterations: none from the empty sample"
+        assert h["adam_steps"] == [17], "17 updates in 18 iterations: none from the empty sample"
         assert it not in h["weights"], "no forward pass for it"
-        if it < 12:
+        if it < 18:
             assert h["lrs"][it + 1] == h["lrs"][it], "the LR schedule waits"
 
 
@@ -338,8 +338,9 @@ def test_startup_summary(ops):
     lines = ranks[0]["empty"]["summary"]
     text = "\n".join(lines)
     assert "3 image(s) of 13 channels, 19 x 16; channels band400, band410 ... band520 (400-520 nm)" in text, text
-    assert "train 12 / valid 0 samples" in text, text
-    assert "edges: 3 row(s) at the bottom and 0 column(s) at the right of 3 image(s) of 19 x 16 are in no tile" in text
+    assert "train 18 / valid 0 samples" in text, text
+    assert ("edges: 3 image(s) of 19 x 16: the last row of tiles padded with 5 row(s), the last column with 0 "
+            "column(s)") in text, text
     assert "statistics: computed at start-up" in text, text
     assert "channel rank 0: channels 0-6 (groups 0-1); channel rank 1: channels 7-12 (groups 2-3)" in text, text
     assert "ZeRO stage 1; precision fp32" in text and "T 2 x DP 1, channel-parallel P 2" in text, text
@@ -370,7 +371,7 @@ def test_npy_sidecar_channels_last_and_edges(tmp_path):
         open_source(last).check_channel_axis(None)
     assert TileIndex([(16, 16)], 8, 8).edge_report() is None
     assert TileIndex([(19, 21), (19, 21)], 8, 8).edge_report().startswith(
-        "3 row(s) at the bottom and 5 column(s) at the right of 2 image(s) of 19 x 21 are in no tile")
+        "2 image(s) of 19 x 21: the last row of tiles padded with 5 row(s), the last column with 3 column(s)")
 
 
 def test_every_flag_has_help_and_default():

@@ -95,3 +95,10 @@ def test_predict_refuses_a_cube_stored_channels_last(tmp_path):
     with pytest.raises(DataError, match=r"the model's 3 channels.*channels-last.*transpose\(0, 3, 1, 2\)"):
         predict_file(_model(0.5), str(path), "mae", str(tmp_path / "out.npy"), progress=False)
     assert not (tmp_path / "out.npy").exists()
+    # declared (--channels-last): predicted as its channels-first twin is
+    x = np.random.default_rng(0).normal(size=(1, 8, 12, 3)).astype(np.float32)
+    np.save(path, x)
+    np.save(tmp_path / "chw.npy", np.moveaxis(x, -1, 1))
+    last = predict_file(_model(0.5), str(path), "mae", str(tmp_path / "last.npy"), progress=False, channels_last=True)
+    first = predict_file(_model(0.5), str(tmp_path / "chw.npy"), "mae", str(tmp_path / "first.npy"), progress=False)
+    np.testing.assert_array_equal(np.asarray(last), np.asarray(first))

@@ -8,9 +8,10 @@ in the environment), and a rank killed under torchrun's restarts.
   iteration R gives weights bit-identical to an uninterrupted run of R iterations.
 * SIGINT (Ctrl-C: every rank gets it) without the handler: each rank exits 130 with one line,
   no traceback.
-* torchrun --max-restarts 1 (gloo, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): rank 1 killed with
-  SIGKILL after a checkpoint; torchrun restarts both ranks, they resume from the last checkpoint,
-  the run completes and its last loss is the uninterrupted run's.
+* torchrun --max-restarts 2 --master_port P (gloo; the workers share the agent's TCP store across
+  restarts, which hung the restarted workers in init_process_group): rank 1 killed with SIGKILL
+  after a checkpoint; torchrun restarts both ranks, they resume from the last checkpoint, the run
+  completes and its last loss is the uninterrupted run's.
 
 The interrupted runs ask for 100000 iterations (they never end by themselves) with a fixed
 ``--lr-decay-iters 12``, so the LR schedule does not depend on --train-iters and the resume, the
@@ -99,14 +100,18 @@ def _wait_for(logs, text, procs, timeout=600):
 
 
 def _torchrun(argv, folder, name):
-    """torchrun --max-restarts 1 with 2 workers on gloo; returns the agent and its output path."""
+    """torchrun --max-restarts 2 --master_port P with 2 workers on gloo (static rendezvous: the
+    workers share the agent's TCP store across restarts; no TORCH_DISABLE_SHARE_RDZV_TCP_STORE);
+    returns the agent and its output path."""
     out = os.path.join(folder, f"{name}.out")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT") and not k.startswith("SLURM_")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # pytorch#135712
+                                                             "MASTER_PORT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+           and not k.startswith("SLURM_")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     with open(out, "w") as f:
-        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                                  "--max-restarts", "1", os.path.join(REPO, "pretrain_dchag.py")] + argv,
+        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                  "--max-restarts", "2", "--master_port", str(free_port()),
+                                  os.path.join(REPO, "pretrain_dchag.py")] + argv,
                                  stdout=f, stderr=subprocess.STDOUT, cwd=folder, env=env)
     return agent, out
 
@@ -221,3 +226,44 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(tmp_path):
     assert len(loaded) == 1 and 1 <= int(loaded[0]) < RESTART_ITERS, text[-4000:]
     lr = _losses(text)
     assert lr[RESTART_ITERS] == lb[RESTART_ITERS], (lr, lb)
+
+
+INTERRUPTED = r"""
+import sys, time
+from dchag.training import signals
+signals.progress.update(iteration=7, saved="RUN/iter_0000006")
+signals.install_interrupt_handler()
+print("training", flush=True)
+try:
+    while True:
+        time.sleep(0.01)
+finally:
+    time.sleep(60)  # a cleanup that blocks: a collective with a peer that has already exited
+"""
+
+
+def test_the_first_ctrl_c_prints_its_line_before_anything_can_kill_the_rank(tmp_path):
+    """Issue 30: under torchrun a second Ctrl-C makes the agent SIGTERM its workers; rank 0, still
+    unwinding its KeyboardInterrupt through a cleanup blocked on a peer already gone, died without
+    its line. The handler prints the line at once and exits: Ctrl-C twice gives exit 130 and the line
+    within seconds (without the handler the cleanup still runs after 20 s, and the SIGTERM then sent
+    kills the process without its line)."""
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, env={**os.environ, "RANK": "3"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline() == "training\n"
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        try:  # the handler exits at once; a KeyboardInterrupt would sit in the 60 s cleanup
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # what torchrun's agent sends after a second Ctrl-C
+            code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert code == 130, (code, err)
+    assert err == ("rank 3: interrupted (SIGINT) at iteration 7; stopping (last checkpoint RUN/iter_0000006). To "
+                   "save on a signal, run with --exit-signal-handler [--exit-signal SIGINT].\n"), err

@@ -254,3 +254,100 @@ def test_load_pretrained_imports_no_launcher_machinery(tmp_path):
     build, load, loaded = proc.stdout.strip().splitlines()[-1].split(" ", 2)
     print(f"\nimports + serial model + export: {float(build):.2f} s; load_pretrained after them: {float(load):.2f} s")
     assert loaded == "[]", loaded
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 30: absurd sizes refused by the pre-flight; every cheap mistake found before the heavy imports
+
+
+def _preflight_only(argv, tmp_path, env=None, preexec_fn=None):
+    """``pretrain_dchag.py argv`` as a one-rank job under ``python -X importtime``: (exit status,
+    stderr without the import lines, seconds, heavy packages imported)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "pretrain_dchag.py")] + argv,
+                          capture_output=True, text=True, cwd=str(tmp_path), timeout=300, preexec_fn=preexec_fn,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})})
+    seconds = time.perf_counter() - t0
+    err = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("import time:"))
+    return proc.returncode, err, seconds, sorted(set(HEAVY) & _imported(proc.stderr))
+
+
+def _address_space_8gb():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.RLIM_INFINITY))  # a memory limit, as the issue's
+
+
+SMALL = ["--task", "mae", "--img-h", "8", "--img-w", "8", "--patch-dim", "2", "--train-iters", "2"]
+
+
+@pytest.mark.parametrize("flags, part", [
+    (["--micro-batch-size", "1e9", "--global-batch-size", "1e9"], "the input micro-batch, 960.0 GB: lower "
+                                                                  "--micro-batch-size 1000000000"),
+    (["--hidden-size", "10000000"], "lower --hidden-size 10000000 or --num-layers 2"),
+    (["--num-layers", "1000000"], "lower --hidden-size 64 or --num-layers 1000000"),
+    (["--data-path", "synthetic", "--num-channels", "1000000"], "per-channel weights: lower --num-channels 1000000"),
+], ids=["batch-1e9", "hidden-1e7", "layers-1e6", "channels-1e6"])
+def test_absurd_sizes_are_refused_before_anything_is_allocated(tmp_path, flags, part):
+    """Issue 30: a batch of 10^9 spun over 300 s; hidden size 10^7, 10^6 layers and 10^6 channels ended
+    in the allocator's RuntimeError/MemoryError after 15-119 s (under a memory limit). The pre-flight's
+    memory check (the planner's per-rank estimate against the memory here; here: an 8 GB address-space
+    limit) refuses each before torch is imported, naming the figure and the flag; "1e9" is an integer."""
+    np.save(tmp_path / "cube.npy", np.zeros((4, 3, 16, 16), np.float32))
+    argv = SMALL + ["--data-path", str(tmp_path / "cube.npy"), "--num-channels", "3"] + flags
+    code, err, seconds, heavy = _preflight_only(argv, tmp_path, preexec_fn=_address_space_8gb)
+    print(f"\n{' '.join(flags)}: exit {code} after {seconds:.2f} s")
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert err.startswith("error: the run does not fit the memory here: each rank needs about "), err
+    assert "this process's memory limit (ulimit -v 8388608) is 8.6 GB" in err and part in err, err
+    assert "Nothing was allocated" in err and "--skip-memory-check starts anyway" in err, err
+    assert not heavy, heavy
+
+
+def test_the_memory_check_asks_the_gpu_on_a_gpu_run_and_can_be_skipped(tmp_path, monkeypatch):
+    """On a GPU run the estimate is held against the GPU's memory (read without CUDA: NVML or the
+    amdgpu driver; here a stand-in), one rank per GPU; a run that fits passes; --skip-memory-check
+    passes whatever the estimate says."""
+    from dchag.arguments import parse_args
+    from dchag.training import memory_fit, preflight
+    np.save(tmp_path / "cube.npy", np.zeros((4, 3, 16, 16), np.float32))
+    base = SMALL + ["--data-path", str(tmp_path / "cube.npy"), "--num-channels", "3", "--hidden-size", "4096",
+                    "--num-attention-heads", "32", "--num-layers", "8"]  # 1.6e9 parameters: ~26 GB of model states
+    monkeypatch.setattr(memory_fit, "gpu_memory", lambda: (int(80e9), "the GPU's memory (NVML)"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # GPUs are not shared between the ranks of a node
+    preflight.run(parse_args(base), world=1)
+    monkeypatch.setattr(memory_fit, "gpu_memory", lambda: (int(16e9), "the GPU's memory (NVML)"))
+    with pytest.raises(preflight.ConfigError, match=r"each rank needs about 2[0-9].\d GB at least, but the GPU's memory "
+                                                    r"\(NVML\) is 16.0 GB \(0.5 GB"):
+        preflight.run(parse_args(base), world=1)
+    preflight.run(parse_args(base + ["--skip-memory-check"]), world=1)
+
+
+def test_cheap_mistakes_are_reported_before_the_heavy_imports(tmp_path):
+    """Issue 30: with data that opens, a DeepSpeed JSON typo, a layout that does not divide the world
+    and a --save that cannot be written were reported after torch and megatron-core were imported (the
+    task's flag check imported them; the unwritable --save was found only when the run took the lock):
+    7-10 s on an idle machine. Now all three are listed at once, and a --load that does not exist, with
+    none of torch, DeepSpeed or megatron-core imported (timings printed: docs/BENCHMARKS.md section 7)."""
+    np.save(tmp_path / "cube.npy", np.zeros((4, 3, 16, 16), np.float32))
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimisation": {"stage": 1}}))
+    (tmp_path / "a-file").write_text("")
+    base = SMALL + ["--data-path", str(tmp_path / "cube.npy"), "--num-channels", "3"]
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    code, err, seconds, heavy = _preflight_only(base + ["--deepspeed", "--deepspeed_config", str(ds), "--save",
+                                                        str(tmp_path / "a-file"), "--tensor-model-parallel-size", "3"],
+                                                tmp_path, env)
+    print(f"\nJSON typo + layout + --save a file: exit {code} after {seconds:.2f} s")
+    assert code == 1 and err.startswith("error: 4 problems"), err
+    for words in ("unknown top-level key 'zero_optimisation'", "world size 2 is not divisible by "
+                  "--tensor-model-parallel-size 3", f"--save {tmp_path}/a-file is a file, not a folder"):
+        assert words in err, (words, err)
+    assert not heavy, heavy
+    code, err, seconds, heavy = _preflight_only(base + ["--load", str(tmp_path / "nowhere")], tmp_path)
+    print(f"--load of a missing folder: exit {code} after {seconds:.2f} s")
+    assert code == 1 and f"--load {tmp_path}/nowhere: folder does not exist" in err and not heavy, (err, heavy)
+    code, err, seconds, heavy = _preflight_only(base + ["--save", "/proc/self/run"], tmp_path)
+    print(f"--save where nothing can be written: exit {code} after {seconds:.2f} s")
+    assert code == 1 and "cannot create --save /proc/self/run: this job may not create folders in /proc/self " \
+                         "(permission denied)" in err, err
+    assert not heavy, heavy

@@ -76,7 +76,7 @@ def _train(argv, full_params=False):
     from dchag.training import pretrain, release
     history = pretrain(pretrain_dchag.model_provider, pretrain_dchag.forward_step, pretrain_dchag.datasets_provider,
                        argv, eval_metrics_func=pretrain_dchag.task_metrics)
-    out = {k: history[k] for k in ("losses", "val_losses", "val_metrics", "grad_norms")}
+    out = {k: history[k] for k in ("losses", "val_losses", "val_metrics", "grad_norms", "summary")}
     if full_params:
         out["params"] = full_state_dict(history["engine"].module)
     release(history)
@@ -252,6 +252,9 @@ def test_resume_is_exact_zero1_two_ranks(two):
     assert ranks[0]["full"]["losses"] == ranks[1]["full"]["losses"], "every rank reports the same loss"
     assert ranks[0]["full"]["val_losses"].keys() == {3, 6}
     assert ranks[0]["resumed"]["val_losses"][6] == ranks[0]["full"]["val_losses"][6]
+    # the resumed run normalizes with the statistics its checkpoint saved (not recomputed)
+    assert any(line.startswith(f"statistics: saved with checkpoint ") and line.endswith(f"iter_{SAVE_AT:07d}")
+               for line in ranks[0]["resumed"]["summary"]), ranks[0]["resumed"]["summary"]
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -433,13 +436,13 @@ def test_bf16_and_forecast_runs_train(two):
 def test_forecast_evaluation_reports_rmse_and_acc_per_variable(two):
     """One eval micro-batch, every target valid: the val loss (latitude-weighted MSE over all
     variables, normalized) is the mean over variables of (RMSE_v / std_v)^2."""
-    from dchag.data import load_stats, open_source
+    from dchag.data import build_datasets, open_source
     _, ranks = two
     val, metrics = ranks[0]["forecast"]["val_losses"][3], ranks[0]["forecast"]["val_metrics"][3]
     names = open_source(ERA5).channel_names
     assert sorted(metrics) == sorted([f"rmse/{n}" for n in names] + [f"acc/{n}" for n in names])
     assert all(-1.0 <= metrics[f"acc/{n}"] <= 1.0 for n in names), metrics
-    std = load_stats(ERA5.replace(".nc", ".stats.json")).safe_std
+    std = build_datasets(ERA5, task="forecast", img_h=32, img_w=64, lead_time=1)[0].target_stats.safe_std  # training
     normalized = [(metrics[f"rmse/{n}"] / s) ** 2 for n, s in zip(names, std)]
     assert sum(normalized) / len(normalized) == pytest.approx(val, rel=1e-5)
 

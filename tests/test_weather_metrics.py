@@ -63,23 +63,40 @@ def test_invalid_targets_are_left_out():
 
 # ---- pooled over tiles = the whole globe (WeatherBench 2's definitions, written out in numpy) ----
 
-def _globe(tmp_path):
-    """A 10-step, 2-variable series on a 12 x 8 global grid whose persistence error grows towards
-    the poles; NaN targets at the last step (a target only, never an input or in the climatology)."""
+def _globe(tmp_path, H=12, W=8, lat=None):
+    """A 10-step, 2-variable series on an H x W global grid (default cell-centred latitudes, north
+    to south) whose persistence error grows towards the poles; NaN targets at the last step (a
+    target only, never an input or in the climatology)."""
     rng = np.random.default_rng(7)
-    lat = 90.0 - (np.arange(12) + 0.5) * 15.0
-    x = rng.normal(0.0, 1.0, (10, 2, 12, 8))
-    x += np.cumsum(rng.normal(0.0, 1.0, (10, 2, 12, 8)) * (1.0 + np.abs(lat) / 30.0)[:, None], axis=0)
+    lat = 90.0 - (np.arange(H) + 0.5) * 180.0 / H if lat is None else lat
+    x = rng.normal(0.0, 1.0, (10, 2, H, W))
+    x += np.cumsum(rng.normal(0.0, 1.0, (10, 2, H, W)) * (1.0 + np.abs(lat) / 30.0)[:, None], axis=0)
     x[9, 1, 0, :3] = np.nan
     from dchag.data.writers import write_netcdf
-    path = write_netcdf(tmp_path / "globe.nc", {"a": x[:, 0], "b": x[:, 1]}, lat, np.arange(8) * 45.0)
+    path = write_netcdf(tmp_path / f"globe{H}.nc", {"a": x[:, 0], "b": x[:, 1]}, lat, np.arange(W) * 360.0 / W)
     return path, x, lat
 
 
-def _numpy_globe_figures(x, lat):
+def _wb2_lat_weights(lat, weighting="area"):
+    """WeatherBench 2's row weights (metrics.get_lat_weights): the cell area between bounds
+    [-90, midpoints, +90] of the increasing latitudes, sin(upper) - sin(lower), over its mean; or
+    cos(lat) over its mean (ClimaX)."""
+    if weighting == "cos":
+        w = np.cos(np.deg2rad(lat))
+        return w / w.mean()
+    order = np.argsort(lat)
+    up = np.deg2rad(lat[order])
+    bounds = np.concatenate([[-np.pi / 2], (up[:-1] + up[1:]) / 2, [np.pi / 2]])
+    area = np.empty_like(up)
+    area[order] = np.sin(bounds[1:]) - np.sin(bounds[:-1])
+    return area / area.mean()
+
+
+def _numpy_globe_figures(x, lat, weighting="cos"):
     """Persistence forecasts from the held-out inputs 6, 7, 8 (10 steps, 4 held out), climatology =
-    the mean of the training period (steps 0-5), weights cos(lat), per time then averaged (WB2)."""
-    w_lat = np.cos(np.deg2rad(lat))[:, None]  # the normalization of the weights cancels in every ratio
+    the mean of the training period (steps 0-5), WB2's weights over every row and column of the
+    grid, per time then averaged (WB2)."""
+    w_lat = _wb2_lat_weights(lat, weighting)[:, None]
     clim = x[:6].mean(axis=0)
     rmse, acc = [], []
     for v in range(2):
@@ -96,23 +113,68 @@ def _numpy_globe_figures(x, lat):
     return rmse, acc
 
 
-@pytest.mark.parametrize("tile_h", [1, 2, 3, 4, 6, 12])
-def test_rmse_and_acc_pooled_over_tiles_equal_the_whole_globe(tmp_path, tile_h):
-    """Any tile height, tiles scattered over micro-batches of 5: the figures are the whole globe's."""
+def _pooled_persistence(path, tile_h, tile_w, weighting="area", batch_size=5):
     from torch.utils.data import DataLoader
 
     from dchag.data import build_datasets
-    path, x, lat = _globe(tmp_path)
-    _, valid = build_datasets(path, task="forecast", img_h=tile_h, img_w=4, lead_time=1, valid_fraction=0.4)
+    _, valid = build_datasets(path, task="forecast", img_h=tile_h, img_w=tile_w, lead_time=1, valid_fraction=0.4,
+                              lat_weighting=weighting)
     sums = 0
-    for batch in DataLoader(valid, batch_size=5):
+    for batch in DataLoader(valid, batch_size=batch_size):
         sums = sums + metric_sums(batch["images"], batch["target"], batch["target_valid"], batch["lat_weights"],
                                   batch["climatology"], batch["time_slot"], int(batch["time_slots"][0]))
-    got = metrics_from_sums(sums, ["a", "b"], valid.target_stats.safe_std)
+    return metrics_from_sums(sums, ["a", "b"], valid.target_stats.safe_std)
+
+
+@pytest.mark.parametrize("tile_h", [1, 2, 3, 4, 6, 12])
+def test_rmse_and_acc_pooled_over_tiles_equal_the_whole_globe(tmp_path, tile_h):
+    """Any tile height, tiles scattered over micro-batches of 5: the figures are the whole globe's."""
+    path, x, lat = _globe(tmp_path)
+    got = _pooled_persistence(path, tile_h, 4, "cos")
     rmse, acc = _numpy_globe_figures(x, lat)
     for v, name in enumerate("ab"):
         assert got[f"rmse/{name}"] == pytest.approx(rmse[v], rel=1e-5)
         assert got[f"acc/{name}"] == pytest.approx(acc[v], rel=1e-5)
+
+
+GRIDS = {  # rows: (tile height, latitudes); none of the tile heights divides its grid
+    13: (4, None),  # cell-centred, no pole rows
+    36: (8, None),  # cell-centred 5 degrees (the issue's grid)
+    121: (16, np.linspace(90.0, -90.0, 121)),  # ERA5 at 1.5 degrees: pole rows
+    721: (128, np.linspace(90.0, -90.0, 721)),  # ERA5 at 0.25 degrees: pole rows
+}
+
+
+@pytest.mark.parametrize("H", sorted(GRIDS))
+def test_every_row_and_column_counts_when_tiles_do_not_divide_the_grid(tmp_path, H):
+    """Grids of 13, 36, 121 and 721 rows and 7 columns cut into tiles that divide neither: the
+    pooled RMSE and ACC are WeatherBench 2's whole-globe figures over every row and column
+    (numpy, WB2's cell-area weights by default, cos(lat) with --lat-weighting cos). On the grids
+    with pole rows the two weightings differ, on cell-centred grids they agree."""
+    tile_h, lat = GRIDS[H]
+    path, x, lat = _globe(tmp_path, H=H, W=7, lat=lat)
+    figures = {}
+    for weighting in ("area", "cos"):
+        got = figures[weighting] = _pooled_persistence(path, tile_h, 4, weighting)
+        rmse, acc = _numpy_globe_figures(x, lat, weighting)
+        for v, name in enumerate("ab"):
+            assert got[f"rmse/{name}"] == pytest.approx(rmse[v], rel=1e-5), (weighting, name)
+            assert got[f"acc/{name}"] == pytest.approx(acc[v], rel=1e-5), (weighting, name)
+    gap = abs(figures["area"]["rmse/a"] / figures["cos"]["rmse/a"] - 1)
+    assert (gap > 1e-6) if H in (121, 721) else (gap < 1e-6), gap
+    if H == 36:  # the rows a tile grid of 32 rows leaves out change the figure: all 36 are in it
+        rmse32, _ = _numpy_globe_figures(x[:, :, :32], lat[:32])
+        assert abs(figures["cos"]["rmse/a"] / rmse32[0] - 1) > 0.01
+
+
+def test_area_weights_are_wb2s():
+    """WB2's cell-area weights, either latitude order; cos(lat) where the grid has no pole rows."""
+    from dchag.data.dataset import latitude_axis_weights
+    for lat in (np.linspace(-90.0, 90.0, 121), np.linspace(90.0, -90.0, 721), 90.0 - (np.arange(32) + 0.5) * 5.625):
+        np.testing.assert_allclose(latitude_axis_weights(lat, "area"), _wb2_lat_weights(lat), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(latitude_axis_weights(lat, "cos"), _wb2_lat_weights(lat, "cos"), atol=1e-12)
+    poles = latitude_axis_weights(np.linspace(90.0, -90.0, 121), "area")
+    assert poles[0] > 0 and poles[0] == pytest.approx(poles[-1]) and poles[0] < poles[1] / 4
 
 
 def test_latitude_weights_are_normalized_over_the_whole_axis():

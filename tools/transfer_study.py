@@ -6,6 +6,19 @@ seeds (dchag/parity/transfer_study.py says what each run is).
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python tools/transfer_study.py \\
         --output-dir runs/transfer --seeds 5
 
+``--study blend`` (docs/TRANSFER.md, "Several sensors"): D-CHAG-L pretrained on the 211-band scenes alone and
+blended with a 13-band Sentinel-2-like and a 50-band 900-1,700 nm sensor, then fine-tuned, probed and trained from
+scratch on 9 Landsat-8-OLI-like bands that neither pretraining saw:
+
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python tools/transfer_study.py --study blend \\
+        --output-dir runs/transfer-blend --seeds 5
+
+``--study cube``: the same question on the bundled 450-band cube (the demo's model): pretrained on the cube alone and
+blended with its Sentinel-2-like and 50-band resamplings, then onto its 9 Landsat-like bands (written to DIR/data/):
+
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python tools/transfer_study.py --study cube \\
+        --output-dir runs/transfer-cube --seeds 5
+
 One process, every run in it (``dchag.training.run``); each leaves DIR/results/NAME.json and
 DIR/logs/NAME.log, and a run whose JSON exists is skipped, so the same command resumes a study that
 stopped. At the end: DIR/transfer.json, DIR/transfer.md (the tables and one command per kind of run)
@@ -26,21 +39,32 @@ def main(argv=None) -> int:
                                 allow_abbrev=False)
     p.add_argument("--output-dir", default="runs/transfer")
     p.add_argument("--seeds", type=int, default=5, help="seeds 1 .. N, paired across regimes (default: %(default)s)")
-    p.add_argument("--methods", default="flat,linear", help="parity-style method specs (default: %(default)s)")
-    p.add_argument("--pretrain-iters", type=int, default=300)
-    p.add_argument("--finetune-iters", type=int, default=100)
-    p.add_argument("--only", default=None, help="comma list: pretrain and/or downstream names (s2, regress) to run")
+    p.add_argument("--study", choices=("sensors", "blend", "cube"), default="sensors",
+                   help="sensors: the 211-band pretraining onto S2-like bands and regression; blend: one sensor "
+                        "against a blend of three, onto an unseen Landsat-like sensor; cube: the same on the bundled "
+                        "450-band cube (default: %(default)s)")
+    p.add_argument("--methods", default=None, help="parity-style method specs (default: flat,linear; blend: linear)")
+    p.add_argument("--pretrain-iters", type=int, default=None, help="default: 300 (cube: 400)")
+    p.add_argument("--finetune-iters", type=int, default=None, help="default: 100 (cube: 200)")
+    p.add_argument("--only", default=None, help="comma list: stages to run (pretrain, pretrain-blend, and the "
+                                                "downstream names: s2, regress; l8)")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
     ours = p.parse_args(argv)
 
     from dchag.parallel.partition import LayoutError
-    from dchag.parity.transfer_study import StudyConfig, plan, result_path, run_one, write_report
-    if ours.seeds < 1 or ours.pretrain_iters < 1 or ours.finetune_iters < 1:
+    from dchag.parity.transfer_study import (StudyConfig, blend_study, cube_study, plan, result_path, run_one,
+                                             write_cube_sensors, write_report)
+    if ours.seeds < 1 or (ours.pretrain_iters or 1) < 1 or (ours.finetune_iters or 1) < 1:
         print("error: --seeds, --pretrain-iters and --finetune-iters must be >= 1.", file=sys.stderr)
         return 1
     try:
-        cfg = StudyConfig(seeds=ours.seeds, methods=ours.methods, pretrain_iters=ours.pretrain_iters,
-                          finetune_iters=ours.finetune_iters)
+        chosen = {k: v for k, v in (("seeds", ours.seeds), ("pretrain_iters", ours.pretrain_iters),
+                                     ("finetune_iters", ours.finetune_iters), ("methods", ours.methods)) if v}
+        if ours.study == "cube":
+            cube = os.path.join("data", "samples", "fenix_450band", "image.hdr")
+            cfg = cube_study(cube, write_cube_sensors(cube, os.path.join(ours.output_dir, "data")), **chosen)
+        else:
+            cfg = blend_study(**chosen) if ours.study == "blend" else StudyConfig(**chosen)
         runs = plan(cfg, ours.output_dir)
     except LayoutError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 
 import torch
@@ -39,6 +40,23 @@ from dchag.planner.comm import ring_bytes_sent  # one definition for measurement
 # parameters and activations otherwise reuse resident heap left by earlier cases and go
 # uncounted); fixing the threshold also disables glibc's dynamic raise of it.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+@contextlib.contextmanager
+def measurement_environment():
+    """``MALLOC_ENV`` and one OpenMP thread for the ranks spawned inside (children inherit the
+    environment at exec: malloc reads it at start-up); the environment restored after."""
+    saved = {k: os.environ.get(k) for k in (*MALLOC_ENV, "OMP_NUM_THREADS")}
+    os.environ.update(MALLOC_ENV)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 MB = 1024 * 1024
 

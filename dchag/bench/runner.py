@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dchag.bench.config import METHODS, BenchConfig
-from dchag.bench.measure import MALLOC_ENV
+from dchag.bench.measure import measurement_environment
 
 
 def _free_port() -> int:
@@ -45,22 +45,12 @@ def _entry(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict, progr
 
 def run_tp_size(T: int, cfg: BenchConfig, progress: bool = True) -> list[list[dict]]:
     """Spawn T ranks; returns, per case, the list of per-rank results."""
-    saved = {k: os.environ.get(k) for k in (*MALLOC_ENV, "OMP_NUM_THREADS")}
-    os.environ.update(MALLOC_ENV)  # children inherit it at exec: malloc reads it at start-up
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        with tempfile.TemporaryDirectory() as out_dir:
-            mp.spawn(_entry, args=(T, _free_port(), out_dir, cfg.to_dict(), progress), nprocs=T, join=True)
-            per_rank = []
-            for r in range(T):
-                with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-                    per_rank.append(json.load(f))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with measurement_environment(), tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_entry, args=(T, _free_port(), out_dir, cfg.to_dict(), progress), nprocs=T, join=True)
+        per_rank = []
+        for r in range(T):
+            with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+                per_rank.append(json.load(f))
     return [list(case) for case in zip(*per_rank)]
 
 

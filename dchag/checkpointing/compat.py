@@ -9,26 +9,43 @@ import os
 import zipfile
 
 from dchag.arguments import MODEL_ARGS
-from dchag.checkpointing import pickles
 from dchag.checkpointing.errors import CheckpointError
+from dchag.checkpointing import fingerprint, manifest
 from dchag.checkpointing.manifest import MANIFEST
 from dchag.checkpointing.ranks import say
 from dchag.checkpointing.recovery import hint, move_aside, set_aside_damaged
-from dchag.checkpointing.tags import (interrupted_iterations, is_complete, is_universal_folder, iteration_of,
-                                      resume_point, saved_iterations, tag_for)
+from dchag.checkpointing.tags import (check_own, interrupted_iterations, is_complete, is_universal_folder,
+                                      iteration_of, resume_point, saved_iterations, tag_for)
 
 # Arguments that shape the optimizer's parameter groups: its saved state loads only under the same
 # values (DeepSpeed's own error for a changed grouping names parameter alignment, not the flag).
 OPTIMIZER_ARGS = ("dchag_partial_lr_mult", "new_params_lr_mult", "freeze_encoder", "dchag_coefficient_lr_scale")
 LAYOUT_ARGS = ("tensor_model_parallel_size", "channel_parallel_size")
-# Recorded, not compared: the channels' identity (from the data; dchag/transfer matches by it) and provenance.
-IDENTITY_ARGS = ("channel_names", "wavelengths", "pretrained_checkpoint")
+# Recorded, not compared: the channels' identity (from the data; dchag/transfer matches by it; a blend: the
+# union's channels and each source's ids in it) and provenance.
+IDENTITY_ARGS = ("channel_names", "wavelengths", "pretrained_checkpoint", "sources", "source_names")
+# A blend's sources (--data-path W1 P1 W2 P2 ...: name, path, weight, union ids, sample counts): recorded; on
+# resume their names, channels and weights must stay (the data order and the model's sources follow them).
+BLEND_ARGS = ("data_sources",)
 
 
 def model_args(args) -> dict:
     """What a checkpoint records of its run (dchag_args.json): the model/layout arguments, the
     optimizer-grouping ones and the channel identity."""
-    return {k: getattr(args, k, None) for k in MODEL_ARGS + OPTIMIZER_ARGS + IDENTITY_ARGS}
+    return {k: getattr(args, k, None) for k in MODEL_ARGS + OPTIMIZER_ARGS + IDENTITY_ARGS + BLEND_ARGS}
+
+
+def _blend_key(sources) -> list | None:
+    """What of a blend must not change on resume: per source its name, union ids and weight."""
+    if not sources:
+        return None
+    return [(s["name"], [int(u) for u in s["channels"]], round(float(s["weight"]), 9)) for s in sources]
+
+
+def _describe_blend(sources) -> str:
+    if not sources:
+        return "one source"
+    return "--data-path " + " ".join(f"{float(s['weight']):.4g} {s['name']}" for s in sources)
 
 
 def _flag(key: str) -> str:
@@ -69,6 +86,7 @@ def load_tag(args, universal: bool = False) -> str | None:
     if args.ckpt_step is not None:
         tag = tag_for(args.ckpt_step)
         folder = os.path.join(load, tag)
+        check_own(load, tag)
         if not os.path.isdir(folder):
             raise CheckpointError(f"--load {load} --ckpt-step {args.ckpt_step}: there is no {tag} there "
                                   f"(complete checkpoints: {have}).")
@@ -104,16 +122,36 @@ def saved_args(folder: str, how=None) -> dict:
             if not isinstance(doc, dict):
                 raise ValueError(f"it holds a JSON {type(doc).__name__}, not the arguments")
             return doc
-        if files:
+        if files:  # torch, imported only here: the pre-flight reads dchag_args.json without it
+            from dchag.checkpointing import pickles
             state = pickles.load(files[0], mmap=True)
             if isinstance(state, dict) and isinstance(state.get("args"), dict):
                 return state["args"]
-    except pickles.UnsafeCheckpointError:
-        raise
+    except CheckpointError:
+        raise  # pickles.UnsafeCheckpointError: a refused pickle, named
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, EOFError) as e:
         raise CheckpointError(f"cannot load {folder}: {source} is damaged ({e}). {how() if how else ''}".rstrip()) from e
     raise CheckpointError(f"cannot load {folder}: it has no dchag_args.json (nor arguments in a model-states file), "
                           "so it is not a checkpoint of pretrain_dchag.py.")
+
+
+# The small files the pre-flight reads before the run checks the whole manifest (collectively, under the
+# process group): checked against it first, so that an edited one is named as such, not taken at its word.
+READ_BEFORE_THE_MANIFEST = ("dchag_args.json", fingerprint.FILE)
+
+
+def check_small_files(folder: str, how) -> None:
+    """Refuse ``folder`` when a file of :data:`READ_BEFORE_THE_MANIFEST` differs from its manifest
+    entry (an edited ``dchag_args.json`` that is still valid JSON was reported as a flag conflict,
+    whose advice cost another start before the checksum error). ``how()``: how to go on."""
+    table = manifest.read_manifest(folder)
+    if table is None:
+        return
+    for name in READ_BEFORE_THE_MANIFEST:
+        problems = manifest.check_files(folder, table, [name]) if name in table else []
+        if problems:
+            why = problems[0][len(name) + 1:]
+            raise CheckpointError(f"cannot load {folder}: {os.path.join(folder, name)} is damaged: {why}. {how()}")
 
 
 def check_compatible(args, universal: bool = False) -> str | None:
@@ -127,7 +165,9 @@ def check_compatible(args, universal: bool = False) -> str | None:
     tag = load_tag(args, universal)
     if tag is None:
         return None
-    saved = saved_args(os.path.join(args.load, tag), lambda: hint(args.load, iteration_of(tag)))
+    how = lambda: hint(args.load, iteration_of(tag))  # noqa: E731
+    check_small_files(os.path.join(args.load, tag), how)
+    saved = saved_args(os.path.join(args.load, tag), how)
     keys = [k for k in MODEL_ARGS if not (universal and k in LAYOUT_ARGS)]
     diffs = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
     if diffs:
@@ -139,6 +179,13 @@ def check_compatible(args, universal: bool = False) -> str | None:
             f"cannot load {args.load}/{tag}: it was saved with {_flag(k)} {saved[k]} but the command line gives "
             f"{_flag(k)} {getattr(args, k)}{' (also ' + others[2:] + ')' if others else ''}. Use the checkpoint's "
             f"value ({fix}).")
+    saved_blend, blend = saved.get("data_sources"), getattr(args, "data_sources", None)
+    if _blend_key(saved_blend) != _blend_key(blend):
+        raise CheckpointError(
+            f"cannot load {args.load}/{tag}: it was trained on {_describe_blend(saved_blend)} but the command line "
+            f"gives {_describe_blend(blend)}. A resume continues the same blend (the same sources, in the same order, "
+            "with the same weights; their files may move): give the checkpoint's --data-path, or start a new run "
+            "from its weights with --finetune --pretrained-checkpoint on one source.")
     if universal or not getattr(args, "no_load_optim", False):  # a fresh optimizer takes any grouping
         for k in OPTIMIZER_ARGS:
             if k in saved and saved[k] != getattr(args, k):

@@ -2,7 +2,9 @@
 
 - ``model.safetensors``: every parameter whole, fp32, by its canonical name (the name in the
   serial, T = P = 1 model's ``named_parameters()``); safetensors, so no pickle is needed to read it.
-- ``config.json``: ``model`` (the DChagConfig fields: sizes, G, aggregation, tree levels, task),
+- ``config.json``: ``model`` (the DChagConfig fields: sizes, G, aggregation, tree levels, task;
+  for a blend of data sources ``sources``, per source its channels' ids in the union, and
+  ``source_names``),
   ``channel_names`` and ``wavelengths`` (when known), ``normalization`` (statistics training
   applied), ``iteration``, ``consumed_samples``, ``lr_scheduler``, ``training_args``,
   ``source`` (the layout it came from), ``parameters`` (each parameter's shard kind, for
@@ -16,24 +18,29 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
 
-from dchag.checkpointing import manifest, sizes
+from dchag.checkpointing import durable, manifest, sizes
 from dchag.checkpointing.errors import CheckpointError
 from dchag.checkpointing.write_errors import cause_of, os_code
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = "dchag-consolidated"
+DTYPE = "float32"  # every export's tensors (config.json "dtype"; exports without the key are float32 too)
+_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
 
 def config_to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)
     d.pop("extra", None)
-    for key in ("out_channels", "channel_names", "wavelengths"):
+    for key in ("out_channels", "channel_names", "wavelengths", "source_names"):
         if d.get(key) is not None:
             d[key] = list(d[key])
+    if d.get("sources") is not None:  # a blend: per source its union channel ids
+        d["sources"] = [list(ids) for ids in d["sources"]]
     return d
 
 
@@ -41,8 +48,9 @@ def config_from_dict(d: dict, **overrides):
     from dchag.model.config import DChagConfig
     names = {f.name for f in dataclasses.fields(DChagConfig)} - {"extra"}
     kw = {k: v for k, v in d.items() if k in names}
-    if kw.get("out_channels") is not None:
-        kw["out_channels"] = tuple(kw["out_channels"])
+    for key in ("out_channels", "lora_targets"):
+        if kw.get(key) is not None:
+            kw[key] = tuple(kw[key])
     kw.update(overrides)
     return DChagConfig(**kw)
 
@@ -87,9 +95,11 @@ def staged_output(save_dir: str):
         yield tmp
         _readable(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        durable.fsync_tree(tmp)  # what the converter and the export wrote, on disk before it is published
         if os.path.isdir(save_dir):
             os.rmdir(save_dir)  # empty (checked above)
         os.replace(tmp, save_dir)
+        durable.fsync_dir(parent)
     except BaseException as e:
         failed_os = isinstance(e, Exception) and not isinstance(e, CheckpointError) and os_code(e, tmp) is not None
         cause = cause_of(e, tmp) if failed_os else None  # before the partial files go
@@ -106,7 +116,7 @@ def write(save_dir: str, tensors: dict[str, torch.Tensor], config: dict) -> str:
         save_file({k: v.detach().to(torch.float32).contiguous().clone() for k, v in sorted(tensors.items())},
                   os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "producer": FORMAT})
         with open(os.path.join(tmp, CONFIG), "w") as f:
-            json.dump({"format": FORMAT, "version": 1, **config}, f, indent=1)
+            json.dump({"format": FORMAT, "version": 1, "dtype": DTYPE, **config}, f, indent=1)
             f.write("\n")
         manifest.write_manifest(tmp)
     return save_dir
@@ -157,15 +167,77 @@ def model_shapes(model: dict) -> dict[str, tuple[int, ...]]:
         return {n: tuple(p.shape) for n, p in build_serial_model(cfg).named_parameters()}
 
 
-def read(path: str, verify: bool = True, check_model: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+def has_manifest(path: str) -> bool:
+    return manifest.read_manifest(path) is not None
+
+
+def verify_command(path: str) -> str:
+    return f"python tools/convert_checkpoint.py --load-dir {path} --verify"
+
+
+def dtype_problems(path: str, config: dict) -> list[str]:
+    """Tensors of the export stored in another dtype than its config.json says (from the header)."""
+    want = str(config.get("dtype") or DTYPE)
+    code = _SAFETENSORS_DTYPE.get(want)
+    if code is None:
+        return [f"{os.path.join(path, CONFIG)} gives dtype {want!r}; an export is {DTYPE}"]
+    odd = {n: d for n, d in sizes.header_dtypes(os.path.join(path, WEIGHTS)).items() if d != code}
+    if not odd:
+        return []
+    named = ", ".join(f"{n} ({d})" for n, d in sorted(odd.items())[:5])
+    return [f"{len(odd)} tensor(s) of {os.path.join(path, WEIGHTS)} are not {want} ({code}) as {CONFIG} says: "
+            f"{named}{' ...' if len(odd) > 5 else ''}"]
+
+
+def finite_problems(path: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Tensors holding a NaN or an infinity (a trained model holds none)."""
+    bad = {}
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad[name] = n
+    if not bad:
+        return []
+    named = ", ".join(f"{n} ({k} of {tensors[n].numel()})" for n, k in sorted(bad.items())[:5])
+    return [f"{len(bad)} tensor(s) of {os.path.join(path, WEIGHTS)} hold NaN or infinite values: "
+            f"{named}{' ...' if len(bad) > 5 else ''}"]
+
+
+def _refuse(path: str, problems: list[str], manifested: bool) -> None:
+    if problems:
+        why = ("" if manifested else f" It has no {manifest.MANIFEST}, so it cannot be checked against what was "
+                                     "exported.")
+        raise CheckpointError(f"export {path} is damaged: {'; '.join(problems)}; nothing was loaded.{why} Export it "
+                              "again from the training checkpoint (tools/convert_checkpoint.py --format consolidated).")
+
+
+def refuse_non_finite(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """For a caller that read the export's tensors itself (slices): refuse NaN or infinite values."""
+    _refuse(path, finite_problems(path, tensors), has_manifest(path))
+
+
+def warn_without_manifest(path: str) -> None:
+    print(f"warning: {path} has no {manifest.MANIFEST}, so a changed byte in it cannot be detected (its dtypes, shapes "
+          f"and values were checked). Exports written by tools/convert_checkpoint.py have one; check this one with: "
+          f"{verify_command(path)}", file=sys.stderr, flush=True)
+
+
+def read(path: str, verify: bool = True, check_model: bool = True, load: bool = True
+         ) -> tuple[dict[str, torch.Tensor] | None, dict]:
     """(tensors, config). Before reading a tensor: the manifest (a damaged file is refused by
-    name); the safetensors header against the parameter table of config.json and (``check_model``)
-    against the model config.json describes; the memory the tensors and that model need."""
+    name; a missing one is a warning); the safetensors header against the parameter table of
+    config.json, its dtypes against config.json's, and (``check_model``) its shapes against the
+    model config.json describes; the memory the tensors and that model need. After: every value
+    finite. Whether or not a manifest vouches for the files, a tampered export is refused.
+    ``load=False``: the checks only, tensors None (a caller that reads slices of them checks their
+    values with :func:`refuse_non_finite`)."""
     from safetensors.torch import load_file
     if not is_consolidated(path):
         raise CheckpointError(f"{path} holds no {CONFIG} + {WEIGHTS}; export one with tools/convert_checkpoint.py "
                               "--format consolidated.")
-    if verify:
+    manifested = has_manifest(path)
+    if verify and manifested:
         manifest.raise_problems(path, manifest.verify(path, require=False),
                                 "Export it again from the training checkpoint.")
     config = read_config(path)
@@ -174,7 +246,8 @@ def read(path: str, verify: bool = True, check_model: bool = True) -> tuple[dict
     declared = {n: tuple(spec["shape"]) for n, spec in (config.get("parameters") or {}).items()}
     if declared:
         sizes.compare(declared, held, f"the parameter table of {config_path}", f"the tensors of {weights}")
-    need = os.path.getsize(weights)
+    _refuse(path, dtype_problems(path, config), manifested)
+    need = os.path.getsize(weights) if load else 0
     if check_model:
         if not isinstance(config.get("model"), dict):
             raise CheckpointError(f"{config_path} has no model description; export it again.")
@@ -186,8 +259,29 @@ def read(path: str, verify: bool = True, check_model: bool = True) -> tuple[dict
                       f"the tensors it declares ({weights})")
         need += sizes.nbytes(implied)
     sizes.check_memory(need, f"loading {path}")
+    if not load:
+        if verify and not manifested:
+            warn_without_manifest(path)
+        return None, config
     try:
         tensors = load_file(weights)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read {weights} ({e}); the file is damaged.") from e
+    _refuse(path, finite_problems(path, tensors), manifested)
+    if verify and not manifested:
+        warn_without_manifest(path)
     return tensors, config
+
+
+def content_problems(path: str) -> list[str]:
+    """``--verify`` of an export beyond its manifest: dtypes against config.json, every value finite."""
+    from safetensors.torch import load_file
+    config = read_config(path)
+    problems = dtype_problems(path, config)
+    if not problems:
+        sizes.check_memory(os.path.getsize(os.path.join(path, WEIGHTS)), f"checking {path}")
+        try:
+            problems = finite_problems(path, load_file(os.path.join(path, WEIGHTS)))
+        except Exception as e:  # noqa: BLE001
+            problems = [f"cannot read {os.path.join(path, WEIGHTS)} ({e}); the file is damaged"]
+    return problems

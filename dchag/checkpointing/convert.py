@@ -24,9 +24,9 @@ import sys
 
 import torch
 
-from dchag.checkpointing import consolidated, manifest, normalization, pickles, reader, shards, sizes
+from dchag.checkpointing import consolidated, fingerprint, frozen, manifest, normalization, pickles, reader, shards, sizes
 from dchag.checkpointing.errors import CheckpointError
-from dchag.checkpointing.tags import read_latest, saved_iterations, tag_for
+from dchag.checkpointing.tags import is_universal, read_latest, saved_iterations, tag_for  # noqa: F401 - is_universal: re-exported
 from dchag.tasks import get_task
 
 
@@ -43,28 +43,17 @@ def config_of_run(ns: argparse.Namespace, norm: dict | None = None):
     return model_config(ns)
 
 
-def export_consolidated(load_dir: str, save_dir: str) -> dict:
-    """Merge a training checkpoint into OUT/model.safetensors + OUT/config.json; returns the config."""
-    from dchag.inference.runtime import build_serial_model
-    folder = reader.resolve_folder(load_dir)
-    if not reader.check_integrity(folder):
-        _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
-    consolidated.check_output(save_dir)  # refuse early, before the work
-    ns = reader.run_args(folder)
+def run_config(folder: str, state: dict | None = None) -> tuple[dict, object]:
+    """(the export's config.json without its parameter table, the DChagConfig) of the training
+    checkpoint ``folder``: read from its client state (``state``, when already read), its
+    arguments and normalization.json, no weights."""
+    from dchag.model.lora import spec_of
+    state = reader.client_state(folder) if state is None else state
+    ns = reader.run_args(folder, state)
     norm = normalization.read(folder)
     cfg = config_of_run(ns, norm)
-    serial = dataclasses.replace(cfg, bf16=False, sequence_parallel=False, recompute_activations=False)
-    with torch.device("meta"):  # shapes only: the arguments may claim any size
-        specs = shards.param_specs(build_serial_model(serial))
-    # the merged fp32 tensors, and one model-parallel rank's shards while they are merged
-    sizes.check_memory(2 * sizes.nbytes({n: spec["shape"] for n, spec in specs.items()}),
-                       f"converting {folder} (a model of {sizes.config_summary(vars(ns))})")
-    tensors, state = reader.read_full_state_dict(folder, list(specs))
-    for name, spec in specs.items():
-        if list(tensors[name].shape) != spec["shape"]:
-            raise CheckpointError(f"{folder}: merged {name} has shape {list(tensors[name].shape)}, the model "
-                                  f"{spec['shape']}.")
     T, P = int(ns.tensor_model_parallel_size), int(ns.channel_parallel_size)
+    lora = spec_of(cfg)
     config = {
         "model": consolidated.config_to_dict(cfg),
         "task": cfg.task, "aggregation": cfg.aggregation, "groups": cfg.num_groups,
@@ -78,16 +67,61 @@ def export_consolidated(load_dir: str, save_dir: str) -> dict:
         "source": {"path": os.path.abspath(folder), "tensor_model_parallel_size": T, "channel_parallel_size": P,
                    "data_parallel_size": int(state.get("dp_world_size", 1)),
                    "zero_stage": int(((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)),
-                   "bf16": bool(cfg.bf16), "ds_version": state.get("ds_version")},
-        "parameters": specs,
-        "dtype": "float32",
-        "versions": consolidated.versions(),
+                   "bf16": bool(cfg.bf16), "ds_version": state.get("ds_version"),
+                   "frozen_parameters": state.get("frozen_parameters"),
+                   "lora": lora and {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                                     "targets": list(lora.targets), "merged": False}},
     }
+    return config, cfg
+
+
+def export_consolidated(load_dir: str, save_dir: str, merge_adapters: bool = True) -> dict:
+    """Merge a training checkpoint into OUT/model.safetensors + OUT/config.json; returns the config.
+    A LoRA run's adapters are merged into the weights (W + alpha/r B A: a plain model); with
+    ``merge_adapters=False`` they are kept apart as tensors (the layout conversion does, to continue
+    the LoRA run)."""
+    consolidated.check_output(save_dir)  # refuse early, before the work
+    tensors, config = consolidate(load_dir, merge_adapters)
     consolidated.write(save_dir, tensors, config)
+    lora = config["source"].get("lora")
     _log(f"> wrote {save_dir}/{consolidated.WEIGHTS} ({len(tensors)} tensors, "
          f"{sum(t.numel() for t in tensors.values()):,} parameters) and {consolidated.CONFIG} "
-         f"(iteration {config['iteration']}, from T={T}, P={P})")
+         f"(iteration {config['iteration']}, from T={config['source']['tensor_model_parallel_size']}, "
+         f"P={config['source']['channel_parallel_size']})"
+         + (f"; LoRA adapters ({lora['rank']}, alpha {lora['alpha']:g}) "
+            f"{'merged into the weights' if lora['merged'] else 'kept as tensors'}" if lora else ""))
     return config
+
+
+def consolidate(load_dir: str, merge_adapters: bool = True) -> tuple[dict, dict]:
+    """(every parameter whole, fp32; the export's config.json) of a training checkpoint."""
+    from dchag.inference.runtime import build_serial_model
+    from dchag.model.lora import merge, spec_of
+    folder = reader.resolve_folder(load_dir)
+    if not reader.check_integrity(folder):
+        _log(f"warning: {folder} has no manifest (saved by an older version); its files are not checksummed.")
+    state = reader.client_state(folder)
+    config, cfg = run_config(folder, state)
+    serial = dataclasses.replace(cfg, bf16=False, sequence_parallel=False, recompute_activations=False)
+    with torch.device("meta"):  # shapes only: the arguments may claim any size
+        specs = shards.param_specs(build_serial_model(serial))
+    # the merged fp32 tensors, and one model-parallel rank's shards while they are merged
+    sizes.check_memory(2 * sizes.nbytes({n: spec["shape"] for n, spec in specs.items()}),
+                       f"converting {folder} (a model of {sizes.config_summary(config['training_args'])})")
+    tensors, _ = reader.read_full_state_dict(folder, list(specs))
+    for name, spec in specs.items():
+        if list(tensors[name].shape) != spec["shape"]:
+            raise CheckpointError(f"{folder}: merged {name} has shape {list(tensors[name].shape)}, the model "
+                                  f"{spec['shape']}.")
+    lora = spec_of(cfg)
+    if lora is not None and merge_adapters:
+        tensors = merge(tensors, lora)
+        specs = {n: spec for n, spec in specs.items() if n in tensors}
+        cfg = dataclasses.replace(cfg, lora_rank=0, lora_alpha=None, lora_dropout=0.0, lora_targets=None)
+        config["model"] = consolidated.config_to_dict(cfg)
+        config["source"]["lora"]["merged"] = True
+    config.update(parameters=specs, dtype=consolidated.DTYPE, versions=consolidated.versions())
+    return tensors, config
 
 
 def _universal_info(maps: dict) -> dict:
@@ -97,19 +131,32 @@ def _universal_info(maps: dict) -> dict:
                 "^" + re.escape(name) + "$": amap.to_dict() for name, amap in maps.items()}}}
 
 
-def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channel_parallel_size: int) -> str:
+ACCEPT_NO_MANIFEST = "--accept-export-without-manifest"
+
+
+def to_deepspeed(load_dir: str, save_dir: str, tensor_parallel_size: int, channel_parallel_size: int,
+                 accept_without_manifest: bool = False) -> str:
     """Cut a consolidated export into a DeepSpeed checkpoint for layout (T, P): per
     model-parallel rank a model-states file holding its shards (fp32) and the client state
     (iteration, consumed samples, LR schedule, arguments with the new layout, affine maps), no
-    optimizer state. Returns the checkpoint folder."""
+    optimizer state. Returns the checkpoint folder. An export without its manifest is refused
+    (the new checkpoint's manifest would vouch for files nobody checked) unless
+    ``accept_without_manifest`` (the tool's ``--accept-export-without-manifest``)."""
     import tempfile
     from dchag.arguments import MODEL_ARGS
     T, P = int(tensor_parallel_size), int(channel_parallel_size)
     if not consolidated.is_consolidated(load_dir):  # a training checkpoint: consolidate it first
         consolidated.check_output(save_dir)
         with tempfile.TemporaryDirectory(prefix="dchag_consolidated_") as tmp:
-            export_consolidated(load_dir, os.path.join(tmp, "c"))
-            return to_deepspeed(os.path.join(tmp, "c"), save_dir, T, P)
+            export_consolidated(load_dir, os.path.join(tmp, "c"), merge_adapters=False)  # a LoRA run continues
+            return to_deepspeed(os.path.join(tmp, "c"), save_dir, T, P, accept_without_manifest)
+    if not accept_without_manifest and not consolidated.has_manifest(load_dir):
+        raise CheckpointError(
+            f"{load_dir} has no {manifest.MANIFEST}, so whether its files are the ones exported cannot be checked, and "
+            f"--format deepspeed would turn them into a training checkpoint with a manifest of its own. Export it again "
+            f"from the training checkpoint (tools/convert_checkpoint.py --format consolidated); if you know where this "
+            f"copy came from, add {ACCEPT_NO_MANIFEST} (its dtypes, shapes and values are still checked). Nothing was "
+            f"written.")
     tensors, config = consolidated.read(load_dir)  # its sizes checked before anything is allocated
     import deepspeed
     cfg = consolidated.config_from_dict(config["model"])
@@ -173,9 +220,13 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CheckpointError(f"ds_to_universal failed on {folder}:\n{(proc.stdout + proc.stderr)[-3000:]}")
-        for name in ("dchag_args.json", normalization.FILE):
+        for name in ("dchag_args.json", normalization.FILE, fingerprint.FILE):
             if os.path.exists(os.path.join(folder, name)):
                 shutil.copy2(os.path.join(folder, name), os.path.join(tmp, tag, name))
+        kept = frozen.add_to_universal(folder, os.path.join(tmp, tag), _parameter_names(folder))
+        if kept:
+            _log(f"> {len(kept)} frozen parameter(s) written whole (ds_to_universal keeps only model-parallel rank "
+                 f"0's shard of what the optimizer does not hold), e.g. {', '.join(kept[:3])}")
         manifest.write_manifest(os.path.join(tmp, tag))
         with open(os.path.join(tmp, "latest_universal"), "w") as f:
             f.write(tag)
@@ -184,9 +235,12 @@ def to_universal(load_dir: str, save_dir: str, workers: int = 1) -> str:
     return os.path.join(save_dir, tag)
 
 
-def is_universal(load_dir: str | None) -> bool:
-    """A folder written by :func:`to_universal` (``latest_universal``, no ``latest``)."""
-    return bool(load_dir) and read_latest(load_dir) is None and read_latest(load_dir, "latest_universal") is not None
+def _parameter_names(folder: str) -> list[str]:
+    """Every parameter of the run that saved ``folder`` (its affine maps)."""
+    from deepspeed.checkpoint import constants as C
+    state = reader.client_state(folder)
+    maps = ((state.get("universal_checkpoint_info") or {}).get(C.AFFINE_MAP) or {}).get(C.AFFINE_MAP_PARAMS) or {}
+    return [reader.param_name(pattern) for pattern in maps]
 
 
 def verify(path: str) -> list[tuple[str, list[str]]]:
@@ -204,7 +258,13 @@ def verify(path: str) -> list[tuple[str, list[str]]]:
     out = []
     for folder in folders:
         try:
-            out.append((folder, manifest.verify(folder, require=True)))
+            problems = manifest.verify(folder, require=True)
         except manifest.IntegrityError as e:
-            out.append((folder, [str(e)]))
+            problems = [str(e)]
+        if consolidated.is_consolidated(folder):  # an export is checked whether or not its manifest is there
+            try:
+                problems += consolidated.content_problems(folder)
+            except CheckpointError as e:
+                problems.append(str(e))
+        out.append((folder, problems))
     return out

@@ -5,6 +5,7 @@ Layout of ``--save DIR``::
     DIR/iter_0000100/mp_rank_00_model_states.pt ...   DeepSpeed (weights, optimizer, ZeRO shards)
     DIR/iter_0000100/dchag_args.json                   model/layout arguments (checked on --load)
     DIR/iter_0000100/normalization.json                per-channel statistics the data was normalized with
+    DIR/iter_0000100/data_fingerprint.json             the data it was trained on (:mod:`fingerprint`)
     DIR/iter_0000100/manifest.json                     size + SHA-256 of every file (checked on --load)
     DIR/latest                                         "iter_0000100", replaced atomically
 
@@ -27,7 +28,7 @@ import zipfile
 import torch
 import torch.distributed as dist
 
-from dchag.checkpointing import ds_io, durable, manifest, normalization as norm, pickles, weights_only
+from dchag.checkpointing import ds_io, durable, fingerprint, frozen, manifest, normalization as norm, pickles, weights_only
 from dchag.checkpointing.compat import model_args
 from dchag.checkpointing.errors import CheckpointError
 from dchag.checkpointing.recovery import hint
@@ -96,12 +97,16 @@ def _agree(failures: list[tuple[str, BaseException]], args, tag: str) -> None:
         else ""
     complete = saved_iterations(args.save, complete=True)
     last = (f"the last complete checkpoint is {os.path.join(args.save, tag_for(complete[-1]))}, and the same command "
-            "resumes from it" if complete else f"no complete checkpoint is in {args.save} yet")
-    raise CheckpointError(f"cannot save checkpoint {folder}: writing {path} failed on rank {r}: {cause}{more}. The "
-                          f"partial {tag} was removed; {last} once the cause is fixed.")
+            "resumes from it once the cause is fixed" if complete else
+            f"no complete checkpoint is in {args.save} yet: the same command starts afresh once the cause is fixed")
+    partial = (f"The partial {tag} could not be removed (the next start sets it aside)" if os.path.exists(folder)
+               else f"Nothing of {tag} is left")
+    raise CheckpointError(f"cannot save checkpoint {folder}: writing {path} failed on rank {r}: {cause}{more}. "
+                          f"{partial}; {last}.")
 
 
-def save(engine, args, iteration: int, consumed_samples: int, scheduler, normalization: dict | None = None) -> str:
+def save(engine, args, iteration: int, consumed_samples: int, scheduler, normalization: dict | None = None,
+         data_fingerprint: dict | None = None) -> str:
     """Collective. The order makes every crash point safe: every rank's DeepSpeed files (fsynced),
     then (rank 0) ``dchag_args.json`` and ``normalization.json``, then the manifest (size + SHA-256
     of every file, hashed by all ranks; written last of the folder's files: it makes the
@@ -120,6 +125,8 @@ def save(engine, args, iteration: int, consumed_samples: int, scheduler, normali
         "rng_states": gather_over_data_parallel(rng_state()),
         "lr_scheduler": scheduler.state_dict(),
         "universal_checkpoint_info": universal_checkpoint_info(engine.module),
+        # what the optimizer does not hold (--freeze-encoder, LoRA's base): read from the module, not its shards
+        "frozen_parameters": [n for n, p in engine.module.named_parameters() if not p.requires_grad],
     }
     engine.save_checkpoint(args.save, tag=tag, client_state=client_state, save_latest=False)
     failures = list(files.failures) if files is not None else []
@@ -128,6 +135,8 @@ def save(engine, args, iteration: int, consumed_samples: int, scheduler, normali
                                                 json.dumps(model_args(args), indent=1)), folder)
         if normalization is not None and not failures:
             failures = _attempt(lambda: norm.write(folder, normalization), folder)
+        if data_fingerprint is not None and not failures:
+            failures = _attempt(lambda: fingerprint.write(folder, data_fingerprint), folder)
     _agree(failures, args, tag)  # every rank's files are written
     _agree(manifest.write_manifest_distributed(folder), args, tag)
     failures = []
@@ -179,6 +188,8 @@ def load(engine, args, scheduler, tag: str, universal: bool = False) -> tuple[in
         path, client_state = engine.load_checkpoint(args.load, tag=tag, load_lr_scheduler_states=False)
         if path is None or client_state is None:
             raise CheckpointError(f"DeepSpeed could not load {args.load}/{tag}.")
+        if universal:  # DeepSpeed restores only what the optimizer holds
+            frozen.restore_from_universal(engine, os.path.join(args.load, tag))
     changed = scheduler.load_state_dict(client_state["lr_scheduler"], args.use_checkpoint_opt_param_scheduler,
                                         args.override_opt_param_scheduler)
     if changed and dist.get_rank() == 0:

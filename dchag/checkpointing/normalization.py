@@ -13,11 +13,16 @@
 
 Training on P channel ranks holds each rank's channels' statistics only (that is what it
 normalizes); :func:`gather` assembles all C over the channel-parallel group, once per run.
+
+A blend (``--data-path W1 P1 W2 P2 ...``) normalizes each source with its own statistics: the
+document's channels are the union's (C = |U|), ``sources`` holds one document as above per source
+(its own channels, plus ``name`` and ``union_ids``: where each of its channels sits in the union),
+and the top-level ``mean``/``std``/``count`` give each union channel the statistics of the first
+source that has it (what a tool that feeds union-ordered channels applies).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -72,11 +77,14 @@ def merge(shares: list[dict]) -> dict:
     return doc
 
 
-def gather(dataset) -> dict | None:
+def gather(dataset, cfg=None) -> dict | None:
     """Collective over the channel-parallel group: the whole normalization document (None for a
-    dataset that is not a dchag TileDataset: nothing known to save)."""
+    dataset that is not a dchag TileDataset: nothing known to save). A blend's dataset
+    (``datasets``, one per source) needs the model's ``cfg`` (the union and the sources' ids)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+    if dataset is not None and hasattr(dataset, "datasets") and cfg is not None and cfg.sources is not None:
+        return merge_blend([gather(ds) for ds in dataset.datasets], cfg)
     if dataset is None or not hasattr(dataset, "source"):
         return None
     mine = describe_dataset(dataset)
@@ -86,16 +94,40 @@ def gather(dataset) -> dict | None:
     return merge(shares)
 
 
+def merge_blend(docs: list[dict], cfg) -> dict:
+    """One document for a blend from its sources' (see the module)."""
+    C = cfg.num_channels
+    normalized = all(d.get("normalized") for d in docs)
+    doc = {"format": FORMAT, "version": 1, "normalized": normalized, "num_channels": C,
+           "channel_names": list(cfg.channel_names) if cfg.channel_names else None,
+           "wavelengths": list(cfg.wavelengths) if cfg.wavelengths else None,
+           "sources": [{"name": name, "union_ids": list(ids), **d}
+                       for name, ids, d in zip(cfg.source_names, cfg.sources, docs)]}
+    if normalized:
+        mean, std, count = [None] * C, [None] * C, [0] * C
+        for ids, d in zip(cfg.sources, docs):
+            for position, u in enumerate(ids):
+                if mean[u] is None:
+                    mean[u], std[u], count[u] = d["mean"][position], d["std"][position], d["count"][position]
+        doc.update(mean=mean, std=std, count=count)
+    return doc
+
+
 def write(folder: str, doc: dict) -> str:
-    return durable.write_text(os.path.join(folder, FILE), json.dumps(doc, indent=1) + "\n")
+    return durable.write_json(os.path.join(folder, FILE), doc)
 
 
 def read(folder: str) -> dict | None:
-    path = os.path.join(folder, FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return durable.read_json(os.path.join(folder, FILE))
+
+
+def saved(folder: str) -> dict | None:
+    """The normalization saved with a checkpoint folder (``normalization.json``) or a consolidated
+    export (its config.json's ``normalization``), or None."""
+    from dchag.checkpointing import consolidated
+    if consolidated.is_consolidated(folder):
+        return consolidated.read_config(folder).get("normalization")
+    return read(folder)
 
 
 def arrays(doc: dict | None) -> tuple[np.ndarray, np.ndarray] | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import pickletools
 import re
 
 import torch
@@ -45,24 +46,87 @@ def allowed_globals() -> list:
             fragment_address]
 
 
-def load(path: str, map_location="cpu", mmap: bool = False):
-    """``torch.load`` of a checkpoint file, restricted to :func:`allowed_globals`. Raises
-    :class:`UnsafeCheckpointError` naming the file and the refused type."""
-    with torch.serialization.safe_globals(allowed_globals()):
+def load(path: str, map_location="cpu", mmap: bool = False, allowed: list | None = None,
+         holder: str = "a checkpoint of pretrain_dchag.py", note: str = TRUST_NOTE):
+    """``torch.load`` of a checkpoint file, restricted to :func:`allowed_globals` (or ``allowed``).
+    Raises :class:`UnsafeCheckpointError` naming the file and the refused global (``posix.system``),
+    which ``holder`` never holds."""
+    allowed = allowed_globals() if allowed is None else allowed
+    with torch.serialization.safe_globals(allowed):
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(f"refused to load {path}: {_refused_type(e)}, which a checkpoint of "
-                                        f"pretrain_dchag.py never holds, so nothing of it was run. {TRUST_NOTE}") from e
+            raise UnsafeCheckpointError(f"refused to load {path}: {_refused_type(e, path, allowed)}, which {holder} "
+                                        f"never holds, so nothing of it was run. {note}") from e
 
 
-def _refused_type(e: Exception) -> str:
+def _name(g) -> str:
+    return f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', getattr(g, '__name__', ''))}"
+
+
+def _refused_type(e: Exception, path: str, allowed: list) -> str:
+    """What the pickle asked for: the globals it names outside the allowlist, read without running
+    anything (torch's scan of a zip checkpoint, else the pickle's opcodes), else torch's words."""
+    ok = {_name(g) for g in allowed} | {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
+                                        "torch._utils._rebuild_parameter", "torch.FloatStorage"}
+    named = [g for g in pickle_globals(path) if g not in ok]
+    if named:
+        return f"it asks for {', '.join(named[:5])}"
     text = str(e)
-    m = re.search(r"(?:Unsupported global: GLOBAL|Trying to call reduce for|Unsupported class) ([\w.]+)", text)
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|Trying to call reduce for|Unsupported class) "
+                  r"([\w.]+)", text)
     if m:
         return f"it asks for {m.group(1)}"
     m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
     return f"its pickle is not plain data ({(m.group(1).strip() if m else type(e).__name__)[:200]})"
+
+
+def pickle_globals(path: str) -> list[str]:
+    """Every ``module.name`` a pickle file asks to import (``posix.system``), in order, found by
+    reading its opcodes: nothing is imported or run. A torch zip checkpoint is read by torch's own
+    scan (which leaves out what torch loads by default); any other file as a stream of pickles."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a torch zip: the legacy format or a bare pickle
+        pass
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64 << 20)
+    except OSError:
+        return []
+    import io
+    stream, found = io.BytesIO(data), []
+    while stream.tell() < len(data):  # the legacy torch format is several pickles in a row
+        start = stream.tell()
+        try:
+            found += _globals_of_one(stream)
+        except Exception:  # not a pickle (any more): tensor bytes follow
+            break
+        if stream.tell() == start:
+            break
+    return list(dict.fromkeys(found))
+
+
+def _globals_of_one(stream) -> list[str]:
+    found, memo, strings = [], {}, []  # strings: the string values pushed, for STACK_GLOBAL
+    for op, arg, _ in pickletools.genops(stream):
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            found.append(arg.replace(" ", "."))
+        elif name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+                      "STRING"):
+            strings.append(arg)
+        elif name == "MEMOIZE" and strings:
+            memo[len(memo)] = strings[-1]
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+            memo[int(arg)] = strings[-1]
+        elif name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+            strings.append(memo[int(arg)])
+        elif name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.append(f"{strings[-2]}.{strings[-1]}")
+        if name == "STOP":
+            break
+    return found
 
 
 def vet(folder: str) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from dchag.checkpointing import manifest, pickles
 from dchag.checkpointing.errors import CheckpointError
-from dchag.checkpointing.tags import TAG_RE, is_complete, is_universal_folder, resume_point
+from dchag.checkpointing.tags import TAG_RE, check_own, folder_hint, is_complete, is_universal_folder, resume_point
 
 _MP_RE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 
@@ -35,11 +35,14 @@ def resolve_folder(path: str) -> str:
         raise CheckpointError(f"{path} is not a folder: give a run folder (with a 'latest' file) or one of its "
                               "iter_NNNNNNN folders.")
     if glob.glob(os.path.join(path, "*model_states.pt")):
+        parent, name = os.path.split(os.path.normpath(os.path.abspath(path)))
+        if TAG_RE.match(name):  # RUN/iter_N named directly: it must be RUN's own
+            check_own(parent, name)
         if not is_complete(path) and not is_universal_folder(path):
             raise CheckpointError(f"{path} is an interrupted save (it has no {manifest.MANIFEST}: the save did not "
                                   "finish); convert a complete checkpoint of that run.")
         return path
-    tag, note = resume_point(path)
+    tag, note = resume_point(path, pick=folder_hint)  # the converter and a fine-tune take no --ckpt-step
     if tag is None:
         tags = sorted(n for n in os.listdir(path) if TAG_RE.match(n))
         raise CheckpointError(f"{path} holds no model-states files and no complete checkpoint"
@@ -78,12 +81,22 @@ def _load(path: str) -> dict:
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); the file is damaged.") from e
 
 
+def _module_weights(folder: str, mp: int) -> dict[str, torch.Tensor]:
+    """The weights the model-states file's ``module`` holds in full (ZeRO 3's are empty placeholders)."""
+    files = _model_state_files(folder)[mp]
+    first = [f for f in files if os.path.basename(f).startswith("mp_rank")] or files
+    return {k: v.float() for k, v in _load(first[0])["module"].items() if torch.is_tensor(v) and v.numel()}
+
+
 def _fp32_weights_of_rank(folder: str, mp: int) -> dict[str, torch.Tensor]:
-    """One model-parallel rank's weights (its shards), fp32 master copies where ZeRO has them."""
+    """One model-parallel rank's weights (its shards), fp32 master copies where ZeRO has them.
+
+    ZeRO's optimizer shards hold only what the optimizer holds: frozen parameters (--freeze-encoder,
+    LoRA's base weights) are in ZeRO 2/3's ``frozen_param_fragments`` (zero_to_fp32 merges those) and
+    in the model-states file's ``module`` (ZeRO 0-2), where the rest is taken from."""
     optim = sorted(glob.glob(os.path.join(folder, f"*mp_rank_{mp:02d}_optim_states.pt")))
     if not optim:  # ZeRO 0: the module's own weights (bf16 runs: the bf16 copies)
-        files = [f for f in _model_state_files(folder)[mp] if os.path.basename(f).startswith("mp_rank")]
-        return {k: v.float() for k, v in _load(files[0])["module"].items() if torch.is_tensor(v) and v.numel()}
+        return _module_weights(folder, mp)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     for path in optim + _model_state_files(folder)[mp]:  # zero_to_fp32 loads with weights_only=False
         pickles.load(path, mmap=True)
@@ -92,7 +105,10 @@ def _fp32_weights_of_rank(folder: str, mp: int) -> dict[str, torch.Tensor]:
         for path in optim + _model_state_files(folder)[mp]:
             os.symlink(os.path.abspath(path), os.path.join(tmp, "t", os.path.basename(path)))
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress
-            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag="t")
+            weights = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="t")
+    for name, value in _module_weights(folder, mp).items():  # frozen: never in the optimizer (bf16: exact)
+        weights.setdefault(name, value)
+    return weights
 
 
 def client_state(folder: str) -> dict:

@@ -23,8 +23,6 @@ import json
 import os
 import zipfile
 
-import torch.distributed as dist
-
 from dchag.checkpointing.manifest import MANIFEST, IntegrityError, verify
 from dchag.checkpointing.ranks import is_first_rank
 from dchag.checkpointing.tags import saved_iterations, tag_for
@@ -111,6 +109,7 @@ def set_aside_damaged(args, later: list[int]) -> list[int]:
     same files, and a folder moved aside meanwhile counts as damaged)."""
     if args.ckpt_step is None or not later:
         return later
+    import torch.distributed as dist  # here: the pre-flight imports this module without torch
     problems = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         problems = [{it: damage(os.path.join(args.save, tag_for(it))) for it in later}]

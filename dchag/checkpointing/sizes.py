@@ -51,6 +51,16 @@ def header_shapes(path: str) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"cannot read the header of {path} ({e}); the file is damaged.") from e
 
 
+def header_dtypes(path: str) -> dict[str, str]:
+    """{name: safetensors dtype ('F32', 'BF16', 'BOOL', ...)} from a safetensors file's header."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for a bad header
+        raise CheckpointError(f"cannot read the header of {path} ({e}); the file is damaged.") from e
+
+
 def nbytes(shapes: dict[str, tuple[int, ...]], itemsize: int = 4) -> int:
     return sum(math.prod(s) for s in shapes.values()) * itemsize
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dchag.checkpointing.errors import CheckpointError
+from dchag.parallel.sources import runs
 
 
 def _describe(param) -> dict:
@@ -21,7 +22,10 @@ def _describe(param) -> dict:
     kind = shard_kind(param)
     d = {"kind": kind, "shape": list(param.ds_shape if hasattr(param, "ds_shape") else param.shape)}
     if kind == "channel":
-        d["rows"] = list(param.channel_rows)
+        if param.channel_rows is not None:
+            d["rows"] = list(param.channel_rows)
+        else:  # a blend's per-identity rows (the rank's home ids): one piece per run of them
+            d["runs"] = [list(run) for run in runs(param.channel_ids)]
         d["global_rows"] = int(param.channel_global_rows)
     elif kind == "tensor":
         d["dim"] = int(param.partition_dim)
@@ -40,19 +44,27 @@ def affine_map(descs: list[dict]):
         full = list(shape)
         full[dim] = sum(d["shape"][dim] for d in descs)
         return contiguous_split_map(full, [d["shape"][dim] for d in descs], dim)
-    # channel-sharded: dim 0 holds rows [a, b) of global_rows; ranks with equal rows are replicas.
+    # channel-sharded: dim 0 holds rows [a, b) of global_rows, or (a blend's per-identity rows) the
+    # runs [[a, b], ...] of the rank's home ids, one piece each; ranks with equal rows are replicas.
     full = [descs[0]["global_rows"]] + list(shape[1:])
     strides = [int(np.prod(full[i + 1:], dtype=np.int64)) for i in range(len(full))]  # row-major
     row = strides[0]
     pieces, shard_shapes = {}, {}
     for r, d in enumerate(descs):
-        a, b = d["rows"]
-        sshape = [b - a] + list(full[1:])
-        holders = [q for q, e in enumerate(descs) if e["rows"] == d["rows"]]
-        shard_shapes[r] = sshape
-        pieces[r] = [AffinePiece(shape=sshape, source_offset=a * row, source_strides=strides, dest_offset=0,
-                                 dest_strides=strides, locations=holders)]
+        held = _row_runs(d)
+        holders = [q for q, e in enumerate(descs) if _row_runs(e) == held]
+        shard_shapes[r] = [sum(b - a for a, b in held)] + list(full[1:])
+        pieces[r], at = [], 0
+        for a, b in held:
+            pieces[r].append(AffinePiece(shape=[b - a] + list(full[1:]), source_offset=a * row, source_strides=strides,
+                                         dest_offset=at * row, dest_strides=strides, locations=holders))
+            at += b - a
     return ParamAffineMap(logical_shape=full, shard_shapes=shard_shapes, pieces_by_rank=pieces)
+
+
+def _row_runs(desc: dict) -> list[tuple[int, int]]:
+    """The runs of global rows a channel-sharded description holds."""
+    return [tuple(run) for run in desc["runs"]] if "runs" in desc else [tuple(desc["rows"])]
 
 
 def universal_checkpoint_info(module) -> dict:

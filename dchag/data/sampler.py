@@ -34,18 +34,20 @@ from .errors import DataError
 class SampleOrder:
     """Stream position -> sample id, for one (num_samples, seed, shuffle)."""
 
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, num_samples: int, seed: int | tuple = 0, shuffle: bool = True):
         if num_samples < 1:
             raise DataError("the data split is empty: no sample to draw; use more data, smaller --img-h/--img-w, "
                             "or a different validation fraction.")
-        self.num_samples, self.seed, self.shuffle = int(num_samples), int(seed), bool(shuffle)
+        # seed: an int, or a tuple (a blend's source s streams with (seed, s): dchag/data/blend.py)
+        seed = tuple(int(x) for x in seed) if isinstance(seed, (tuple, list)) else (int(seed),)
+        self.num_samples, self.seed, self.shuffle = int(num_samples), seed, bool(shuffle)
         self._epoch, self._perm = -1, None
 
     def permutation(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.num_samples)
         if epoch != self._epoch:  # cache one epoch: consecutive positions hit the same one
-            self._perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_samples)
+            self._perm = np.random.default_rng([*self.seed, int(epoch)]).permutation(self.num_samples)
             self._epoch = epoch
         return self._perm
 

@@ -6,10 +6,15 @@ File (JSON; an ``.npz`` with the same keys is also accepted):
      "channel_names": [...C], "mean": [...C], "std": [...C], "count": [...C],   # valid values only
      "source": "<path>", "data_format": "envi", "shape": [N, C, H, W]}
 
-Statistics exclude invalid values (non-finite and the format's no-data value) and are over the
-whole data set (all images / time steps), in the physical units ``Source.read`` returns.
-Where it lives: ``<data file without extension>.stats.json`` beside a file or store, or
-``<folder>/stats.json`` for a folder of files (see :func:`stats_path_for`).
+Statistics exclude invalid values (non-finite and the format's no-data value), in the physical
+units ``Source.read`` returns. Training normalizes with statistics of its **training samples
+only** (``TrainingSamples``: the training tiles, or the training period of a forecast): no
+held-out pixel shapes the normalization it is scored with. A file records which samples it covers
+(``"training_samples"``: the split that defines them, beside the data's ``shape``); one computed
+over the whole data set has none. Where it lives: ``<data file without extension>.stats.json``
+beside a file or store, or ``<folder>/stats.json`` for a folder of files (see :func:`stats_path_for`).
+Training uses that file only if it covers exactly this run's training samples, else computes them
+at start-up (``resolve_stats``).
 """
 
 from __future__ import annotations
@@ -88,14 +93,53 @@ def stats_path_for(data_path: str) -> str:
     return (stem if ext else base) + ".stats.json"
 
 
-def compute_stats(source: Source, channels: range | None = None, max_block_elements: int = 1 << 24,
-                  max_images: int | None = None, progress=None) -> ChannelStats:
-    """Per-channel mean/std over all images (or the first ``max_images``) of ``source`` for
-    ``channels`` (default all).
+@dataclass(frozen=True)
+class TrainingSamples:
+    """The training samples of a run's split, for its statistics: ``windows`` (image, rows, cols)
+    holding exactly their pixels (``dchag.data.tiles.training_windows``), ``key`` what a stats file
+    records to say it covers them, ``description`` for messages."""
 
-    Streams image by image and channel block by channel block (at most ``max_block_elements``
+    key: dict
+    windows: tuple
+    description: str
+
+    @classmethod
+    def of(cls, source: Source, task: str, img_h: int, img_w: int, valid_fraction: float,
+           lead_time: int = 1) -> "TrainingSamples":
+        from .tiles import training_windows
+        if task == "forecast":
+            key = {"split": "time", "valid_fraction": float(valid_fraction), "lead_time": int(lead_time)}
+            sizes = [source.image_hw(0)] * source.num_images
+        else:
+            key = {"split": "tiles", "img_h": int(img_h), "img_w": int(img_w), "valid_fraction": float(valid_fraction)}
+            sizes = [source.image_hw(i) for i in range(source.num_images)]
+        windows = tuple(training_windows(sizes, task, img_h, img_w, valid_fraction, lead_time))
+        if task == "forecast":
+            what = f"the training period (time steps 0-{len(windows) - 1} of {source.num_images})"
+        else:
+            what = (f"the training tiles ({img_h} x {img_w}, the last {valid_fraction:g} of the tiles held out)")
+        return cls(key, windows, what)
+
+    def flags(self) -> str:
+        """tools/compute_stats.py's flags for these samples."""
+        k = self.key
+        if k["split"] == "time":
+            return f"--task forecast --valid-fraction {k['valid_fraction']:g} --lead-time {k['lead_time']}"
+        return f"--task mae --img-h {k['img_h']} --img-w {k['img_w']} --valid-fraction {k['valid_fraction']:g}"
+
+    def elements(self, num_channels: int) -> int:
+        return num_channels * sum((r.stop - r.start) * (c.stop - c.start) for _, r, c in self.windows)
+
+
+def compute_stats(source: Source, channels: range | None = None, max_block_elements: int = 1 << 24,
+                  max_images: int | None = None, progress=None, training: TrainingSamples | None = None
+                  ) -> ChannelStats:
+    """Per-channel mean/std over the pixels of ``training`` (the training samples' windows), or
+    else over all images (or the first ``max_images``) of ``source``, for ``channels`` (default all).
+
+    Streams window by window and channel block by channel block (at most ``max_block_elements``
     float32 values in memory) and merges partial (count, mean, M2) with Chan's formula, in float64.
-    ``progress(images_done, images)`` (a float: whole images plus the channel fraction) after each block.
+    ``progress(windows_done, windows)`` (a float: whole windows plus the channel fraction) after each block.
     """
     C = source.num_channels
     channels = range(C) if channels is None else channels
@@ -103,13 +147,19 @@ def compute_stats(source: Source, channels: range | None = None, max_block_eleme
     count = np.zeros(n_ch, np.int64)
     mean = np.zeros(n_ch, np.float64)
     m2 = np.zeros(n_ch, np.float64)
-    num = source.num_images if max_images is None else min(max_images, source.num_images)
-    for i in range(num):
-        H, W = source.image_hw(i)
-        step = max(1, max_block_elements // max(1, H * W))
+    if training is not None:
+        windows = list(training.windows)
+    else:
+        num = source.num_images if max_images is None else min(max_images, source.num_images)
+        windows = [(i, None, None) for i in range(num)]
+    num = len(windows)
+    for i, (image, rows, cols) in enumerate(windows):
+        H, W = source.image_hw(image)
+        area = (H if rows is None else rows.stop - rows.start) * (W if cols is None else cols.stop - cols.start)
+        step = max(1, max_block_elements // max(1, area))
         for j0 in range(0, n_ch, step):
             j1 = min(n_ch, j0 + step)
-            x = source.read(i, range(channels.start + j0, channels.start + j1)).astype(np.float64)
+            x = source.read(image, range(channels.start + j0, channels.start + j1), rows, cols).astype(np.float64)
             x = x.reshape(j1 - j0, -1)
             ok = np.isfinite(x)
             n_b = ok.sum(axis=1)
@@ -132,6 +182,8 @@ def compute_stats(source: Source, channels: range | None = None, max_block_eleme
     names = [source.channel_names[c] for c in channels]
     meta = {"source": source.path, "data_format": source.format, "shape": list(source.shape),
             "channel_start": channels.start}
+    if training is not None:
+        meta["training_samples"] = dict(training.key)
     return ChannelStats(mean, std, count, names, channels, meta)
 
 
@@ -146,8 +198,9 @@ def save_stats(stats: ChannelStats, path: str) -> str:
     tmp = f"{path}.tmp{os.getpid()}"
     if path.endswith(".npz"):
         d = stats.to_dict()
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in d.items() if k != "meta"})
+        with open(tmp, "wb") as f:  # a dict (training_samples) as JSON text: npz holds no objects
+            np.savez(f, **{k: np.asarray(json.dumps(v) if isinstance(v, dict) else v) for k, v in d.items()
+                           if k != "meta"})
     else:
         with open(tmp, "w") as f:
             json.dump(stats.to_dict(), f, indent=1)
@@ -176,6 +229,8 @@ def load_stats(path: str, source: Source | None = None) -> ChannelStats:
                         "rerun tools/compute_stats.py.") from e
     if not (len(mean) == len(std) == len(count) == len(names)):
         raise DataError(f"statistics file {path} has lists of different lengths; rerun tools/compute_stats.py.")
+    if isinstance(d.get("training_samples"), str):  # an .npz file's JSON text
+        d["training_samples"] = json.loads(d["training_samples"])
     start = int(d.get("channel_start", 0))
     meta = {k: v for k, v in d.items() if k not in ("mean", "std", "count", "channel_names", "format", "version",
                                                     "num_channels")}
@@ -200,14 +255,36 @@ def check_stats_match(stats: ChannelStats, source: Source, path: str = "statisti
 
 
 def resolve_stats(source: Source, channels: range, *, data_path: str | None = None, stats_path: str | None = None,
+                  training: TrainingSamples | None = None, saved: "ChannelStats | None" = None,
                   max_on_the_fly_elements: int = 1 << 27) -> ChannelStats:
-    """Statistics for ``channels`` of ``source``: from ``stats_path`` (or the default file beside the
-    data); if there is none and the rank's share of the data is small, computed on the fly for
-    ``channels`` only (each channel's statistics depend only on that channel, so every rank gets
-    the numbers a full computation would give, without reading other ranks' channels)."""
+    """Statistics for ``channels`` of ``source``, from the training samples only:
+
+    1. ``saved`` (a resumed or fine-tuned run: the statistics saved with its checkpoint or export),
+       for every channel whose name it holds; the others as below;
+    2. ``stats_path`` when given (an explicit file, used as given: it must exist);
+    3. the file beside the data, if it covers exactly ``training`` (its ``training_samples`` and
+       the data's shape); a file over the whole data set (held-out samples included) is not used;
+    4. else computed at start-up over ``training``'s pixels for ``channels`` only (each channel's
+       statistics depend only on that channel, so every rank gets the numbers a full computation
+       would give, without reading other ranks' channels), if the rank's share is small; else an
+       error naming the tools/compute_stats.py command for these training samples.
+    Synthetic data (stationary by construction) uses the training samples of its first 4 images.
+    ``training`` None: every sample (the API's default when no split is known)."""
+    names = source.channel_names
+    if saved is not None:
+        matched = [c for c in channels if names[c] in saved.channel_names]
+        if matched:
+            fresh = None if len(matched) == len(channels) else resolve_stats(
+                source, channels, data_path=data_path, stats_path=stats_path, training=training,
+                max_on_the_fly_elements=max_on_the_fly_elements)
+            return _from_saved(saved, source, channels, fresh)
     if source.format == "synthetic" and not stats_path:
         # Stationary by construction: a few images give the statistics of all of them.
-        return _origin(compute_stats(source, channels, max_images=4), "computed at start-up from 4 synthetic images")
+        if training is None:
+            return _origin(compute_stats(source, channels, max_images=4), "computed at start-up from 4 synthetic images")
+        first = TrainingSamples(training.key, tuple(w for w in training.windows if w[0] < 4), training.description)
+        return _origin(compute_stats(source, channels, training=first),
+                       f"computed at start-up from {training.description}, their first 4 synthetic images")
     if stats_path:
         return _origin(load_stats(stats_path, source).select(channels), f"file {stats_path}")  # must exist
     path = stats_path_for(data_path) if data_path else None
@@ -216,19 +293,64 @@ def resolve_stats(source: Source, channels: range, *, data_path: str | None = No
         from .readers.detect import list_folder  # a folder holding one file: that file's stats count too
 
         candidates += [stats_path_for(f) for f in list_folder(str(data_path))][:1]
+    passed = ""
     for cand in candidates:
         if os.path.exists(cand):
-            return _origin(load_stats(cand, source).select(channels), f"file {cand}")
-    N, _, H, W = source.shape
-    if H is None:
-        H, W = max(source.image_hw(i) for i in range(N))
-    need = N * len(channels) * H * W
+            stats = load_stats(cand, source)
+            if training is None or covers(stats, source, training):
+                return _origin(stats.select(channels), f"file {cand}")
+            passed = f"; {cand} covers {_coverage(stats)}, not this run's training samples: not used"
+            break
+    where = training.description if training is not None else "every sample"
+    need = training.elements(len(channels)) if training is not None else source.num_images * len(channels) * int(
+        np.prod(max(source.image_hw(i) for i in range(source.num_images))))
     if need > max_on_the_fly_elements:
+        flags = f" {training.flags()}" if training is not None else ""
         raise DataError(
-            f"no statistics file for {source.describe()} (looked for {path}) and the data is too large "
-            f"({need:,} values for this rank's channels) to compute them at start-up; run "
-            f"`python tools/compute_stats.py --data-path {data_path or source.path}` once before training.")
-    return _origin(compute_stats(source, channels), f"computed at start-up from the data (no {path})")
+            f"no statistics file of {where} for {source.describe()} (looked for {path}{passed}) and the data is too "
+            f"large ({need:,} values for this rank's channels) to compute them at start-up; run `python "
+            f"tools/compute_stats.py --data-path {data_path or source.path}{flags} --force` once before training.")
+    return _origin(compute_stats(source, channels, training=training), f"computed at start-up from {where}{passed}")
+
+
+def covers(stats: ChannelStats, source: Source, training: TrainingSamples) -> bool:
+    """Whether a statistics file covers exactly ``training``'s samples of this data."""
+    return stats.meta.get("training_samples") == training.key and list(stats.meta.get("shape", [])) == [
+        None if v is None else int(v) for v in source.shape]
+
+
+def _coverage(stats: ChannelStats) -> str:
+    key = stats.meta.get("training_samples")
+    return "every sample (held-out ones included)" if not key else f"other training samples ({key})"
+
+
+def stats_from_normalization(doc: dict | None) -> ChannelStats | None:
+    """The statistics a checkpoint or export saved (``dchag.checkpointing.normalization``'s
+    document: channel names, mean, std, count), or None when it has none."""
+    if not doc or not doc.get("normalized") or doc.get("mean") is None:
+        return None
+    return ChannelStats(np.asarray(doc["mean"], float), np.asarray(doc["std"], float),
+                        np.asarray(doc.get("count") or [0] * len(doc["mean"])), [str(n) for n in doc["channel_names"]],
+                        meta={"saved": True})
+
+
+def _from_saved(saved: ChannelStats, source: Source, channels: range, fresh: ChannelStats | None) -> ChannelStats:
+    """``channels``' statistics from ``saved`` by channel name, the rest from ``fresh``."""
+    names = source.channel_names
+    position = {n: k for k, n in enumerate(saved.channel_names)}
+    mean = np.array([saved.mean[position[names[c]]] if names[c] in position else fresh.mean[c - channels.start]
+                     for c in channels])
+    std = np.array([saved.std[position[names[c]]] if names[c] in position else fresh.std[c - channels.start]
+                    for c in channels])
+    count = np.array([saved.count[position[names[c]]] if names[c] in position else fresh.count[c - channels.start]
+                      for c in channels])
+    out = ChannelStats(mean, std, count, [names[c] for c in channels], channels, {"saved": True})
+    kept = sum(names[c] in position for c in channels)
+    origin = getattr(saved, "origin", "saved")
+    if fresh is None:
+        return _origin(out, origin)
+    return _origin(out, f"{origin} for {kept} of {len(channels)} channels (by name); the others "
+                        f"{getattr(fresh, 'origin', 'computed')}")
 
 
 def _origin(stats: ChannelStats, origin: str) -> ChannelStats:

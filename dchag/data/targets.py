@@ -11,7 +11,8 @@
               endmember abundances (regress, K = its endmember count) or their argmax (segment).
 
 A target tile is read at the input tile's image, rows and columns, so it shares the input's
-tiles and train/held-out split. Regression targets are normalized per target with the mean and
+tiles and train/held-out split; the padding of a tile past the image's edge is invalid
+(``target_valid`` False), as in the input. Regression targets are normalized per target with the mean and
 standard deviation of the *training* tiles' valid values (``fit``); the statistics travel with
 every checkpoint and the export (``describe``), as the channels' do. Dataset items gain
 
@@ -24,12 +25,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 
 from .errors import DataError
 from .readers import open_source
 from .readers.base import Source, require_file
 from .stats import ChannelStats
+from .tiles import pad_to_tile
 
 SYNTHETIC = "synthetic"
 KINDS = ("regress", "segment")  # the tasks whose samples carry per-pixel targets
@@ -81,6 +82,7 @@ class TargetMaps:
 
     def __init__(self, path: str, source: Source, data: Source, planes_are_images: bool):
         self.path, self.source = path, source
+        self.invalid: dict | None = None  # set by fit: ignored target values (the start-up summary)
         # segment [N, H, W] read by every reader as one image of N channels: plane n is image n
         self.planes_are_images = planes_are_images
         self.num_planes = 1 if planes_are_images else source.num_channels
@@ -101,9 +103,18 @@ class TargetMaps:
             return self.source.read(0, range(image, image + 1), rows, cols)
         return self.source.read(image, range(self.num_planes), rows, cols)
 
+    def read_tile(self, tile) -> np.ndarray:
+        """float32 [K, h, w] of a tile (``dchag.data.tiles.Tile``): NaN (invalid) on its padding."""
+        h, w = tile.rows.stop - tile.rows.start, tile.cols.stop - tile.cols.start
+        return pad_to_tile(self.read(tile.image, tile.read_rows, tile.read_cols), h, w)
+
+    def valid_mask(self, y: np.ndarray) -> np.ndarray:
+        """Which raw values are targets (the rest are ignored): finite ones."""
+        return np.isfinite(y)
+
     def _training_blocks(self, tiles):
         for tile in tiles:
-            yield self.read(tile.image, tile.rows, tile.cols).astype(np.float64)
+            yield self.read(tile.image, tile.read_rows, tile.read_cols).astype(np.float64)
 
 
 class RegressionTargets(TargetMaps):
@@ -123,9 +134,13 @@ class RegressionTargets(TargetMaps):
         per-tile moments, float64)."""
         K = self.num_planes
         count, mean, m2 = np.zeros(K, np.int64), np.zeros(K), np.zeros(K)
+        invalid = _InvalidCount()
+        for tile in _held_out(train_tiles, all_tiles):
+            invalid.add("valid", self.valid_mask(self.read(tile.image, tile.read_rows, tile.read_cols)))
         for y in self._training_blocks(train_tiles):
             y = y.reshape(K, -1)
             ok = np.isfinite(y)
+            invalid.add("train", ok)
             n_b = ok.sum(1)
             mean_b = np.where(ok, y, 0.0).sum(1) / np.maximum(n_b, 1)
             m2_b = (np.where(ok, y - mean_b[:, None], 0.0) ** 2).sum(1)
@@ -141,13 +156,20 @@ class RegressionTargets(TargetMaps):
                             "training tiles; nothing to learn from (check the no-data value and the alignment).")
         std = np.sqrt(m2 / count)
         self.stats = ChannelStats(mean, std, count, self.names)
+        self.invalid = invalid.result()
 
-    def item(self, image: int, rows: slice, cols: slice) -> dict:
-        y = self.read(image, rows, cols)  # float32 [K, h, w]
+    def reuse(self, saved: dict) -> None:
+        """The statistics a checkpoint saved (``describe``) instead of the fitted ones."""
+        self.stats = ChannelStats(np.asarray(saved["mean"], float), np.asarray(saved["std"], float),
+                                  np.asarray(saved.get("count") or self.stats.count), self.names)
+
+    def item(self, tile) -> dict:
+        y = self.read_tile(tile)  # float32 [K, h, w], NaN on padding
         valid = np.isfinite(y)
         y = (y - self.stats.safe_mean.astype(np.float32)[:, None, None]) / self.stats.safe_std.astype(
             np.float32)[:, None, None]
         y[~valid] = 0.0
+        import torch  # here, not at the top: the pre-flight opens the targets without torch
         return {"target": torch.from_numpy(y), "target_valid": torch.from_numpy(valid)}
 
     def describe(self) -> dict:
@@ -157,7 +179,42 @@ class RegressionTargets(TargetMaps):
 
     def summary(self) -> str:
         return (f"{self.num_planes} target map(s) from {self.path} ({', '.join(self.names[:6])}"
-                f"{' ...' if self.num_planes > 6 else ''}), normalized with the training tiles' mean and std")
+                f"{' ...' if self.num_planes > 6 else ''}), normalized with the training tiles' mean and std; "
+                + _describe_invalid(self.invalid, "invalid target value(s) (NaN, Inf, no-data)"))
+
+
+def _key(tile) -> tuple:
+    return tile.image, tile.rows.start, tile.cols.start
+
+
+def _held_out(train_tiles, all_tiles) -> list:
+    train = {_key(t) for t in train_tiles}
+    return [t for t in all_tiles if _key(t) not in train]
+
+
+class _InvalidCount:
+    """Invalid (ignored) target values of the training and the held-out tiles, for the start-up summary."""
+
+    def __init__(self):
+        self.counts = {"train": [0, 0], "valid": [0, 0]}
+
+    def add(self, split: str, valid: np.ndarray) -> None:
+        self.counts[split][0] += int(valid.size - valid.sum())
+        self.counts[split][1] += int(valid.size)
+
+    def result(self) -> dict:
+        return {k: tuple(v) for k, v in self.counts.items()}
+
+
+def _describe_invalid(invalid: dict | None, what: str) -> str:
+    """'N <what> ignored: a of b (x %) in the training tiles, ... held out' (the start-up summary)."""
+    if not invalid:
+        return f"no {what} ignored"
+    parts = [f"{bad:,} of {total:,} ({bad / total:.1%}) in the {name}" for name, (bad, total) in
+             (("training tiles", invalid["train"]), ("held-out tiles", invalid["valid"])) if total]
+    if not any(bad for bad, _ in invalid.values()):
+        return f"no {what}"
+    return f"{what} ignored: " + ", ".join(parts)
 
 
 class ClassTargets(TargetMaps):
@@ -178,22 +235,54 @@ class ClassTargets(TargetMaps):
         self.names = [f"class{k}" for k in range(self.num_classes)]
         self.class_counts: np.ndarray | None = None
 
-    def classes(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw values -> (int64 classes, 0 where ignored; bool valid)."""
+    def valid_mask(self, y: np.ndarray) -> np.ndarray:
+        """Finite and not --ignore-index."""
         valid = np.isfinite(y)
         if self.ignore_index is not None:
             valid &= y != self.ignore_index
+        return valid
+
+    def classes(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw values -> (int64 classes, 0 where ignored; bool valid)."""
+        valid = self.valid_mask(y)
         return np.where(valid, y, 0).astype(np.int64), valid
+
+    def check_classes(self, data: Source, rows_per_block: int = 1024) -> None:
+        """Every pixel of the class map (every image, whole, in row blocks) is a class of --num-classes
+        K or ignored; else refused, naming the class count the map needs (the pre-flight)."""
+        K, top, bad = self.num_classes, -1, None
+        for image in range(data.num_images):
+            H, W = data.image_hw(image)
+            for r0 in range(0, H, rows_per_block):
+                y = self.read(image, slice(r0, min(H, r0 + rows_per_block)), slice(0, W))[0]
+                valid = self.valid_mask(y)
+                if valid.any():
+                    top = max(top, float(y[valid].max()))
+                odd = valid & ((y != np.round(y)) | (y < 0))
+                if bad is None and odd.any():
+                    r, c = (int(v[0]) for v in np.nonzero(odd))
+                    bad = (image, r0 + r, c, float(y[r, c]))
+        ignore = f" and not --ignore-index {self.ignore_index}" if self.ignore_index is not None else ""
+        if bad is not None:
+            image, r, c, value = bad
+            raise DataError(f"--target-path {self.path}: image {image}, row {r}, column {c} holds {value:g}, which is not "
+                            f"a class (an integer >= 0){ignore}; mark such pixels with --ignore-index.")
+        if top >= K:
+            raise DataError(f"--target-path {self.path} holds class values 0 .. {top:g}{ignore}, so it needs "
+                            f"--num-classes {int(top) + 1}, not {K} (or mark the pixels of the extra classes with "
+                            "--ignore-index).")
 
     def fit(self, train_tiles, all_tiles=()) -> None:
         """Refuses values that are not a class, in every tile (training and held-out); counts the
         training tiles' classes (the majority-class baseline)."""
         K = self.num_classes
         counts = np.zeros(K, np.int64)
-        train = {(t.image, t.rows.start, t.cols.start) for t in train_tiles}
-        for tile in list(train_tiles) + [t for t in all_tiles if (t.image, t.rows.start, t.cols.start) not in train]:
-            y = self.read(tile.image, tile.rows, tile.cols)[0]
+        invalid = _InvalidCount()
+        train = {_key(t) for t in train_tiles}
+        for tile in list(train_tiles) + _held_out(train_tiles, all_tiles):
+            y = self.read(tile.image, tile.read_rows, tile.read_cols)[0]  # inside the image
             cls, valid = self.classes(y)
+            invalid.add("train" if _key(tile) in train else "valid", valid)
             bad = valid & ((y != np.round(y)) | (y < 0) | (y >= K))
             if bad.any():
                 r, c = (int(v[0]) for v in np.nonzero(bad))
@@ -203,15 +292,22 @@ class ClassTargets(TargetMaps):
                     f"--target-path {self.path}: image {tile.image}, row {tile.rows.start + r}, column "
                     f"{tile.cols.start + c} holds {value:g}, which is not a class of --num-classes {K} (an integer in "
                     f"[0, {K})){ignore}. Raise --num-classes, or mark such pixels with --ignore-index.")
-            if (tile.image, tile.rows.start, tile.cols.start) in train:
+            if _key(tile) in train:
                 counts += np.bincount(cls[valid], minlength=K)
         if counts.sum() == 0:
             raise DataError(f"--target-path {self.path}: every pixel of the training tiles is ignored (NaN or "
                             f"--ignore-index {self.ignore_index}); nothing to learn from.")
         self.class_counts = counts
+        self.invalid = invalid.result()
 
-    def item(self, image: int, rows: slice, cols: slice) -> dict:
-        cls, valid = self.classes(self.read(image, rows, cols)[0])
+    def reuse(self, saved: dict) -> None:
+        """The training class counts a checkpoint saved (``describe``) instead of the counted ones."""
+        if int(saved.get("num_classes", -1)) == self.num_classes and saved.get("class_counts") is not None:
+            self.class_counts = np.asarray(saved["class_counts"], np.int64)
+
+    def item(self, tile) -> dict:
+        cls, valid = self.classes(self.read_tile(tile)[0])
+        import torch
         return {"target": torch.from_numpy(cls), "target_valid": torch.from_numpy(valid)}
 
     def describe(self) -> dict:
@@ -222,7 +318,8 @@ class ClassTargets(TargetMaps):
         share = self.class_counts / max(int(self.class_counts.sum()), 1)
         return (f"class map from {self.path}, {self.num_classes} classes (training share "
                 + ", ".join(f"{s:.0%}" for s in share[:10]) + (" ..." if self.num_classes > 10 else "")
-                + (f"), --ignore-index {self.ignore_index}" if self.ignore_index is not None else ")"))
+                + (f"), --ignore-index {self.ignore_index}" if self.ignore_index is not None else ")") + "; "
+                + _describe_invalid(self.invalid, "pixel(s) without a class (NaN or --ignore-index)"))
 
 
 def open_targets(path: str, data: Source, *, kind: str, num_classes: int | None = None,
@@ -243,12 +340,16 @@ def open_targets(path: str, data: Source, *, kind: str, num_classes: int | None 
 
 
 def attach_targets(train, valid, path: str, *, kind: str, num_classes=None, ignore_index=255,
-                   data_format: str = "auto") -> TargetMaps:
+                   data_format: str = "auto", saved: dict | None = None) -> TargetMaps:
     """Open the targets beside ``train.source``, fit them on the training tiles and give both
-    datasets the same object (items then carry "target" and "target_valid")."""
+    datasets the same object (items then carry "target" and "target_valid"). ``saved``: the
+    targets' description a resumed or fine-tuned run's checkpoint saved (``describe``): when it is
+    of the same kind and targets, its statistics (regress) / class counts (segment) are reused."""
     targets = open_targets(path, train.source, kind=kind, num_classes=num_classes, ignore_index=ignore_index,
                            data_format=data_format)
     train_tiles = [train.index.tile(s) for s in train.samples]
-    targets.fit(train_tiles, [valid.index.tile(s) for s in valid.samples])
+    targets.fit(train_tiles, [valid.index.tile(s) for s in valid.samples])  # also checks every value
+    if saved and saved.get("kind") == kind and list(saved.get("names") or []) == list(targets.names):
+        targets.reuse(saved)
     train.targets = valid.targets = targets
     return targets

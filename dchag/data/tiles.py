@@ -2,9 +2,13 @@
 
 Pure index arithmetic over image sizes; no data is read here.
 
-Tiles: an image of H x W is cut into (H // img_h) x (W // img_w) tiles from the top-left
-corner; the remainder strips (H % img_h rows at the bottom, W % img_w columns at the right)
-are not used. Samples are numbered image-major, then tile row, then tile column.
+Tiles: an image of H x W is cut into ceil(H / img_h) x ceil(W / img_w) non-overlapping tiles
+from the top-left corner, so that every pixel lies in exactly one tile. Where H or W is not a
+multiple of the tile, the last row (column) of tiles runs past the bottom (right) edge: its
+window is read as far as the image goes and the rest is padding, invalid pixels (NaN in the read,
+``valid`` False, zero-filled input; ``pad_to_tile``), as the data layer treats no-data values. A
+loss or metric that leaves invalid pixels out then scores every pixel of the image once, with no
+further mask. Samples are numbered image-major, then tile row, then tile column.
 
 Split (deterministic, no randomness): the *last* part of the data is held out.
 - mae: the last ``valid_count(S)`` of the S tile samples.
@@ -35,22 +39,52 @@ def valid_count(total: int, fraction: float) -> int:
 
 
 def tile_grid(hw: tuple[int, int], img_h: int, img_w: int, where: str) -> tuple[int, int]:
+    """(tile rows, tile columns) of an image: ceil(H / img_h) x ceil(W / img_w), the last ones padded."""
     H, W = hw
     if img_h < 1 or img_w < 1:
         raise DataError(f"--img-h/--img-w must be positive, got {img_h} x {img_w}.")
     if H < img_h or W < img_w:
         raise DataError(
             f"{where} is {H} x {W} (H x W), smaller than one {img_h} x {img_w} tile; set --img-h <= {H} and "
-            f"--img-w <= {W} (tiles are cut from images, never padded).")
-    return H // img_h, W // img_w
+            f"--img-w <= {W} (an image must fill at least one tile; only the last row and column of tiles are "
+            "padded).")
+    return -(-H // img_h), -(-W // img_w)
 
 
 @dataclass(frozen=True)
 class Tile:
+    """One sample's window. ``rows`` x ``cols`` is the whole img_h x img_w window, which runs past
+    the image's bottom/right edge on the last row/column of tiles; ``read_rows`` x ``read_cols``
+    is the part inside the image (what a reader is asked for), the rest is padding."""
+
     sample: int  # global sample id (position in the unsplit enumeration)
     image: int  # image / time index in the source
     rows: slice
     cols: slice
+    image_hw: tuple[int, int] = (0, 0)  # (H, W) of the image
+
+    @property
+    def read_rows(self) -> slice:
+        return slice(self.rows.start, min(self.rows.stop, self.image_hw[0]))
+
+    @property
+    def read_cols(self) -> slice:
+        return slice(self.cols.start, min(self.cols.stop, self.image_hw[1]))
+
+    @property
+    def padded(self) -> bool:
+        return self.rows.stop > self.image_hw[0] or self.cols.stop > self.image_hw[1]
+
+
+def pad_to_tile(block: np.ndarray, h: int, w: int, fill: float = np.nan) -> np.ndarray:
+    """[..., h', w'] (h' <= h, w' <= w: a tile's part inside the image) -> [..., h, w], the padding
+    at the bottom/right set to ``fill`` (NaN: invalid, as a no-data value). No copy when h' = h, w' = w."""
+    hh, ww = block.shape[-2:]
+    if (hh, ww) == (h, w):
+        return block
+    out = np.full(block.shape[:-2] + (h, w), fill, dtype=block.dtype)
+    out[..., :hh, :ww] = block
+    return out
 
 
 class TileIndex:
@@ -66,19 +100,19 @@ class TileIndex:
         self.num_samples = int(self.starts[-1])
 
     def edge_report(self) -> str | None:
-        """Rows/columns of the images that no tile covers (the bottom/right remainders), or None."""
-        left = {}
+        """How the last row/column of tiles is padded where the tile does not divide an image, or None."""
+        padded = {}
         for (gy, gx), (H, W) in zip(self.grids, self.sizes):
-            rows, cols = H - gy * self.img_h, W - gx * self.img_w
+            rows, cols = gy * self.img_h - H, gx * self.img_w - W
             if rows or cols:
-                left.setdefault((rows, cols, H, W), 0)
-                left[(rows, cols, H, W)] += 1
-        if not left:
+                padded.setdefault((rows, cols, H, W), 0)
+                padded[(rows, cols, H, W)] += 1
+        if not padded:
             return None
-        parts = [f"{rows} row(s) at the bottom and {cols} column(s) at the right of {n} image(s) of {H} x {W} are in no "
-                 f"tile" for (rows, cols, H, W), n in sorted(left.items())]
-        return "; ".join(parts) + (f" (tiles are {self.img_h} x {self.img_w}; choose --img-h/--img-w dividing the image "
-                                   "size to use every pixel)")
+        parts = [f"{n} image(s) of {H} x {W}: the last row of tiles padded with {rows} row(s), the last column with "
+                 f"{cols} column(s)" for (rows, cols, H, W), n in sorted(padded.items())]
+        return "; ".join(parts) + (f" (tiles are {self.img_h} x {self.img_w}; padding is invalid: zero-filled, out of "
+                                   "every loss and metric, so each pixel is trained on and scored once)")
 
     def tiles_per_image(self, image: int) -> int:
         gy, gx = self.grids[image]
@@ -90,7 +124,7 @@ class TileIndex:
         gx = self.grids[image][1]
         ty, tx = divmod(j, gx)
         r0, k0 = ty * self.img_h, tx * self.img_w
-        return Tile(sample, image, slice(r0, r0 + self.img_h), slice(k0, k0 + self.img_w))
+        return Tile(sample, image, slice(r0, r0 + self.img_h), slice(k0, k0 + self.img_w), self.sizes[image])
 
 
 def mae_split(num_samples: int, split: str, valid_fraction: float) -> range:
@@ -107,6 +141,35 @@ def mae_split(num_samples: int, split: str, valid_fraction: float) -> range:
     if split == "valid":
         return range(num_samples - nv, num_samples)
     raise DataError(f"split must be 'train', 'valid' or 'all', got {split!r}.")
+
+
+def training_windows(image_sizes: list[tuple[int, int]], task: str, img_h: int, img_w: int, valid_fraction: float,
+                     lead_time: int = 1) -> list[tuple[int, slice, slice]]:
+    """The pixels of the training samples of a split, as few windows (image, rows, cols) inside the
+    images: whole images, then the first tile rows and tiles of the image the held-out part starts
+    in (mae, regress, segment: tiles in storage order), or the training period's time steps
+    (forecast). What normalization statistics are computed over: no held-out pixel is in them."""
+    if task == "forecast":
+        N = len(image_sizes)
+        H, W = image_sizes[0] if N else (0, 0)
+        return [(t, slice(0, H), slice(0, W)) for t in forecast_train_period(N, lead_time, valid_fraction)]
+    index = TileIndex(image_sizes, img_h, img_w)
+    stop = mae_split(index.num_samples, "train", valid_fraction).stop
+    out = []
+    for image, (H, W) in enumerate(index.sizes):
+        first, last = int(index.starts[image]), int(index.starts[image + 1])
+        if stop >= last:
+            out.append((image, slice(0, H), slice(0, W)))
+            continue
+        if stop > first:  # the held-out tiles start inside this image: its first tiles in storage order
+            gx = index.grids[image][1]
+            rows, cols = divmod(stop - first, gx)
+            if rows:
+                out.append((image, slice(0, min(rows * img_h, H)), slice(0, W)))
+            if cols:
+                out.append((image, slice(rows * img_h, min(rows * img_h + img_h, H)), slice(0, min(cols * img_w, W))))
+        break
+    return out
 
 
 def forecast_train_period(num_times: int, lead_time: int, valid_fraction: float) -> range:

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dchag.model.attention import segment_attention, softmax_fp32, token_attention  # noqa: F401 - softmax_fp32 re-exported
+from dchag.model.bank import Bank, lend, take
 from dchag.model.chunks import Chunk
 from dchag.model.init import init_identity_, init_rows_, mark_channel_sharded, mark_weight_matrix
 from dchag.parallel.partition import ChannelPartition
+from dchag.parallel.sources import SourceLayout
 
 
 @dataclass(frozen=True)
@@ -95,30 +97,61 @@ class LinearReduce(nn.Module):
     The coefficients are not a weight matrix and take no weight decay: decay would pull every
     group token towards zero, not towards a simpler map."""
 
-    def __init__(self, level: SegmentLevel, owner: bool):
+    def __init__(self, level: SegmentLevel, owner: bool, levels: tuple[SegmentLevel, ...] | None = None,
+                 bank: Bank | None = None, identity_sizes: tuple[int, ...] | None = None):
+        """``levels``: this level per data source (default ``(level,)``: one source). ``bank``: the
+        first level of a blend, whose coefficients are per channel identity (the rank's home ids,
+        dchag/model/bank.py), each initialized 1/n with n = ``identity_sizes[u]`` (the segment of the
+        identity's first slot in the first source that has it: one source, the segment mean)."""
         super().__init__()
         self.level = level
-        weight = torch.cat([torch.full((n,), 1.0 / n) for n in level.sizes])
-        self.weight = mark_channel_sharded(nn.Parameter(weight), level.in_rows, level.global_in, owner)
+        self.levels = tuple(levels) if levels is not None else (level,)
+        self.plans = None if bank is None else bank.plans
+        if bank is None:
+            weight = torch.cat([torch.full((n,), 1.0 / n) for n in level.sizes])
+            self.weight = mark_channel_sharded(nn.Parameter(weight), level.in_rows, level.global_in, owner)
+        else:
+            weight = torch.tensor([1.0 / identity_sizes[u] for u in bank.ids], dtype=torch.float32)
+            self.weight = mark_channel_sharded(nn.Parameter(weight), bank.ids, bank.global_rows, owner, identity=True)
 
     fuses_tokenizer = True  # streamed: the tokenizer applies the coefficients inside its convolution
 
-    def forward(self, x: torch.Tensor | None, chunk: Chunk | None = None, finish: bool = False):
+    def level_of(self, source: int) -> SegmentLevel:
+        return self.levels[source]
+
+    def borrows(self, source: int) -> bool:
+        """Whether data ``source`` needs coefficients of other ranks (then ``self(None, source=...)`` lends them)."""
+        return self.plans is not None and self.plans[source].num_borrowed > 0
+
+    def _coefficients(self, source: int, slots: range | None, borrowed) -> torch.Tensor:
+        """w_i of the rank's input tokens ``slots`` (default all) for data ``source``."""
+        if self.plans is None:
+            return self.weight if slots is None else self.weight[slots.start:slots.stop]
+        return take(self.weight, self.plans[source], slots, None if borrowed is None else borrowed[0])
+
+    def forward(self, x: torch.Tensor | None, chunk: Chunk | None = None, finish: bool = False, source: int = 0,
+                borrowed: list | None = None):
         """x [B, n_in, L, D] -> [B, n_out, L, D].
 
         Streamed (dchag/model/streaming.py): with ``chunk``, the chunk's coefficients w_i [k] (x is
-        not used: the tokenizer folds them into its convolution, so no token is built);
+        not used: the tokenizer folds them into its convolution, so no token is built; ``borrowed``:
+        the coefficients lent by ``self(None, source=...)``, one collective before the chunks);
         ``finish=True`` turns the merged partial sums ``(sums,)`` of all chunks into the output."""
         if finish:
             return x[0].to(self.weight.dtype)
+        if x is None and chunk is None:
+            return lend([self.weight], self.plans[source])
         if chunk is not None:
-            return self.weight[chunk.inputs.start:chunk.inputs.stop].clone()  # (ZeRO-3 may free the original)
-        seg, valid = _segments(x, self.level.sizes)  # [B, n_out, S, L, D]
+            return self._coefficients(source, chunk.inputs, borrowed).clone()  # (ZeRO-3 may free the original)
+        sizes = self.levels[source].sizes
+        weight = self._coefficients(source, None, lend([self.weight], self.plans[source]) if self.borrows(source)
+                                    else None)
+        seg, valid = _segments(x, sizes)  # [B, n_out, S, L, D]
         if valid is None:
-            w = self.weight.reshape(seg.shape[1], seg.shape[2])  # [n_out, S]
+            w = weight.reshape(seg.shape[1], seg.shape[2])  # [n_out, S]
         else:  # padded slots get weight 0
-            index, _ = _segment_index(self.level.sizes)
-            w = self.weight[index.to(x.device)] * valid
+            index, _ = _segment_index(sizes)
+            w = weight[index.to(x.device)] * valid
         # One contraction: autograd keeps only its inputs. The elementwise form (x * w, then a
         # segment sum) kept a token-sized product too and made the channel stage's peak ~2x
         # larger (docs/BENCHMARKS.md).
@@ -137,10 +170,13 @@ class CrossReduce(nn.Module):
     fuses_tokenizer = False  # streamed: attends over the chunk's tokens (online softmax)
 
     def __init__(self, level: SegmentLevel, hidden_size: int, num_heads: int, seed: int, name: str, owner: bool,
-                 attention_backend: str = "unfused"):
+                 attention_backend: str = "unfused", levels: tuple[SegmentLevel, ...] | None = None):
+        """``levels``: this level per data source (default ``(level,)``: one source); the segments'
+        count and positions, and so the parameters, are the same for every source."""
         super().__init__()
         D, n = hidden_size, len(level.sizes)
         self.level, self.num_heads, self.attention_backend = level, num_heads, attention_backend
+        self.levels = tuple(levels) if levels is not None else (level,)
         rows, total = level.out_rows, level.global_out
         # An untrained segment is the plain mean of its tokens, as LinearReduce starts from the
         # group mean: a zero query (uniform attention, as ClimaX's variable aggregation) and
@@ -159,8 +195,14 @@ class CrossReduce(nn.Module):
         for p in (self.key, self.value, self.proj):
             mark_weight_matrix(p)
 
-    def forward(self, x, chunk: Chunk | None = None, finish: bool = False):
-        """x [B, n_in, L, D] -> [B, n_out, L, D].
+    def level_of(self, source: int) -> SegmentLevel:
+        return self.levels[source]
+
+    def borrows(self, source: int) -> bool:
+        return False  # per-segment parameters: every source uses the rank's own
+
+    def forward(self, x, chunk: Chunk | None = None, finish: bool = False, source: int = 0):
+        """x [B, n_in, L, D] -> [B, n_out, L, D] (the segments of data ``source``).
 
         Streamed (dchag/model/streaming.py): with ``chunk``, x holds only the chunk's tokens and
         the result is its online-softmax state (see :meth:`chunk_state`); ``finish=True`` turns
@@ -173,7 +215,7 @@ class CrossReduce(nn.Module):
             return self._project(mixed, range(n))
         if chunk is not None:
             return self.chunk_state(x, chunk)
-        seg, pad = _segments(x, self.level.sizes)  # [B, n, S, L, D]
+        seg, pad = _segments(x, self.levels[source].sizes)  # [B, n, S, L, D]
         B, n, S, L, D = seg.shape
         q, k, v = self._qkv(seg, range(n))
         mixed = segment_attention(q, k, v, self.attention_backend, pad).reshape(B, n, L, D)
@@ -229,22 +271,54 @@ class PartialAggregation(nn.Module):
         super().__init__()
         self.levels = nn.ModuleList(levels)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, c_r, L, D] -> [B, G/P, L, D]
+    def forward(self, tokens: torch.Tensor, source: int = 0) -> torch.Tensor:  # [B, c_r, L, D] -> [B, G/P, L, D]
         for level in self.levels:
-            tokens = level(tokens)
+            tokens = level(tokens, source=source)
         return tokens
 
 
-def build_partial_aggregation(kind: str, partition: ChannelPartition, rank: int, tree_levels_k: int,
+class NoPartialAggregation(nn.Module):
+    """flat: every channel token goes to the final aggregation."""
+
+    def forward(self, tokens: torch.Tensor, source: int = 0) -> torch.Tensor:
+        return tokens
+
+
+def identity_segment_sizes(sources: SourceLayout, levels: int) -> tuple[int, ...]:
+    """Per union id: the size of the first-level segment of its first slot in the first source
+    that has it (D-CHAG-L's coefficient starts at 1/n; with one source, its own segment's size)."""
+    out = [0] * sources.num_channels
+    for s in range(sources.num_sources):
+        slots = sources.slots(s)
+        sizes = tree_levels(ChannelPartition(len(slots), sources.groups), 0, levels)[0].sizes  # every group (P = 1)
+        for u, n in zip(slots, (n for n in sizes for _ in range(n))):
+            out[u] = out[u] or n
+    return tuple(out)
+
+
+def source_tree_levels(partition: ChannelPartition | None, rank: int, tree_levels_k: int,
+                       sources: SourceLayout | None = None) -> list[tuple[SegmentLevel, ...]]:
+    """The rank's tree levels, each per data source: ``[level][source]`` (one source: ``partition``'s)."""
+    partitions = [partition] if sources is None else [sources.partition(s) for s in range(sources.num_sources)]
+    by_source = [tree_levels(p, rank, tree_levels_k) for p in partitions]
+    return [tuple(per_source[j] for per_source in by_source) for j in range(tree_levels_k)]
+
+
+def build_partial_aggregation(kind: str, partition: ChannelPartition | None, rank: int, tree_levels_k: int,
                               hidden_size: int, num_heads: int, seed: int, owner: bool,
-                              attention_backend: str = "unfused") -> nn.Module:
+                              attention_backend: str = "unfused", sources: SourceLayout | None = None) -> nn.Module:
+    """``partition``: the one source's channels; ``sources``: a blend's layout instead (each source
+    grouped as its own channels; dchag/parallel/sources.py)."""
     if kind == "flat":
-        return nn.Identity()  # every channel token goes to the final aggregation
-    levels = tree_levels(partition, rank, tree_levels_k)
+        return NoPartialAggregation()
+    levels = source_tree_levels(partition, rank, tree_levels_k, sources)
     if kind == "linear":
-        return PartialAggregation([LinearReduce(lv, owner) for lv in levels])
-    return PartialAggregation([CrossReduce(lv, hidden_size, num_heads, seed, f"partial.{i}", owner, attention_backend)
-                               for i, lv in enumerate(levels)])
+        bank = None if sources is None else Bank.of(sources, rank)
+        sizes = None if sources is None else identity_segment_sizes(sources, tree_levels_k)
+        return PartialAggregation([LinearReduce(lv[0], owner, lv, bank if j == 0 else None, sizes)
+                                   for j, lv in enumerate(levels)])
+    return PartialAggregation([CrossReduce(lv[0], hidden_size, num_heads, seed, f"partial.{i}", owner, attention_backend,
+                                           lv) for i, lv in enumerate(levels)])
 
 
 class FinalAggregation(nn.Module):

@@ -28,6 +28,7 @@ def transformer_config(cfg: DChagConfig, tensor_parallel_size: int):
         params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         init_method_std=0.02,
+        cuda_graph_scope=[],  # megatron-core 0.16's default "full" is deprecated (a warning per model): its replacement
     )
     if cfg.recompute_activations:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)

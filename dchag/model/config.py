@@ -82,6 +82,11 @@ class DChagConfig:
     # order (dchag/parallel/sources.py). None: one source holding every channel in order.
     sources: tuple[tuple[int, ...], ...] | None = None
     source_names: tuple[str, ...] | None = None  # per source, its name in logs and TensorBoard
+    # LoRA (--lora-*; dchag/model/lora.py): adapters on the backbone's (and the final aggregation's) TP linears.
+    lora_rank: int = 0  # 0: none
+    lora_alpha: float | None = None  # None: the rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None  # None: qkv, proj, fc1, fc2
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from dchag.model.bank import RowPlan, lend, take
 from dchag.model.init import init_rows_, mark_channel_sharded, mark_weight_matrix
 from dchag.parallel.comm import copy_to_channel_parallel_region
 
@@ -24,24 +25,30 @@ class ChannelReconstructionHead(nn.Module):
 
     [B, L, D] -> [B, c_r, H, W] with per-channel weights [c_r, p*p, D]. The backbone output is
     replicated across the channel group; ``copy_to_channel_parallel_region`` all-reduces its
-    gradient so the backbone sees the sum over all channels' heads.
+    gradient so the backbone sees the sum over all channels' heads. In a blend of data sources
+    the rows are those of the rank's home ids and ``plans[source]`` takes the rows of the
+    source's slots (dchag/model/bank.py); a repeated slot predicts its channel again.
     """
 
-    def __init__(self, channels: range, num_channels: int, hidden_size: int, patch_dim: int,
-                 grid: tuple[int, int], seed: int, owner: bool):
+    def __init__(self, channels: range | tuple[int, ...], num_channels: int, hidden_size: int, patch_dim: int,
+                 grid: tuple[int, int], seed: int, owner: bool, plans: tuple[RowPlan, ...] | None = None):
         super().__init__()
         self.grid, self.patch = grid, patch_dim
         c, q = len(channels), patch_dim * patch_dim
+        self.plans = plans or (RowPlan.whole(c),)
         self.weight = nn.Parameter(init_rows_(torch.empty(c, q, hidden_size), channels, seed, "head.weight",
                                               std=1.0 / math.sqrt(hidden_size)))
         self.bias = nn.Parameter(torch.zeros(c, q))
         for p in (self.weight, self.bias):
-            mark_channel_sharded(p, channels, num_channels, owner)
+            mark_channel_sharded(p, channels, num_channels, owner, identity=True)
         mark_weight_matrix(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, source: int = 0) -> torch.Tensor:
         x = copy_to_channel_parallel_region(x)
-        pred = torch.einsum("bld,cqd->bclq", x, self.weight) + self.bias[None, :, None, :]
+        plan = self.plans[source]
+        borrowed = lend((self.weight, self.bias), plan) or (None, None)
+        weight, bias = (take(t, plan, None, b) for t, b in zip((self.weight, self.bias), borrowed))
+        pred = torch.einsum("bld,cqd->bclq", x, weight) + bias[None, :, None, :]
         return unpatchify(pred, self.grid, self.patch)
 
 

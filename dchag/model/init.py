@@ -41,17 +41,27 @@ def init_identity_(param: torch.Tensor):
     return param
 
 
-def mark_channel_sharded(param: torch.nn.Parameter, rows: range, global_rows: int, owner: bool):
-    """Tag a parameter whose dim 0 is a contiguous slice ``rows`` of ``global_rows`` channel rows.
+def mark_channel_sharded(param: torch.nn.Parameter, rows, global_rows: int, owner: bool, identity: bool = False):
+    """Tag a parameter whose dim 0 holds rows ``rows`` of ``global_rows`` channel rows: a contiguous
+    slice (a range), or, for a per-identity parameter of a blend of data sources, the rank's home
+    ids (sorted, dchag/model/bank.py).
 
+    ``channel_ids`` are the global rows held, in order; ``channel_rows`` is their (start, stop)
+    when they are one slice (always so with one source), else None. ``identity``: the rows are
+    channel identities (per-channel weights; in a blend, held by their home ranks), not
+    positions of groups or segments (which checkpoint conversion cuts by the group partition).
     ``tensor_model_parallel`` is what DeepSpeed (``is_model_parallel_parameter``) and megatron
     (``param_is_not_tensor_parallel_duplicate``) read to count a parameter once per
     model-parallel group in gradient norms: it is set on the first channel-stage replica only,
     because when P < T the other T/P - 1 replicas hold duplicates.
     """
+    from dchag.parallel.sources import contiguous_range
+    ids = rows if isinstance(rows, range) else (contiguous_range(rows) or tuple(int(u) for u in rows))
     param.channel_parallel = True
-    param.channel_rows = (rows.start, rows.stop)
+    param.channel_ids = ids
+    param.channel_rows = (ids.start, ids.stop) if isinstance(ids, range) else None
     param.channel_global_rows = global_rows
+    param.channel_identity = identity
     param.tensor_model_parallel = owner
     param.partition_dim = 0
     param.partition_stride = 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dchag.model.aggregation import CrossReduce, PartialAggregation, SegmentLevel, tree_levels
+from dchag.model.aggregation import CrossReduce, PartialAggregation, SegmentLevel, source_tree_levels
 from dchag.model.init import mark_channel_sharded
 
 
@@ -27,18 +27,20 @@ class QueryReduce(CrossReduce):
     ``_project``; it holds none of CrossReduce's projection parameters."""
 
     def __init__(self, level: SegmentLevel, hidden_size: int, num_heads: int, owner: bool,
-                 attention_backend: str = "unfused"):
+                 attention_backend: str = "unfused", levels: tuple[SegmentLevel, ...] | None = None):
+        """``levels``: this level per data source (default ``(level,)``), as CrossReduce's."""
         nn.Module.__init__(self)  # not CrossReduce.__init__: no key, value or output projection
         self.level, self.num_heads, self.attention_backend = level, num_heads, attention_backend
+        self.levels = tuple(levels) if levels is not None else (level,)
         self.query = nn.Parameter(torch.zeros(len(level.sizes), hidden_size))  # zero: the segment mean
         mark_channel_sharded(self.query, level.out_rows, level.global_out, owner)
 
-    def forward(self, x, chunk=None, finish: bool = False):
+    def forward(self, x, chunk=None, finish: bool = False, source: int = 0):
         if finish:  # the merged online-softmax state of all chunks -> the weighted mean
             numerator, denominator, _ = x  # [B, n, L, H, hd], [B, n, L, H]
             B, n, L, H, hd = numerator.shape
             return (numerator / denominator[..., None]).to(self.query.dtype).reshape(B, n, L, H * hd)
-        return super().forward(x, chunk)
+        return super().forward(x, chunk, source=source)
 
     def _qkv(self, seg: torch.Tensor, rows: range):
         """seg [B, n, S, L, D] -> q [n, H, hd], k = v = the tokens [B, n, L, S, H, hd]."""
@@ -52,8 +54,9 @@ class QueryReduce(CrossReduce):
 
 
 def build_query_partial_aggregation(partition, rank: int, tree_levels_k: int, hidden_size: int, num_heads: int,
-                                    owner: bool, attention_backend: str = "unfused") -> PartialAggregation:
+                                    owner: bool, attention_backend: str = "unfused", sources=None) -> PartialAggregation:
     """The partial stage of ``--dchag-aggregation cross --dchag-cross-projections none``: a
-    QueryReduce per tree level (as ``build_partial_aggregation`` builds CrossReduce levels)."""
-    return PartialAggregation([QueryReduce(lv, hidden_size, num_heads, owner, attention_backend)
-                               for lv in tree_levels(partition, rank, tree_levels_k)])
+    QueryReduce per tree level (as ``build_partial_aggregation`` builds CrossReduce levels;
+    ``sources``: a blend's layout)."""
+    return PartialAggregation([QueryReduce(lv[0], hidden_size, num_heads, owner, attention_backend, lv)
+                               for lv in source_tree_levels(partition, rank, tree_levels_k, sources)])

@@ -47,63 +47,88 @@ class ChunkGradSink:
         self.buffers: dict[int, torch.Tensor] = {}
 
     def rows(self, param: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``param[start:stop]`` (a chunk's rows, keyed by them)."""
         if not param.requires_grad or not torch.is_grad_enabled():
             return param[start:stop]
         self.registered.setdefault(id(param), set()).add((start, stop))
-        return _SliceIntoSink.apply(param, start, stop, self)
+        return _SliceIntoSink.apply(param, (start, stop), (start, stop), self)
+
+    def index(self, t: torch.Tensor, key, index: torch.Tensor) -> torch.Tensor:
+        """``t[index]`` (a chunk's rows of a per-identity parameter in a blend, or of the rows it
+        borrowed: dchag/model/bank.py), keyed by ``key`` (the chunk's slots); repeated rows add
+        their gradients."""
+        if not t.requires_grad or not torch.is_grad_enabled():
+            return t.index_select(0, index)
+        self.registered.setdefault(id(t), set()).add(key)
+        return _SliceIntoSink.apply(t, key, index, self)
 
 
 class _SliceIntoSink(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, param, start, stop, sink):
-        ctx.start, ctx.stop, ctx.sink, ctx.key = start, stop, sink, id(param)
+    def forward(ctx, param, key, rows, sink):
+        """``rows``: (start, stop) of a slice, or an index tensor."""
+        ctx.key, ctx.rows, ctx.sink, ctx.param = key, rows, sink, id(param)
         ctx.shape, ctx.dtype, ctx.device = param.shape, param.dtype, param.device
-        return param.narrow(0, start, stop - start)
+        if isinstance(rows, torch.Tensor):
+            return param.index_select(0, rows)
+        return param.narrow(0, rows[0], rows[1] - rows[0])
 
     @staticmethod
     def backward(ctx, grad):
-        sink, key = ctx.sink, ctx.key
-        buf = sink.buffers.get(key)
+        sink, param = ctx.sink, ctx.param
+        buf = sink.buffers.get(param)
         if buf is None:
-            buf = sink.buffers[key] = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
-        buf[ctx.start:ctx.stop] += grad
-        done = sink.done.setdefault(key, set())
-        done.add((ctx.start, ctx.stop))
-        if done != sink.registered[key]:
+            buf = sink.buffers[param] = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        if isinstance(ctx.rows, torch.Tensor):
+            buf.index_add_(0, ctx.rows, grad.to(buf.dtype))
+        else:
+            buf[ctx.rows[0]:ctx.rows[1]] += grad
+        done = sink.done.setdefault(param, set())
+        done.add(ctx.key)
+        if done != sink.registered[param]:
             return None, None, None, None
-        del sink.done[key]  # (a second backward through the same graph starts over)
-        return sink.buffers.pop(key), None, None, None  # the last chunk: the whole gradient, once
+        del sink.done[param]  # (a second backward through the same graph starts over)
+        return sink.buffers.pop(param), None, None, None  # the last chunk: the whole gradient, once
 
 
 def _split_state(state: tuple, at: int) -> tuple[tuple, tuple]:
     return tuple(t[:, :at] for t in state), tuple(t[:, at:] for t in state)
 
 
-def _chunk_state(tokenizer: nn.Module, level: nn.Module, images: torch.Tensor, chunk, sink: ChunkGradSink) -> tuple:
+def _chunk_state(tokenizer: nn.Module, level: nn.Module, images: torch.Tensor, chunk, sink: ChunkGradSink,
+                 source: int, lent: dict) -> tuple:
+    slots = dict(slots=chunk.inputs, grad_sink=sink, source=source, borrowed=lent.get("tokenizer"))
     if level.fuses_tokenizer:
         # D-CHAG-L is linear in the tokens and the tokens in the input: the chunk's share of
         # sum_i w_i token_i is one convolution per segment piece with kernels w_i W_i, and no
         # token of the chunk is ever built.
-        coefficients = level(None, chunk=chunk)  # [k]
-        return (tokenizer(images, channels=chunk.inputs, grad_sink=sink, mix=(chunk.sizes, coefficients)),)
-    return level(tokenizer(images, channels=chunk.inputs, grad_sink=sink), chunk=chunk)
+        coefficients = level(None, chunk=chunk, source=source, borrowed=lent.get("level"))  # [k]
+        return (tokenizer(images, mix=(chunk.sizes, coefficients), **slots),)
+    return level(tokenizer(images, **slots), chunk=chunk, source=source)
 
 
-def streamed_first_level(images: torch.Tensor, tokenizer: nn.Module, level: nn.Module, chunks: int) -> torch.Tensor:
-    """images [B, c_r, H, W] -> the first reduction level's output [B, n_out, L, D], in ``chunks``
-    chunks of consecutive channels (``ChannelPartition.stream_chunks``).
+def streamed_first_level(images: torch.Tensor, tokenizer: nn.Module, level: nn.Module, chunks: int,
+                         source: int = 0) -> torch.Tensor:
+    """images [B, c_r, H, W] (the rank's slots of data ``source``) -> the first reduction level's
+    output [B, n_out, L, D], in ``chunks`` chunks of consecutive slots (``ChannelPartition.stream_chunks``).
 
     ``level`` is a LinearReduce or CrossReduce. A chunk's state is a tuple of tensors [B, segments, ...]:
     ``level(tokens, chunk=...)`` (cross), or the tokenizer's ``mix`` of the coefficients
     ``level(None, chunk=...)`` (linear, ``level.fuses_tokenizer``); ``level.merge`` combines two
-    states of the same segments; ``level(state, finish=True)`` makes the output."""
+    states of the same segments; ``level(state, finish=True)`` makes the output.
+
+    In a blend, the rows of per-identity parameters this rank borrows for the source
+    (dchag/model/bank.py) come first, once: ``module(None, source=...)``, one collective per module
+    (inside a checkpointed chunk it would run again in backward, once per chunk)."""
     finished, carry = [], None  # states of completed segments; the state of a segment still open
     sink = ChunkGradSink()  # the tokenizer's per-chunk parameter slices
-    for chunk in chunk_plan(level.level.sizes, chunks):
+    lent = {name: module(None, source=source) for name, module in (("tokenizer", tokenizer), ("level", level))
+            if module.borrows(source)}
+    for chunk in chunk_plan(level.level_of(source).sizes, chunks):
         x = images[:, chunk.inputs.start:chunk.inputs.stop]  # a view: the input is kept anyway
         # Non-reentrant checkpoint: autograd keeps x and the returned state only, and reruns
         # the chunk in backward. No RNG inside (the channel stage has no dropout).
-        state = checkpoint(_chunk_state, tokenizer, level, x, chunk, sink, use_reentrant=False,
+        state = checkpoint(_chunk_state, tokenizer, level, x, chunk, sink, source, lent, use_reentrant=False,
                            preserve_rng_state=False)
         if carry is not None:  # the first segment began in the previous chunk
             head, rest = _split_state(state, 1)
@@ -118,11 +143,11 @@ def streamed_first_level(images: torch.Tensor, tokenizer: nn.Module, level: nn.M
 
 
 def streamed_partial_aggregation(images: torch.Tensor, tokenizer: nn.Module, partial: nn.Module,
-                                 chunks: int) -> torch.Tensor:
+                                 chunks: int, source: int = 0) -> torch.Tensor:
     """images [B, c_r, H, W] -> [B, G/P, L, D]: the tokenizer and the first level streamed, the
     later tree levels (on G 2^(k-2) / P tokens or fewer) as usual."""
     first, *later = partial.levels
-    tokens = streamed_first_level(images, tokenizer, first, chunks)
+    tokens = streamed_first_level(images, tokenizer, first, chunks, source)
     for level in later:
-        tokens = level(tokens)
+        tokens = level(tokens, source=source)
     return tokens

@@ -8,58 +8,82 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dchag.model.bank import RowPlan, lend, take
 from dchag.model.init import init_rows_, mark_channel_sharded, mark_weight_matrix
 
 
 class ChannelTokenizer(nn.Module):
-    """x [B, c, H, W] -> tokens [B, c, L, D] for the c = len(channels) channels this rank owns.
+    """x [B, c, H, W] -> tokens [B, c, L, D] for the c channels (slots) this rank tokenizes.
 
-    Every channel has its own patch-embedding weights, stored stacked as ``weight`` [c, D, p, p]
-    (+ ``bias`` [c, D]) and applied as one grouped convolution, plus a learned channel
-    embedding [c, D] that tells the aggregation which channel a token came from.
-    ``wavelengths`` (--channel-embedding wavelength: the c channels' wavelengths in nm, None for a
-    channel without one) adds a fixed buffer ``wavelength_embed`` [c, D] (:func:`wavelength_sincos`)
-    to the learned embedding, so a band the model never saw starts near its spectral neighbours.
+    Every channel has its own patch-embedding weights, stored stacked as ``weight`` [n, D, p, p]
+    (+ ``bias`` [n, D]) and applied as one grouped convolution, plus a learned channel
+    embedding [n, D] that tells the aggregation which channel a token came from. The n rows are
+    those of ``channels``: with one data source the rank's channels, which are also its input; in
+    a blend the union ids whose rows the rank holds (its home ids), from which ``plans[source]``
+    takes the rows of the source's slots (dchag/model/bank.py: rows borrowed from other ranks
+    included).
+    ``wavelengths`` (--channel-embedding wavelength: the wavelengths in nm, None for a channel
+    without one) adds a fixed buffer ``wavelength_embed`` (:func:`wavelength_sincos`) to the
+    learned embedding, so a band the model never saw starts near its spectral neighbours; one row
+    per channel, or in a blend per row ``wavelength_slots[source]`` names for each slot.
     """
 
-    def __init__(self, channels: range, num_channels: int, hidden_size: int, patch_dim: int,
-                 seed: int, owner: bool = True, wavelengths: list[float | None] | None = None):
+    def __init__(self, channels: range | tuple[int, ...], num_channels: int, hidden_size: int, patch_dim: int,
+                 seed: int, owner: bool = True, wavelengths: list[float | None] | None = None,
+                 plans: tuple[RowPlan, ...] | None = None, wavelength_slots: tuple[tuple[int, ...], ...] | None = None):
         super().__init__()
         if wavelengths is not None:  # derived from the config, so not saved (persistent=False)
             self.register_buffer("wavelength_embed", wavelength_sincos(wavelengths, hidden_size), persistent=False)
         else:
             self.wavelength_embed = None
+        self.wavelength_slots = wavelength_slots
         c, D, p = len(channels), hidden_size, patch_dim
         self.channels, self.hidden_size, self.patch_dim = channels, D, p
+        self.plans = plans or (RowPlan.whole(c),)
         self.weight = nn.Parameter(torch.empty(c, D, p, p))
         self.bias = nn.Parameter(torch.zeros(c, D))
         self.channel_embed = nn.Parameter(torch.empty(c, D))
         init_rows_(self.weight, channels, seed, "tokenizer.weight", std=1.0 / math.sqrt(p * p))
         init_rows_(self.channel_embed, channels, seed, "tokenizer.channel_embed", std=0.02)
         for param in (self.weight, self.bias, self.channel_embed):
-            mark_channel_sharded(param, channels, num_channels, owner)
+            mark_channel_sharded(param, channels, num_channels, owner, identity=True)
         mark_weight_matrix(self.weight)
 
-    def forward(self, x: torch.Tensor, channels: range | None = None, grad_sink=None,
-                mix: tuple | None = None) -> torch.Tensor:
-        """x [B, c, H, W] -> [B, c, L, D]. For the streamed channel stage (dchag/model/streaming.py):
-        ``channels``: which of this rank's channels (local rows) x holds (default all of them);
-        ``mix = (sizes, coefficients)``: return sum_i w_i token_i over consecutive runs of ``sizes``
-        channels instead, [B, len(sizes), L, D] (fp32 or wider), see :meth:`_mixed`.
+    def borrows(self, source: int) -> bool:
+        """Whether data ``source`` needs rows of other ranks (then ``self(None, source=...)`` lends them)."""
+        return self.plans[source].num_borrowed > 0
+
+    def forward(self, x: torch.Tensor | None, slots: range | None = None, grad_sink=None,
+                mix: tuple | None = None, source: int = 0, borrowed: list | None = None):
+        """x [B, c, H, W] -> [B, c, L, D]: the rank's slots of data ``source`` (one source: its channels).
+
+        For the streamed channel stage (dchag/model/streaming.py): ``slots``: which of the rank's
+        slots x holds (default all of them); ``mix = (sizes, coefficients)``: return sum_i w_i token_i
+        over consecutive runs of ``sizes`` channels instead, [B, len(sizes), L, D] (fp32 or wider),
+        see :meth:`_mixed`; ``x=None``: the rows this rank borrows for ``source`` (one collective,
+        dchag/model/bank.py), which each chunk then takes as ``borrowed``.
         The parameters are sliced here, inside the module's forward, so ZeRO-3 has gathered them
-        (through ``grad_sink.rows`` when streamed: one full-size gradient for all chunks)."""
-        rows = channels if channels is not None else range(len(self.channels))
-        if grad_sink is not None:
-            weight, bias, embed = (grad_sink.rows(t, rows.start, rows.stop)
-                                   for t in (self.weight, self.bias, self.channel_embed))
-        else:
-            weight, bias, embed = (t[rows.start:rows.stop] for t in (self.weight, self.bias, self.channel_embed))
-        if self.wavelength_embed is not None:
-            embed = embed + self.wavelength_embed[rows.start:rows.stop].to(embed.dtype)
+        (through ``grad_sink`` when streamed: one full-size gradient for all chunks)."""
+        if not 0 <= source < len(self.plans):
+            raise ValueError(f"data source {source} outside the tokenizer's {len(self.plans)} source(s)")
+        plan, params = self.plans[source], (self.weight, self.bias, self.channel_embed)
+        if x is None:
+            return lend(params, plan)
+        if borrowed is None and grad_sink is None:
+            borrowed = lend(params, plan)
+        rows = slots if slots is not None else range(plan.num_slots)
         B, c, H, W = x.shape
-        if c != len(rows) or rows.stop > len(self.channels):
-            raise ValueError(f"tokenizer owns {len(self.channels)} channels {self.channels}; expected input "
-                             f"for its rows {rows}, got {c} channels")
+        if c != len(rows) or rows.stop > plan.num_slots:
+            raise ValueError(f"tokenizer takes {plan.num_slots} channels (slots) of data source {source} on this rank; "
+                             f"expected input for its slots {rows}, got {c} channels")
+        weight, bias, embed = (take(t, plan, rows, None if borrowed is None else b, grad_sink)
+                               for t, b in zip(params, borrowed or params))
+        if self.wavelength_embed is not None:
+            if self.wavelength_slots is None:
+                fixed = self.wavelength_embed[rows.start:rows.stop]
+            else:
+                fixed = self.wavelength_embed[list(self.wavelength_slots[source][rows.start:rows.stop])]
+            embed = embed + fixed.to(embed.dtype)
         if mix is not None:
             return self._mixed(x, weight, bias + embed, *mix)
         D, p = self.hidden_size, self.patch_dim

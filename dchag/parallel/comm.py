@@ -11,6 +11,11 @@ TP region). Each is the identity when the channel group has one rank.
   tensor feeding channel-sharded consumers (the MAE reconstruction head).
 - ``reduce_from_channel_parallel_region``: all-reduce forward, identity backward: a sum of
   channel-sharded partial results that every rank then uses identically (loss sums).
+- ``share_over_channel_parallel_region``: all-reduce forward, all-reduce backward: a tensor to
+  which each rank contributes its part (zeros elsewhere) and which every rank then uses in its
+  own way: the rows of per-identity weights a rank borrows from their home ranks in a blend of
+  data sources (dchag/model/bank.py). Rank r's use adds to the loss, so the gradient of a
+  contribution is the sum over ranks of their gradients.
 """
 
 from __future__ import annotations
@@ -57,16 +62,27 @@ class _CopyToChannelRegion(torch.autograd.Function):
         return grad
 
 
+def _summed(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` summed over the channel group."""
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=_group())
+    return x
+
+
 class _ReduceFromChannelRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x, group=_group())
-        return x
+        return _summed(x)
 
     @staticmethod
     def backward(ctx, grad):
         return grad
+
+
+class _ShareOverChannelRegion(_ReduceFromChannelRegion):
+    @staticmethod
+    def backward(ctx, grad):
+        return _summed(grad)
 
 
 def gather_from_channel_parallel_region(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -80,3 +96,36 @@ def copy_to_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
 
 def reduce_from_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
     return x if _size() == 1 else _ReduceFromChannelRegion.apply(x)
+
+
+def share_over_channel_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's contribution summed, on every rank; backward likewise (module docstring)."""
+    return x if _size() == 1 else _ShareOverChannelRegion.apply(x)
+
+
+# ---- inference (no autograd) ----------------------------------------------------------------
+
+def gather_channel_rows(x: torch.Tensor, rows_per_rank: list[int], dim: int = 1) -> torch.Tensor:
+    """Inference: each channel rank's ``rows_per_rank[r]`` channels of ``x`` (along ``dim``; the
+    ranks may hold different counts) -> all of them, in channel-rank order, on every rank."""
+    if _size() == 1:
+        return x
+    if x.dtype == torch.bool:
+        return gather_channel_rows(x.to(torch.uint8), rows_per_rank, dim).bool()
+    most = max(rows_per_rank)
+    moved = x.movedim(dim, 0).contiguous()
+    if moved.shape[0] < most:  # gloo gathers equal sizes only: pad, then cut each rank's rows out again
+        moved = torch.cat([moved, moved.new_zeros((most - moved.shape[0],) + tuple(moved.shape[1:]))])
+    out = moved.new_empty((most * _size(),) + tuple(moved.shape[1:]))
+    dist.all_gather_into_tensor(out, moved, group=_group())
+    parts = [out[r * most:r * most + n] for r, n in enumerate(rows_per_rank)]
+    return torch.cat(parts).movedim(0, dim)
+
+
+def any_over_channel_group(x: torch.Tensor) -> torch.Tensor:
+    """Inference: a boolean tensor, True where it is True on any channel rank."""
+    if _size() == 1:
+        return x
+    t = x.to(torch.uint8)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_group())
+    return t.bool()

@@ -184,6 +184,14 @@ class SourceLayout:
             raise LayoutError(f"data source {source} outside the model's {self.num_sources} source(s).")
 
 
+def contiguous_range(ids) -> range | None:
+    """``ids`` as a range when they are consecutive integers (a slice of rows), else None."""
+    ids = tuple(ids)
+    if ids and ids == tuple(range(ids[0], ids[0] + len(ids))):
+        return range(ids[0], ids[0] + len(ids))
+    return None
+
+
 def runs(ids: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
     """Sorted ids as maximal runs [(start, stop), ...] (for checkpoint maps of a rank's home rows)."""
     out: list[list[int]] = []

@@ -12,6 +12,7 @@ import json
 import os
 
 from dchag.parallel.partition import LayoutError
+from dchag.parity import arrays
 
 # What every part must share for its runs to be comparable (setup keys of parity.json).
 SAME_SETUP = ("task", "data_path", "train_iters", "held_out_samples", "scored_per_evaluation", "num_channels")
@@ -24,12 +25,7 @@ def _load(directory: str) -> tuple[dict, dict]:
         raise LayoutError(f"--merge: {path} does not exist; give the --output-dir of finished tools/parity.py runs.")
     with open(path) as f:
         results = json.load(f)
-    pictures = {}
-    pictures_path = os.path.join(directory, "pictures.pt")
-    if os.path.isfile(pictures_path):
-        import torch
-        pictures = torch.load(pictures_path, weights_only=False)  # our own file: numpy arrays in dicts
-    return results, pictures
+    return results, arrays.load_from(directory)  # never a pickle that can run: npz, or a restricted load
 
 
 def merge_studies(directories: list[str], methods: list[str] | None = None, common_seeds: bool = False) -> dict:

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from dchag.parity import arrays
 from dchag.parity.stats import mean_interval, relative_gaps
 from dchag.tasks import get_task
 
@@ -157,9 +158,7 @@ def write_report(results: dict, output_dir: str) -> list[str]:
     curves_png(results, paths[2])
     if results["pictures"]:
         # The pictures' arrays, so that studies run apart (tools/parity.py --merge) can be reported together.
-        paths.append(os.path.join(output_dir, "pictures.pt"))
-        import torch
-        torch.save(results["pictures"], paths[-1])
+        paths.append(arrays.save(os.path.join(output_dir, arrays.FILE), results["pictures"]))
         picture = get_task(results["setup"]["task"]).report_picture(results, output_dir)
         if picture:
             paths.append(picture)

@@ -10,7 +10,6 @@ seed (synthetic data is pinned to the base seed). Rank 0 writes the report.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 
@@ -49,7 +48,7 @@ def _open_valid(args):
                               channels=None, num_channels=args.num_channels, lead_time=args.lead_time,
                               valid_fraction=args.valid_fraction, strict=args.data_strict, seed=args.seed,
                               target_path=args.target_path, num_classes=args.num_classes,
-                              ignore_index=args.ignore_index)
+                              ignore_index=args.ignore_index, lat_weighting=args.lat_weighting)
     return valid, cfg
 
 
@@ -91,8 +90,6 @@ def run_study(argv: list[str], methods: list[Method], num_seeds: int, output_dir
     valid, cfg = _open_valid(copy.deepcopy(base))
     if base.global_batch_size is None or base.micro_batch_size is None:
         raise LayoutError("tools/parity.py needs --micro-batch-size and --global-batch-size on the command line.")
-    if "--eval-iters" not in argv:  # score every held-out sample, once (the last micro-batch is padded)
-        base.eval_iters = max(1, math.ceil(len(valid) / base.global_batch_size))
     scored = eval_scored(len(valid), base.global_batch_size, 1, base.eval_iters)
     split = describe_split(valid)
     _print0(f"[parity] {split}; {len(valid)} held-out samples, each evaluation scores {scored} of them once")
@@ -140,8 +137,8 @@ def run_study(argv: list[str], methods: list[Method], num_seeds: int, output_dir
 
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    loader = build_eval_loader(valid, base.micro_batch_size, num_micro_batches=base.eval_iters * (
-        base.global_batch_size // base.micro_batch_size))
+    loader = build_eval_loader(valid, base.micro_batch_size, num_micro_batches=None if base.eval_iters is None else
+                               base.eval_iters * (base.global_batch_size // base.micro_batch_size))
     results["baselines"] = get_task(base.task).baselines(loader, cfg, base)
     results["pictures"] = pictures.by_method
     results["setup"] = {"argv": argv, "task": base.task, "data_path": base.data_path, "split": split,

@@ -12,6 +12,9 @@ Examples:
 
     # the best layout that fits 1024 GPUs of 64 GB
     tools/estimate_memory.py ... --recommend --num-gpus 1024 --gpu-memory-gb 64
+
+    # a blend of a 13-, a 450- and a 3,072-band source (channels all distinct)
+    tools/estimate_memory.py ... --source-channels 13,450,3072 --dchag-groups 64 --tensor-model-parallel-size 8
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--img-h", type=int, required=True)
     g.add_argument("--img-w", type=int, required=True)
     g.add_argument("--patch-dim", type=int, required=True)
-    g.add_argument("--num-channels", type=int, required=True)
+    g.add_argument("--num-channels", type=int, default=None, help="C (required unless --source-channels gives it)")
+    g.add_argument("--source-channels", type=_ints, default=None, metavar="C1,C2,...",
+                   help="a blend of data sources (--data-path W1 P1 W2 P2 ...) with these channel counts, all channels "
+                        "distinct: activations follow the largest source, per-channel weights the union (their sum)")
     g.add_argument("--dchag-aggregation", default="linear", help="flat, linear, cross, or a comma list")
     g.add_argument("--dchag-groups", type=_ints, default=None, help="G (comma list allowed); default 8 "
                    "(with --recommend: searched over P, 2P, 4P, 8P)")
@@ -133,8 +139,12 @@ def _run(args, check_recommendation=None) -> int:
                   overlap_dp=args.overlap_grad_reduce)
     aggs = _aggregations(args.dchag_aggregation)
     groups = args.dchag_groups or None
+    if args.num_channels is None and not args.source_channels:
+        raise PlanError("--num-channels is required (or --source-channels for a blend of sources).")
+    sources = tuple(args.source_channels) if args.source_channels else None
     base = ModelSpec(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                     num_attention_heads=args.num_attention_heads, num_channels=args.num_channels,
+                     num_attention_heads=args.num_attention_heads,
+                     num_channels=args.num_channels or sum(sources), source_channels=sources,
                      img_h=args.img_h, img_w=args.img_w, patch_dim=args.patch_dim,
                      ffn_hidden_size=args.ffn_hidden_size, aggregation="flat", groups=(groups or [8])[0],
                      tree_levels=1, task=args.task, attention_backend=args.attention_backend)

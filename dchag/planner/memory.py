@@ -370,12 +370,23 @@ def zero_step_peaks(numel: int, layout: LayoutSpec, largest: int, bucket: int = 
     return out
 
 
-def estimate_memory(model: ModelSpec, layout: LayoutSpec) -> MemoryEstimate:
+def model_states(model: ModelSpec, layout: LayoutSpec) -> tuple[dict[str, int], float, float, float]:
+    """(parameters per component, and the bytes of parameters, gradients and optimizer state) of
+    one rank: arithmetic only, whatever the layer count (``estimate_memory`` simulates every layer)."""
     validate(model, layout)
     counts = param_counts(model, layout)
-    numel = sum(counts.values())
     layer_numel = (counts["backbone"] - 2 * model.D) // model.num_layers
-    params, grads, optimizer = _model_state_bytes(numel, layout, layer_numel)
+    return (counts, *_model_state_bytes(sum(counts.values()), layout, layer_numel))
+
+
+def batch_bytes(model: ModelSpec, layout: LayoutSpec) -> float:
+    """The rank's input micro-batch: its channels' images (float32) and validity mask (bool)."""
+    return layout.micro_batch_size * shapes(model, layout).c_r * model.img_h * model.img_w * (4 + 1)
+
+
+def estimate_memory(model: ModelSpec, layout: LayoutSpec) -> MemoryEstimate:
+    counts, params, grads, optimizer = model_states(model, layout)
+    numel = sum(counts.values())
     g = 4.0 if layout.precision == "fp32" else 2.0
     inp = input_stage(model, layout)
     ch = channel_stages(model, layout, counts)
@@ -398,9 +409,7 @@ def estimate_memory(model: ModelSpec, layout: LayoutSpec) -> MemoryEstimate:
         if opt_peak > peak:
             peak, where = opt_peak, "optimizer step"
     ch_peak, _, _ = _simulate(ch, g)
-    s = shapes(model, layout)
-    outputs = s.c_r
-    data = layout.micro_batch_size * outputs * model.img_h * model.img_w * (4 + 1)  # images + validity mask
+    data = batch_bytes(model, layout)
     activations = {
         "channel_stage": sum(st.saved for st in inp + ch),  # streamed: its checkpoints save the input
         "backbone": sum(st.saved for st in bb),

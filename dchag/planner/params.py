@@ -8,7 +8,9 @@
     backbone    n [(4 D^2 + 2 D F)/T + (3 D + F)/T + 6 D] + 2 D   megatron local-spec layers + final norm
     head        mae: c_r (p^2 D + p^2) (channel-sharded); forecast: V p^2 (D + 1)
 
-c_r is the largest rank's channel count (groups differ by at most one channel).
+c_r is the largest rank's channel count (groups differ by at most one channel). In a blend of
+data sources the per-channel rows (tokenizer, first-level coefficients, MAE head) are the union's
+channels a rank holds, and c_r the largest source's slots on a rank.
 """
 
 from __future__ import annotations
@@ -36,16 +38,27 @@ class Shapes:
     # padded copy (pieces x the largest piece, when a chunk's pieces of segments are uneven)
     stream_chunk: int = 0
     stream_padded: int = 0
+    # per-channel parameter rows the largest rank holds: c_r with one source; a blend: its home ids
+    # of the union (dchag/parallel/sources.py), the same whichever source a step takes
+    rows: int = 0
 
 
 def shapes(model: ModelSpec, layout: LayoutSpec) -> Shapes:
     P = layout.channel_parallel
-    part = ChannelPartition(model.C, model.G, P)
+    blend = model.source_layout(P)
+    if blend is None:
+        part = ChannelPartition(model.C, model.G, P)
+        rows = None
+    else:  # the source with the most slots on a rank sets the activations; the union's home rows the parameters
+        part = max((blend.partition(s) for s in range(blend.num_sources)),
+                   key=lambda q: max(len(q.rank_channels(r)) for r in range(P)))
+        rows = max(len(blend.home_ids(r)) for r in range(P))
     c_r = max(len(part.rank_channels(r)) for r in range(P))
-    g_r = model.G // P
+    rows = c_r if rows is None else rows
+    g_r = part.num_groups // P
     k = model.tree_levels
     if model.aggregation == "flat":
-        return Shapes(c_r, g_r, (), ())
+        return Shapes(c_r, g_r, (), (), rows=rows)
     ins, outs, padded = [], [], []
     stream_chunk = stream_padded = 0
     n_in = c_r
@@ -65,7 +78,7 @@ def shapes(model: ModelSpec, layout: LayoutSpec) -> Shapes:
         else:
             padded.append(n_in)  # pairs: uniform
         n_in = n_out
-    return Shapes(c_r, g_r, tuple(ins), tuple(outs), tuple(padded), stream_chunk, stream_padded)
+    return Shapes(c_r, g_r, tuple(ins), tuple(outs), tuple(padded), stream_chunk, stream_padded, rows)
 
 
 def param_counts(model: ModelSpec, layout: LayoutSpec) -> dict[str, int]:
@@ -74,11 +87,11 @@ def param_counts(model: ModelSpec, layout: LayoutSpec) -> dict[str, int]:
     T = layout.tensor_parallel
     D, F, p2, L = model.D, model.F, model.patch_dim ** 2, model.L
     s = shapes(model, layout)
-    out = {"tokenizer": s.c_r * (D * p2 + 2 * D)}
+    out = {"tokenizer": s.rows * (D * p2 + 2 * D)}
     if model.aggregation == "flat":
         out["partial"] = 0
-    elif model.aggregation == "linear":
-        out["partial"] = sum(s.level_inputs)
+    elif model.aggregation == "linear":  # the first level: one coefficient per channel row
+        out["partial"] = s.rows + sum(s.level_inputs[1:])
     else:
         out["partial"] = sum(n * (3 * D * D + 2 * D) for n in s.level_outputs)
     out["final"] = (2 * D * D + 2 * D) // T + D * D // T + D + D // T
@@ -86,7 +99,7 @@ def param_counts(model: ModelSpec, layout: LayoutSpec) -> dict[str, int]:
     per_layer = 4 * D + (3 * D * D + 3 * D) // T + D * D // T + D + (F * D + F) // T + D * F // T + D
     out["backbone"] = model.num_layers * per_layer + 2 * D
     if model.task == "mae":
-        out["head"] = s.c_r * (p2 * D + p2)
+        out["head"] = s.rows * (p2 * D + p2)
     else:
         out["head"] = model.V * p2 * (D + 1)
     return out

@@ -32,6 +32,11 @@ class ModelSpec:
     task: str = "mae"
     out_channels: int | None = None  # forecast: predicted variables (default: all)
     attention_backend: str = "sdpa"  # the kernel of every attention (training's default: auto = sdpa)
+    # A blend of data sources (--data-path W1 P1 ...): per source its channel count, the channels all
+    # distinct (the parameters' worst case): num_channels is their union, the sum. Activations follow
+    # the largest source's slots per rank, per-channel parameters the union's rows a rank holds
+    # (dchag/parallel/sources.py).
+    source_channels: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.attention_backend == "auto":
@@ -51,7 +56,15 @@ class ModelSpec:
                             "choose a patch size that divides both image sides.")
         if self.hidden_size % self.num_attention_heads:
             raise PlanError(f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} heads.")
-        if self.aggregation != "flat":
+        if self.source_channels is not None:
+            object.__setattr__(self, "source_channels", tuple(int(c) for c in self.source_channels))
+            if min(self.source_channels, default=0) < 1 or sum(self.source_channels) != self.num_channels:
+                raise PlanError(f"a blend of sources with {list(self.source_channels)} channels has "
+                                f"{sum(self.source_channels)} distinct channels in all, not {self.num_channels}: give "
+                                "every source at least one channel, and their sum as the channel count.")
+            if self.aggregation == "flat" and self.tree_levels != 1:
+                raise PlanError("tree levels apply to linear/cross aggregation, not flat.")
+        elif self.aggregation != "flat":
             if not 1 <= self.groups <= self.num_channels:
                 raise PlanError(f"groups G={self.groups} must be between 1 and the channel count "
                                 f"{self.num_channels}: a group needs at least one channel.")
@@ -80,8 +93,23 @@ class ModelSpec:
 
     @property
     def G(self) -> int:
-        """Tokens per position after the partial aggregation (C for flat)."""
-        return self.num_channels if self.aggregation == "flat" else self.groups
+        """Tokens per position after the partial aggregation (C for flat; a blend: its largest source's C)."""
+        if self.aggregation == "flat":
+            return max(self.source_channels) if self.source_channels else self.num_channels
+        return self.groups
+
+    def source_layout(self, channel_parallel: int):
+        """A blend's channel layout over P ranks (sources of distinct channels, in order); None for one source."""
+        if self.source_channels is None:
+            return None
+        from dchag.parallel.sources import SourceLayout
+        starts = [sum(self.source_channels[:s]) for s in range(len(self.source_channels))]
+        sources = tuple(tuple(range(a, a + c)) for a, c in zip(starts, self.source_channels))
+        try:
+            return SourceLayout(self.num_channels, sources, self.groups, channel_parallel, self.aggregation,
+                                self.tree_levels)
+        except LayoutError as e:
+            raise PlanError(str(e)) from None
 
     @property
     def L(self) -> int:

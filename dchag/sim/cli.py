@@ -42,7 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", dest="json_out", default=None, metavar="OUT",
                    help="write the simulated and predicted figures to OUT (refuses to overwrite an existing file)")
     g.add_argument("--force", action="store_true", help="with --json: overwrite OUT if it exists")
+    g.add_argument("--source-channels", default=None, metavar="C1,C2,...",
+                   help="simulate a blend of data sources with these channel counts, all channels distinct (the model's "
+                        "channels are their union; --num-channels is then their sum)")
+    g.add_argument("--source", type=int, default=None,
+                   help="with --source-channels: the source the step takes (default: the one with the most channels "
+                        "on the rank)")
     return p
+
+
+def _blend(args) -> None:
+    """--source-channels: the model's sources, distinct channels in order (what the data side sets from a blend)."""
+    try:
+        counts = [int(c) for c in str(args.source_channels).split(",") if c.strip()]
+    except ValueError:
+        raise LayoutError(f"--source-channels takes channel counts separated by commas, got {args.source_channels!r}.")
+    if not counts or min(counts) < 1:
+        raise LayoutError(f"--source-channels needs counts >= 1, got {args.source_channels!r}.")
+    if args.num_channels not in (None, sum(counts)):
+        raise LayoutError(f"--num-channels {args.num_channels} is not the {sum(counts)} distinct channels of "
+                          f"--source-channels {args.source_channels}: leave --num-channels out.")
+    starts = [sum(counts[:s]) for s in range(len(counts))]
+    args.num_channels = sum(counts)
+    args.sources = tuple(tuple(range(a, a + c)) for a, c in zip(starts, counts))
 
 
 def spec_from_args(args):
@@ -51,6 +73,8 @@ def spec_from_args(args):
     from dchag.sim.step import SimSpec
     from dchag.sim.zero import DEFAULT_BUCKET
     from dchag.training.ds_config import build_ds_config
+    if args.source_channels is not None:
+        _blend(args)
     if args.num_channels is None:
         raise LayoutError("--num-channels is required: the simulation reads no data to count the channels.")
     T = args.tensor_model_parallel_size
@@ -62,7 +86,7 @@ def spec_from_args(args):
     return SimSpec(cfg=model_config(args), world_size=args.world_size, rank=args.rank, tensor_parallel=T,
                    channel_parallel=args.channel_parallel_size, zero_stage=int(zero["stage"]),
                    micro_batch_size=args.micro_batch_size, mask_ratio=args.mask_ratio, seed=args.seed,
-                   bucket_size=int(zero.get("reduce_bucket_size", DEFAULT_BUCKET)))
+                   bucket_size=int(zero.get("reduce_bucket_size", DEFAULT_BUCKET)), source=args.source)
 
 
 def main(argv=None) -> int:

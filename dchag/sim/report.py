@@ -17,7 +17,8 @@ def planner_specs(spec: SimSpec) -> tuple[ModelSpec, LayoutSpec]:
                       groups=c.groups if c.aggregation != "flat" else 8, tree_levels=c.tree_levels,
                       channel_chunk=c.channel_chunk, task=c.task,
                       out_channels=len(c.predicted_channels) if c.task == "forecast" else None,
-                      attention_backend=c.attention_backend)
+                      attention_backend=c.attention_backend,
+                      source_channels=None if c.sources is None else tuple(len(ids) for ids in c.sources))
     layout = LayoutSpec(spec.tensor_parallel, spec.channel_parallel, spec.data_parallel, spec.zero_stage,
                         "bf16" if c.bf16 else "fp32", c.recompute_activations, c.sequence_parallel,
                         spec.micro_batch_size)
@@ -35,7 +36,10 @@ def spec_from_plan(plan, rank: int = 0) -> SimSpec:
                       channel_chunk=m.channel_chunk, task=m.task,
                       out_channels=tuple(range(m.out_channels)) if m.task == "forecast" and m.out_channels else None,
                       recompute_activations=lay.recompute, sequence_parallel=lay.sequence_parallel,
-                      bf16=lay.precision == "bf16", attention_backend=m.attention_backend)
+                      bf16=lay.precision == "bf16", attention_backend=m.attention_backend,
+                      sources=None if m.source_channels is None else tuple(
+                          tuple(range(sum(m.source_channels[:s]), sum(m.source_channels[:s + 1])))
+                          for s in range(len(m.source_channels))))
     return SimSpec(cfg, world_size=lay.world_size, rank=rank, tensor_parallel=lay.tensor_parallel,
                    channel_parallel=lay.channel_parallel, zero_stage=lay.zero_stage,
                    micro_batch_size=lay.micro_batch_size)
@@ -63,7 +67,8 @@ def compare(spec: SimSpec, sim: dict) -> dict:
                    "aggregation": c.aggregation, "groups": c.num_groups, "tree_levels": c.tree_levels, "task": c.task,
                    "bf16": c.bf16, "recompute_activations": c.recompute_activations,
                    "sequence_parallel": c.sequence_parallel, "zero_stage": spec.zero_stage,
-                   "micro_batch_size": spec.micro_batch_size},
+                   "micro_batch_size": spec.micro_batch_size,
+                   "sources": None if c.sources is None else [len(ids) for ids in c.sources]},
         "layout": sim["layout"],
         "simulated_peak_gb": sim["peak_bytes"] / GB,
         "planner_peak_gb": m.total / GB,
@@ -103,7 +108,8 @@ def table(record: dict) -> str:
     ms, mp = record["memory_bytes"]["simulated"], record["memory_bytes"]["planner"]
     lay, cfg = record["layout"], record["config"]
     head = (f"rank {lay['rank']} of {lay['world_size']} (T={lay['T']} P={lay['P']} DP={lay['DP']}; tp rank "
-            f"{lay['tp_rank']}, channel rank {lay['cp_rank']}, channels {lay['channels'][0]}..{lay['channels'][1] - 1}), "
+            f"{lay['tp_rank']}, channel rank {lay['cp_rank']}, channels {lay['channels'][0]}..{lay['channels'][1] - 1}"
+            + (f" of source {lay['source']}, {lay['channel_rows']} channel rows held" if cfg.get("sources") else "") + "), "
             f"{cfg['aggregation']} G={cfg['groups']}, {'bf16' if cfg['bf16'] else 'fp32'}, ZeRO-{cfg['zero_stage']}, "
             f"micro batch {cfg['micro_batch_size']}; simulated in {record['seconds']:.1f} s")
     rows = [["parameters (count)", f"{record['params_per_rank']:,}", f"{record['planner_params_per_rank']:,}",

@@ -45,6 +45,9 @@ class SimSpec:
     mask_ratio: float = 0.75
     seed: int = 1234
     bucket_size: int = DEFAULT_BUCKET
+    # a blend of data sources (cfg.sources): the source the step takes (None: the one with the most
+    # channels on this rank, whose activations are the largest)
+    source: int | None = None
 
     @property
     def data_parallel(self) -> int:
@@ -61,10 +64,18 @@ class SimSpec:
             raise SimError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}.")
 
 
-def _batch(spec: SimSpec, model, fake_mode):
+def step_source(spec: SimSpec, model) -> int:
+    """The data source the simulated step takes (dchag/parallel/sources.py)."""
+    if spec.source is not None:
+        return spec.source
+    lay = model.source_layout
+    return max(range(lay.num_sources), key=lambda s: (len(model.input_channels(s)), -s))
+
+
+def _batch(spec: SimSpec, model, fake_mode, source: int = 0):
     """Fake inputs of the rank's shapes (what the data loader hands ``forward_step``)."""
     cfg, B = spec.cfg, spec.micro_batch_size
-    c_r = len(model.channels)
+    c_r = len(model.input_channels(source))
     with fake_mode:
         batch = {"images": torch.empty(B, c_r, cfg.img_h, cfg.img_w), "valid": torch.empty(B, c_r, cfg.img_h, cfg.img_w,
                                                                                              dtype=torch.bool)}
@@ -79,12 +90,12 @@ def _batch(spec: SimSpec, model, fake_mode):
     return batch
 
 
-def forward_loss(model, batch, cfg):
+def forward_loss(model, batch, cfg, source: int = 0):
     """``pretrain_dchag.forward_step`` for one micro batch (the same calls, on the given tensors)."""
     from dchag.tasks import forecast_loss, mae_loss
     images = torch.where(batch["valid"], batch["images"], torch.zeros_like(batch["images"]))
     if cfg.task == "mae":
-        pred = model(images, patch_mask=batch["mask"])
+        pred = model(images, patch_mask=batch["mask"], source=source)
         return mae_loss(pred, images, batch["valid"], batch["mask"], cfg.grid, cfg.patch_dim)
     lead = torch.full((images.shape[0],), 1.0)
     pred = model(images, lead_time=lead)
@@ -108,6 +119,12 @@ def _tracker():
                 self.peak_where = f"{current_phase()} {max(modules, key=len) if modules else '(outside the model)'}"
 
     return Tracker()
+
+
+def _span(channels) -> list[int]:
+    """[first, last + 1] of the rank's input channels (a blend's source may repeat or reorder them)."""
+    channels = list(channels)
+    return [min(channels), max(channels) + 1]
 
 
 def _nbytes(tensors) -> int:
@@ -138,7 +155,8 @@ def simulate(spec: SimSpec) -> dict:
         with fake_mode:
             model = DChagViT(spec.cfg)
         out["build_seconds"] = time.perf_counter() - t0
-        batch = _batch(spec, model, fake_mode)
+        source = step_source(spec, model)
+        batch = _batch(spec, model, fake_mode, source)
         params = list(model.parameters())
         zero = ZeroEmulator(params, spec.zero_stage, ps.get_data_parallel_group(), spec.bucket_size)
         inputs = [t for t in batch.values() if isinstance(t, torch.Tensor)]
@@ -146,7 +164,7 @@ def simulate(spec: SimSpec) -> dict:
 
         def step():
             with phase("forward"), count_saved_tensors(params + inputs) as saved:
-                loss = forward_loss(model, batch, spec.cfg)
+                loss = forward_loss(model, batch, spec.cfg, source)
             with phase("backward"):
                 loss.backward()
             zero.reduce_gradients()
@@ -186,7 +204,8 @@ def simulate(spec: SimSpec) -> dict:
                          "P": spec.channel_parallel, "DP": spec.data_parallel,
                          "tp_rank": ps.get_tensor_model_parallel_rank(), "cp_rank": ps.get_channel_parallel_rank(),
                          "dp_rank": ps.get_data_parallel_rank(),
-                         "channels": [model.channels.start, model.channels.stop]}
+                         "channels": _span(model.input_channels(source)), "source": source,
+                         "channel_rows": len(model.channels)}
         zero.remove_hooks()
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -10,14 +10,23 @@ A task is a stateless object (``dchag.tasks.get_task(name)``); its callers:
                                           additive over micro-batches and DP ranks
     loss_weight(batch)                    the micro-batch's weight in a loss pooled over the global batch
     metrics(sums, args, valid_factory)    the figures behind the validation line (rmse/..., r2/..., miou)
-    baselines(loader, cfg, args)          tools/parity.py: what a model must beat on the held-out batches
+    baseline_stats(batch, args, cfg, heldout)
+                                          the trivial predictors' evaluation statistics of one held-out
+                                          micro-batch, under baseline/<name>/<key> (additive like the
+                                          model's; the loop adds them at every evaluation, on the same
+                                          pixels: the validation line's baselines and TensorBoard's
+                                          baseline/<name>)
+    baselines(loader, cfg, args)          tools/parity.py: the same, over every batch of a loader
+    baseline_figures(sums, args, valid_factory)
+                                          {name: {"val_loss", "metrics"}} from summed baseline statistics
     picture(model, valid_factory, args, cfg, iteration, out_dir)
                                           after training: a PNG of held-out tiles (collective; rank 0 writes)
     picture_arrays(...) / report_picture(results, output_dir)
                                           tools/parity.py: the same pictures, one row per method
     export_fields(args, normalization)    what the export's config.json needs (mask ratio, lead time, targets)
-    output_planes(cfg) / predict_tiles(model, x, index, options)
-                                          tools/predict.py: [B, planes, h, w] in data or target units
+    output_planes(cfg) / predict_tiles(model, x, index, options) / stitch_planes(cfg) / finish_stitched(block)
+                                          tools/predict.py: [B, planes, h, w] in data or target units per
+                                          tile, blended where tiles overlap, then the output
     predict_plan(model, options)          tools/predict.py: a line on how it predicts (MAE: the masks)
     prediction_title / prediction_rgb(y, model, input_rgb)
                                           tools/predict.py --picture: the output panel
@@ -27,7 +36,12 @@ A task is a stateless object (``dchag.tasks.get_task(name)``); its callers:
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import torch
+
+BASELINE = "baseline/"  # evaluation statistics of a baseline: baseline/<name>/<key> (key as the model's)
 
 
 class Task:
@@ -39,16 +53,10 @@ class Task:
 
     # ---- arguments ------------------------------------------------------------------------
     def prepare_args(self, args) -> None:
-        """Refuse flags this task does not read; set ``args.num_outputs``."""
-        from dchag.data.errors import DataError
-        if not self.needs_target_path:
-            given = [flag for flag, value in (("--target-path", getattr(args, "target_path", None)),
-                                              ("--num-classes", getattr(args, "num_classes", None))) if value]
-            if given:
-                raise DataError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} read by --task regress "
-                                f"and segment only, not by --task {self.name}; drop {' and '.join(given)} or change "
-                                "--task.")
-        args.num_outputs = None
+        """Refuse flags this task does not read; set ``args.num_outputs`` (dchag/tasks/flags.py:
+        torch-free, so that the pre-flight runs it before any heavy import)."""
+        from dchag.tasks.flags import prepare_args
+        prepare_args(args, self.name)
 
     # ---- training and evaluation ----------------------------------------------------------
     def forward_step(self, model, batch, args, cfg, iteration: int):
@@ -62,10 +70,30 @@ class Task:
     def metrics(self, sums: dict, args, valid_factory) -> dict:
         return {}
 
-    def baselines(self, loader, cfg, args) -> dict:
-        """{"<baseline>": {"val_loss": float, "metrics": {...}}} over every batch of ``loader``
-        (a P = 1 evaluation loader over all channels; ``loader.dataset`` is the held-out split)."""
+    def baseline_stats(self, batch: dict, args, cfg, heldout) -> dict:
+        """The baselines' statistics of one held-out micro-batch (``heldout``: the held-out
+        TileDataset of this rank's channels): ``baseline_keys(name, {"loss_sums": [2], <the model's
+        metric sums>})`` per baseline, summed over micro-batches and data-parallel ranks as the
+        model's are. Collective over the channel group where a baseline needs other ranks' channels."""
         return {}
+
+    def baseline_figures(self, sums: dict, args, valid_factory) -> dict:
+        """{"<baseline>": {"val_loss": float, "metrics": {...}}} from summed evaluation statistics:
+        the pooled loss and the task's own metrics of each baseline."""
+        return {name: {"val_loss": pooled_loss(s["loss_sums"]), "metrics": self.metrics(s, args, valid_factory)}
+                for name, s in split_baselines(sums).items()}
+
+    @torch.no_grad()
+    def baselines(self, loader, cfg, args) -> dict:
+        """``baseline_figures`` over every batch of ``loader`` (a P = 1 evaluation loader over all
+        channels; ``loader.dataset`` is the held-out split), pooled as evaluation pools them
+        (padding carries no weight)."""
+        heldout = heldout_dataset(loader)
+        sums = {}
+        for batch in loader:
+            for key, value in self.baseline_stats(batch, args, cfg, heldout).items():
+                sums[key] = sums.get(key, 0) + value.double()
+        return self.baseline_figures(sums, args, SimpleNamespace(dataset=heldout))
 
     # ---- pictures -------------------------------------------------------------------------
     def picture(self, model, valid_factory, args, cfg, iteration: int, out_dir: str | None) -> str | None:
@@ -85,8 +113,17 @@ class Task:
         raise NotImplementedError
 
     def predict_tiles(self, model, x, index, options: dict):
-        """[B, C, h, w] raw tiles -> [B, output_planes, h, w] (a :class:`PretrainedDChag` ``model``)."""
+        """[B, C, h, w] raw tiles -> [B, stitch_planes, h, w] (a :class:`PretrainedDChag` ``model``):
+        what neighbouring tiles' outputs are blended over."""
         raise NotImplementedError
+
+    def stitch_planes(self, cfg) -> int:
+        """Planes of :meth:`predict_tiles`, blended where tiles overlap (default: the output's)."""
+        return self.output_planes(cfg)
+
+    def finish_stitched(self, block):
+        """Blended [stitch_planes, rows, W] -> the output [output_planes, rows, W] (default: as it is)."""
+        return block
 
     def predict_plan(self, model, options: dict) -> str | None:
         """tools/predict.py: one line saying how the prediction will be made, or None."""
@@ -105,6 +142,31 @@ class Task:
         s = valid.samples
         return (f"held-out split (spatial): the last {len(s)} of {s.stop} tiles in storage order (samples "
                 f"{s.start}..{s.stop - 1}; image-major, then tile row, then tile column), none seen in training")
+
+
+def baseline_keys(name: str, stats: dict) -> dict:
+    """A baseline's statistics under the keys evaluation sums: ``baseline/<name>/<key>``."""
+    return {f"{BASELINE}{name}/{key}": value for key, value in stats.items()}
+
+
+def split_baselines(sums: dict) -> dict[str, dict]:
+    """{name: {key: summed statistics}} of the baselines in summed evaluation statistics, in order."""
+    out: dict[str, dict] = {}
+    for key, value in sums.items():
+        if key.startswith(BASELINE):
+            name, part = key[len(BASELINE):].rsplit("/", 1)
+            out.setdefault(name, {})[part] = value
+    return out
+
+
+def pooled_loss(loss_sums) -> float:
+    """A loss pooled from its sums [numerator, weight]: numerator / weight (NaN for no weight)."""
+    return float(loss_sums[0] / loss_sums[1]) if float(loss_sums[1]) > 0 else math.nan
+
+
+def baseline_losses(sums: dict) -> dict[str, float]:
+    """{name: pooled loss} of every baseline in summed evaluation statistics."""
+    return {name: pooled_loss(s["loss_sums"]) for name, s in split_baselines(sums).items() if "loss_sums" in s}
 
 
 def valid_images(batch: dict) -> torch.Tensor:

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 
-from dchag.tasks.base import Task, heldout_dataset, pictured_methods, valid_images
+from dchag.tasks.base import Task, baseline_keys, pictured_methods, valid_images
 
 
 class DenseTask(Task):
@@ -32,9 +32,6 @@ class DenseTask(Task):
         """{name: prediction like the model's output} for the held-out ``batch``."""
         raise NotImplementedError
 
-    def num_outputs(self, args, targets) -> int:
-        raise NotImplementedError
-
     def display(self, pred: torch.Tensor, targets) -> np.ndarray:
         """The model's output [B, K, H, W] (normalized / logits) as pictures show it."""
         raise NotImplementedError
@@ -49,18 +46,6 @@ class DenseTask(Task):
     def colour_scale(self, tiles: list[dict], plane: int | None, names: list[str]) -> dict:
         """imshow's cmap / vmin / vmax for one shown plane (invalid pixels grey)."""
         raise NotImplementedError
-
-    # ---- arguments ------------------------------------------------------------------------
-    def prepare_args(self, args) -> None:
-        """The target file must exist and fit the input (image count and sizes); K = its maps
-        (regress) or --num-classes (segment). Values are checked when the datasets are built."""
-        from dchag.data.build import open_data_source
-        from dchag.data.targets import open_targets
-        data = open_data_source(args.data_path, args.data_format, task=self.name, img_h=args.img_h,
-                                img_w=args.img_w, num_channels=args.num_channels, seed=args.seed)
-        targets = open_targets(args.target_path, data, kind=self.name, num_classes=getattr(args, "num_classes", None),
-                               ignore_index=getattr(args, "ignore_index", 255))
-        args.num_outputs = self.num_outputs(args, targets)
 
     # ---- training and evaluation ----------------------------------------------------------
     def forward_step(self, model, batch, args, cfg, iteration: int):
@@ -81,18 +66,14 @@ class DenseTask(Task):
     def metrics(self, sums: dict, args, valid_factory) -> dict:
         return self.metrics_from_sums(sums[self.name], valid_factory.dataset.targets)
 
-    @torch.no_grad()
-    def baselines(self, loader, cfg, args) -> dict:
-        """Scored with the loss's sums and the metrics on exactly the batches evaluation uses, pooled
-        the same way (padding carries no weight)."""
-        targets = heldout_dataset(loader).targets
-        totals, sums = {}, {}
-        for batch in loader:
-            for name, pred in self.baseline_predictions(batch, targets).items():
-                totals[name] = totals.get(name, 0) + self.error_sums(pred, batch).double()
-                sums[name] = sums.get(name, 0) + self.metric_sums(pred, batch)
-        return {name: {"val_loss": float(total[0] / total[1]) if total[1] > 0 else float("nan"),
-                       "metrics": self.metrics_from_sums(sums[name], targets)} for name, total in totals.items()}
+    def baseline_stats(self, batch, args, cfg, heldout) -> dict:
+        """Each of ``baseline_predictions`` scored with the loss's sums and the metric sums on exactly
+        the pixels evaluation scores (padding carries no weight)."""
+        out = {}
+        for name, pred in self.baseline_predictions(batch, heldout.targets).items():
+            out.update(baseline_keys(name, {"loss_sums": self.error_sums(pred, batch).double(),
+                                            self.name: self.metric_sums(pred, batch)}))
+        return out
 
     # ---- pictures -------------------------------------------------------------------------
     @torch.no_grad()
@@ -111,6 +92,9 @@ class DenseTask(Task):
             batch = to_device(batch, comm_device())
             images = valid_images(batch)
             pred = self.display(model(images).float(), ds.targets)
+            if "in_image" in batch:  # a tile's padding past the image's edge: nothing there
+                inside = batch["in_image"].cpu().numpy()
+                pred = np.where(inside[:, None] if pred.ndim == 4 else inside, pred, np.nan)
             target = self.display_target(batch, ds.targets)
             planes = images.new_zeros(images.shape[0], len(rgb), cfg.img_h, cfg.img_w, dtype=torch.float32)
             for k, c in enumerate(rgb):  # the rank's own channels, summed over the channel group

@@ -1,7 +1,9 @@
 """Forecasting: latitude-weighted MSE over valid target pixels (replicated over the channel group).
 
-The loss is pooled: sum w (pred - target)^2 / sum w, with w = valid x cos(lat) / mean(cos(lat))
-(``dchag.data.dataset.latitude_weights``), summed over every pixel of the global batch. A
+The loss is pooled: sum w (pred - target)^2 / sum w, with w = valid x the row's latitude weight
+(WeatherBench 2's cell area or cos(lat), ``--lat-weighting``, over its mean over the whole grid:
+``dchag.data.dataset.latitude_axis_weights``), summed over every pixel of the global batch (the
+padding of tiles past the grid's edge is invalid: weight 0, so every pixel counts once). A
 micro-batch's share of the update is then what its pixels weigh: a micro-batch of polar tiles
 counts less than one of equatorial tiles. Training gets there by dividing each micro-batch's
 weighted error sum by the mean micro-batch weight of the global batch (``normalizer``, from
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from dchag.tasks.base import Task, heldout_dataset, pictured_methods, valid_images
+from dchag.parallel.comm import reduce_from_channel_parallel_region
+from dchag.tasks.base import Task, baseline_keys, pictured_methods, valid_images
 from dchag.tasks.weather_metrics import metric_sums, metrics_from_sums
 
 
@@ -91,29 +94,31 @@ class ForecastTask(Task):
         std = None if ds.target_stats is None else ds.target_stats.safe_std
         return metrics_from_sums(sums["forecast"], names, std)
 
-    @torch.no_grad()
-    def baselines(self, loader, cfg, args) -> dict:
+    def baseline_stats(self, batch, args, cfg, heldout) -> dict:
         """- ``persistence``: the target is the input (the state lead-time steps earlier);
         - ``climatology``: the time-mean of the training period (no held-out step in it).
-        Scored with the training loss's sums (and the metrics) on exactly the batches evaluation
-        uses, pooled the same way (padding carries no weight)."""
-        valid = heldout_dataset(loader)
-        target_channels = valid.target_channels
-        target_names = [valid.source.channel_names[c] for c in target_channels]
-        target_std = None if valid.target_stats is None else valid.target_stats.safe_std
-        totals, sums = {}, {}
-        for batch in loader:
-            images = valid_images(batch)
-            preds = {"persistence": images[:, list(target_channels)], "climatology": batch["climatology"]}
-            for name, pred in preds.items():
-                totals[name] = totals.get(name, 0) + error_sums(pred, batch["target"], batch["target_valid"],
-                                                                batch["lat_weights"]).double()
-                s = metric_sums(pred, batch["target"], batch["target_valid"], batch["lat_weights"],
-                                batch["climatology"], batch["time_slot"], int(batch["time_slots"][0]))
-                sums[name] = sums.get(name, 0) + s
-        return {name: {"val_loss": float(total[0] / total[1]) if total[1] > 0 else float("nan"),
-                       "metrics": metrics_from_sums(sums[name], target_names, target_std)}
-                for name, total in totals.items()}
+        Scored with the training loss's sums and the metrics' sums on exactly the pixels evaluation
+        scores. A rank holds the input of its own channels only: each scores persistence on the
+        target channels it holds, summed over the channel group (collective)."""
+        if "climatology" not in batch:  # not the held-out split
+            return {}
+        images = valid_images(batch)
+        target, target_valid, lat = batch["target"], batch["target_valid"], batch["lat_weights"]
+        channels, targets = heldout.channels, list(heldout.target_channels)
+        held = torch.tensor([c in channels for c in targets], device=target.device)  # [V]
+        persistence = torch.stack([images[:, c - channels.start] if c in channels else torch.zeros_like(target[:, 0])
+                                   for c in targets], dim=1)
+        slot, slots = batch["time_slot"], int(batch["time_slots"][0])
+        own = target_valid & held[None, :, None, None]
+        out = baseline_keys("persistence", {
+            "loss_sums": reduce_from_channel_parallel_region(error_sums(persistence, target, own, lat).double()),
+            "forecast": reduce_from_channel_parallel_region(
+                metric_sums(persistence, target, own, lat, batch["climatology"], slot, slots))})
+        clim = batch["climatology"]
+        out.update(baseline_keys("climatology", {
+            "loss_sums": error_sums(clim, target, target_valid, lat).double(),
+            "forecast": metric_sums(clim, target, target_valid, lat, clim, slot, slots)}))
+        return out
 
     def picture_arrays(self, model, valid_factory, args, cfg, max_tiles: int) -> dict:
         """The first held-out sample's first target variable: target and prediction (normalized)."""
@@ -125,6 +130,8 @@ class ForecastTask(Task):
         with torch.no_grad():
             pred = model(images, lead_time=lead)[0, 0].float().cpu()
         target = torch.where(batch["target_valid"][0, 0], batch["target"][0, 0], torch.nan).float().cpu()
+        if "in_image" in batch:  # a tile's padding past the grid's edge: nothing there
+            pred = torch.where(batch["in_image"][0].cpu(), pred, torch.nan)
         names = ds.source.channel_names
         return {"variable": names[ds.target_channels[0]], "target": target.numpy(), "prediction": pred.numpy(),
                 "index": int(batch["index"][0])}
@@ -169,10 +176,7 @@ class ForecastTask(Task):
         return len(cfg.predicted_channels)
 
     def predict_tiles(self, model, x, index, options: dict):
-        import numpy as np
-        y = model.forecast(x, lead_time=options.get("lead_time"))
-        valid = np.isfinite(x)[:, list(model.cfg.predicted_channels)]
-        return np.where(valid, y, np.nan)
+        return model.forecast_tiles(x, lead_time=options.get("lead_time"))  # NaN where the input was invalid
 
     def prediction_rgb(self, y, model, input_rgb):
         """Every channel forecast: the input's colours and stretch; fewer: three of them, with those

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dchag.parallel.comm import reduce_from_channel_parallel_region
-from dchag.tasks.base import Task, pictured_methods, valid_images
+from dchag.tasks.base import Task, baseline_keys, pictured_methods, valid_images
 
 
 def _permutation(seed: int, sample: int, iteration: int, num_patches: int) -> torch.Tensor:
@@ -54,11 +54,15 @@ def pixel_mask(mask: torch.Tensor, grid: tuple[int, int], patch_dim: int) -> tor
 
 
 def error_sums(pred: torch.Tensor, images: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
-               grid: tuple[int, int], patch_dim: int) -> torch.Tensor:
+               grid: tuple[int, int], patch_dim: int, channel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """[2]: (sum of squared errors, number of terms) over the masked patches' valid pixels of all
-    channels, summed over the channel group (this rank holds c_r channels); fp32 at least."""
+    channels, summed over the channel group (this rank holds c_r channels); fp32 at least.
+    ``channel_weight`` [B, c_r] (a blend's source with repeated slots): 0 leaves a repeat out, so
+    each channel counts once."""
     dtype = torch.promote_types(pred.dtype, torch.float32)  # accumulate in fp32 at least (fp64 stays fp64)
     w = (pixel_mask(mask, grid, patch_dim) & valid).to(dtype)
+    if channel_weight is not None:
+        w = w * channel_weight.to(dtype)[:, :, None, None]
     target = torch.where(valid, images, torch.zeros_like(images)).to(dtype)
     err = (pred.to(dtype) - target) ** 2 * w
     return reduce_from_channel_parallel_region(torch.stack([err.sum(), w.sum()]))
@@ -72,7 +76,7 @@ def mae_loss(pred: torch.Tensor, images: torch.Tensor, valid: torch.Tensor, mask
 
 
 @torch.no_grad()
-def reconstruction_planes(model, batch: dict, cfg, channels: range, picked: list[int], mask_ratio: float, seed: int,
+def reconstruction_planes(model, batch: dict, cfg, channels, picked: list[int], mask_ratio: float, seed: int,
                           sample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``picked`` channels of one held-out tile, whole on every rank: (planes [2, k, H, W] =
     input | reconstruction, mask [L]). The reconstruction is the model's output on the masked
@@ -80,33 +84,51 @@ def reconstruction_planes(model, batch: dict, cfg, channels: range, picked: list
 
     Every rank of the model runs the forward (TP collectives need all of them); each rank holds
     only its channels [c_r], so the planes are summed over the channel group (a rank contributes
-    the planes it owns, zeros elsewhere). The mask is the one evaluation uses (iteration 0)."""
+    the planes it owns, zeros elsewhere). The mask is the one evaluation uses (iteration 0). Invalid
+    pixels (no-data, the padding of a tile past the image's edge) are NaN in both planes.
+
+    ``channels``: the data channels of the rank's input, in order (a range; for a blend's source a
+    tuple that may repeat a channel: only its scored slot, ``batch["channel_weight"]`` > 0,
+    contributes, so every channel comes from one rank)."""
     valid = batch["valid"][sample:sample + 1]
     images = batch["images"][sample:sample + 1]
     images = torch.where(valid, images, torch.zeros_like(images))  # [1, c_r, H, W]
     index = batch["index"][sample:sample + 1].cpu()
     mask = patch_mask(index, cfg.num_patches, mask_ratio, seed, 0).to(images.device)  # [1, L]
-    pred = model(images, patch_mask=mask).float()  # [1, c_r, H, W]
+    source = {"source": int(batch["source"][sample])} if "source" in batch else {}
+    pred = model(images, patch_mask=mask, **source).float()  # [1, c_r, H, W]
     hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim)[0, 0]  # [H, W]
     pred = torch.where(hidden, pred, images.float())
+    nan = torch.tensor(float("nan"), device=images.device)
     planes = images.new_zeros(2, len(picked), cfg.img_h, cfg.img_w, dtype=torch.float32)
+    weight = batch.get("channel_weight")
+    where = {}
+    for j, c in enumerate(channels):  # the rank's slot of each data channel it scores
+        if weight is None or float(weight[sample, j]) > 0:
+            where.setdefault(int(c), j)
     for k, c in enumerate(picked):
-        if c in channels:
-            planes[0, k] = images[0, c - channels.start].float()
-            planes[1, k] = pred[0, c - channels.start]
+        if c in where:  # invalid pixels (no-data, a tile's padding past the image's edge) are NaN: grey
+            ok = valid[0, where[c]]
+            planes[0, k] = torch.where(ok, images[0, where[c]].float(), nan)
+            planes[1, k] = torch.where(ok, pred[0, where[c]], nan)
     return reduce_from_channel_parallel_region(planes).cpu(), mask[0].cpu()
 
 
-def heldout_reconstructions(model, valid_factory, cfg, mask_ratio: float, seed: int, max_tiles: int) -> dict:
+def heldout_reconstructions(model, valid_factory, cfg, mask_ratio: float, seed: int, max_tiles: int,
+                            source: int | None = None) -> dict:
     """Up to ``max_tiles`` distinct held-out tiles in false colour, whole on every rank:
     {"tiles": [{"index", "input" [3, H, W], "reconstruction" [3, H, W], "mask" [L]}], "rgb": channels,
-    "rgb_nm": their wavelengths or None}. Collective: every rank of the model calls it."""
+    "rgb_nm": their wavelengths or None}. Collective: every rank of the model calls it. A blend:
+    the tiles of data ``source`` (its channels, its colours)."""
     from dchag.data.visualize import rgb_channels
     from dchag.device import run_device, to_device
     ds = valid_factory.dataset
-    rgb = rgb_channels(cfg.num_channels, ds.source.wavelengths)
+    batches = valid_factory()
+    if source is not None:  # a blend (dchag/data/blend_loader.py): one source's held-out batches
+        ds, batches = ds.parts[source].dataset, batches.of_source(source)
+    rgb = rgb_channels(ds.source.num_channels, ds.source.wavelengths)
     tiles, seen = [], set()
-    for batch in valid_factory():
+    for batch in batches:
         batch = to_device(batch, run_device())
         for i in range(batch["images"].shape[0]):
             index = int(batch["index"][i])
@@ -159,33 +181,29 @@ class MAETask(Task):
         images, valid = valid_images(batch), batch["valid"]
         mask = patch_mask(batch["index"].cpu(), cfg.num_patches, args.mask_ratio, args.seed,
                           max(iteration, 0)).to(images.device)
-        pred = model(images, patch_mask=mask)
-        sums = error_sums(pred, images, valid, mask, cfg.grid, cfg.patch_dim)
+        source = {"source": int(batch["source"][0])} if "source" in batch else {}  # a blend: one source per batch
+        pred = model(images, patch_mask=mask, **source)
+        sums = error_sums(pred, images, valid, mask, cfg.grid, cfg.patch_dim, batch.get("channel_weight"))
         loss = sums[0] / sums[1].clamp_min(1.0)
         return loss if iteration >= 0 else (loss, {"loss_sums": sums})
 
-    @torch.no_grad()
-    def baselines(self, loader, cfg, args) -> dict:
-        """- ``channel mean``: predict every hidden pixel as its channel's mean over the data (0
-        after normalization): the loss of knowing nothing about the tile;
+    def baseline_stats(self, batch, args, cfg, heldout) -> dict:
+        """- ``channel mean``: predict every hidden pixel as its channel's mean over the training
+        data (0 after normalization): the loss of knowing nothing about the tile;
         - ``visible-pixel mean``: predict a hidden pixel as the mean of its channel's visible,
         valid pixels in the same tile: a local mean spectrum, what a model gets for free from the input.
-        Scored with the training loss's sums on exactly the batches and masks evaluation uses,
-        pooled the same way: sum of squared errors over the number of terms, over every scored
-        sample (padding carries no weight)."""
-        totals = {}
-        for batch in loader:
-            valid = batch["valid"]
-            images = torch.where(valid, batch["images"], torch.zeros_like(batch["images"]))
-            mask = patch_mask(batch["index"], cfg.num_patches, args.mask_ratio, args.seed, 0)  # evaluation's masks
-            hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim).expand_as(images)
-            preds = {"channel mean": torch.zeros_like(images),
-                     "visible-pixel mean": _visible_mean(images, valid, hidden)}
-            for name, pred in preds.items():
-                totals[name] = totals.get(name, 0) + error_sums(pred, images, valid, mask, cfg.grid,
-                                                                cfg.patch_dim).double()
-        return {name: {"val_loss": float(total[0] / total[1]) if total[1] > 0 else float("nan"), "metrics": {}}
-                for name, total in totals.items()}
+        Scored with the training loss's sums on exactly the pixels and masks evaluation uses (the
+        masks of iteration 0), summed over the channel group like the model's."""
+        valid = batch["valid"]
+        images = valid_images(batch)
+        mask = patch_mask(batch["index"].cpu(), cfg.num_patches, args.mask_ratio, args.seed, 0).to(images.device)
+        hidden = pixel_mask(mask, cfg.grid, cfg.patch_dim).expand_as(images)
+        preds = {"channel mean": torch.zeros_like(images), "visible-pixel mean": _visible_mean(images, valid, hidden)}
+        out = {}
+        for name, pred in preds.items():
+            out.update(baseline_keys(name, {"loss_sums": error_sums(pred, images, valid, mask, cfg.grid, cfg.patch_dim,
+                                                                    batch.get("channel_weight"))}))
+        return out
 
     def picture(self, model, valid_factory, args, cfg, iteration: int, out_dir: str | None) -> str | None:
         """A PNG of up to 8 held-out tiles (input | masked input | reconstruction)."""
@@ -196,15 +214,24 @@ class MAETask(Task):
         from dchag.data.visualize import band_limits, save_reconstruction_grid
         if out_dir is None or len(valid_factory.dataset) == 0:
             return None
-        pics = heldout_reconstructions(model, valid_factory, cfg, args.mask_ratio, args.seed, max_tiles=8)
-        if dist.get_rank() != 0:
-            return None
-        os.makedirs(out_dir, exist_ok=True)  # --load FINISHED --save NEW: nothing was saved into NEW yet
-        path = os.path.join(out_dir, f"reconstruction_iter_{iteration:07d}.png")
-        save_reconstruction_grid(path, pics["tiles"], [("reconstruction", [t["reconstruction"] for t in pics["tiles"]])],
-                                 f"held-out tiles at iteration {iteration}, RGB = {rgb_label(pics)}",
-                                 limits=band_limits(range(3)))  # normalized values: the stretch tools/predict.py uses
-        print(f"> saved reconstruction of {len(pics['tiles'])} held-out tiles {path}", flush=True)
+        names = getattr(valid_factory.dataset, "names", None)  # a blend: one picture per source
+        path = None
+        for source, name in (enumerate(names) if names else [(None, None)]):
+            if source is not None and len(valid_factory.dataset.parts[source]) == 0:
+                continue
+            pics = heldout_reconstructions(model, valid_factory, cfg, args.mask_ratio, args.seed, max_tiles=8,
+                                           source=source)
+            if dist.get_rank() != 0:
+                continue
+            os.makedirs(out_dir, exist_ok=True)  # --load FINISHED --save NEW: nothing was saved into NEW yet
+            what = "" if name is None else f"_{name}"
+            path = os.path.join(out_dir, f"reconstruction{what}_iter_{iteration:07d}.png")
+            of = "" if name is None else f" of {name}"
+            save_reconstruction_grid(path, pics["tiles"],
+                                     [("reconstruction", [t["reconstruction"] for t in pics["tiles"]])],
+                                     f"held-out tiles{of} at iteration {iteration}, RGB = {rgb_label(pics)}",
+                                     limits=band_limits(range(3)))  # normalized values: tools/predict.py's stretch
+            print(f"> saved reconstruction of {len(pics['tiles'])} held-out tiles{of} {path}", flush=True)
         return path
 
     def picture_arrays(self, model, valid_factory, args, cfg, max_tiles: int) -> dict:
@@ -240,5 +267,5 @@ class MAETask(Task):
         return input_rgb(y)  # the input's channels, colours and stretch
 
     def predict_tiles(self, model, x, index, options: dict):
-        return model.reconstruct(x, mask_ratio=options.get("mask_ratio"), seed=options.get("seed", 0),
-                                 sample_index=index, complementary=options.get("complementary", False))
+        return model.reconstruct_tiles(x, mask_ratio=options.get("mask_ratio"), seed=options.get("seed", 0),
+                                       sample_index=index, complementary=options.get("complementary", False))

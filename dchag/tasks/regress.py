@@ -61,12 +61,6 @@ class RegressTask(DenseTask):
     prediction_title = "regression (targets 1, K/2, K)"
     metrics_caption = "Held-out R^2 and RMSE per target (mean over seeds; RMSE in the target's units):"
 
-    def num_outputs(self, args, targets) -> int:
-        if getattr(args, "num_classes", None):
-            from dchag.data.errors import DataError
-            raise DataError("--num-classes is read by --task segment only; drop it for --task regress.")
-        return targets.num_planes
-
     def error_sums(self, pred, batch):
         return error_sums(pred, batch["target"], batch["target_valid"])
 
@@ -100,7 +94,7 @@ class RegressTask(DenseTask):
         return cfg.num_outputs
 
     def predict(self, model, x):
-        return model.regress(x)
+        return model.regress_tiles(x)
 
     def prediction_rgb(self, y, model, input_rgb):
         """Targets 1, K/2 and K as R, G, B, each spanning its training mean +- 2 std."""

@@ -59,20 +59,6 @@ class SegmentTask(DenseTask):
     prediction_title = "classes"
     metrics_caption = "Held-out overall accuracy and mean IoU (mean over seeds):"
 
-    def num_outputs(self, args, targets) -> int:
-        return targets.num_classes
-
-    def prepare_args(self, args) -> None:
-        from dchag.data.errors import DataError
-        K, ignore = getattr(args, "num_classes", None), getattr(args, "ignore_index", 255)
-        if not K or K < 2:
-            raise DataError(f"--task segment needs --num-classes K >= 2 (the classes of the map at --target-path), "
-                            f"got {K}.")
-        if ignore is not None and 0 <= ignore < K:
-            raise DataError(f"--ignore-index {ignore} is one of the --num-classes {K} classes [0, {K}); choose a "
-                            "value outside them (the common 255, or -1).")
-        super().prepare_args(args)
-
     def error_sums(self, pred, batch):
         return error_sums(pred, batch["target"], batch["target_valid"])
 
@@ -83,7 +69,7 @@ class SegmentTask(DenseTask):
         return segment_metrics(sums)
 
     def baseline_predictions(self, batch, targets) -> dict:
-        prior = torch.as_tensor(targets.class_counts, dtype=torch.float64)
+        prior = torch.as_tensor(targets.class_counts, dtype=torch.float64, device=batch["target"].device)
         logits = (prior / prior.sum()).clamp_min(1e-12).log().float()  # [K]
         B, (H, W) = batch["target"].shape[0], batch["target"].shape[1:]
         return {"training class prior (majority class)": logits[None, :, None, None].expand(B, -1, H, W)}
@@ -110,13 +96,18 @@ class SegmentTask(DenseTask):
         K = model.cfg.num_outputs
         return class_colours(K)(np.ma.masked_invalid(np.asarray(y[0], np.float64)).astype(np.int64))[..., :3]
 
-    def predict(self, model, x):
-        """[B, 1, h, w] float32: the class index, NaN where the input pixel holds no valid value."""
-        classes = model.segment(x)
-        t = torch.as_tensor(np.asarray(classes) if not torch.is_tensor(classes) else classes).float()
-        t = torch.where(t < 0, torch.nan, t)[:, None]
-        return t if torch.is_tensor(x) else t.numpy()
+    def stitch_planes(self, cfg) -> int:
+        return cfg.num_outputs  # the class probabilities are blended, then the most probable class taken
 
+    def predict(self, model, x):
+        """[B, K, h, w] float32: the class probabilities, NaN where the input pixel holds no valid value."""
+        return model.segment_tiles(x, return_probabilities=True)
+
+    def finish_stitched(self, block):
+        """[K, rows, W] blended probabilities -> [1, rows, W]: the class index (float), NaN where none."""
+        empty = np.isnan(block).all(axis=0)
+        classes = np.nan_to_num(block, nan=-1.0).argmax(axis=0).astype(np.float32)
+        return np.where(empty, np.nan, classes)[None]
 
 def class_colours(num_classes: int):
     """One colour per class (tab10, tab20 beyond 10 classes), NaN / masked grey."""

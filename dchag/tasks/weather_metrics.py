@@ -5,7 +5,9 @@ Both are per forecast time first, over the whole globe, then averaged over the h
 A time step's globe may be cut into tiles that land in different micro-batches and
 data-parallel ranks, so each micro-batch contributes five sums per (held-out time, variable)
 (``metric_sums``, [T, 5, V]); they add over micro-batches and ranks, and ``metrics_from_sums``
-turns the totals into the figures. With weights w = valid x cos(lat) / mean(cos(lat)) and the
+turns the totals into the figures. With weights w = valid x the row's latitude weight (``--lat-weighting``:
+WB2's cell area by default, or cos(lat); mean 1 over the whole grid; 0 on the padding of tiles
+past the grid's edge, so every grid point counts once) and the
 anomalies a = pred - clim, b = target - clim (all normalized), per time t:
 
     MSE_t = sum_t w (pred - target)^2 / sum_t w

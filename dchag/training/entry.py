@@ -8,7 +8,8 @@ Nothing heavy is imported before the pre-flight has passed: a wrong command fail
 
 Exit status of every rank: 0 after a finished run, a handled stop signal (``--exit-signal-handler``)
 or ``--exit-interval``; 1 for a user error (one message naming every problem, printed once per
-node before the ranks meet, by rank 0 after); 130 for Ctrl-C without ``--exit-signal-handler``.
+node before the ranks meet, by rank 0 after); 130 for Ctrl-C without ``--exit-signal-handler`` (the
+rank's line printed at once by the signal handler: dchag/training/signals.py).
 """
 
 from __future__ import annotations
@@ -72,7 +73,25 @@ def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_los
       and written to TensorBoard as ``val/<name>``;
     - ``loss_weight_func(batch, args) -> float64 tensor | None``: a micro-batch's loss weight; with
       it the training loss is pooled over the global batch (``loop._pool_loss_over_global_batch``)."""
+    import signal
+
+    from dchag.training.signals import exit_interrupted, install_interrupt_handler
+    previous = install_interrupt_handler()  # Ctrl-C: the rank's line at once, whatever runs (signals.py)
+    try:
+        return _pretrain(model_provider, forward_step, datasets_provider, argv, non_loss_data_func,
+                         eval_metrics_func, loss_weight_func)
+    except KeyboardInterrupt:  # raised by other means than the handler: one line per rank, no traceback
+        exit_interrupted()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _pretrain(model_provider, forward_step, datasets_provider, argv, non_loss_data_func, eval_metrics_func,
+              loss_weight_func) -> dict:
     from dchag.arguments import parse_args
+    from megatron_patches.optional import quiet
+    quiet()  # megatron-core's notes about absent optional libraries: the run prints one line instead
     args = parse_args(argv)
     try:
         launch.resolve()
@@ -83,12 +102,8 @@ def pretrain(model_provider, forward_step, datasets_provider, argv=None, non_los
             raise
         _fail(e, before_start=True)
     from dchag.training import loop
-    from dchag.training.signals import exit_interrupted
     try:
-        try:
-            return loop.run(args, model_provider, forward_step, datasets_provider, non_loss_data_func,
-                            eval_metrics_func, loss_weight_func, found=found)
-        except loop.USER_ERRORS as e:
-            _fail(e, before_start=False)
-    except KeyboardInterrupt:  # Ctrl-C without --exit-signal-handler: one line per rank, no traceback
-        exit_interrupted()
+        return loop.run(args, model_provider, forward_step, datasets_provider, non_loss_data_func,
+                        eval_metrics_func, loss_weight_func, found=found)
+    except loop.USER_ERRORS as e:
+        _fail(e, before_start=False)

@@ -23,7 +23,31 @@ def init_distributed() -> None:
         torch.cuda.set_device(device)
     if device.type == "cpu":
         _skip_deepspeed_shm_op()
+    import torch.distributed as dist
+    # Once per process: a study or a notebook trains several times in one process.
+    store = None if dist.is_initialized() else elastic_attempt_store()
+    if store is not None:  # DeepSpeed adopts a process group that exists
+        world = int(os.environ["WORLD_SIZE"])
+        extra = {"device_id": device} if device.type == "cuda" and world > 1 else {}
+        dist.init_process_group(comm_backend(), store=store, rank=int(os.environ["RANK"]), world_size=world, **extra)
     deepspeed.init_distributed(dist_backend=comm_backend(), verbose=False)
+
+
+def elastic_attempt_store():
+    """Under torchrun when its workers use the agent's TCP store (``TORCHELASTIC_USE_AGENT_STORE``:
+    always with ``--master_port`` / ``--rdzv-backend static``, and with c10d unless
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): that store, its keys prefixed by this attempt
+    (``TORCHELASTIC_RESTART_COUNT``); else None (``env://`` as usual). The agent keeps one store
+    across restarts, so restarted workers read the dead attempt's keys (its ranks' addresses) and
+    hang in ``init_process_group``; a prefix per attempt gives each restart fresh keys."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+    from torch.distributed.constants import default_pg_timeout  # what env:// would wait: ranks start apart
+    client = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+                           timeout=default_pg_timeout)
+    return dist.PrefixStore(f"dchag/attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def _skip_deepspeed_shm_op() -> None:

@@ -20,10 +20,13 @@ from dchag.training.initialize import init_distributed, init_model_parallel
 from dchag.training.launch import LaunchError
 from dchag.training.logging_utils import invalid_input_values, comm_device, log_line, peak_memory_mb, reset_peak_memory, tensorboard_writer
 from dchag.training.batch_checks import empty_samples
+from dchag.training.blend_log import SourceMeter, val_losses
 from dchag.training.lr import LRScheduler, ScheduleError
 from dchag.training.nonfinite import NonFiniteError, Streak, is_nonfinite
 from dchag.training.signals import ExitRequest, progress
 from dchag import transfer
+from dchag.tasks.base import baseline_losses
+from dchag.model.lora import dropout_keys as lora_dropout_keys
 from dchag.transfer.errors import FinetuneError
 
 USER_ERRORS = (NonFiniteError, LayoutError, DataError, ConfigError, CheckpointError, ScheduleError, DeviceError,
@@ -47,7 +50,11 @@ def coefficient_lr_scales(model) -> dict[int, float]:
     itself per step at lr 2e-3, and the whole group token with it. At lr/n it moves at the same
     relative rate for every group size (docs/PARITY.md, "Where the MAE gap comes from")."""
     from dchag.model.aggregation import LinearReduce
-    return {id(m.weight): m.level.global_out / m.level.global_in for m in model.modules() if isinstance(m, LinearReduce)}
+    levels = [m for m in model.modules() if isinstance(m, LinearReduce)]
+    if any(m.plans is not None for m in levels):  # a blend: one coefficient row per identity, segments differ by source
+        raise LayoutError("--dchag-coefficient-lr-scale size needs one data source (a blend's channels sit in "
+                          "segments of different sizes per source); use --dchag-coefficient-lr-scale none.")
+    return {id(m.weight): m.level.global_out / m.level.global_in for m in levels}
 
 
 def _build_optimizer(model, args):
@@ -139,6 +146,9 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     from megatron.core import parallel_state as ps
 
     init_distributed()
+    from megatron_patches.optional import startup_line
+    if startup_line():
+        _print0(startup_line(), args.log_file)
     dp = found.data_parallel_size
     ds_config, cfg = found.ds_config, found.cfg
     universal, load_tag, pretrained = found.universal, found.load_tag, found.pretrained
@@ -175,25 +185,33 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     elif args.load:
         _print0(f"> no checkpoint in {args.load} yet: starting from iteration 0", args.log_file)
     start_iteration = iteration
+    _saved_normalization(args, load_tag, pretrained)
 
-    with startup.phase(f"opening {args.data_path} and its statistics"):
+    data = args.data_path if isinstance(args.data_path, str) else " ".join(args.data_path)
+    with startup.phase(f"opening {data} and its statistics"):
         train_loader, valid_factory = datasets_provider(args, cfg, dp_rank, dp, consumed)
+    bands = _bands_without_values(getattr(train_loader, "dataset", None), args)
     if hasattr(train_loader, "dataset") and hasattr(valid_factory, "dataset"):
-        history_summary = startup.summary(args, cfg, ds_config, engine, train_loader.dataset, valid_factory.dataset)
+        history_summary = startup.summary(args, cfg, ds_config, engine, train_loader.dataset, valid_factory.dataset,
+                                          notes=bands + found.notes)
     else:
         history_summary = []
     train_iter = iter(train_loader)
     from dchag.checkpointing import normalization
     # The statistics the data is normalized with, saved with every checkpoint.
-    norm = normalization.gather(getattr(train_loader, "dataset", None)) if args.save else None
+    norm = normalization.gather(getattr(train_loader, "dataset", None), cfg) if args.save else None
     writer = tensorboard_writer(args.tensorboard_dir) if dist.get_rank() == 0 else None
-    history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "grad_norms": {}, "summary": history_summary}
+    history = {"losses": {}, "val_losses": {}, "val_metrics": {}, "val_baselines": {}, "grad_norms": {},
+               "summary": history_summary}
+    meter = SourceMeter.of(args)  # a blend: the loss and share of each source (None for one source)
+    if meter is not None:
+        history["source_losses"], history["val_source_losses"] = {}, {}
     dp_group = ps.get_data_parallel_group()
     device = comm_device()  # the engine's device: batches and loss sums go there
-    _refuse_data_without_values(getattr(train_loader, "dataset", None), args)
     skipped = nans = interval_empty = 0  # per log interval (Megatron)
     streak = Streak(args.max_consecutive_nan_iters, f"{args.load}/{load_tag}" if load_tag else None)
     history["lrs"], history["skipped"] = {}, []
+    history["iteration_ms"], history["peak_memory_mb"] = {}, {}  # per log interval
     interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
     interval_invalid = torch.zeros((), dtype=torch.int64, device=device)
     reset_peak_memory()
@@ -208,13 +226,14 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         if loss_weight_func is not None and empty < samples:
             _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, num_micro * dp, device)
         for batch in batches if empty < samples else ():  # an all-empty batch: no update at all
-            interval_invalid += (~batch["valid"]).sum()
-            loss = forward_step(engine, batch, args, cfg, iteration)
-            engine.backward(loss)
+            interval_invalid += invalid_values(batch)
+            with lora_dropout_keys(batch["index"], iteration):  # LoRA's dropout masks: (sample, iteration)
+                loss = forward_step(engine, batch, args, cfg, iteration)
+                engine.backward(loss)
             engine.step()
             total += loss.detach().double()
         if empty == samples:
-            interval_invalid += sum((~b["valid"]).sum() for b in batches)
+            interval_invalid += sum(invalid_values(b) for b in batches)
         dist.all_reduce(total, group=dp_group)
         loss_value = total.item() / (num_micro * dp) if empty < samples else float("nan")
         iteration += 1
@@ -235,9 +254,12 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         history["lrs"][iteration] = lr_used
         history["losses"][iteration] = loss_value
         history["grad_norms"][iteration] = gn
-        if not history["skipped"] or history["skipped"][-1] != iteration:  # skipped ones are left out (Megatron)
+        counted = not history["skipped"] or history["skipped"][-1] != iteration  # skipped ones are left out (Megatron)
+        if counted:
             interval_loss += loss_value
             interval_good += 1
+        if meter is not None:
+            meter.step(iteration, loss_value if counted else None)
         interval_count += 1
         interval_time += dt
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
@@ -247,14 +269,20 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             ms = 1000 * interval_time / interval_count
             sps = args.global_batch_size * interval_count / max(interval_time, 1e-9)
             lr = lr_used
+            per_source = meter.interval(iteration) if meter is not None else {}
+            if per_source:
+                history["source_losses"][iteration] = per_source
+            history["iteration_ms"][iteration], history["peak_memory_mb"][iteration] = ms, mem  # the log line's
             _print0(log_line(iteration, args.train_iters, consumed, ms, lr, args.global_batch_size, avg_loss,
-                             gn, sps, mem, skipped, nans, invalid, interval_empty), args.log_file)
+                             gn, sps, mem, skipped, nans, invalid, interval_empty)
+                    + SourceMeter.log_fields(per_source), args.log_file)
             if writer is not None:
                 for tag, v in (("loss", avg_loss), ("learning-rate", lr), ("grad-norm", gn if gn is not None else float("nan")),
                                ("iteration-time", ms), ("samples-per-second", sps), ("peak-memory-mb", mem),
                                ("invalid-input-values", invalid), ("skipped-iterations", skipped),
                                ("nan-iterations", nans), ("empty-samples", interval_empty)):
                     writer.add_scalar(tag, v, iteration)
+                SourceMeter.write(writer, per_source, iteration)
                 writer.flush()
             interval_loss, interval_count, interval_good, interval_time = 0.0, 0, 0, 0.0
             interval_invalid.zero_()
@@ -263,25 +291,36 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
         if args.eval_interval and iteration % args.eval_interval == 0:
             val, sums = evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp)
             metrics = eval_metrics_func(sums, args, valid_factory) if eval_metrics_func and sums else {}
+            baselines = baseline_losses(sums)
             history["val_losses"][iteration] = val
             history["val_metrics"][iteration] = metrics
+            history["val_baselines"][iteration] = baselines
+            per_source = val_losses(sums, meter.names) if meter is not None else {}
+            if per_source:
+                history["val_source_losses"][iteration] = per_source
             _print0(f"validation loss at iteration {iteration} | val loss: {val:.6E} |"
-                    + "".join(f" {name}: {v:.4g} |" for name, v in metrics.items()), args.log_file)
+                    + "".join(f" {name}: {v:.6E} |" for name, v in per_source.items())
+                    + "".join(f" {name}: {v:.4g} |" for name, v in metrics.items())
+                    + _scored_part(sums, valid_factory) + _baselines_part(val, baselines), args.log_file)
             if writer is not None:
                 writer.add_scalar("val/loss", val, iteration)
+                for name, v in per_source.items():
+                    writer.add_scalar(name, v, iteration)
                 for name, v in metrics.items():
                     writer.add_scalar(f"val/{name}", v, iteration)
+                for name, v in baselines.items():
+                    writer.add_scalar(f"baseline/{name}", v, iteration)
                 writer.flush()
         saved = False
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            saved = _save(engine, args, iteration, consumed, scheduler, norm, streak)
+            saved = _save(engine, args, iteration, consumed, scheduler, norm, streak, found.fingerprint)
         progress["iteration"] = iteration
         reason = built["exit_request"].check()  # every rank agrees (one tiny all-reduce)
         if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
             reason = f"--exit-interval {args.exit_interval}"
         if reason is not None:
             if args.save and not saved:
-                saved = _save(engine, args, iteration, consumed, scheduler, norm, streak)
+                saved = _save(engine, args, iteration, consumed, scheduler, norm, streak, found.fingerprint)
             where = (f"checkpoint {args.save}/{tags.tag_for(iteration)}" if saved else streak.not_saved(iteration)
                      if args.save else "no --save: nothing saved")
             _print0(f"> exiting at iteration {iteration} of {args.train_iters}: {reason}; {where}", args.log_file)
@@ -289,7 +328,7 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
             break
     else:
         if args.save and iteration > start_iteration and not (args.save_interval and iteration % args.save_interval == 0):
-            _save(engine, args, iteration, consumed, scheduler, norm, streak)
+            _save(engine, args, iteration, consumed, scheduler, norm, streak, found.fingerprint)
     if non_loss_data_func is not None and "exit_reason" not in history:  # pictures etc. of the trained model, on every rank
         engine.eval()
         non_loss_data_func(engine, valid_factory, args, cfg, iteration, writer)
@@ -300,32 +339,62 @@ def _run(args, model_provider, forward_step, datasets_provider, non_loss_data_fu
     return history
 
 
-def _save(engine, args, iteration, consumed, scheduler, normalization, streak) -> bool:
+def _save(engine, args, iteration, consumed, scheduler, normalization, streak, data_fingerprint=None) -> bool:
     """Save, unless the iterations since the last update include a non-finite one; True if saved."""
     if streak.blocks_saving:
         _print0(f"> checkpoint at iteration {iteration} {streak.not_saved(iteration)}", args.log_file)
         return False
-    ckpt.save(engine, args, iteration, consumed, scheduler, normalization)
+    ckpt.save(engine, args, iteration, consumed, scheduler, normalization, data_fingerprint=data_fingerprint)
     progress["saved"] = f"{args.save}/{tags.tag_for(iteration)}"
     streak.saved(progress["saved"])
     _print0(f"> saved checkpoint {progress['saved']}", args.log_file)
     return True
 
 
-def _refuse_data_without_values(dataset, args) -> None:
-    """Data with no valid value at all (every value NaN, Inf or no-data) is refused before
-    training: every batch would be skipped. Judged by the statistics' valid-value counts, summed
-    over the channel-parallel ranks (each holds its own channels'); the same verdict on every rank."""
-    from megatron.core import parallel_state as ps
-    stats = getattr(dataset, "stats", None)
-    if stats is None:  # raw values: the streak limit catches it (empty batches count)
+def _saved_normalization(args, load_tag, pretrained) -> None:
+    """A resumed run normalizes with the statistics its checkpoint saved, a fine-tune with its
+    pretrained model's (for the channels it names; docs/DATA.md): ``args.saved_normalization``
+    and ``args.saved_normalization_from``, which the datasets provider hands to build_datasets."""
+    from dchag.checkpointing import normalization
+    if load_tag:
+        folder, where = os.path.join(args.load, load_tag), f"checkpoint {args.load}/{load_tag}"
+    elif pretrained is not None:
+        folder, where = pretrained.folder, f"the pretrained model {pretrained.folder}"
+    else:
         return
-    count = torch.tensor([int(stats.count.sum())], dtype=torch.int64, device=comm_device())
-    dist.all_reduce(count, group=ps.get_channel_parallel_group())
-    if count.item() == 0:
-        raise DataError(f"{args.data_path} has no valid value at all (every value is NaN, Inf or the no-data value), "
-                        "so there is nothing to train on; check the file, --data-format and the no-data value of the "
-                        "data.")
+    args.saved_normalization, args.saved_normalization_from = normalization.saved(folder), where
+
+
+
+def _bands_without_values(dataset, args) -> list[str]:
+    """Channels with no valid value (every value NaN, Inf or no-data), judged by the statistics'
+    valid-value counts over the channel-parallel ranks (each holds its own channels'); the same
+    verdict on every rank. Data without any valid value is refused before training (every batch
+    would be skipped); a few such channels are ignored, and the start-up summary says so (the
+    returned notes). A blend: each source on its own, named."""
+    from dchag.data.errors import DataError
+    parts = getattr(dataset, "datasets", None)
+    notes = []
+    for ds, where in (zip(parts, (f"data source {r['name']} ({r['path']})" for r in args.data_sources))
+                      if parts is not None else [(dataset, args.data_path)]):
+        dead = startup.bands_without_values(ds)
+        if not dead:
+            continue
+        if len(dead) == ds.source.num_channels:
+            raise DataError(f"{where} has no valid value at all (every value is NaN, Inf or the no-data value), so "
+                            "there is nothing to train on; check the file, --data-format and the no-data value of "
+                            "the data.")
+        notes.append(("" if parts is None else f"{where}: ") + startup.bands_note(dead, ds.source.num_channels))
+    return notes
+
+
+def invalid_values(batch: dict) -> torch.Tensor:
+    """The micro-batch's invalid input values (zero-filled, masked): the padding of tiles past an
+    image's edge (``in_image`` False) is invalid too but no fault of the data, so not counted."""
+    invalid = ~batch["valid"]
+    if "in_image" in batch:
+        invalid = invalid & batch["in_image"][:, None]
+    return invalid.sum()
 
 
 def _pool_loss_over_global_batch(batches, loss_weight_func, args, dp_group, count: int, device) -> None:
@@ -350,7 +419,10 @@ def evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> tu
     and data-parallel ranks (e.g. the sums behind an RMSE). With ``loss_sums`` ([2]: the loss's
     numerator and weight) the validation loss is pooled over every scored sample, sum / weight, so
     a padded or partial micro-batch weighs what its samples weigh; without, it is the mean of the
-    micro-batch losses. Leaves every RNG
+    micro-batch losses. ``samples_scored`` counts the held-out samples scored (each once; not the
+    padding of the last micro-batches). With ``valid_factory.baseline_stats(batch)`` (the task's
+    ``baseline_stats``, set by the datasets provider) the sums also hold every baseline's
+    ``baseline/<name>/<key>`` on the same batches. Leaves every RNG
     stream as it found it (the eval loader draws a seed from the global generator), so training
     is the same whatever --eval-interval is."""
     state = rng.rng_state()
@@ -364,15 +436,27 @@ def _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> t
     engine.eval()
     device = comm_device()
     total, n, sums = torch.zeros(1, dtype=torch.float64, device=device), 0, {}
+    scored, counted = torch.zeros((), dtype=torch.float64, device=device), False
+    baseline_stats = getattr(valid_factory, "baseline_stats", None)
     with torch.no_grad():
         for batch in valid_factory():
-            out = forward_step(engine, to_device(batch, device), args, cfg, -1)
+            if "scored" in batch:  # padding of the last micro-batches is not a sample
+                scored += batch["scored"].to(device).sum()
+                counted = True
+            batch = to_device(batch, device)
+            out = forward_step(engine, batch, args, cfg, -1)
             loss, stats = out if isinstance(out, tuple) else (out, {})
+            if baseline_stats is not None:  # the trivial predictors on the same pixels (no model)
+                stats = {**stats, **baseline_stats(batch)}
+            if "source" in batch and "loss_sums" in stats:  # a blend: each micro-batch is one source
+                stats = {**stats, f"loss_sums/{cfg.source_names[int(batch['source'][0])]}": stats["loss_sums"]}
             total += loss.detach().double()
             for name, value in stats.items():
                 sums[name] = sums.get(name, 0) + value.detach().double()
             n += 1
     dist.all_reduce(total, group=dp_group)
+    if counted:  # every rank evaluates the same number of batches: the same keys everywhere
+        sums["samples_scored"] = scored
     for name in sorted(sums):  # every rank evaluates the same number of batches, so the same names
         dist.all_reduce(sums[name], group=dp_group)
     engine.train()
@@ -382,6 +466,29 @@ def _evaluate(engine, valid_factory, forward_step, args, cfg, dp_group, dp) -> t
     else:
         val = total.item() / max(n * dp, 1)
     return val, {name: v.cpu() for name, v in sums.items()}
+
+
+def _scored_part(sums: dict, valid_factory) -> str:
+    """The validation line's ' scored: n of N held-out samples |' (N: the held-out split's size)."""
+    if "samples_scored" not in sums:
+        return ""
+    held_out = getattr(valid_factory, "dataset", None)
+    of = f" of {len(held_out)}" if held_out is not None else ""
+    return f" scored: {int(sums['samples_scored'])}{of} held-out samples |"
+
+
+def _baselines_part(val: float, baselines: dict) -> str:
+    """The validation line's baselines (' baseline <name>: <loss> |' each) and, when the model's loss
+    is not below the best of them, ' NOT BELOW baseline <name> |'."""
+    if not baselines:
+        return ""
+    out = "".join(f" baseline {name}: {v:.6E} |" for name, v in baselines.items())
+    finite = {name: v for name, v in baselines.items() if math.isfinite(v)}
+    if finite:
+        best = min(finite, key=finite.get)
+        if not val < finite[best]:
+            out += f" NOT BELOW baseline {best} |"
+    return out
 
 
 def _record_fp32_grad_norm(engine) -> None:

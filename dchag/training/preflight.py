@@ -48,6 +48,11 @@ class Found:
     load_tag: str | None = None
     start_iteration: int = 0
     checked: list = field(default_factory=list)  # names of the checks that ran
+    source: object = None  # the opened data (dchag.data Source): metadata only
+    samples: dict | None = None  # {"train": n, "valid": n} of the data (tiles, or forecast samples)
+    notes: list = field(default_factory=list)  # lines for the start-up summary
+    fingerprint: dict | None = None  # the data's (dchag/data/fingerprint.py), recorded with every checkpoint
+    blend: list | None = None  # a blend's sources (dchag.data.build.BlendSource), opened
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +102,18 @@ def check_arguments(args, found: Found) -> list[Exception]:
     return out
 
 
+def check_save_folder(args, found: Found) -> list[Exception]:
+    """``--save`` is a folder this job can write to (asked of the kernel, which counts read-only
+    mounts and immutable folders; nothing is written: dchag.checkpointing.writable)."""
+    from dchag.checkpointing.errors import CheckpointError
+    from dchag.checkpointing.writable import check_writable
+    try:
+        check_writable(args.save)
+    except CheckpointError as e:
+        return [e]
+    return []
+
+
 def check_deepspeed_config(args, found: Found) -> list[Exception]:
     """The JSON against the command line (batch sizes, precision, clipping, ZeRO stage) and every
     unknown key in it; resolves ``args``' batch sizes, ``--bf16`` and ``--clip-grad``."""
@@ -108,7 +125,8 @@ def check_deepspeed_config(args, found: Found) -> list[Exception]:
     return []
 
 
-FINETUNE_FLAGS = ("finetune", "pretrained_checkpoint", "freeze_encoder")
+FINETUNE_FLAGS = ("finetune", "pretrained_checkpoint", "freeze_encoder", "lora_rank", "lora_alpha", "lora_dropout",
+                  "lora_targets")
 
 
 def check_finetune(args, found: Found) -> list[Exception]:
@@ -139,44 +157,96 @@ def check_data(args, found: Found) -> list[Exception]:
     """The data opens (path, format, readable header), has --num-channels channels, and is large
     enough for one tile and, for a forecast, for the lead time and the held-out period. Sets
     ``args.channel_names`` and ``args.wavelengths`` from the data's metadata."""
+    from dchag.data.blend import is_blend
+    if is_blend(args.data_path):
+        return check_blend(args, found)
     from dchag.data.build import open_data_source
     from dchag.data.errors import DataError
     from dchag.data.readers.open import check_channel_axis
-    from dchag.data.tiles import TileIndex, forecast_split
+    from dchag.data.tiles import TileIndex, forecast_split, mae_split
     try:
         source = open_data_source(args.data_path, args.data_format, task=args.task, img_h=args.img_h, img_w=args.img_w,
-                                  num_channels=args.num_channels, seed=args.seed)
+                                  num_channels=args.num_channels, seed=args.seed,
+                                  channels_last=getattr(args, "channels_last", False))
         if args.num_channels is None:  # a plain array without a channel count: refused, naming both readings
             check_channel_axis(source, None)
-        found.num_channels = source.num_channels
+        if source.channel_axis_note:  # a shape that fits either layout: the reading, said once
+            found.notes.append(source.channel_axis_note)
+        found.num_channels, found.source = source.num_channels, source
         # the channels' identity: the model and every checkpoint record it, a fine-tune matches by it
         args.channel_names, args.wavelengths = channel_identity(source)
         where = f"{source.format} data {source.path}"
+        from dchag.data.identity import channel_ids
+        channel_ids(args.channel_names, args.wavelengths, where=where)  # wavelengths in nm (µm, Å refused)
         if args.task != "forecast":  # tiles of every image (mae, regress, segment)
-            TileIndex([source.image_hw(i) for i in range(source.num_images)], args.img_h, args.img_w, where)
+            tiles = TileIndex([source.image_hw(i) for i in range(source.num_images)], args.img_h, args.img_w, where)
+            found.samples = {split: len(mae_split(tiles.num_samples, split, args.valid_fraction))
+                             for split in ("train", "valid")}
         else:
             N, _, H, W = source.shape
             if H is None:
                 raise DataError(f"forecast needs one grid for all time steps, but {source.describe()} mixes image "
                                 "sizes; regrid the files to one grid.")
-            TileIndex([(H, W)], args.img_h, args.img_w, where)
-            for split in ("train", "valid"):
-                forecast_split(N, args.lead_time, split, args.valid_fraction)
+            per_time = TileIndex([(H, W)], args.img_h, args.img_w, where).num_samples
+            found.samples = {split: len(forecast_split(N, args.lead_time, split, args.valid_fraction)) * per_time
+                             for split in ("train", "valid")}
     except DataError as e:
         return [e]
     return []
 
 
+def check_blend(args, found: Found) -> list[Exception]:
+    """A blended ``--data-path W1 P1 W2 P2 ...`` (dchag/data/blend.py): every source opens as it would
+    alone, their channels form one union (matched by name, then wavelength), and the run pretrains
+    (--task mae). Sets ``args.channel_names``/``args.wavelengths`` to the union's and
+    ``args.data_sources`` (per source: name, path, weight, union ids, sample counts), from which the
+    model's config takes its sources (``args.sources``, ``args.source_names``)."""
+    from dchag.data.blend import parse_data_path
+    from dchag.data.build import open_blend, union_identity
+    from dchag.data.errors import DataError
+    try:
+        spec = parse_data_path(args.data_path)
+    except DataError as e:
+        return [e]
+    if not spec.is_blend:  # '--data-path 1.0 A': one source, the run of --data-path A
+        args.data_path = spec.paths[0]
+        return check_data(args, found)
+    out = []
+    if args.task != "mae":
+        out.append(ConfigError(f"--task {args.task} with a blend of {len(spec.paths)} sources: a blend "
+                               "pretrains (--task mae); fine-tune or train a task on one source (--data-path FILE)."))
+    if getattr(args, "finetune", False):
+        out.append(ConfigError("--finetune with a blended --data-path: a fine-tune reads one source; give one "
+                               "--data-path (the blend's union is matched by --pretrained-checkpoint)."))
+    try:
+        union, sources = open_blend(spec, args.data_format, img_h=args.img_h, img_w=args.img_w,
+                                    valid_fraction=args.valid_fraction, seed=args.seed,
+                                    prefer=getattr(args, "match_channels", None))
+    except DataError as e:
+        return out + [e]
+    if args.num_channels is not None and args.num_channels != len(union):
+        out.append(DataError(
+            f"--num-channels {args.num_channels}, but the blend's sources hold {len(union)} distinct channels ("
+            + ", ".join(f"{s.name}: {s.source.num_channels}" for s in sources) + "; a channel two sources share, "
+            f"by name or wavelength, counts once); drop --num-channels or give {len(union)}."))
+    found.num_channels, found.blend = len(union), sources
+    args.channel_names, args.wavelengths = union_identity(union, sources)
+    args.data_sources = [s.record() for s in sources]
+    # the model's sources (DChagConfig.sources / source_names, through dchag.arguments.model_config)
+    args.sources, args.source_names = [list(s.channels) for s in sources], [s.name for s in sources]
+    return out
+
+
 def check_task(args, found: Found) -> list[Exception]:
-    """The task's own flags and files (``Task.prepare_args``: --target-path and --num-classes for
-    regress and segment, refused for the others); sets ``args.num_outputs``. The task modules
-    import torch: it runs only once the data has opened (the targets are checked against it)."""
+    """The task's own flags and files (``Task.prepare_args``, dchag/tasks/flags.py: --target-path
+    and --num-classes for regress and segment, refused for the others); sets ``args.num_outputs``.
+    Runs once the data has opened (the targets are checked against it)."""
     if found.num_channels is None:
         return []
     from dchag.data.errors import DataError
-    from dchag.tasks import get_task
+    from dchag.tasks.flags import prepare_args
     try:
-        get_task(args.task).prepare_args(args)
+        prepare_args(args)
     except DataError as e:
         return [e]
     return []
@@ -195,7 +265,10 @@ def check_model(args, found: Found) -> list[Exception]:
     if found.pretrained is not None and found.num_channels:  # a fine-tune's G for the new channels
         from dchag import transfer
         args.num_channels = found.num_channels
-        transfer.resolve_groups(args, found.pretrained)
+        try:  # matches the channels (a contradicting name, a wavelength unit refused here)
+            transfer.resolve_groups(args, found.pretrained)
+        except transfer.FinetuneError as e:
+            return [e]
     elif getattr(args, "finetune", False):  # the pretrained model (its G) could not be read: listed already
         return []
     try:
@@ -203,6 +276,20 @@ def check_model(args, found: Found) -> list[Exception]:
         cfg.validate_layout(args.tensor_model_parallel_size, args.channel_parallel_size)
         found.cfg = cfg if found.num_channels else None
     except LayoutError as e:
+        return [e]
+    return []
+
+
+def check_memory(args, found: Found) -> list[Exception]:
+    """The run fits the memory of this machine's GPU (or host): dchag/planner's per-rank estimate
+    (parameters, optimizer state, activations, the input batch) against it
+    (dchag.training.memory_fit), so absurd sizes are refused here, not by the allocator minutes later."""
+    if found.cfg is None or found.ds_config is None or found.data_parallel_size is None:
+        return []
+    from dchag.training import memory_fit
+    try:
+        memory_fit.check(args, found.cfg, found.ds_config, found.data_parallel_size)
+    except ConfigError as e:
         return [e]
     return []
 
@@ -215,11 +302,10 @@ def check_checkpoint(args, found: Found) -> list[Exception]:
     if not (args.load or args.save) or found.num_channels is None or found.ds_config is None:
         return []
     from dchag.checkpointing import compat, lock, tags
-    from dchag.checkpointing.convert import is_universal
     from dchag.checkpointing.errors import CheckpointError
     args.num_channels = found.num_channels  # the checkpoint records the resolved count
     found.universal = bool((found.ds_config.get("checkpoint") or {}).get("load_universal"))
-    if not found.universal and is_universal(args.load):  # tools/convert_checkpoint.py --format universal output
+    if not found.universal and tags.is_universal(args.load):  # tools/convert_checkpoint.py --format universal output
         found.ds_config.setdefault("checkpoint", {})["load_universal"] = found.universal = True
     try:
         found.load_tag = compat.check_compatible(args, found.universal)
@@ -229,6 +315,35 @@ def check_checkpoint(args, found: Found) -> list[Exception]:
             lock.check(args.save)
             compat.check_save_dir_unchanged(args, found.start_iteration)
     except CheckpointError as e:
+        return [e]
+    return []
+
+
+def check_data_change(args, found: Found) -> list[Exception]:
+    """The data's fingerprint (sizes, shapes, channels, sample counts, a digest of fixed windows:
+    dchag/data/fingerprint.py), recorded with every checkpoint; on resume, compared with the one the
+    checkpoint recorded (dchag/checkpointing/fingerprint.py): changed data is refused unless
+    --allow-data-change (a resume normalizes with its checkpoint's statistics, whatever
+    the data: ``dchag.training.loop._saved_normalization``)."""
+    if (found.source is None and not found.blend) or not (args.save or found.load_tag):
+        return []
+    from dchag.checkpointing import fingerprint as recorded
+    from dchag.checkpointing.errors import CheckpointError
+    from dchag.data.errors import DataError
+    from dchag.data.fingerprint import fingerprint, source_record
+    try:
+        if found.blend:  # every source of a blend under its name
+            found.fingerprint = fingerprint({s.name: source_record(s.source, {"train": s.train_samples,
+                                                                           "valid": s.valid_samples})
+                                             for s in found.blend})
+        else:
+            found.fingerprint = fingerprint({"data": source_record(found.source, found.samples)})
+        if found.load_tag:
+            note, _ = recorded.check_resume(args.load, found.load_tag, found.fingerprint,
+                                                  getattr(args, "allow_data_change", False))
+            if note:
+                found.notes.append(note)
+    except (CheckpointError, DataError) as e:
         return [e]
     return []
 
@@ -252,8 +367,8 @@ def read_channel_identity(args) -> None:
     args.num_channels = found.num_channels
 
 
-CHECKS = [check_layout, check_arguments, check_deepspeed_config, check_finetune, check_data, check_task,
-          check_model, check_checkpoint]
+CHECKS = [check_layout, check_arguments, check_save_folder, check_deepspeed_config, check_finetune, check_data, check_task,
+          check_model, check_memory, check_checkpoint, check_data_change]
 LATE_CHECKS = [check_deepspeed_values]
 
 

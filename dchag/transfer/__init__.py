@@ -4,6 +4,8 @@
                                               DeepSpeed checkpoint folder of any T, P; weights only
     --freeze-encoder                          a linear probe: only the head (and task conditioning) trains
     --new-params-lr-mult M                    new and interpolated tensors train at M x the rate
+    --lora-rank R --lora-alpha A ...          LoRA adapters on the TP linears (dchag/model/lora.py); the loaded
+                                              tensors frozen, the adapters, head, new and interpolated tensors train
 
 The training loop calls three functions:
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from dchag.transfer.architecture import check_flags, resolve_groups as _resolve_groups, take_architecture
 from dchag.transfer.errors import FinetuneError
-from dchag.transfer.load import copy_into, freeze_encoder, is_new_parameter, mark_new_parameters
+from dchag.transfer.load import copy_into, freeze_encoder, freeze_for_lora, is_new_parameter, mark_new_parameters
 from dchag.transfer.plan import TransferPlan, full_shapes, plan_transfer
 from dchag.transfer.pretrained import Pretrained, open_pretrained
 from dchag.transfer.report import format_table
@@ -47,10 +49,11 @@ def resolve_groups(args, pretrained: Pretrained) -> None:
     _resolve_groups(args, pretrained.cfg)
 
 
-def plan_for(model, pretrained: Pretrained) -> TransferPlan:
-    """The transfer plan for ``model`` (any layout; refuses a checkpoint that shares nothing)."""
+def plan_for(model, pretrained: Pretrained, prefer: str | None = None) -> TransferPlan:
+    """The transfer plan for ``model`` (any layout; refuses a checkpoint that shares nothing);
+    ``prefer``: --match-channels."""
     return plan_transfer(pretrained.cfg, pretrained.shapes, model.cfg, full_shapes(model),
-                         set(model.task_parameter_names()))
+                         set(model.task_parameter_names()), prefer)
 
 
 def apply(model, pretrained: Pretrained, args, load_weights: bool = True, log=print) -> TransferPlan:
@@ -58,17 +61,19 @@ def apply(model, pretrained: Pretrained, args, load_weights: bool = True, log=pr
     weights (``load_weights``; a resume from --load takes its own), the marks behind
     --new-params-lr-mult and the --freeze-encoder probe, which a resume needs too (the same
     optimizer groups). ``log`` prints on rank 0."""
-    plan = plan_for(model, pretrained)
+    plan = plan_for(model, pretrained, getattr(args, "match_channels", None))
     frozen = freeze_encoder(model) if getattr(args, "freeze_encoder", False) else None
+    lora = freeze_for_lora(model, plan) if getattr(model.cfg, "lora_rank", 0) else None
     mark_new_parameters(model, plan)
     if load_weights:
         copy_into(model, plan, pretrained.tensors())
         given = getattr(args, "given", None)
         log(format_table(plan, pretrained.describe(), pretrained.shapes, full_shapes(model),
                          given is None or "dchag_groups" in given, args.channel_parallel_size, frozen,
-                         getattr(args, "new_params_lr_mult", 1.0)))
+                         getattr(args, "new_params_lr_mult", 1.0), lora))
     else:
         log(f"> resuming a fine-tune from --load; {pretrained.folder} (--pretrained-checkpoint) only decides which "
             f"parameters are new ({len(plan.names('new')) + len(plan.names('interpolated'))} tensors)"
-            + (" and which train (--freeze-encoder)" if frozen is not None else ""))
+            + (" and which train (--freeze-encoder)" if frozen is not None else "")
+            + (" and which train (--lora-rank)" if lora is not None else ""))
     return plan

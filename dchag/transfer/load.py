@@ -20,8 +20,8 @@ def copy_into(model, plan: TransferPlan, tensors: dict[str, torch.Tensor]) -> No
             continue
         old = tensors[p.source]
         if p.rows is not None:
-            start, stop = getattr(param, "channel_rows", (0, param.shape[0]))
-            for local, sources in enumerate(p.rows[start:stop]):
+            rows = getattr(param, "channel_ids", range(param.shape[0]))  # a blend: the rank's home ids
+            for local, sources in enumerate(p.rows[u] for u in rows):
                 if sources:  # in float64: a copied row (weight 1) stays bit-exact
                     row = sum(w * old[i].double() for i, w in sources)
                     param[local].copy_(row.to(param.dtype))
@@ -48,3 +48,24 @@ def freeze_encoder(model) -> list[str]:
         if name not in keep:
             param.requires_grad_(False)
     return sorted(keep)
+
+
+def freeze_for_lora(model, plan: TransferPlan) -> dict[str, list[str]]:
+    """--lora-rank: the adapters train, with the task's head and conditioning and every tensor the plan
+    made new or interpolated (whole tensors: a tensor with one interpolated row trains whole); every
+    tensor loaded from the pretrained model is frozen. Returns the names by role: "adapters", "task",
+    "transferred" (new or interpolated), "frozen"."""
+    from dchag.model.lora import is_adapter
+    task = set(model.task_parameter_names())
+    out = {"adapters": [], "task": [], "transferred": [], "frozen": []}
+    for name, param in model.named_parameters():
+        if is_adapter(param):
+            out["adapters"].append(name)
+        elif name in task:
+            out["task"].append(name)
+        elif plan.params[name].category != "loaded":
+            out["transferred"].append(name)
+        else:
+            param.requires_grad_(False)
+            out["frozen"].append(name)
+    return out

@@ -5,9 +5,10 @@ Per parameter of the new model (names as in the serial model, shapes of the full
 - per-channel rows (dim 0 = channels: the tokenizer's ``weight``, ``bias``, ``channel_embed``;
   D-CHAG-L's first-level coefficients; the MAE head's rows when both models are MAE) follow each
   channel's match (dchag/transfer/channels.py): copied, interpolated between two pretrained rows,
-  or left at this run's initialization. D-CHAG-L's coefficients are moved relative to their
-  segment's size, w = w_old n_old / n_new, so a group still starts near its mean (a new
-  channel keeps its initial 1 / n_new);
+  or left at this run's initialization (a model pretrained on a blend of sources has one row per
+  channel of their union: the new sensor is matched against the union). D-CHAG-L's coefficients
+  are moved relative to their segment's size, w = w_old n_old / n_new, so a group still starts
+  near its mean (a new channel keeps its initial 1 / n_new);
 - per-group rows (the rest of the partial aggregation: D-CHAG-C's per-segment query, key, value,
   projections; later tree levels) are the rows of the pretrained group nearest to each new group;
 - ``pos_embed`` on another tile grid: interpolated (dchag/transfer/pos_embed.py);
@@ -72,11 +73,11 @@ def full_shapes(model) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _segment_size_of_channels(cfg: DChagConfig) -> list[int]:
-    """The size of the first-level segment (group, or sub-group of a tree) of each channel."""
-    from dchag.model.aggregation import tree_levels
-    sizes = tree_levels(cfg.partition(1), 0, cfg.tree_levels)[0].sizes
-    return [n for n in sizes for _ in range(n)]
+def _segment_size_of_channels(cfg: DChagConfig) -> tuple[int, ...]:
+    """The size of the first-level segment (group, or sub-group of a tree) of each channel (a
+    blend: of each union channel's first slot in the first source that has it)."""
+    from dchag.model.aggregation import identity_segment_sizes
+    return identity_segment_sizes(cfg.source_layout(1), cfg.tree_levels)
 
 
 def _row_category(rows) -> str:
@@ -95,11 +96,11 @@ def _channel_rows(matches: list[ChannelMatch], scale=None) -> tuple:
 
 
 def plan_transfer(pretrained: DChagConfig, shapes: dict, cfg: DChagConfig, new_shapes: dict,
-                  task_parameters: set) -> TransferPlan:
+                  task_parameters: set, prefer: str | None = None) -> TransferPlan:
     """The plan for a model of ``cfg`` whose parameters have (full) ``new_shapes``, from a pretrained
     model of config ``pretrained`` whose tensors have ``shapes``; ``task_parameters``: the names of
-    the new model's head and task conditioning."""
-    matches = match_channels(pretrained, cfg)
+    the new model's head and task conditioning; ``prefer``: --match-channels."""
+    matches = match_channels(pretrained, cfg, prefer)
     same_channels = pretrained.num_channels == cfg.num_channels and all(
         m.copied and m.sources[0][0] == c for c, m in enumerate(matches))
     same_task = pretrained.task == cfg.task

@@ -5,6 +5,10 @@ folder of pretrain_dchag.py (a run folder with ``latest``, or one ``iter_NNNNNNN
 T, P, ZeRO stage and precision. :func:`open_pretrained` reads only its configuration and its
 tensors' names and shapes (cheap: the pre-flight); :meth:`Pretrained.tensors` reads the full,
 layout-free fp32 tensors (DeepSpeed folders: ``dchag.checkpointing.reader`` merges every shard).
+
+A model trained with LoRA (its checkpoint holds ``<linear>.lora.A``/``.B``) is the model with its
+adapters merged, W + (alpha / r) B A: that is what a fine-tune starts from (its own adapters, if
+any, start new).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class Pretrained:
     shapes: dict  # parameter name -> full shape
     iteration: int
     layout: tuple[int, int] | None  # (T, P) it was saved with
+    lora: object = None  # dchag.model.lora.LoRASpec of a checkpoint holding adapters (merged on reading)
+    adapters: tuple = ()  # their parameter names
 
     def describe(self) -> str:
         where = f"saved at T = {self.layout[0]}, P = {self.layout[1]}" if self.layout else "layout unknown"
@@ -43,8 +49,12 @@ class Pretrained:
             tensors, _ = consolidated.read(self.folder, check_model=False)
         else:
             reader.check_integrity(self.folder)
-            tensors, _ = reader.read_full_state_dict(self.folder, list(self.shapes))
-        return {name: t.float() for name, t in tensors.items()}
+            tensors, _ = reader.read_full_state_dict(self.folder, list(self.shapes) + list(self.adapters))
+        tensors = {name: t.float() for name, t in tensors.items()}
+        if self.lora is not None:
+            from dchag.model.lora import merge
+            tensors = merge(tensors, self.lora)
+        return tensors
 
 
 def open_pretrained(path: str) -> Pretrained:
@@ -54,12 +64,26 @@ def open_pretrained(path: str) -> Pretrained:
                             "consolidated) or a checkpoint folder written by --save.")
     try:
         if consolidated.is_consolidated(path):
-            return _open_export(path)
-        return _open_deepspeed(path)
+            return _merged(_open_export(path))
+        return _merged(_open_deepspeed(path))
     except FinetuneError:
         raise
     except Exception as e:  # noqa: BLE001 - CheckpointError, LayoutError, a damaged file: one message
         raise FinetuneError(f"{flag} cannot be read as a pretrained dchag model: {e}") from e
+
+
+def _merged(pretrained: Pretrained) -> Pretrained:
+    """A checkpoint with LoRA adapters as the model they make: its config without LoRA, its shapes
+    without the adapters (which :meth:`Pretrained.tensors` reads and merges)."""
+    import dataclasses
+    from dchag.model.lora import adapter_names, spec_of
+    spec = spec_of(pretrained.cfg)
+    if spec is None:
+        return pretrained
+    adapters = tuple(adapter_names(pretrained.shapes))
+    shapes = {n: s for n, s in pretrained.shapes.items() if n not in adapters}
+    cfg = dataclasses.replace(pretrained.cfg, lora_rank=0, lora_alpha=None, lora_dropout=0.0, lora_targets=None)
+    return dataclasses.replace(pretrained, cfg=cfg, shapes=shapes, lora=spec, adapters=adapters)
 
 
 def _open_export(path: str) -> Pretrained:

@@ -144,6 +144,15 @@ class Source:
             return True
         return False
 
+    _MAPPED_ATTRS: tuple[str, ...] = ()  # handles that are memory maps of the file
+
+    def release_pages(self) -> None:
+        """Unmap the file's memory maps (reopened by the next read). The pages a read touched stay in
+        the process's resident memory while mapped; a reader going over a scene larger than memory
+        (tools/predict.py) calls this between windows, so its memory does not grow with the scene."""
+        for name in self._MAPPED_ATTRS:
+            setattr(self, name, None)
+
     def close(self) -> None:
         for name in self._HANDLE_ATTRS:
             h = getattr(self, name, None)

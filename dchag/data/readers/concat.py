@@ -75,6 +75,10 @@ class ConcatSource(Source):
         for p in getattr(self, "parts", []):
             p.reset_counters()
 
+    def release_pages(self) -> None:
+        for p in self.parts:
+            p.release_pages()
+
     def close(self):
         for p in self.parts:
             p.close()

@@ -51,6 +51,7 @@ def find_envi_pair(path: str) -> tuple[str, str]:
 class EnviSource(Source):
     format = "envi"
     _HANDLE_ATTRS = ("_mm",)
+    _MAPPED_ATTRS = ("_mm",)
 
     def __init__(self, path: str, *, nodata=None, apply_scale: bool = True):
         super().__init__(path)

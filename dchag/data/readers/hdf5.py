@@ -45,8 +45,9 @@ class Hdf5Source(ChannelsFirstArray, Source):
     _HANDLE_ATTRS = ("_file",)
 
     def __init__(self, path: str, *, dataset: str | None = None, wavelengths=None, channel_names=None,
-                 nodata=None):
+                 nodata=None, channels_last: bool = False):
         super().__init__(path)
+        self.channels_last = bool(channels_last)
         require_file(self.path)
         f = self._open()
         self.dataset = dataset or self._pick_dataset(f)
@@ -58,8 +59,7 @@ class Hdf5Source(ChannelsFirstArray, Source):
             raise DataError(f"{self.path}::{self.dataset} has shape {d.shape}; it must be [C, H, W] or [N, C, H, W].")
         if d.dtype.kind not in "biuf":
             raise DataError(f"{self.path}::{self.dataset} has dtype {d.dtype}; images must be numeric.")
-        n, c, h, w = (1, *d.shape) if d.ndim == 3 else d.shape
-        self._shape = (n, c, h, w)
+        n, c, h, w = self._shape = self._stack_shape(d.shape)
         self._raw_itemsize = d.dtype.itemsize
         attrs = dict(d.attrs)
 
@@ -118,9 +118,7 @@ class Hdf5Source(ChannelsFirstArray, Source):
     def _read_block(self, index, c0, c1, r0, r1, k0, k1):
         d = self._open()[self.dataset]
         try:
-            if d.ndim == 3:
-                return d[c0:c1, r0:r1, k0:k1]
-            return d[index, c0:c1, r0:r1, k0:k1]
+            return self._slice(d, index, c0, c1, r0, r1, k0, k1)
         except OSError as e:
             raise DataError(f"reading {self.path}::{self.dataset} image {index} failed ({e}); the file is "
                             "truncated or damaged. Re-copy or regenerate it.") from e

@@ -1,7 +1,8 @@
 """NumPy ``.npy`` files: [C, H, W] (one image) or [N, C, H, W], read through a memory map.
 
-The channels come first; a channel count (--num-channels, or the sidecar below) confirms it
-(``channel_axis``): an array stored channels-last is refused, naming the transpose.
+The channels come first, or last when the user says so (``channels_last``: [H, W, C] or
+[N, H, W, C]); a channel count (--num-channels, or the sidecar below) must fit that axis
+(``channel_axis``).
 
 ``np.load(mmap_mode='r')`` maps the file; slicing [n, c0:c1, r0:r1, k0:k1] touches only the
 pages of those channels (for C-ordered data each channel of an image is one contiguous run).
@@ -31,20 +32,21 @@ from .channel_axis import ChannelsFirstArray
 class NpySource(ChannelsFirstArray, Source):
     format = "npy"
     _HANDLE_ATTRS = ("_arr",)
+    _MAPPED_ATTRS = ("_arr",)
 
-    def __init__(self, path: str, *, wavelengths=None, channel_names=None, nodata=None):
+    def __init__(self, path: str, *, wavelengths=None, channel_names=None, nodata=None, channels_last: bool = False):
         super().__init__(path)
+        self.channels_last = bool(channels_last)
         require_file(self.path)
         arr = self._open()
         if arr.ndim not in (3, 4):
             raise DataError(
                 f"{self.path} holds an array of shape {arr.shape}; an .npy image must be [C, H, W] "
-                "or a stack [N, C, H, W]. Add the missing axis (e.g. a[None] for one channel) and re-save.")
+                "or a stack [N, C, H, W] ([H, W, C] / [N, H, W, C] with --channels-last). Add the missing axis (e.g. a[None] for one channel) and re-save.")
         if arr.dtype.kind not in "biuf":
             raise DataError(f"{self.path} has dtype {arr.dtype}; only numeric (int/uint/float) arrays "
                             "can be used as images. Convert it with a.astype(np.float32) and re-save.")
-        n, c, h, w = (1, *arr.shape) if arr.ndim == 3 else arr.shape
-        self._shape = (n, c, h, w)
+        n, c, h, w = self._shape = self._stack_shape(arr.shape)
         self._raw_itemsize = arr.dtype.itemsize
         self.sidecar = sidecar_path(self.path)
         where = f"{self.path} (shape {tuple(arr.shape)})"
@@ -85,10 +87,7 @@ class NpySource(ChannelsFirstArray, Source):
         return self._arr
 
     def _read_block(self, index, c0, c1, r0, r1, k0, k1):
-        arr = self._open()
-        if arr.ndim == 3:
-            return arr[c0:c1, r0:r1, k0:k1]
-        return arr[index, c0:c1, r0:r1, k0:k1]
+        return self._slice(self._open(), index, c0, c1, r0, r1, k0, k1)
 
 
 def sidecar_path(path: str) -> str | None:

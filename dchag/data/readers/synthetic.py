@@ -20,6 +20,8 @@ the spectra are functions of the position in that range, so the same seed with m
 the same spectra more finely. ``bands="s2"`` gives the scene as 13 Sentinel-2-like bands instead
 (``S2_BANDS``: names B01..B12 and B8A, centre wavelengths): each band is the box average of the
 ``scene_channels``-channel scene over the channels inside the band's width (noise included).
+``bands="l8"`` gives the 9 Landsat-8-OLI-like bands (B1..B9), ``bands="50x900-1700nm"`` 50 adjacent
+bands of equal width over 900-1,700 nm (named by their centres: they match by wavelength only).
 ``image_offset`` shifts the image index (abundance phases and noise), so a data set of images
 ``offset .. offset + N - 1`` of the same seed (same endmembers) shares no image with one from 0.
 
@@ -29,6 +31,8 @@ dominant endmember of each pixel), from the same seed and window as the input.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -42,7 +46,29 @@ S2_BANDS = (("B01", 443.0, 20.0), ("B02", 490.0, 65.0), ("B03", 560.0, 35.0), ("
             ("B05", 705.0, 15.0), ("B06", 740.0, 15.0), ("B07", 783.0, 20.0), ("B08", 842.0, 115.0),
             ("B8A", 865.0, 20.0), ("B09", 945.0, 20.0), ("B10", 1375.0, 30.0), ("B11", 1610.0, 90.0),
             ("B12", 2190.0, 180.0))
-BAND_SETS = {"s2": S2_BANDS}
+# Landsat 8/9 OLI bands B1-B9 (B8 panchromatic, B9 cirrus): name, centre wavelength (nm), bandwidth (nm).
+L8_BANDS = (("B1", 443.0, 16.0), ("B2", 482.0, 60.0), ("B3", 561.0, 57.0), ("B4", 655.0, 38.0),
+            ("B5", 865.0, 28.0), ("B6", 1609.0, 85.0), ("B7", 2201.0, 187.0), ("B8", 590.0, 173.0),
+            ("B9", 1373.0, 21.0))
+BAND_SETS = {"s2": S2_BANDS, "l8": L8_BANDS}
+_EVEN_BANDS = re.compile(r"(\d+)x(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)nm")
+
+
+def band_table(bands: str) -> tuple:
+    """The (name, centre, width) rows of a band set: 's2', 'l8', or 'NxLO-HInm' (N adjacent bands of
+    equal width tiling LO-HI nm; named by their centres, so they match other data by wavelength)."""
+    if bands in BAND_SETS:
+        return BAND_SETS[bands]
+    m = _EVEN_BANDS.fullmatch(str(bands))
+    if m is None:
+        raise DataError(f"unknown synthetic band set {bands!r}; known: {', '.join(BAND_SETS)}, or NxLO-HInm (N "
+                        "adjacent bands tiling LO-HI nm, e.g. 50x900-1700nm).")
+    n, lo, hi = int(m.group(1)), float(m.group(2)), float(m.group(3))
+    if n < 1 or not lo < hi:
+        raise DataError(f"synthetic band set {bands!r} needs N >= 1 and LO < HI.")
+    width = (hi - lo) / n
+    centres = [lo + (i + 0.5) * width for i in range(n)]
+    return tuple((name, c, width) for name, c in zip(default_channel_names(n, centres), centres))
 
 
 def band_members(scene_wavelengths: np.ndarray, bands) -> list[np.ndarray]:
@@ -132,9 +158,7 @@ class SyntheticSource(Source):
             self.channel_names = default_channel_names(C)
             self._members = None
         else:
-            if bands not in BAND_SETS:
-                raise DataError(f"unknown synthetic band set {bands!r}; known: {', '.join(BAND_SETS)}.")
-            table = BAND_SETS[bands]
+            table = band_table(bands)
             if C != len(table):
                 raise DataError(f"synthetic bands={bands} has {len(table)} channels, but num_channels is {C}: give "
                                 f"--num-channels {len(table)} (the scene's own count is scene_channels).")
@@ -217,6 +241,13 @@ class SyntheticTargetSource(Source):
         if self.kind == "segment":
             return A.argmax(axis=0)[None].astype(np.float32)
         return A[c0:c1].astype(np.float32)
+
+
+def spec_channel_count(spec: dict) -> int | None:
+    """The channel count a parsed synthetic spec gives: ``num_channels``, else its band set's size."""
+    if "num_channels" in spec:
+        return int(spec["num_channels"])
+    return len(band_table(spec["bands"])) if spec.get("bands") else None
 
 
 _INT_OPTIONS = {"num_images", "num_channels", "height", "width", "seed", "endmembers", "modes", "scene_channels",

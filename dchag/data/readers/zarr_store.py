@@ -57,16 +57,17 @@ class ZarrArraySource(ChannelsFirstArray, Source):
     format = "zarr"
     _HANDLE_ATTRS = ("_arr",)
 
-    def __init__(self, path: str, *, array: str | None = None, wavelengths=None, channel_names=None, nodata=None):
+    def __init__(self, path: str, *, array: str | None = None, wavelengths=None, channel_names=None, nodata=None,
+                 channels_last: bool = False):
         super().__init__(path)
+        self.channels_last = bool(channels_last)
         self.array_name = array
         arr = self._open()
         if arr.ndim not in (3, 4):
             raise DataError(f"{self.describe_name()} has shape {arr.shape}; it must be [C, H, W] or [N, C, H, W].")
         if np.dtype(arr.dtype).kind not in "biuf":
             raise DataError(f"{self.describe_name()} has dtype {arr.dtype}; images must be numeric.")
-        n, c, h, w = (1, *arr.shape) if arr.ndim == 3 else arr.shape
-        self._shape = (n, c, h, w)
+        n, c, h, w = self._shape = self._stack_shape(arr.shape)
         self._raw_itemsize = np.dtype(arr.dtype).itemsize
         attrs = dict(arr.attrs)
         if wavelengths is None:
@@ -119,9 +120,7 @@ class ZarrArraySource(ChannelsFirstArray, Source):
     def _read_block(self, index, c0, c1, r0, r1, k0, k1):
         arr = self._open()
         try:
-            if arr.ndim == 3:
-                return arr[c0:c1, r0:r1, k0:k1]
-            return arr[index, c0:c1, r0:r1, k0:k1]
+            return self._slice(arr, index, c0, c1, r0, r1, k0, k1)
         except Exception as e:
             raise DataError(f"reading {self.describe_name()} image {index} failed ({type(e).__name__}: {e}); "
                             "the store is damaged. Re-copy or regenerate it.") from e
