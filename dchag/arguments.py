@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from dchag.model.config import TASKS, DChagConfig, default_channel_chunk
+from dchag.model.config import CROSS_PROJECTIONS, GROUP_NORMS, TASKS, DChagConfig, default_channel_chunk
 
 # Arguments that define the model and layout: a checkpoint refuses to load if these differ.
 MODEL_ARGS = ("task", "num_channels", "img_h", "img_w", "patch_dim", "num_layers", "hidden_size",
               "num_attention_heads", "ffn_hidden_size", "dchag_aggregation", "dchag_groups", "dchag_tree_levels",
+              "dchag_cross_projections", "dchag_group_norm",
               "tensor_model_parallel_size", "channel_parallel_size", "bf16", "channel_embedding", "num_outputs",
               "lora_rank", "lora_alpha", "lora_targets")
 
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dchag-aggregation", choices=("flat", "linear", "cross"), default="linear")
     g.add_argument("--dchag-groups", type=integer, default=1)
     g.add_argument("--dchag-tree-levels", type=integer, default=1)
+    g.add_argument("--dchag-cross-projections", choices=CROSS_PROJECTIONS, default="per-group")
+    g.add_argument("--dchag-group-norm", choices=GROUP_NORMS, default="none")
     g.add_argument("--dchag-channel-chunk", type=integer, default=None)
     g.add_argument("--channel-embedding", choices=("learned", "wavelength"), default="learned")
     g.add_argument("--hidden-dropout", type=float, default=0.0)
@@ -101,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "gradient norm; each such update is skipped on every rank")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--dchag-partial-lr-mult", type=float, default=1.0)
+    g.add_argument("--dchag-coefficient-lr-scale", choices=("size", "none"), default="none")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -182,6 +186,8 @@ def model_config(args, num_channels: int | None = None) -> DChagConfig:
         patch_dim=args.patch_dim, hidden_size=args.hidden_size, num_layers=args.num_layers,
         num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
         aggregation=args.dchag_aggregation, groups=args.dchag_groups, tree_levels=args.dchag_tree_levels,
+        cross_projections=getattr(args, "dchag_cross_projections", "per-group"),
+        group_norm=getattr(args, "dchag_group_norm", "none"),
         # getattr: the arguments of a checkpoint saved before the flag existed (dchag.checkpointing)
         channel_chunk=default_channel_chunk(args.dchag_aggregation, getattr(args, "dchag_channel_chunk", None)),
         task=args.task, num_outputs=getattr(args, "num_outputs", None),

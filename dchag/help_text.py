@@ -56,8 +56,14 @@ HELP = {
                            "linear (D-CHAG-L: a learned map per channel group) or cross (D-CHAG-C: a cross-attention "
                            "per group)",
     "--dchag-groups": "G, channel groups aggregated before the all-gather (a model hyperparameter; "
-                      "--channel-parallel-size divides it)",
+                      "--channel-parallel-size divides it). Fewer channels per group train closer to flat: "
+                      "D-CHAG-L's MAE gap was +0.3/+1.2/+3.0/+4.0/+7.9 %% at 1/2/4/8/16 channels per group "
+                      "(docs/PARITY.md section 6)",
     "--dchag-tree-levels": "levels of the partial aggregation inside each group (2: sub-groups first)",
+    "--dchag-cross-projections": "D-CHAG-C's per-group projections: per-group (the paper's: key, value and output "
+                                 "D x D matrices per group) or none (the group's learned query attends over the "
+                                 "channel tokens themselves: D parameters per group; measured, not a default: "
+                                 "docs/PARITY.md section 6)",
     "--dchag-channel-chunk": "K: stream tokenization and the partial aggregation over K channels at a time, "
                              "recomputing each chunk in backward: the channel stage's memory stops growing with the "
                              "channel count (linear/cross; 0 = off). Default: 64 for linear (it is also faster: "
@@ -82,6 +88,13 @@ HELP = {
     "--lr-warmup-iters": "linear warmup iterations",
     "--lr-decay-style": "decay after the warmup",
     "--weight-decay": "AdamW weight decay",
+    "--dchag-group-norm": "layernorm: normalize every group token over the hidden size (a scale and shift per "
+                          "group) before the final aggregation; none: as the paper (measured, not a default: "
+                          "docs/PARITY.md section 6)",
+    "--dchag-coefficient-lr-scale": "size: D-CHAG-L's coefficients of segments of n tokens (n = C/G at the first "
+                                    "tree level, 2 above it) train at 1/n x their rate, the same relative step for "
+                                    "every group size (they start at 1/n); none: at the rate of the rest (measured, "
+                                    "not a default: docs/PARITY.md section 6)",
     "--dchag-partial-lr-mult": "learning-rate multiplier of D-CHAG's partial aggregation (its parameter groups' "
                                "lr_mult, as megatron's); below 1 that stage learns slower than the rest of the model, "
                                "0 freezes it. 0.1 let every D-CHAG-C run of docs/PARITY.md's MAE study leave the "

@@ -9,6 +9,8 @@ the page. ``DChagViT`` at T = P = 1 must equal it in output, loss and every grad
     x [B, C, H, W]
       per-channel patch embedding     tok[b, c, l] = W_c . patch_l(x[b, c]) + b_c + e_c (+ s(lambda_c))  [B, C, L, D]
       partial aggregation (per group) linear: sum_i w_i tok_i    cross: learned-query attention  [B, G, L, D]
+      (group norm: each group token layer-normalized over D, a scale and shift per group)
+         (cross without projections: the query attends over the tokens themselves, keys = values = tokens)
          tree of k levels: level 1 reduces each of the 2^(k-1) sub-groups of a group, later levels pairs
       final aggregation               learned-query multi-head cross-attention over the G tokens [B, L, D]
       MAE: masked positions -> mask token;  + position embedding;  forecast: + lead-time embedding
@@ -62,6 +64,8 @@ class ReferenceConfig:
     out_vars: tuple[int, ...]
     eps: float = 1e-5
     wavelengths: tuple | None = None  # --channel-embedding wavelength: each channel's wavelength (nm) or None
+    cross_projections: str = "per-group"  # none: the group's query attends over the tokens themselves
+    group_norm: str = "none"  # layernorm: each group token normalized over D, then a per-group scale and shift
     source: tuple[int, ...] | None = None  # a blend: the union row of each input channel, in the input's order
 
 
@@ -170,6 +174,8 @@ class ReferenceDChag(nn.Module):
                 if self.cfg.aggregation == "linear":
                     w = self.p(f"agg{j}.coef")[rows[start:start + size] if j == 0 else slice(start, start + size)]
                     out.append((seg * w[None, :, None, None]).sum(1))
+                elif self.cfg.cross_projections == "none":  # keys = values = the tokens, no output projection
+                    out.append(self.attend(self.p(f"agg{j}.query")[n], seg, seg))
                 else:
                     keys = seg @ self.p(f"agg{j}.key")[n]
                     values = seg @ self.p(f"agg{j}.value")[n]
@@ -215,6 +221,11 @@ class ReferenceDChag(nn.Module):
         tokens = self.tokenize(img)
         if self.cfg.aggregation != "flat":
             tokens = self.partial_aggregation(tokens)
+        if self.cfg.group_norm == "layernorm":  # [B, G, L, D], over D, per group g: gamma_g, beta_g
+            mean = tokens.mean(-1, keepdim=True)
+            var = ((tokens - mean) ** 2).mean(-1, keepdim=True)
+            tokens = ((tokens - mean) / torch.sqrt(var + self.cfg.eps) * self.p("groupnorm.w")[None, :, None, :]
+                      + self.p("groupnorm.b")[None, :, None, :])
         x = self.final_aggregation(tokens)  # [B, L, D]
         if self.cfg.task == "mae":
             x = torch.where(patch_mask[..., None], self.p("mask_token")[0], x)
@@ -276,6 +287,8 @@ def name_map(cfg: ReferenceConfig) -> dict[str, str]:
     for j in range(len(segments_per_level(cfg))):
         if cfg.aggregation == "linear":
             m[f"agg{j}.coef"] = f"partial.levels.{j}.weight"
+        elif cfg.cross_projections == "none":
+            m[f"agg{j}.query"] = f"partial.levels.{j}.query"
         else:
             for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value"), ("proj", "proj"),
                                  ("proj_b", "proj_bias")):
@@ -287,6 +300,8 @@ def name_map(cfg: ReferenceConfig) -> dict[str, str]:
         for ours, theirs in (("qkv", "self_attention.linear_qkv"), ("proj", "self_attention.linear_proj"),
                              ("fc1", "mlp.linear_fc1"), ("fc2", "mlp.linear_fc2")):
             m[f"blocks{i}.{ours}_w"], m[f"blocks{i}.{ours}_b"] = f"{layer}.{theirs}.weight", f"{layer}.{theirs}.bias"
+    if cfg.group_norm == "layernorm":
+        m.update({"groupnorm.w": "group_norm.weight", "groupnorm.b": "group_norm.bias"})
     if cfg.task == "mae":
         m.update({"mask_token": "mask_token", "head.w": "head.weight", "head.b": "head.bias"})
     else:

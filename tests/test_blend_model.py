@@ -35,6 +35,8 @@ CASES = {  # name: (config, layouts beyond (2, 2) and (2, 1))
     "linear-tree2": (dict(aggregation="linear", tree_levels=2, **BLEND), ()),
     "cross-tree2-wavelength": (dict(aggregation="cross", tree_levels=2, channel_embedding="wavelength",
                                     wavelengths=WAVELENGTHS, **BLEND), ((4, 4), (4, 2))),
+    # --dchag-cross-projections none and --dchag-group-norm layernorm (issue 28's options) in a blend
+    "cross-noproj-groupnorm": (dict(aggregation="cross", cross_projections="none", group_norm="layernorm", **BLEND), ()),
     "flat": (FLAT, ()),
 }
 SP_CASE = "linear"  # also run with --sequence-parallel
@@ -227,6 +229,8 @@ REFERENCE_CASES = {
     "cross-tree2-wavelength": dict(aggregation="cross", tree_levels=2, channel_embedding="wavelength",
                                    wavelengths=WAVELENGTHS, **BLEND),
     "linear-tree2-streamed": dict(aggregation="linear", tree_levels=2, channel_chunk=2, **BLEND),
+    "cross-noproj-groupnorm-streamed": dict(aggregation="cross", cross_projections="none", group_norm="layernorm",
+                                            channel_chunk=2, **BLEND),
     "flat": FLAT,
 }
 
@@ -259,7 +263,18 @@ def _reference_worker() -> dict:
                               "out": rel_err(pred, ref_pred),
                               "grads": {n: _rel(grads[n], ref_grads[n], floor) for n in ref_grads},
                               "unmapped": sorted(set(grads) ^ set(ref_grads))}
+    from dchag.parallel.partition import LayoutError
+    from dchag.training.loop import coefficient_lr_scales
+    setup_layout(1, 1)
+    try:  # --dchag-coefficient-lr-scale size: one 1/n per level, which a blend's per-source segments do not have
+        out["clr-size"] = coefficient_lr_scales(DChagViT(tiny_config(aggregation="linear", **BLEND)))
+    except LayoutError as e:
+        out["clr-size"] = str(e)
     return out
+
+
+def test_coefficient_lr_scale_size_refuses_a_blend(reference_results):
+    assert "needs one data source" in reference_results["clr-size"], reference_results["clr-size"]
 
 
 @pytest.fixture(scope="module")

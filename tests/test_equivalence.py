@@ -81,6 +81,8 @@ CASES = {
     "cross-tree2": dict(aggregation="cross", tree_levels=2),
     "linear-even-G8": dict(aggregation="linear", num_channels=16, groups=8),
     "cross-forecast": dict(aggregation="cross", task="forecast", out_channels=(0, 3, 5)),
+    "cross-noproj-tree2": dict(aggregation="cross", cross_projections="none", tree_levels=2),
+    "linear-groupnorm": dict(aggregation="linear", group_norm="layernorm"),
 }
 
 

@@ -55,8 +55,16 @@ def test_method_specs():
     assert slow.overrides(args) == {"dchag_aggregation": "cross", "dchag_groups": 8, "dchag_tree_levels": 2,
                                     "dchag_partial_lr_mult": 0.1}
     assert slow.label(8, 1) == "D-CHAG-C G=8 k=2 partial lr x0.1"
+    light = parse_methods("flat,cross:proj=none")[1]
+    assert light.overrides(args)["dchag_cross_projections"] == "none"
+    assert light.label(8, 1) == "D-CHAG-C G=8 projections none"
+    both = parse_methods("flat,linear:clr=size:gn=layernorm")[1]
+    assert both.overrides(args) == {"dchag_aggregation": "linear", "dchag_groups": 8, "dchag_tree_levels": 1,
+                                    "dchag_coefficient_lr_scale": "size", "dchag_group_norm": "layernorm"}
+    assert both.label(8, 1) == "D-CHAG-L G=8 coefficient lr size group norm layernorm"
     for bad in ("linear,flat", "flat,mean", "flat,cross:q=2", "flat:g=2", "flat,linear,linear", "flat,flat", "",
-                "flat,cross:lrm=-1", "flat,cross:lrm=x", "flat:lrm=0.1"):
+                "flat,cross:lrm=-1", "flat,cross:lrm=x", "flat:lrm=0.1", "flat,linear:proj=none",
+                "flat,cross:proj=identity", "flat,cross:clr=size", "flat,linear:clr=x", "flat:gn=layernorm"):
         with pytest.raises(LayoutError):
             parse_methods(bad)
 
@@ -183,6 +191,14 @@ def test_merge_keeps_only_the_methods_asked_for(tmp_path):
         merge_studies(parts)
     merged = merge_studies(parts, ["flat", "cross"])
     assert list(merged["methods"]) == ["flat", "cross"] and merged["methods"]["cross"]["val_loss"] == [1.1, 1.8, 5.0]
+    # --common-seeds: the variant is paired with flat on the seeds it has (1, 2); seed 3 is left out for all.
+    common = merge_studies(parts, common_seeds=True)
+    assert common["seeds"] == [1, 2] and common["methods"]["flat"]["val_loss"] == [1.0, 2.0]
+    assert common["methods"]["cross:lrm=0.1"]["val_loss"] == [0.9, 2.1]
+    assert list(common["methods"]["cross"]["curves"]) == ["1", "2"]
+    write_report(_fake_study({"linear": [1.0]}, [7]), str(tmp_path / "c"))
+    with pytest.raises(LayoutError, match="no seed has a run of every method"):
+        merge_studies(parts + [str(tmp_path / "c")], common_seeds=True)
     with pytest.raises(LayoutError, match="linear is in none of the directories"):
         merge_studies(parts, ["flat", "linear"])
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")

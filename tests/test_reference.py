@@ -41,6 +41,12 @@ CASES = {
     "cross-tree3-streamed": dict(aggregation="cross", groups=2, tree_levels=3, channel_chunk=3),
     # --channel-embedding wavelength (a channel without a wavelength included), unstreamed and streamed.
     "linear-wavelength": dict(aggregation="linear", channel_embedding="wavelength", wavelengths=WAVELENGTHS),
+    # D-CHAG-C without projections (--dchag-cross-projections none), a tree, unstreamed and streamed.
+    "cross-noproj-tree2": dict(aggregation="cross", cross_projections="none", tree_levels=2),
+    "cross-noproj-streamed": dict(aggregation="cross", cross_projections="none", channel_chunk=3),
+    # --dchag-group-norm layernorm after the (streamed) linear stage and after a cross tree.
+    "linear-groupnorm-streamed": dict(aggregation="linear", group_norm="layernorm", channel_chunk=3),
+    "cross-tree2-groupnorm": dict(aggregation="cross", tree_levels=2, group_norm="layernorm"),
     "cross-streamed-wavelength": dict(aggregation="cross", channel_chunk=3, channel_embedding="wavelength",
                                       wavelengths=WAVELENGTHS),
 }
@@ -52,7 +58,8 @@ def reference_config(cfg) -> ReferenceConfig:
                            mlp_dim=cfg.ffn_size, aggregation=cfg.aggregation, groups=cfg.num_groups,
                            tree_levels=cfg.tree_levels, task=cfg.task, out_vars=cfg.predicted_channels,
                            eps=cfg.layernorm_epsilon,
-                           wavelengths=cfg.wavelengths if cfg.channel_embedding == "wavelength" else None)
+                           wavelengths=cfg.wavelengths if cfg.channel_embedding == "wavelength" else None,
+                           cross_projections=cfg.cross_projections, group_norm=cfg.group_norm)
 
 
 def _batch(cfg, gen):
@@ -182,9 +189,10 @@ def _decayed_parameters() -> dict:
     args = SimpleNamespace(weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, dchag_partial_lr_mult=0.5)
     out = {}
     for name, kwargs in (("cross-tree2", dict(aggregation="cross", tree_levels=2)),
-                         ("linear-forecast", dict(aggregation="linear", task="forecast"))):
+                         ("linear-forecast", dict(aggregation="linear", task="forecast")),
+                         ("linear-tree2-size", dict(aggregation="linear", tree_levels=2))):
         model = DChagViT(tiny_config(**kwargs))
-        opt = _build_optimizer(model, args)
+        opt = _build_optimizer(model, SimpleNamespace(**vars(args), dchag_coefficient_lr_scale=name.split("-")[-1]))
         names = {id(p): n for n, p in model.named_parameters()}
         by_decay, by_lr_mult = {}, {}
         for g in opt.param_groups:
@@ -201,7 +209,8 @@ def _init_properties() -> dict:
     setup_layout(1, 1)
     out = {}
     for name, kwargs in (("flat", dict(aggregation="flat")), ("linear", dict(aggregation="linear")),
-                         ("cross", dict(aggregation="cross")), ("cross-tree2", dict(aggregation="cross", tree_levels=2))):
+                         ("cross", dict(aggregation="cross")), ("cross-tree2", dict(aggregation="cross", tree_levels=2)),
+                         ("cross-noproj", dict(aggregation="cross", cross_projections="none"))):
         cfg = tiny_config(**kwargs)
         model = DChagViT(cfg)
         images = torch.randn(8, cfg.num_channels, cfg.img_h, cfg.img_w, generator=torch.Generator().manual_seed(9))
@@ -228,7 +237,8 @@ def _init_properties() -> dict:
     images = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(5))  # 4 groups of 4 (tree: 2 + 2)
     content = {}
     for name, kwargs in (("flat", dict(aggregation="flat")), ("linear", dict(aggregation="linear")),
-                         ("cross", dict(aggregation="cross")), ("cross-tree2", dict(aggregation="cross", tree_levels=2))):
+                         ("cross", dict(aggregation="cross")), ("cross-tree2", dict(aggregation="cross", tree_levels=2)),
+                         ("cross-noproj", dict(aggregation="cross", cross_projections="none"))):
         setup_layout(1, 1)  # the same seed for every model, as every run of a study gets
         with torch.no_grad():
             content[name] = DChagViT(tiny_config(num_channels=16, groups=4, **kwargs)).aggregate_channels(images)
@@ -287,7 +297,7 @@ DECAYED = re.compile(r"^(tokenizer\.weight|partial\.levels\.\d+\.(key|value|proj
                      r"|head\.weight|head\.linear\.weight|lead_time_embed\.weight)$")
 
 
-@pytest.mark.parametrize("agg", ["flat", "linear", "cross", "cross-tree2"])
+@pytest.mark.parametrize("agg", ["flat", "linear", "cross", "cross-tree2", "cross-noproj"])
 def test_untrained_aggregation_is_the_mean_and_the_image_is_visible(results, agg):
     """Zero queries: uniform attention, so the channel stage starts as the projected mean of the
     tokens (as LinearReduce starts from the group mean). Unit-gain final projections: the image
@@ -298,7 +308,7 @@ def test_untrained_aggregation_is_the_mean_and_the_image_is_visible(results, agg
     assert r["content_over_pos"] > 0.1, r
 
 
-@pytest.mark.parametrize("agg", ["linear", "cross", "cross-tree2"])
+@pytest.mark.parametrize("agg", ["linear", "cross", "cross-tree2", "cross-noproj"])
 def test_untrained_dchag_is_flats_function(results, agg):
     """Equal groups: D-CHAG-L and D-CHAG-C start as exactly the flat model (D-CHAG-L: the group mean;
     D-CHAG-C: zero query, identity value and output projections in CrossReduce). Fails with random
@@ -327,3 +337,15 @@ def test_partial_lr_mult_reaches_exactly_the_partial_stage(results, case):
     assert not [n for n in groups[1.0] if n.startswith("partial.")]
     if case == "cross-tree2":
         assert {n.split(".")[2] for n in groups[0.5]} == {"0", "1"}  # both levels of the tree
+
+
+def test_coefficient_lr_scale_is_one_over_the_segment_size(results):
+    """--dchag-coefficient-lr-scale size (13 channels, G = 4, k = 2: 8 sub-groups of 13/8 channels,
+    then pairs): level 1's coefficients at 8/13, level 2's at 1/2, times --dchag-partial-lr-mult 0.5;
+    nothing else moves."""
+    groups = results["decay"]["linear-tree2-size"]["lr_mult"]
+    assert sorted(groups) == pytest.approx(sorted([0.5 * 8 / 13, 0.25, 1.0]))
+    by_name = {n: m for m, names in groups.items() for n in names}
+    assert by_name["partial.levels.0.weight"] == pytest.approx(0.5 * 8 / 13)
+    assert by_name["partial.levels.1.weight"] == pytest.approx(0.25)
+    assert all(m == 1.0 for n, m in by_name.items() if not n.startswith("partial."))

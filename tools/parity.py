@@ -10,7 +10,8 @@ Launch it like pretrain_dchag.py, with pretrain_dchag.py's model, data and train
                                     and one training log per run in DIR/logs
     --merge DIR [DIR ...]           no training: report studies run apart (split by method, e.g.
                                     flat,linear and cross, or by --seed) as one, in --output-dir;
-                                    with --methods, only those methods
+                                    with --methods, only those methods; with --common-seeds, only the
+                                    seeds every method has
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 .venv/bin/python -m torch.distributed.run --nproc_per_node 2 \\
         tools/parity.py --methods flat,linear,cross --seeds 4 --output-dir runs/parity \\
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--output-dir", default="runs/parity", help="where the report goes (default: %(default)s)")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="report finished studies (their --output-dir) as one, "
                    "split by method or by seed; trains nothing")
+    p.add_argument("--common-seeds", action="store_true", help="with --merge: report only the seeds every method "
+                   "has (a variant run on fewer seeds than flat, paired with flat on those)")
     p.add_argument("-h", "--help", action="store_true")
     ours, rest = p.parse_known_args(argv)
     if ours.help:
@@ -53,7 +56,10 @@ def main(argv=None) -> int:
         return 0
 
     if ours.merge:
-        return merge(ours.merge, ours.output_dir, ours.methods)
+        return merge(ours.merge, ours.output_dir, ours.methods, ours.common_seeds)
+    if ours.common_seeds:
+        print("error: --common-seeds applies to --merge only.", file=sys.stderr, flush=True)
+        return 1
 
     import torch.distributed as dist
 
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def merge(directories: list[str], output_dir: str, methods: str | None = None) -> int:
+def merge(directories: list[str], output_dir: str, methods: str | None = None, common_seeds: bool = False) -> int:
     from dchag.parallel.partition import LayoutError
     from dchag.parity.merge import merge_studies
     from dchag.parity.methods import parse_methods
@@ -95,7 +101,7 @@ def merge(directories: list[str], output_dir: str, methods: str | None = None) -
             raise LayoutError(f"--output-dir {output_dir} is one of the --merge directories: its report would be "
                               "overwritten; choose a new directory.")
         keep = None if methods is None else [m.spec for m in parse_methods(methods)]
-        results = merge_studies(directories, keep)
+        results = merge_studies(directories, keep, common_seeds)
     except LayoutError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -19,7 +19,7 @@ from dchag.checkpointing.tags import (check_own, interrupted_iterations, is_comp
 
 # Arguments that shape the optimizer's parameter groups: its saved state loads only under the same
 # values (DeepSpeed's own error for a changed grouping names parameter alignment, not the flag).
-OPTIMIZER_ARGS = ("dchag_partial_lr_mult", "new_params_lr_mult", "freeze_encoder")
+OPTIMIZER_ARGS = ("dchag_partial_lr_mult", "new_params_lr_mult", "freeze_encoder", "dchag_coefficient_lr_scale")
 LAYOUT_ARGS = ("tensor_model_parallel_size", "channel_parallel_size")
 # Recorded, not compared: the channels' identity (from the data; dchag/transfer matches by it; a blend: the
 # union's channels and each source's ids in it) and provenance.

@@ -296,6 +296,14 @@ def identity_segment_sizes(sources: SourceLayout, levels: int) -> tuple[int, ...
     return tuple(out)
 
 
+def source_tree_levels(partition: ChannelPartition | None, rank: int, tree_levels_k: int,
+                       sources: SourceLayout | None = None) -> list[tuple[SegmentLevel, ...]]:
+    """The rank's tree levels, each per data source: ``[level][source]`` (one source: ``partition``'s)."""
+    partitions = [partition] if sources is None else [sources.partition(s) for s in range(sources.num_sources)]
+    by_source = [tree_levels(p, rank, tree_levels_k) for p in partitions]
+    return [tuple(per_source[j] for per_source in by_source) for j in range(tree_levels_k)]
+
+
 def build_partial_aggregation(kind: str, partition: ChannelPartition | None, rank: int, tree_levels_k: int,
                               hidden_size: int, num_heads: int, seed: int, owner: bool,
                               attention_backend: str = "unfused", sources: SourceLayout | None = None) -> nn.Module:
@@ -303,9 +311,7 @@ def build_partial_aggregation(kind: str, partition: ChannelPartition | None, ran
     grouped as its own channels; dchag/parallel/sources.py)."""
     if kind == "flat":
         return NoPartialAggregation()
-    partitions = [partition] if sources is None else [sources.partition(s) for s in range(sources.num_sources)]
-    by_source = [tree_levels(p, rank, tree_levels_k) for p in partitions]
-    levels = [tuple(per_source[j] for per_source in by_source) for j in range(tree_levels_k)]  # [level][source]
+    levels = source_tree_levels(partition, rank, tree_levels_k, sources)
     if kind == "linear":
         bank = None if sources is None else Bank.of(sources, rank)
         sizes = None if sources is None else identity_segment_sizes(sources, tree_levels_k)

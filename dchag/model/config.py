@@ -27,6 +27,8 @@ TASK_MODELS = {
 }
 TASKS = tuple(TASK_MODELS)
 CHANNEL_EMBEDDINGS = ("learned", "wavelength")
+CROSS_PROJECTIONS = ("per-group", "none")
+GROUP_NORMS = ("none", "layernorm")
 # --dchag-channel-chunk when not given (training, planner, simulation): streamed D-CHAG-L (faster and
 # 3-7x less channel-stage memory at every C measured), unstreamed D-CHAG-C (streaming costs it up to
 # ~2x channel-stage time); docs/BENCHMARKS.md section 8
@@ -51,6 +53,10 @@ class DChagConfig:
     aggregation: str = "linear"  # flat | linear (D-CHAG-L) | cross (D-CHAG-C)
     groups: int = 1  # G, ignored by flat (every channel is its own group)
     tree_levels: int = 1  # k: levels of the partial (in-group) reduction
+    # cross: per-group key/value/output projections (the paper's D-CHAG-C), or none (the query attends
+    # over the tokens themselves; dchag/model/query_reduce.py)
+    cross_projections: str = "per-group"
+    group_norm: str = "none"  # none | layernorm: a LayerNorm per group token after the partial stage (group_norm.py)
     channel_chunk: int = 0  # K: stream the channel stage K channels at a time (0 = off; dchag/model/streaming.py)
     task: str = "mae"
     out_channels: tuple[int, ...] | None = None  # forecast: predicted channels (default: all)
@@ -107,6 +113,17 @@ class DChagConfig:
         if self.hidden_size % self.num_attention_heads != 0:
             raise LayoutError(f"--hidden-size {self.hidden_size} must be divisible by "
                               f"--num-attention-heads {self.num_attention_heads}.")
+        if self.cross_projections not in CROSS_PROJECTIONS:
+            raise LayoutError(f"--dchag-cross-projections must be one of {CROSS_PROJECTIONS}, got "
+                              f"{self.cross_projections!r}.")
+        if self.cross_projections != "per-group" and self.aggregation != "cross":
+            raise LayoutError(f"--dchag-cross-projections {self.cross_projections} applies to --dchag-aggregation cross, "
+                              f"not {self.aggregation}.")
+        if self.group_norm not in GROUP_NORMS:
+            raise LayoutError(f"--dchag-group-norm must be one of {GROUP_NORMS}, got {self.group_norm!r}.")
+        if self.group_norm != "none" and self.aggregation == "flat":
+            raise LayoutError("--dchag-group-norm normalizes D-CHAG's group tokens; flat has none: use "
+                              "--dchag-aggregation linear or cross, or --dchag-group-norm none.")
         if self.tree_levels < 1:
             raise LayoutError(f"--dchag-tree-levels must be >= 1, got {self.tree_levels}.")
         if self.aggregation == "flat" and self.tree_levels != 1:

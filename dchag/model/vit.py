@@ -37,8 +37,10 @@ from dchag.model.bank import Bank
 from dchag.model.backbone import (build_backbone, mark_linear_weight_matrices, transformer_config,
                                   without_sequence_parallel)
 from dchag.model.config import DChagConfig
+from dchag.model.group_norm import GroupTokenNorm
 from dchag.model.heads import ChannelReconstructionHead, DenseHead, sincos_2d
 from dchag.model.init import init_rows_
+from dchag.model.query_reduce import build_query_partial_aggregation
 from dchag.model.streaming import streamed_partial_aggregation
 from dchag.model.tokenizer import ChannelTokenizer
 from dchag.parallel.comm import gather_from_channel_parallel_region
@@ -73,9 +75,17 @@ class DChagViT(nn.Module):
         # --dchag-channel-chunk K: per source, the same number of chunks on every channel rank (dchag/model/streaming.py)
         self.stream_chunks = tuple(cfg.channel_chunk and self.source_layout.partition(s).stream_chunks(cfg.channel_chunk)
                                    for s in range(self.source_layout.num_sources))
-        self.partial = build_partial_aggregation(cfg.aggregation, self.partition, rank, cfg.tree_levels, D,
-                                                 cfg.num_attention_heads, seed, owner, attention,
-                                                 None if cfg.sources is None else self.source_layout)
+        sources = None if cfg.sources is None else self.source_layout
+        if cfg.aggregation == "cross" and cfg.cross_projections == "none":  # D-CHAG-C without projections
+            self.partial = build_query_partial_aggregation(self.partition, rank, cfg.tree_levels, D,
+                                                           cfg.num_attention_heads, owner, attention, sources)
+        else:
+            self.partial = build_partial_aggregation(cfg.aggregation, self.partition, rank, cfg.tree_levels, D,
+                                                     cfg.num_attention_heads, seed, owner, attention, sources)
+        if cfg.group_norm == "layernorm":  # --dchag-group-norm (dchag/model/group_norm.py)
+            groups = self.source_layout.partition(0)  # every source has the same G groups on a rank
+            self.group_norm = GroupTokenNorm(groups.rank_groups(rank), groups.num_groups, D, owner,
+                                             cfg.layernorm_epsilon)
         self.final = FinalAggregation(without_sequence_parallel(self.config), D, cfg.num_attention_heads,
                                       T, attention)
 
@@ -151,6 +161,8 @@ class DChagViT(nn.Module):
         else:
             tokens = self.tokenizer(images, source=source)  # [B, c_r, L, D]
             local_groups = self.partial(tokens, source=source)  # [B, G/P, L, D]
+        if hasattr(self, "group_norm"):
+            local_groups = self.group_norm(local_groups)
         all_groups = gather_from_channel_parallel_region(local_groups, dim=1)  # [B, G, L, D]
         return self.final(all_groups)  # [B, L, D]
 

@@ -28,9 +28,11 @@ def _load(directory: str) -> tuple[dict, dict]:
     return results, arrays.load_from(directory)  # never a pickle that can run: npz, or a restricted load
 
 
-def merge_studies(directories: list[str], methods: list[str] | None = None) -> dict:
+def merge_studies(directories: list[str], methods: list[str] | None = None, common_seeds: bool = False) -> dict:
     """The results of several parity studies as one (the input of ``report.write_report``);
-    ``methods``: only these method specs (e.g. leave out a variant that ran on fewer seeds)."""
+    ``methods``: only these method specs (e.g. leave out a variant that ran on fewer seeds);
+    ``common_seeds``: report only the seeds every (kept) method has, instead of refusing a method
+    that misses some (e.g. a variant run on 5 of flat's 21 seeds, paired with those 5)."""
     if len(directories) < 2:
         raise LayoutError("--merge needs at least two study directories.")
     parts = [(d, *_load(d)) for d in directories]
@@ -59,11 +61,16 @@ def merge_studies(directories: list[str], methods: list[str] | None = None) -> d
         raise LayoutError(f"--merge --methods: {', '.join(absent)} is in none of the directories (they hold "
                           f"{', '.join(sorted({s for _, r, _ in parts for s in r['methods']}))}).")
     seeds = sorted({s for slot in by_method.values() for s in slot["runs"]})
+    if common_seeds:
+        seeds = [s for s in seeds if all(s in slot["runs"] for slot in by_method.values())]
+        if not seeds:
+            held = "; ".join(f"{spec}: {sorted(slot['runs'])}" for spec, slot in by_method.items())
+            raise LayoutError(f"--merge --common-seeds: no seed has a run of every method ({held}).")
     for spec, slot in by_method.items():
         missing = [s for s in seeds if s not in slot["runs"]]
         if missing:
             raise LayoutError(f"--merge: {spec} has no run for seed(s) {missing}; every method needs every seed "
-                              "for the paired gaps.")
+                              "for the paired gaps (--common-seeds: report the seeds every method has).")
     order = sorted(by_method, key=lambda spec: spec != "flat")  # flat first, then as found
     methods = {}
     for spec in order:

@@ -42,20 +42,40 @@ def _print0(msg: str, log_file=None) -> None:
                 f.write(msg + "\n")
 
 
+def coefficient_lr_scales(model) -> dict[int, float]:
+    """id(parameter) -> 1/n for each D-CHAG-L level's coefficients, n = the level's tokens per
+    segment over the whole model (C/G at level 1, 2 above it; layout-independent).
+
+    A coefficient starts at 1/n (the segment mean) and AdamW moves it by about the LR per step
+    whatever its size, so at the plain rate a coefficient of a 16-channel group changes by 3 % of
+    itself per step at lr 2e-3, and the whole group token with it. At lr/n it moves at the same
+    relative rate for every group size (docs/PARITY.md, "Where the MAE gap comes from")."""
+    from dchag.model.aggregation import LinearReduce
+    levels = [m for m in model.modules() if isinstance(m, LinearReduce)]
+    if any(m.plans is not None for m in levels):  # a blend: one coefficient row per identity, segments differ by source
+        raise LayoutError("--dchag-coefficient-lr-scale size needs one data source (a blend's channels sit in "
+                          "segments of different sizes per source); use --dchag-coefficient-lr-scale none.")
+    return {id(m.weight): m.level.global_out / m.level.global_in for m in levels}
+
+
 def _build_optimizer(model, args):
     """AdamW over the trainable parameters (--freeze-encoder leaves the encoder out), in groups:
     weight matrices decay, the rest not; each group's ``lr_mult`` (megatron's, applied by the LR
-    scheduler) is the product of ``--dchag-partial-lr-mult`` for D-CHAG's partial aggregation and
-    ``--new-params-lr-mult`` for a fine-tune's new or interpolated parameters (dchag.transfer)."""
+    scheduler) is the product of ``--dchag-partial-lr-mult`` for D-CHAG's partial aggregation,
+    ``--new-params-lr-mult`` for a fine-tune's new or interpolated parameters (dchag.transfer) and,
+    with ``--dchag-coefficient-lr-scale size``, 1/n for D-CHAG-L's coefficients of segments of n tokens."""
     from dchag.model.aggregation import PartialAggregation
     from dchag.model.init import is_weight_matrix
     from dchag.transfer import is_new_parameter
     partial = {id(p) for m in model.modules() if isinstance(m, PartialAggregation) for p in m.parameters()}
+    coefficient_scale = coefficient_lr_scales(model) if getattr(args, "dchag_coefficient_lr_scale", "none") == "size" \
+        else {}
     groups = {}
     for p in model.parameters():
         if p.requires_grad:  # only weight matrices decay: the model tags them by role where it builds them
             lr_mult = (args.dchag_partial_lr_mult if id(p) in partial else 1.0) * \
-                (getattr(args, "new_params_lr_mult", 1.0) if is_new_parameter(p) else 1.0)
+                (getattr(args, "new_params_lr_mult", 1.0) if is_new_parameter(p) else 1.0) * \
+                coefficient_scale.get(id(p), 1.0)
             groups.setdefault((is_weight_matrix(p), lr_mult), []).append(p)
     groups = [{"params": params, "weight_decay": args.weight_decay if decay else 0.0, "lr_mult": lr_mult}
               for (decay, lr_mult), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]

@@ -214,7 +214,10 @@ def _summary_rest(args, cfg, ds_config, engine, lines: list[str], notes=()) -> l
                  f" x accumulation {ds_config['gradient_accumulation_steps']} x DP {dp}); LR {args.lr_decay_style} "
                  f"{args.lr:g} -> {args.min_lr:g}, warmup {args.lr_warmup_iters}, decay over {decay} iterations"
                  + (f"; partial aggregation at {args.dchag_partial_lr_mult:g} x the LR"
-                    if args.dchag_partial_lr_mult != 1 and cfg.aggregation != "flat" else ""))
+                    if args.dchag_partial_lr_mult != 1 and cfg.aggregation != "flat" else "")
+                 + ("; coefficients at 1/(tokens per segment) x that"
+                    if getattr(args, "dchag_coefficient_lr_scale", "none") == "size" and cfg.aggregation == "linear"
+                    else ""))
     lines += [f"note: {note}" for note in notes]
     for line in lines:
         say(f"> {line}")

@@ -4,7 +4,7 @@ Flags the command line does not give take the pretrained model's values; given a
 they are listed together in one error (the weights fit only the pretrained shapes):
 
     --num-layers --hidden-size --num-attention-heads --ffn-hidden-size --dchag-aggregation
-    --dchag-tree-levels --patch-dim --transformer-impl
+    --dchag-tree-levels --dchag-cross-projections --dchag-group-norm --patch-dim --transformer-impl
 
 ``--task`` and ``--channel-embedding`` default to the pretrained model's too, but may change (a
 new task gets a new head; the wavelength embedding is a fixed buffer, no weight). The tile size
@@ -30,6 +30,7 @@ from dchag.transfer.errors import FinetuneError
 # flag dest -> DChagConfig attribute that must agree
 MUST_MATCH = {"num_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
               "ffn_hidden_size": "ffn_size", "dchag_aggregation": "aggregation", "dchag_tree_levels": "tree_levels",
+              "dchag_cross_projections": "cross_projections", "dchag_group_norm": "group_norm",
               "patch_dim": "patch_dim", "transformer_impl": "transformer_impl"}
 # flag dest -> attribute taken when not given, free to change
 DEFAULT_ONLY = {"task": "task", "channel_embedding": "channel_embedding"}
